@@ -1,0 +1,99 @@
+use std::sync::Arc;
+
+use crate::account::AccountId;
+use crate::credits::Credits;
+use crate::decision::{Cost, Warning};
+use crate::plan::{Plan, Subscription};
+
+/// What the gate established about an allowed request, in the request extensions.
+///
+/// Read it in an axum handler with `Extension<Entitlement>` (or take `Entitlement` directly
+/// with the `axum` feature, which answers a clear 500 when the gate is missing).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Entitlement {
+    /// Who pays.
+    pub account: AccountId,
+    /// The subscription, if the account has one.
+    pub subscription: Option<Arc<Subscription>>,
+    /// Its plan.
+    pub plan: Option<Arc<Plan>>,
+    /// The route's fixed cost, which the metering layer reserves.
+    pub cost: Option<Cost>,
+    /// Credit available when the gate checked, if it did.
+    pub available: Option<Credits>,
+    /// Conditions to tell the caller about.
+    pub warnings: Vec<Warning>,
+}
+
+impl Entitlement {
+    /// An entitlement for an account with no plan information (for use with the metering
+    /// layer alone, after your own authorization).
+    pub fn new(account: AccountId) -> Self {
+        Entitlement {
+            account,
+            subscription: None,
+            plan: None,
+            cost: None,
+            available: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Sets the plan.
+    pub fn with_plan(mut self, plan: Arc<Plan>) -> Self {
+        self.plan = Some(plan);
+        self
+    }
+
+    /// Sets the fixed cost.
+    pub fn with_cost(mut self, cost: Cost) -> Self {
+        self.cost = Some(cost);
+        self
+    }
+}
+
+/// Marker in the request extensions: the gate could not reach a store and let the request
+/// through because it is configured to fail open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedOpen;
+
+#[cfg(feature = "axum")]
+mod axum_impl {
+    use axum_core::extract::FromRequestParts;
+    use axum_core::response::{IntoResponse, Response};
+    use http::request::Parts;
+    use http::StatusCode;
+
+    use super::Entitlement;
+
+    /// Rejection when no [`Entitlement`] is in the request: the gate is not in front of this
+    /// handler.
+    #[derive(Debug, Clone, Copy)]
+    pub struct MissingEntitlement;
+
+    impl IntoResponse for MissingEntitlement {
+        fn into_response(self) -> Response {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "missing Entitlement: is PaymentGateLayer applied to this route?",
+            )
+                .into_response()
+        }
+    }
+
+    impl<S: Send + Sync> FromRequestParts<S> for Entitlement {
+        type Rejection = MissingEntitlement;
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+            parts
+                .extensions
+                .get::<Entitlement>()
+                .cloned()
+                .ok_or(MissingEntitlement)
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+pub use axum_impl::MissingEntitlement;

@@ -1,0 +1,286 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::account::{AccountId, ApiKey, CredentialError};
+use crate::backend::bounded;
+use crate::decision::{decide, AuthFailure, Decision, DecisionInput, Denial, Requirement};
+use crate::error::{LedgerError, StoreError};
+use crate::gate::future::{Checked, ResponseFuture};
+use crate::gate::{Entitlement, FailureMode, GateConfig, PaymentGateLayer};
+use crate::time::Timestamp;
+
+/// The service made by [`PaymentGateLayer`]. See the [module docs](crate::gate).
+#[derive(Clone)]
+pub struct PaymentGate<S> {
+    pub(crate) inner: S,
+    pub(crate) config: Arc<GateConfig>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for PaymentGate<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentGate")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> PaymentGate<S> {
+    /// Wraps `inner` with the configuration of `layer`.
+    pub fn new(inner: S, layer: &PaymentGateLayer) -> Self {
+        PaymentGate {
+            inner,
+            config: layer.config.clone(),
+        }
+    }
+
+    /// Returns `layer` itself: build the layer with [`PaymentGateLayer::new`].
+    pub fn layer(layer: PaymentGateLayer) -> PaymentGateLayer {
+        layer
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+pub(crate) enum Identity {
+    Account(AccountId),
+    Key(ApiKey),
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PaymentGate<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = Response<crate::body::ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let requirement = self.config.requirement(req.method(), req.uri().path()).clone();
+        if requirement.public {
+            return ResponseFuture::call(self.inner.call(req), Vec::new());
+        }
+        let now = self.config.clock.now();
+        let identity = match req.extensions().get::<AccountId>() {
+            Some(account) => Identity::Account(account.clone()),
+            None => match ApiKey::from_headers(req.headers()) {
+                Ok(Some(key)) => Identity::Key(key),
+                Ok(None) => {
+                    let denial = Denial::Unauthenticated(AuthFailure::Missing);
+                    log_denial(None, &denial);
+                    return ResponseFuture::refused(denial, self.config.clone(), now);
+                }
+                Err(CredentialError::Malformed(why)) => {
+                    let denial = Denial::Unauthenticated(AuthFailure::Malformed(why));
+                    log_denial(None, &denial);
+                    return ResponseFuture::refused(denial, self.config.clone(), now);
+                }
+            },
+        };
+        // Keep the service that was driven to readiness; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let check = check(self.config.clone(), requirement, identity, now);
+        ResponseFuture::checking(Box::pin(check), inner, req, self.config.clone(), now)
+    }
+}
+
+/// The rule a denial comes from, for logs.
+pub(crate) fn rule_of(denial: &Denial) -> &'static str {
+    match denial {
+        Denial::Unauthenticated(_) => "identity",
+        Denial::SubscriptionExpired { .. }
+        | Denial::SubscriptionPastDue { .. }
+        | Denial::TrialExpired { .. }
+        | Denial::SubscriptionPending { .. } => "subscription_status",
+        Denial::PlanUpgradeRequired { .. } => "entitlement",
+        Denial::QuotaExceeded { .. } => "allowance",
+        Denial::InsufficientCredits { .. } => "credit",
+        Denial::Unavailable { .. } => "backend",
+        _ => "request",
+    }
+}
+
+pub(crate) fn log_denial(account: Option<&AccountId>, denial: &Denial) {
+    let account = account.map_or("-", AccountId::as_str);
+    tracing::info!(
+        target: "tower_402::gate",
+        account,
+        rule = rule_of(denial),
+        code = denial.code(),
+        status = denial.status().as_u16(),
+        "request denied"
+    );
+}
+
+fn outage(config: &GateConfig, account: Option<&AccountId>, what: &str, err: &dyn std::error::Error) -> Checked {
+    let account_str = account.map_or("-", AccountId::as_str);
+    match config.failure {
+        FailureMode::Closed => {
+            tracing::error!(
+                target: "tower_402::gate",
+                account = account_str,
+                rule = "backend",
+                code = "SERVICE_UNAVAILABLE",
+                error = %err,
+                "{what} unreachable; failing closed"
+            );
+            Checked::Deny(
+                Denial::Unavailable {
+                    retry_after_secs: config.retry_after_secs,
+                },
+                account.cloned(),
+            )
+        }
+        FailureMode::Open => {
+            tracing::warn!(
+                target: "tower_402::gate",
+                account = account_str,
+                rule = "backend",
+                error = %err,
+                "{what} unreachable; failing open, request served unchecked"
+            );
+            Checked::FailOpen(account.cloned())
+        }
+    }
+}
+
+async fn check(
+    config: Arc<GateConfig>,
+    requirement: Arc<Requirement>,
+    identity: Identity,
+    now: Timestamp,
+) -> Checked {
+    let account = match identity {
+        Identity::Account(a) => a,
+        Identity::Key(key) => {
+            match bounded::<_, StoreError>(config.timeout, config.resolver.resolve(&key)).await {
+                Ok(Some(a)) => a,
+                Ok(None) => return Checked::Deny(Denial::Unauthenticated(AuthFailure::Unknown), None),
+                Err(e) => return outage(&config, None, "identity resolver", &e),
+            }
+        }
+    };
+    let sub = match bounded::<_, StoreError>(config.timeout, config.plans.subscription(&account)).await {
+        Ok(s) => s,
+        Err(e) => return outage(&config, Some(&account), "plan store", &e),
+    };
+    let Some(sub) = sub else {
+        if requirement.identify_only {
+            return Checked::Allow(Entitlement::new(account));
+        }
+        return Checked::Deny(Denial::SubscriptionPending { plan: None }, Some(account));
+    };
+    let Some(plan) = config.catalog.get(sub.plan.as_str()).cloned() else {
+        tracing::error!(
+            target: "tower_402::gate",
+            account = account.as_str(),
+            plan = sub.plan.as_str(),
+            "subscription names a plan that is not in the catalog"
+        );
+        return Checked::Deny(
+            Denial::Unavailable {
+                retry_after_secs: config.retry_after_secs,
+            },
+            Some(account),
+        );
+    };
+    let sub = Arc::new(sub);
+    let mut entitlement = Entitlement {
+        account,
+        subscription: Some(sub.clone()),
+        plan: Some(plan.clone()),
+        cost: requirement.cost.clone(),
+        available: None,
+        warnings: Vec::new(),
+    };
+    if requirement.identify_only {
+        return Checked::Allow(entitlement);
+    }
+    let mut available = crate::Credits::ZERO;
+    let mut allowance_taken = 0;
+    if let (Some(cost), Some(ledger)) = (&requirement.cost, &config.ledger) {
+        let account = &entitlement.account;
+        let balance = bounded::<_, LedgerError>(config.timeout, ledger.balance(account, now)).await;
+        match balance {
+            Ok(b) => available = b.available,
+            Err(e) => return outage(&config, Some(account), "ledger", &e),
+        }
+        if let Some(a) = plan.allowance_for(&cost.meter) {
+            let window = a.window(now);
+            let usage = bounded::<_, LedgerError>(
+                config.timeout,
+                ledger.allowance_usage(account, &cost.meter, window.start, now),
+            )
+            .await;
+            match usage {
+                Ok(u) => allowance_taken = u.taken(),
+                Err(e) => return outage(&config, Some(account), "ledger", &e),
+            }
+        }
+        entitlement.available = Some(available);
+    }
+    let cost_for_decision;
+    let requirement_for_decision = if config.ledger.is_none() {
+        // Without a ledger the gate cannot see balances; the metering layer will.
+        cost_for_decision = Requirement {
+            cost: None,
+            ..(*requirement).clone()
+        };
+        &cost_for_decision
+    } else {
+        &*requirement
+    };
+    let decision = decide(&DecisionInput {
+        subscription: &sub,
+        plan: &plan,
+        catalog: &config.catalog,
+        requirement: requirement_for_decision,
+        available,
+        allowance_taken,
+        grace_secs: config.grace_secs,
+        soft_limit_percent: config.soft_limit_percent,
+        now,
+    });
+    match decision {
+        Decision::Allow(warnings) => {
+            for w in &warnings {
+                tracing::info!(
+                    target: "tower_402::gate",
+                    account = entitlement.account.as_str(),
+                    warning = ?w,
+                    "request served with a warning"
+                );
+            }
+            tracing::debug!(
+                target: "tower_402::gate",
+                account = entitlement.account.as_str(),
+                plan = plan.id.as_str(),
+                "request allowed"
+            );
+            entitlement.warnings = warnings;
+            Checked::Allow(entitlement)
+        }
+        Decision::Deny(d) => Checked::Deny(d, Some(entitlement.account)),
+    }
+}

@@ -1,0 +1,394 @@
+use std::collections::HashMap;
+
+use crate::credits::Credits;
+use crate::decision::Denial;
+use crate::error::LedgerError;
+use crate::ledger::types::*;
+use crate::plan::Meter;
+use crate::time::Timestamp;
+
+/// How long finished reservations and deposit keys are remembered for idempotency: 7 days,
+/// longer than payment processors retry their webhooks.
+pub const DEFAULT_RETENTION_SECS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    Settled,
+    Released,
+    Expired,
+}
+
+#[derive(Debug, Clone)]
+struct Record {
+    fingerprint: u64,
+    charges: Vec<Charge>,
+    credits: Credits,
+    allowance_units: Vec<u64>,
+    expires_at: Timestamp,
+    state: State,
+    touched_at: Timestamp,
+    settlement: Option<Settlement>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Counter {
+    used: u64,
+    held: u64,
+    resets_at: Timestamp,
+}
+
+/// One account's ledger as a pure state machine: no I/O, no clock, no locks.
+///
+/// The in-memory ledger keeps one per account behind a mutex; any store that can load an
+/// account, apply one operation and write it back atomically can do the same. Every method
+/// first releases the account's expired reservations and forgets idempotency records older
+/// than the retention time, then applies the operation whole or not at all.
+#[derive(Debug, Clone)]
+pub struct AccountBook {
+    available: Credits,
+    held: Credits,
+    settled: Credits,
+    deposited: Credits,
+    allowances: HashMap<(Meter, Timestamp), Counter>,
+    reservations: HashMap<String, Record>,
+    deposits: HashMap<String, (Credits, Timestamp)>,
+    retention_secs: u64,
+}
+
+impl Default for AccountBook {
+    fn default() -> Self {
+        AccountBook::with_retention(DEFAULT_RETENTION_SECS)
+    }
+}
+
+impl AccountBook {
+    /// An empty book that remembers idempotency keys for `retention_secs`.
+    pub fn with_retention(retention_secs: u64) -> Self {
+        AccountBook {
+            available: Credits::ZERO,
+            held: Credits::ZERO,
+            settled: Credits::ZERO,
+            deposited: Credits::ZERO,
+            allowances: HashMap::new(),
+            reservations: HashMap::new(),
+            deposits: HashMap::new(),
+            retention_secs,
+        }
+    }
+
+    /// Releases expired holds and forgets old records and allowance windows.
+    pub fn expire(&mut self, now: Timestamp) {
+        let retention = self.retention_secs;
+        let mut released = Credits::ZERO;
+        for rec in self.reservations.values_mut() {
+            if rec.state == State::Open && rec.expires_at <= now {
+                released = released.checked_add(rec.credits).unwrap_or(released);
+                for (charge, units) in rec.charges.iter().zip(&rec.allowance_units) {
+                    if let Some(w) = charge.allowance {
+                        if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start))
+                        {
+                            c.held = c.held.saturating_sub(*units);
+                        }
+                    }
+                }
+                rec.state = State::Expired;
+                rec.touched_at = rec.expires_at;
+            }
+        }
+        // `released` is a sum of parts of `held`, so neither operation can fail.
+        self.held = self.held.saturating_sub(released);
+        self.available = self.available.checked_add(released).unwrap_or(self.available);
+        self.reservations
+            .retain(|_, r| r.state == State::Open || r.touched_at.plus_secs(retention) > now);
+        self.deposits
+            .retain(|_, (_, at)| at.plus_secs(retention) > now);
+        self.allowances
+            .retain(|_, c| c.resets_at > now || c.held > 0);
+    }
+
+    /// The buckets.
+    pub fn balance(&mut self, now: Timestamp) -> Balance {
+        self.expire(now);
+        Balance {
+            available: self.available,
+            held: self.held,
+            settled: self.settled,
+            deposited: self.deposited,
+        }
+    }
+
+    /// Allowance units of `meter` taken in the window starting at `window_start`.
+    pub fn allowance_usage(
+        &mut self,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> AllowanceUsage {
+        self.expire(now);
+        self.allowances
+            .get(&(meter.clone(), window_start))
+            .map(|c| AllowanceUsage {
+                used: c.used,
+                held: c.held,
+            })
+            .unwrap_or_default()
+    }
+
+    fn taken(&self, charge: &Charge) -> u64 {
+        charge
+            .allowance
+            .and_then(|w| self.allowances.get(&(charge.meter.clone(), w.start)))
+            .map_or(0, |c| c.used.saturating_add(c.held))
+    }
+
+    /// Holds an estimate. See [`Ledger::reserve`](crate::Ledger::reserve).
+    pub fn reserve(&mut self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        self.expire(req.now);
+        if let Some(rec) = self.reservations.get(&req.key) {
+            if rec.fingerprint != req.fingerprint {
+                return Err(LedgerError::KeyConflict);
+            }
+            match rec.state {
+                State::Open => return Ok(ReserveOutcome::Replayed(Replay::InProgress)),
+                State::Settled => {
+                    let settlement = rec.settlement.clone().unwrap_or_default();
+                    return Ok(ReserveOutcome::Replayed(Replay::Completed(settlement)));
+                }
+                // The earlier attempt was refunded: this retry is a new attempt.
+                State::Released | State::Expired => {}
+            }
+        }
+        let mut credits = Credits::ZERO;
+        let mut allowance_units = Vec::with_capacity(req.charges.len());
+        for charge in &req.charges {
+            let split = match charge.split(charge.units, self.taken(charge)) {
+                Ok(s) => s,
+                Err(Denial::InsufficientCredits { required, .. }) => {
+                    return Ok(ReserveOutcome::Denied(Denial::InsufficientCredits {
+                        balance: self.available,
+                        required,
+                    }))
+                }
+                Err(d) => return Ok(ReserveOutcome::Denied(d)),
+            };
+            credits = credits
+                .checked_add(split.credits)
+                .filter(|c| *c <= Credits::MAX_EXACT)
+                .ok_or(LedgerError::AmountOutOfRange)?;
+            allowance_units.push(split.allowance_units);
+        }
+        if credits > self.available {
+            return Ok(ReserveOutcome::Denied(Denial::InsufficientCredits {
+                balance: self.available,
+                required: credits,
+            }));
+        }
+        // Checked above: credits <= available, and held + credits <= deposited.
+        self.available = self.available.saturating_sub(credits);
+        self.held = self.held.checked_add(credits).ok_or(LedgerError::AmountOutOfRange)?;
+        let mut allowance_left = Vec::with_capacity(req.charges.len());
+        for (charge, units) in req.charges.iter().zip(&allowance_units) {
+            match charge.allowance {
+                Some(w) => {
+                    let c = self
+                        .allowances
+                        .entry((charge.meter.clone(), w.start))
+                        .or_insert(Counter {
+                            resets_at: w.resets_at,
+                            ..Counter::default()
+                        });
+                    c.held = c.held.saturating_add(*units);
+                    allowance_left.push(Some(w.limit.saturating_sub(c.used.saturating_add(c.held))));
+                }
+                None => allowance_left.push(None),
+            }
+        }
+        let expires_at = req.now.plus_secs(req.ttl_secs);
+        self.reservations.insert(
+            req.key.clone(),
+            Record {
+                fingerprint: req.fingerprint,
+                charges: req.charges.clone(),
+                credits,
+                allowance_units: allowance_units.clone(),
+                expires_at,
+                state: State::Open,
+                touched_at: req.now,
+                settlement: None,
+            },
+        );
+        Ok(ReserveOutcome::Reserved(Reservation {
+            id: req.id(),
+            credits,
+            allowance_units,
+            expires_at,
+            available_after: self.available,
+            allowance_left,
+        }))
+    }
+
+    /// Charges actual usage. See [`Ledger::settle`](crate::Ledger::settle).
+    pub fn settle(
+        &mut self,
+        key: &str,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        self.expire(now);
+        let rec = self
+            .reservations
+            .get(key)
+            .ok_or(LedgerError::UnknownReservation)?
+            .clone();
+        let (held_credits, held_units) = match rec.state {
+            State::Open => (rec.credits, rec.allowance_units.clone()),
+            // The hold lapsed while the work ran: charge as if nothing had been held.
+            State::Expired => (Credits::ZERO, vec![0; rec.charges.len()]),
+            State::Settled => return Err(LedgerError::AlreadySettled),
+            State::Released => return Err(LedgerError::AlreadyReleased),
+        };
+        // Give the allowance holds back, then consume what was used.
+        let mut cost = Credits::ZERO;
+        let mut consumed = Vec::with_capacity(rec.charges.len());
+        let mut unit_shortfall = Vec::new();
+        for (charge, held) in rec.charges.iter().zip(&held_units) {
+            let units = usage
+                .iter()
+                .filter(|u| u.meter == charge.meter)
+                .fold(0u64, |acc, u| acc.saturating_add(u.units));
+            let taken = self.taken(charge).saturating_sub(*held);
+            let (allowance_units, credits, over) = match charge.split(units, taken) {
+                Ok(s) => (s.allowance_units, s.credits, 0),
+                Err(Denial::QuotaExceeded { .. }) => {
+                    // No overage on this plan: consume what is left of the allowance and
+                    // record the rest as a shortfall.
+                    let free = charge.allowance.map_or(0, |w| w.limit.saturating_sub(taken));
+                    let within = units.min(free);
+                    (within, Credits::ZERO, units - within)
+                }
+                Err(_) => (0, Credits::MAX_EXACT, 0),
+            };
+            if let Some(w) = charge.allowance {
+                let c = self
+                    .allowances
+                    .entry((charge.meter.clone(), w.start))
+                    .or_insert(Counter {
+                        resets_at: w.resets_at,
+                        ..Counter::default()
+                    });
+                c.held = c.held.saturating_sub(*held);
+                c.used = c.used.saturating_add(allowance_units);
+            }
+            if over > 0 {
+                unit_shortfall.push((charge.meter.clone(), over));
+            }
+            consumed.push(allowance_units);
+            cost = cost.checked_add(credits).unwrap_or(Credits::MAX_EXACT);
+        }
+        let from_hold = cost.min(held_credits);
+        let beyond = cost.saturating_sub(from_hold);
+        let from_available = match policy {
+            OverEstimate::DrawBalance => beyond.min(self.available),
+            OverEstimate::CapAtHold => Credits::ZERO,
+        };
+        // held -= hold; available += hold - from_hold - from_available; settled += charged.
+        // Every step stays within `deposited`, so none can overflow.
+        self.held = self.held.saturating_sub(held_credits);
+        self.available = self
+            .available
+            .checked_add(held_credits.saturating_sub(from_hold))
+            .unwrap_or(self.available)
+            .saturating_sub(from_available);
+        let charged = from_hold.checked_add(from_available).unwrap_or(from_hold);
+        self.settled = self.settled.checked_add(charged).unwrap_or(self.settled);
+        let settlement = Settlement {
+            charged,
+            allowance_units: consumed,
+            shortfall: Shortfall {
+                credits: beyond.saturating_sub(from_available),
+                units: unit_shortfall,
+            },
+            available_after: self.available,
+        };
+        if let Some(r) = self.reservations.get_mut(key) {
+            r.state = State::Settled;
+            r.touched_at = now;
+            r.settlement = Some(settlement.clone());
+        }
+        Ok(settlement)
+    }
+
+    /// Gives a hold back. See [`Ledger::release`](crate::Ledger::release).
+    pub fn release(&mut self, key: &str, now: Timestamp) -> Result<(), LedgerError> {
+        self.expire(now);
+        let rec = self
+            .reservations
+            .get_mut(key)
+            .ok_or(LedgerError::UnknownReservation)?;
+        match rec.state {
+            State::Open => {}
+            State::Released | State::Expired => return Ok(()),
+            State::Settled => return Err(LedgerError::AlreadySettled),
+        }
+        rec.state = State::Released;
+        rec.touched_at = now;
+        let credits = rec.credits;
+        for (charge, units) in rec.charges.iter().zip(&rec.allowance_units) {
+            if let Some(w) = charge.allowance {
+                if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
+                    c.held = c.held.saturating_sub(*units);
+                }
+            }
+        }
+        self.held = self.held.saturating_sub(credits);
+        self.available = self.available.checked_add(credits).unwrap_or(self.available);
+        Ok(())
+    }
+
+    /// Adds credit once per key. See [`Ledger::deposit`](crate::Ledger::deposit).
+    pub fn deposit(
+        &mut self,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Deposit, LedgerError> {
+        self.expire(now);
+        if amount.is_zero() || amount > Credits::MAX_EXACT {
+            return Err(LedgerError::AmountOutOfRange);
+        }
+        if let Some((earlier, _)) = self.deposits.get(key) {
+            if *earlier != amount {
+                return Err(LedgerError::KeyConflict);
+            }
+            return Ok(Deposit {
+                applied: false,
+                balance: self.balance(now),
+            });
+        }
+        let deposited = self
+            .deposited
+            .checked_add(amount)
+            .filter(|d| *d <= Credits::MAX_EXACT)
+            .ok_or(LedgerError::AmountOutOfRange)?;
+        self.deposited = deposited;
+        self.available = self
+            .available
+            .checked_add(amount)
+            .ok_or(LedgerError::AmountOutOfRange)?;
+        self.deposits.insert(key.to_owned(), (amount, now));
+        Ok(Deposit {
+            applied: true,
+            balance: self.balance(now),
+        })
+    }
+
+    /// Open reservations (for tests and diagnostics).
+    pub fn open_reservations(&self) -> usize {
+        self.reservations
+            .values()
+            .filter(|r| r.state == State::Open)
+            .count()
+    }
+}

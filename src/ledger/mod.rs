@@ -1,0 +1,198 @@
+//! The [`Ledger`]: balances, allowances and two-phase reservations.
+//!
+//! The model follows double-entry ledgers that hold money correctly under concurrency
+//! (TigerBeetle's pending transfers). Per account the ledger keeps three buckets of
+//! [`Credits`](crate::Credits):
+//!
+//! - `available`: can be reserved;
+//! - `held`: the sum of open reservations;
+//! - `settled`: spent.
+//!
+//! and the invariant `deposited = available + held + settled` holds after every operation.
+//! Allowance usage per meter and period is tracked the same way (`used` and `held` units).
+//!
+//! # Operations
+//!
+//! - [`reserve`](Ledger::reserve) an estimate: allowance first, then credit. Refused (a
+//!   [`ReserveOutcome::Denied`], not an error) when the allowance is used up on a plan without
+//!   overage, or the credit needed exceeds `available`. Idempotent on the key: a retry of an
+//!   open reservation answers [`Replay::InProgress`], of a settled one [`Replay::Completed`]
+//!   (charge nothing again); a retry after a release reserves afresh; the same key with another
+//!   fingerprint is [`LedgerError::KeyConflict`](crate::LedgerError::KeyConflict).
+//! - [`settle`](Ledger::settle) what was actually used, once. Less than held: the rest goes
+//!   back. More than held: see [`OverEstimate`]; a shortfall is reported, never silent, and the
+//!   balance never goes below zero.
+//! - [`release`](Ledger::release): give the hold back (idempotent). Reservations also expire on
+//!   their own: every operation on an account first releases that account's expired holds, so
+//!   no sweeper is needed for correctness.
+//! - [`deposit`](Ledger::deposit): idempotent top-up.
+//!
+//! Amounts above [`Credits::MAX_EXACT`](crate::Credits::MAX_EXACT) are refused with
+//! [`LedgerError::AmountOutOfRange`](crate::LedgerError::AmountOutOfRange) on every backend.
+//!
+//! # Async traits
+//!
+//! The trait uses `async-trait`: one boxed future per call, which keeps `dyn Ledger` possible
+//! (the layers store `Arc<dyn Ledger>`, so one layer type serves every backend). On the
+//! in-memory path this is one small allocation per operation.
+//!
+//! # Implementing your own
+//!
+//! The simplest correct ledger wraps [`AccountBook`], the pure state machine the in-memory
+//! and PostgreSQL backends share: load the account's book, apply the operation, store it, all
+//! under one lock or transaction.
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::Mutex;
+//! use async_trait::async_trait;
+//! use tower_402::{AccountId, Credits, LedgerError, Timestamp};
+//! use tower_402::ledger::*;
+//!
+//! #[derive(Default)]
+//! struct MyLedger(Mutex<HashMap<AccountId, AccountBook>>);
+//!
+//! impl MyLedger {
+//!     // The lock is taken and released inside one synchronous call: never across an await.
+//!     fn with<T>(&self, account: &AccountId, f: impl FnOnce(&mut AccountBook) -> T) -> T {
+//!         let mut books = self.0.lock().unwrap();
+//!         f(books.entry(account.clone()).or_default())
+//!     }
+//! }
+//!
+//! #[async_trait]
+//! impl Ledger for MyLedger {
+//!     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+//!         self.with(&req.account, |b| b.reserve(req))
+//!     }
+//!     async fn settle(&self, id: &ReservationId, usage: &[Usage], policy: OverEstimate,
+//!                     now: Timestamp) -> Result<Settlement, LedgerError> {
+//!         self.with(&id.account, |b| b.settle(&id.key, usage, policy, now))
+//!     }
+//!     async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
+//!         self.with(&id.account, |b| b.release(&id.key, now))
+//!     }
+//!     async fn deposit(&self, account: &AccountId, amount: Credits, key: &str,
+//!                      now: Timestamp) -> Result<Deposit, LedgerError> {
+//!         self.with(account, |b| b.deposit(amount, key, now))
+//!     }
+//!     async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
+//!         Ok(self.with(account, |b| b.balance(now)))
+//!     }
+//!     async fn allowance_usage(&self, account: &AccountId, meter: &tower_402::plan::Meter,
+//!                              window_start: Timestamp, now: Timestamp)
+//!                              -> Result<AllowanceUsage, LedgerError> {
+//!         Ok(self.with(account, |b| b.allowance_usage(meter, window_start, now)))
+//!     }
+//! }
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let ledger = MyLedger::default();
+//! let acme = AccountId::new("acme");
+//! ledger.deposit(&acme, Credits::new(10), "topup-1", Timestamp::EPOCH).await.unwrap();
+//! assert_eq!(ledger.balance(&acme, Timestamp::EPOCH).await.unwrap().available, Credits::new(10));
+//! # }
+//! ```
+
+mod book;
+mod types;
+
+pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
+pub use types::{
+    AllowanceUsage, Balance, Charge, Deposit, OverEstimate, Replay, ReserveOutcome,
+    ReserveRequest, Reservation, ReservationId, Settlement, Shortfall, Usage,
+};
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::account::AccountId;
+use crate::credits::Credits;
+use crate::error::LedgerError;
+use crate::plan::Meter;
+use crate::time::Timestamp;
+
+/// Balances, allowances and reservations. See the [module docs](self) for the semantics every
+/// implementation must keep.
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Holds an estimate: allowance first, then credit.
+    async fn reserve(&self, request: &ReserveRequest) -> Result<ReserveOutcome, LedgerError>;
+
+    /// Charges what was actually used and ends the reservation.
+    async fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError>;
+
+    /// Gives the hold back. Releasing a released or expired reservation is a no-op; releasing
+    /// a settled one is [`LedgerError::AlreadySettled`].
+    async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError>;
+
+    /// Adds credit, once per key.
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Deposit, LedgerError>;
+
+    /// The account's buckets (all zero for an account never seen).
+    async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError>;
+
+    /// Units of `meter` used and held in the allowance window starting at `window_start`.
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<AllowanceUsage, LedgerError>;
+}
+
+#[async_trait]
+impl<T: Ledger + ?Sized> Ledger for Arc<T> {
+    async fn reserve(&self, request: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        (**self).reserve(request).await
+    }
+    async fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        (**self).settle(id, usage, policy, now).await
+    }
+    async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
+        (**self).release(id, now).await
+    }
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Deposit, LedgerError> {
+        (**self).deposit(account, amount, key, now).await
+    }
+    async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
+        (**self).balance(account, now).await
+    }
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<AllowanceUsage, LedgerError> {
+        (**self)
+            .allowance_usage(account, meter, window_start, now)
+            .await
+    }
+}

@@ -1,0 +1,254 @@
+use serde::{Deserialize, Serialize};
+
+use crate::account::AccountId;
+use crate::credits::Credits;
+use crate::decision::Denial;
+use crate::plan::{AllowanceWindow, Meter};
+use crate::time::Timestamp;
+
+/// Identifies a reservation: the account and the key it was made under.
+///
+/// The key is the request's `Idempotency-Key` when it has one (so a retry finds the same
+/// reservation), otherwise a key unique to the request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReservationId {
+    /// Who pays.
+    pub account: AccountId,
+    /// Idempotency scope within the account.
+    pub key: String,
+}
+
+/// One meter's part of a reservation: how many units, at what price, against which allowance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charge {
+    /// What is counted.
+    pub meter: Meter,
+    /// Units (the estimate when reserving).
+    pub units: u64,
+    /// Credits per unit beyond the allowance.
+    pub unit_price: Credits,
+    /// The plan's allowance for this meter in the current window, if any.
+    pub allowance: Option<AllowanceWindow>,
+    /// Whether units beyond the allowance may be paid from credit.
+    pub overage: bool,
+}
+
+/// How a charge's units split between allowance and credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Split {
+    pub allowance_units: u64,
+    pub credits: Credits,
+}
+
+impl Charge {
+    /// Splits `units` given `taken` units of the allowance already used or held.
+    ///
+    /// `Err` carries the refusal: the allowance is used up and overage is not allowed (a meter
+    /// without allowance and without overage has an allowance of zero), or the price
+    /// overflows.
+    pub(crate) fn split(&self, units: u64, taken: u64) -> Result<Split, Denial> {
+        let limit = self.allowance.map_or(0, |a| a.limit);
+        let free = limit.saturating_sub(taken);
+        let allowance_units = units.min(free);
+        let rest = units - allowance_units;
+        if rest == 0 {
+            return Ok(Split {
+                allowance_units,
+                credits: Credits::ZERO,
+            });
+        }
+        if !self.overage {
+            if self.allowance.is_none() && self.unit_price.is_zero() {
+                // A free meter with no allowance: nothing to count against.
+                return Ok(Split {
+                    allowance_units,
+                    credits: Credits::ZERO,
+                });
+            }
+            return Err(Denial::QuotaExceeded {
+                meter: self.meter.clone(),
+                limit,
+                used: taken,
+                resets_at: self.allowance.map(|a| a.resets_at),
+                window_secs: self.allowance.map(|a| a.start.secs_until(a.resets_at)),
+            });
+        }
+        match self.unit_price.checked_mul(rest) {
+            Some(credits) if credits <= Credits::MAX_EXACT => Ok(Split {
+                allowance_units,
+                credits,
+            }),
+            // Priced beyond anything a balance can hold; the caller fills in the balance.
+            _ => Err(Denial::InsufficientCredits {
+                balance: Credits::ZERO,
+                required: Credits::MAX_EXACT,
+            }),
+        }
+    }
+}
+
+/// What to hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveRequest {
+    /// Who pays.
+    pub account: AccountId,
+    /// Idempotency scope within the account.
+    pub key: String,
+    /// A digest of the request; the same key with a different fingerprint is a conflict.
+    pub fingerprint: u64,
+    /// One entry per meter.
+    pub charges: Vec<Charge>,
+    /// How long the hold lives if neither settled nor released.
+    pub ttl_secs: u64,
+    /// The current time.
+    pub now: Timestamp,
+}
+
+impl ReserveRequest {
+    /// The id the reservation will have.
+    pub fn id(&self) -> ReservationId {
+        ReservationId {
+            account: self.account.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// A hold that was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Its id.
+    pub id: ReservationId,
+    /// Credits held.
+    pub credits: Credits,
+    /// Allowance units held, one per charge, in order.
+    pub allowance_units: Vec<u64>,
+    /// When it expires if not settled or released.
+    pub expires_at: Timestamp,
+    /// `available` after the hold.
+    pub available_after: Credits,
+    /// Allowance left per charge after the hold (`None` for a meter without allowance).
+    pub allowance_left: Vec<Option<u64>>,
+}
+
+/// A retry of an earlier reservation under the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Replay {
+    /// The earlier request still holds its reservation (it is running).
+    InProgress,
+    /// The earlier request was settled; nothing more is charged.
+    Completed(Settlement),
+}
+
+/// The answer to [`Ledger::reserve`](crate::Ledger::reserve).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReserveOutcome {
+    /// Held.
+    Reserved(Reservation),
+    /// The key was seen before with the same fingerprint.
+    Replayed(Replay),
+    /// Not enough credit or allowance: `INSUFFICIENT_CREDITS` or `QUOTA_EXCEEDED`.
+    Denied(Denial),
+}
+
+/// Units actually used of one meter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// What was counted.
+    pub meter: Meter,
+    /// How many.
+    pub units: u64,
+}
+
+impl Usage {
+    /// `units` of `meter`.
+    pub fn new(meter: impl AsRef<str>, units: u64) -> Self {
+        Usage {
+            meter: Meter::new(meter),
+            units,
+        }
+    }
+}
+
+/// What to do when the actual cost exceeds what was held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OverEstimate {
+    /// Take the difference from `available` as far as it goes; report the rest as a
+    /// shortfall. The default: the caller pays for what it used, never below zero.
+    #[default]
+    DrawBalance,
+    /// Never charge more than was held; the difference is a shortfall.
+    CapAtHold,
+}
+
+/// What could not be charged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shortfall {
+    /// Credits that were owed but not available (or beyond the hold under
+    /// [`OverEstimate::CapAtHold`]).
+    pub credits: Credits,
+    /// Units beyond an allowance on a plan without overage, per meter with any.
+    pub units: Vec<(Meter, u64)>,
+}
+
+impl Shortfall {
+    /// Whether everything was charged.
+    pub fn is_empty(&self) -> bool {
+        self.credits.is_zero() && self.units.iter().all(|(_, u)| *u == 0)
+    }
+}
+
+/// The result of a settlement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// Credits charged.
+    pub charged: Credits,
+    /// Allowance units consumed, per charge in order.
+    pub allowance_units: Vec<u64>,
+    /// What could not be charged.
+    pub shortfall: Shortfall,
+    /// `available` afterwards.
+    pub available_after: Credits,
+}
+
+/// The result of a deposit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deposit {
+    /// `false` when the key was seen before and nothing was added this time.
+    pub applied: bool,
+    /// The account afterwards.
+    pub balance: Balance,
+}
+
+/// An account's buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balance {
+    /// Can be reserved.
+    pub available: Credits,
+    /// Held by open reservations.
+    pub held: Credits,
+    /// Spent.
+    pub settled: Credits,
+    /// Everything ever deposited: always `available + held + settled`.
+    pub deposited: Credits,
+}
+
+/// Allowance units of one meter in one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowanceUsage {
+    /// Consumed by settled requests.
+    pub used: u64,
+    /// Held by open reservations.
+    pub held: u64,
+}
+
+impl AllowanceUsage {
+    /// `used + held`.
+    pub fn taken(&self) -> u64 {
+        self.used.saturating_add(self.held)
+    }
+}

@@ -1,0 +1,122 @@
+//! Tower middleware for paid APIs: refuse work that isn't paid for, and say so clearly.
+//!
+//! `tower-402` answers **402 Payment Required** the way a well-run paid API should, from inside
+//! any tower service (axum, hyper, tonic), without a separate gateway. Three layers compose:
+//!
+//! ```text
+//! client ─▶ ProblemDetailsLayer ─▶ PaymentGateLayer ─▶ MeteringLayer ─▶ your handler
+//!             renders problems      who? allowed?       reserve → run → settle/release
+//! ```
+//!
+//! - [`PaymentGateLayer`] ([`gate`]): who is calling, is their subscription in good standing,
+//!   does their plan include this route, is there allowance or credit left.
+//! - [`MeteringLayer`] ([`metering`]): reserves the cost before the handler runs, settles it
+//!   when the response body ends, refunds failures, charges an idempotent retry once.
+//! - [`ProblemDetailsLayer`] ([`problem`]): every refusal and error as an RFC 9457
+//!   `application/problem+json` document with a stable machine code.
+//!
+//! Balances and subscriptions live behind two small async traits, [`Ledger`] and
+//! [`PlanStore`](plan::PlanStore), with in-memory implementations ([`MemoryLedger`],
+//! [`MemoryPlanStore`]) as the embedded default.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use tower::ServiceBuilder;
+//! use tower_402::decision::{Cost, Requirement};
+//! use tower_402::plan::{Catalog, Period, Plan, Subscription};
+//! use tower_402::problem::{Links, ProblemConfig};
+//! use tower_402::*;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let catalog = Catalog::new()
+//!     .with_plan(Plan::new("free", "Free", 0).allowance("requests", 1000, Period::CalendarMonth))
+//!     .with_plan(Plan::new("pro", "Pro", 2).overage(true));
+//! let plans = MemoryPlanStore::new().with(Subscription::active("acme", "pro"));
+//! let ledger = MemoryLedger::new();
+//! ledger.deposit(&"acme".into(), Credits::new(500), "signup-bonus", Timestamp::now()).await.unwrap();
+//! let keys = StaticKeys::new().with_key("sk_test_acme", "acme");
+//!
+//! let app: Router = Router::new()
+//!     .route("/v1/forecast", get(|| async { "sunny" }))
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(ProblemDetailsLayer::new(
+//!                 ProblemConfig::new().links(Links::new().top_up("https://example.com/top-up")),
+//!             ))
+//!             .layer(
+//!                 PaymentGateLayer::new(keys, plans, catalog)
+//!                     .ledger(ledger.clone())
+//!                     .default_requirement(
+//!                         Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))),
+//!                     ),
+//!             )
+//!             .layer(MeteringLayer::new(ledger)),
+//!     );
+//! # }
+//! ```
+//!
+//! # Status codes and denial codes
+//!
+//! Identity unknown is never 402. Every refusal carries a stable `code`:
+//!
+//! | status | code | when | extra members |
+//! |---|---|---|---|
+//! | 400 | `INVALID_IDEMPOTENCY_KEY`, `INVALID_REQUEST` | malformed billing input | |
+//! | 401 | `UNAUTHENTICATED` | no, unknown or malformed credential (`WWW-Authenticate` set) | |
+//! | 402 | `INSUFFICIENT_CREDITS` | balance below the cost of this request | `balance`, `required`, `top_up_url` |
+//! | 402 | `QUOTA_EXCEEDED` | allowance used up, no paid overage | `meter`, `limit`, `used`, `resets_at`, `upgrade_url` |
+//! | 402 | `PLAN_UPGRADE_REQUIRED` | higher tier or missing feature | `current_plan`, `required_plan`/`required_feature`, `upgrade_url` |
+//! | 402 | `SUBSCRIPTION_EXPIRED` | canceled or ended | `plan`, `ended_at`, `billing_url` |
+//! | 402 | `SUBSCRIPTION_PAST_DUE` | renewal failed, grace over | `grace_until`, `billing_url` |
+//! | 402 | `TRIAL_EXPIRED` | trial over, no paid plan | `trial_ended_at`, `upgrade_url` |
+//! | 402 | `SUBSCRIPTION_PENDING` | not active yet, or no subscription | `billing_url` |
+//! | 402 | `PAYMENT_DECLINED` | a direct charge failed | `decline_code` |
+//! | 409 | `IDEMPOTENCY_KEY_REUSED`, `IDEMPOTENCY_KEY_IN_USE` | key reused for another request / still running | |
+//! | 503 | `SERVICE_UNAVAILABLE` | ledger or plan store unreachable (`Retry-After`) | |
+//!
+//! Applications add their own with [`Denial::Custom`](decision::Denial::Custom).
+//!
+//! # Logs
+//!
+//! Every decision emits a `tracing` event with the account, the rule (`identity`,
+//! `subscription_status`, `entitlement`, `allowance`, `credit`, `backend`) and the code, under
+//! the targets `tower_402::gate` and `tower_402::metering`. API keys are never logged:
+//! [`ApiKey`]'s `Debug` is redacted.
+//!
+//! # Features
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `axum` | yes | [`Entitlement`] as an axum extractor; `IntoResponse` for [`Denial`](decision::Denial) and [`ProblemDetails`](problem::ProblemDetails) |
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod account;
+mod backend;
+pub mod body;
+pub mod credits;
+pub mod decision;
+pub mod error;
+pub mod gate;
+pub mod ledger;
+pub mod metering;
+pub mod plan;
+pub mod problem;
+pub mod store;
+pub mod time;
+
+pub use account::{AccountId, ApiKey, IdentityResolver, StaticKeys};
+pub use credits::Credits;
+pub use decision::Denial;
+pub use error::{LedgerError, StoreError};
+pub use gate::{Entitlement, FailureMode, PaymentGateLayer};
+pub use ledger::Ledger;
+pub use metering::{MeteringLayer, ReportedUsage};
+pub use problem::ProblemDetailsLayer;
+pub use store::{MemoryLedger, MemoryPlanStore};
+pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -1,0 +1,66 @@
+//! [`MeteringLayer`]: reserve an estimate, run the handler, settle what was used.
+//!
+//! For every request that carries an [`Entitlement`](crate::Entitlement) with a cost (put
+//! there by the [gate](crate::gate), or by you), the metering layer
+//!
+//! 1. **reserves** the cost in the [`Ledger`](crate::Ledger): allowance first, then credit.
+//!    Not enough: the request is refused with the same 402 problems as the gate's
+//!    (`QUOTA_EXCEEDED`, `INSUFFICIENT_CREDITS`), and the handler never runs;
+//! 2. **runs** the inner service;
+//! 3. **settles** when the response body ends (not when the head is sent): the estimate, or
+//!    what the handler reported by putting a [`ReportedUsage`] in the response extensions.
+//!
+//! Non-billable outcomes give the hold back: a 5xx, and a 4xx unless
+//! [`bill_client_errors`](MeteringLayer::bill_client_errors) is set. A response body that
+//! fails mid-stream is released too. A body dropped before its end (client disconnect) is
+//! settled with the usage known at that point; that settlement runs on a spawned Tokio task.
+//! If nothing can run it, the reservation expires after its TTL
+//! ([`reservation_ttl`](MeteringLayer::reservation_ttl), default 5 minutes) and the hold comes
+//! back: a reservation is never leaked.
+//!
+//! # Idempotency
+//!
+//! A request with an `Idempotency-Key` header reserves under that key. A retry with the same
+//! key and the same method, path and cost is charged once: while the first attempt runs the
+//! retry gets `409 IDEMPOTENCY_KEY_IN_USE`; after it was settled the retry is served again and
+//! charged nothing (its response carries `idempotent-replayed: true`); after it was refunded
+//! (a 5xx) the retry is a fresh attempt. The same key for another request is
+//! `409 IDEMPOTENCY_KEY_REUSED`. A malformed key (empty, over 255 characters, anything but
+//! visible ASCII) is `400 INVALID_IDEMPOTENCY_KEY`.
+//!
+//! # Response headers
+//!
+//! | header | value |
+//! |---|---|
+//! | `x-credits-remaining` | credit available after this request's hold |
+//! | `x-allowance-remaining` | allowance units left in the period, when the meter has one |
+//! | `x-allowance-reset` | when the allowance resets (RFC 3339) |
+//! | `idempotent-replayed` | `true` on a retry that was not charged again |
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{routing::post, Router, Extension};
+//! use tower::ServiceBuilder;
+//! use tower_402::{MeteringLayer, MemoryLedger, ReportedUsage};
+//!
+//! let ledger = MemoryLedger::new();
+//! let app: Router = Router::new()
+//!     .route("/v1/render", post(|| async {
+//!         // Charge for the 3 images actually rendered instead of the route's estimate.
+//!         (Extension(ReportedUsage::units("images", 3)), "done")
+//!     }))
+//!     .layer(MeteringLayer::new(ledger.clone()));
+//! ```
+
+mod body;
+mod future;
+mod layer;
+mod service;
+
+pub use body::MeteredBody;
+pub use future::ResponseFuture;
+pub use layer::MeteringLayer;
+pub use service::{Metering, ReportedUsage};
+
+pub(crate) use layer::MeterConfig;

@@ -1,0 +1,272 @@
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, Request, Response};
+use tower_service::Service;
+
+use crate::account::AccountId;
+use crate::decision::Denial;
+use crate::gate::{Entitlement, FailedOpen};
+use crate::ledger::{ReserveRequest, Usage};
+use crate::metering::future::ResponseFuture;
+use crate::metering::{MeterConfig, MeteringLayer};
+
+/// The service made by [`MeteringLayer`]. See the [module docs](crate::metering).
+#[derive(Clone)]
+pub struct Metering<S> {
+    pub(crate) inner: S,
+    pub(crate) config: Arc<MeterConfig>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Metering<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metering")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Metering<S> {
+    /// Wraps `inner` with the configuration of `layer`.
+    pub fn new(inner: S, layer: &MeteringLayer) -> Self {
+        Metering {
+            inner,
+            config: layer.config.clone(),
+        }
+    }
+
+    /// Returns `layer` itself: build the layer with [`MeteringLayer::new`].
+    pub fn layer(layer: MeteringLayer) -> MeteringLayer {
+        layer
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// Usage the handler reports, in the response extensions; settled instead of the estimate.
+///
+/// Units of meters the request did not reserve are ignored (and logged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedUsage(pub Vec<Usage>);
+
+impl ReportedUsage {
+    /// `units` of one meter.
+    pub fn units(meter: impl AsRef<str>, units: u64) -> Self {
+        ReportedUsage(vec![Usage::new(meter, units)])
+    }
+}
+
+/// The longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// Reads `Idempotency-Key`: absent, valid, or a 400.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bad = |detail: &'static str| Denial::BadRequest {
+        code: "INVALID_IDEMPOTENCY_KEY",
+        detail: detail.into(),
+    };
+    if values.next().is_some() {
+        return Err(bad("Send exactly one Idempotency-Key header."));
+    }
+    let raw = value
+        .to_str()
+        .map_err(|_| bad("The Idempotency-Key must be visible ASCII."))?;
+    // The IETF draft writes the key as a structured-field string: accept it quoted or bare.
+    let key = raw
+        .strip_prefix('"')
+        .and_then(|k| k.strip_suffix('"'))
+        .unwrap_or(raw);
+    if key.is_empty() {
+        return Err(bad("The Idempotency-Key is empty."));
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(bad("The Idempotency-Key is longer than 255 characters."));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(bad("The Idempotency-Key must be visible ASCII."));
+    }
+    Ok(Some(key))
+}
+
+/// A stable 64-bit FNV-1a digest: the same on every instance and every Rust version, so a
+/// retry reaching another instance of a fleet has the same fingerprint.
+pub(crate) struct Fnv(u64);
+
+impl Fnv {
+    pub(crate) fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> &mut Self {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        // A separator so ("ab","c") and ("a","bc") differ.
+        self.0 ^= 0xff;
+        self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        self
+    }
+    pub(crate) fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A key unique to this request, for requests without an `Idempotency-Key`.
+fn unique_key() -> String {
+    static NONCE: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nonce = *NONCE.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("req:{nonce:016x}:{n}")
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Metering<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = Response<crate::metering::MeteredBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = self.config.clone();
+        let now = config.clock.now();
+        let entitlement = match req.extensions().get::<Entitlement>() {
+            Some(e) => e.clone(),
+            None => match req.extensions().get::<AccountId>() {
+                Some(a) if req.extensions().get::<FailedOpen>().is_none() => {
+                    Entitlement::new(a.clone())
+                }
+                _ if req.extensions().get::<FailedOpen>().is_some() => {
+                    tracing::warn!(
+                        target: "tower_402::metering",
+                        "gate failed open; request served unmetered"
+                    );
+                    return ResponseFuture::unmetered(self.inner.call(req));
+                }
+                _ => {
+                    tracing::error!(
+                        target: "tower_402::metering",
+                        "no Entitlement or AccountId in the request: is PaymentGateLayer in front of MeteringLayer?"
+                    );
+                    return ResponseFuture::refused(
+                        Denial::Unavailable {
+                            retry_after_secs: config.retry_after_secs,
+                        },
+                        config,
+                        now,
+                    );
+                }
+            },
+        };
+        let Some(cost) = entitlement.cost.clone() else {
+            // Nothing to meter on this route.
+            return ResponseFuture::unmetered(self.inner.call(req));
+        };
+        let idem = match idempotency_key(req.headers()) {
+            Ok(k) => k,
+            Err(denial) => {
+                crate::gate::log_denial(Some(&entitlement.account), &denial);
+                return ResponseFuture::refused(denial, config, now);
+            }
+        };
+        let charge = match &entitlement.plan {
+            Some(plan) => cost.charge(plan, now),
+            // No plan known: credit only.
+            None => crate::ledger::Charge {
+                meter: cost.meter.clone(),
+                units: cost.units,
+                unit_price: cost.unit_price,
+                allowance: None,
+                overage: true,
+            },
+        };
+        let mut fp = Fnv::new();
+        fp.write(req.method().as_str().as_bytes())
+            .write(req.uri().path().as_bytes())
+            .write(req.uri().query().unwrap_or("").as_bytes())
+            .write(charge.meter.as_str().as_bytes())
+            .write(&charge.units.to_le_bytes())
+            .write(&charge.unit_price.get().to_le_bytes());
+        let key = match idem {
+            Some(k) => format!("idem:{k}"),
+            None => unique_key(),
+        };
+        let request = ReserveRequest {
+            account: entitlement.account.clone(),
+            key,
+            fingerprint: fp.finish(),
+            charges: vec![charge],
+            ttl_secs: config.ttl_secs,
+            now,
+        };
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::reserving(request, inner, req, config, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn idempotency_keys() {
+        let mut h = HeaderMap::new();
+        assert_eq!(idempotency_key(&h), Ok(None));
+        h.insert("idempotency-key", HeaderValue::from_static("\"abc-1\""));
+        assert_eq!(idempotency_key(&h), Ok(Some("abc-1")));
+        for bad in [
+            HeaderValue::from_static(""),
+            HeaderValue::from_static("\"\""),
+            HeaderValue::from_bytes(&[b'k'; 256]).unwrap(),
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+            HeaderValue::from_bytes(b"a\tb").unwrap(),
+        ] {
+            h.insert("idempotency-key", bad.clone());
+            assert!(idempotency_key(&h).is_err(), "{bad:?}");
+        }
+        h.insert("idempotency-key", HeaderValue::from_static("a"));
+        h.append("idempotency-key", HeaderValue::from_static("b"));
+        assert!(idempotency_key(&h).is_err());
+    }
+
+    #[test]
+    fn fnv_is_stable() {
+        assert_eq!(Fnv::new().write(b"GET").write(b"/v1").finish(), {
+            let mut f = Fnv::new();
+            f.write(b"GET").write(b"/v1");
+            f.finish()
+        });
+        assert_ne!(
+            Fnv::new().write(b"ab").write(b"c").finish(),
+            Fnv::new().write(b"a").write(b"bc").finish()
+        );
+    }
+}

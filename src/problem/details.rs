@@ -1,0 +1,458 @@
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderMap, Response, StatusCode};
+use serde_json::{Map, Value};
+
+use crate::body::ResponseBody;
+use crate::decision::{AuthFailure, Denial};
+use crate::time::Timestamp;
+
+/// The media type of problem documents.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Where to send a caller to fix a refusal. Each link is included in the problems it helps
+/// with; unset links are left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Links {
+    /// Billing portal: payment method, invoices (`billing_url`).
+    pub billing: Option<String>,
+    /// Plan comparison and upgrade (`upgrade_url`).
+    pub upgrade: Option<String>,
+    /// Buy more credits (`top_up_url`).
+    pub top_up: Option<String>,
+    /// Human support (`support_url`, on every problem).
+    pub support: Option<String>,
+    /// Documentation (`docs_url`, on every problem).
+    pub docs: Option<String>,
+}
+
+impl Links {
+    /// No links.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the billing portal link.
+    pub fn billing(mut self, url: impl Into<String>) -> Self {
+        self.billing = Some(url.into());
+        self
+    }
+    /// Sets the upgrade link.
+    pub fn upgrade(mut self, url: impl Into<String>) -> Self {
+        self.upgrade = Some(url.into());
+        self
+    }
+    /// Sets the top-up link.
+    pub fn top_up(mut self, url: impl Into<String>) -> Self {
+        self.top_up = Some(url.into());
+        self
+    }
+    /// Sets the support link.
+    pub fn support(mut self, url: impl Into<String>) -> Self {
+        self.support = Some(url.into());
+        self
+    }
+    /// Sets the documentation link.
+    pub fn docs(mut self, url: impl Into<String>) -> Self {
+        self.docs = Some(url.into());
+        self
+    }
+}
+
+/// How problems are rendered: type URI base, links, authentication realm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProblemConfig {
+    type_base: Cow<'static, str>,
+    instance_base: Cow<'static, str>,
+    realm: Cow<'static, str>,
+    links: Links,
+}
+
+impl Default for ProblemConfig {
+    fn default() -> Self {
+        ProblemConfig {
+            type_base: Cow::Borrowed("urn:tower-402:problem:"),
+            instance_base: Cow::Borrowed("urn:request:"),
+            realm: Cow::Borrowed("api"),
+            links: Links::default(),
+        }
+    }
+}
+
+impl ProblemConfig {
+    /// The defaults: URN type base, no links, realm `api`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The base of every `type` URI; the code in kebab case is appended
+    /// (`https://docs.example.com/problems/` → `.../problems/quota-exceeded`).
+    pub fn type_base(mut self, base: impl Into<Cow<'static, str>>) -> Self {
+        self.type_base = base.into();
+        self
+    }
+
+    /// The base of `instance` URIs; the request id is appended. Default `urn:request:`.
+    pub fn instance_base(mut self, base: impl Into<Cow<'static, str>>) -> Self {
+        self.instance_base = base.into();
+        self
+    }
+
+    /// The realm in `WWW-Authenticate`.
+    pub fn realm(mut self, realm: impl Into<Cow<'static, str>>) -> Self {
+        self.realm = realm.into();
+        self
+    }
+
+    /// The links to include.
+    pub fn links(mut self, links: Links) -> Self {
+        self.links = links;
+        self
+    }
+
+    /// The configured links.
+    pub fn get_links(&self) -> &Links {
+        &self.links
+    }
+
+    /// The `type` URI for a code.
+    pub fn type_uri(&self, code: &str) -> String {
+        let mut uri = String::with_capacity(self.type_base.len() + code.len());
+        uri.push_str(&self.type_base);
+        uri.extend(code.chars().map(|c| match c {
+            '_' => '-',
+            c => c.to_ascii_lowercase(),
+        }));
+        uri
+    }
+
+    pub(crate) fn instance_uri(&self, request_id: &str) -> String {
+        format!("{}{}", self.instance_base, request_id)
+    }
+}
+
+/// An RFC 9457 problem document.
+///
+/// Serializes with the standard members first, then `code` and the extension members.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProblemDetails {
+    /// `type`: a URI identifying the kind of problem.
+    pub type_uri: String,
+    /// `title`: fixed per type.
+    pub title: Cow<'static, str>,
+    /// `status`: the HTTP status.
+    pub status: StatusCode,
+    /// `detail`: this occurrence, for humans.
+    pub detail: String,
+    /// `instance`: this occurrence, as a URI.
+    pub instance: Option<String>,
+    /// `code`: the stable machine code.
+    pub code: String,
+    /// Extension members.
+    pub members: Map<String, Value>,
+}
+
+impl ProblemDetails {
+    /// A problem for a status with no denial behind it (an inner service's bare error).
+    pub fn for_status(status: StatusCode, config: &ProblemConfig) -> Self {
+        let title = status.canonical_reason().unwrap_or("Error");
+        let code = title.to_ascii_uppercase().replace([' ', '-'], "_");
+        let detail = if status.is_server_error() {
+            "The server could not complete the request. Retry later or contact support.".into()
+        } else {
+            format!("The request failed with status {}.", status.as_u16())
+        };
+        let mut p = ProblemDetails {
+            type_uri: config.type_uri(&code),
+            title: Cow::Owned(title.to_owned()),
+            status,
+            detail,
+            instance: None,
+            code,
+            members: Map::new(),
+        };
+        p.add_common_links(config);
+        p
+    }
+
+    /// Renders a denial. `now` is used only for relative times in `detail`.
+    pub fn from_denial(denial: &Denial, config: &ProblemConfig) -> Self {
+        let links = &config.links;
+        let mut m = Map::new();
+        let detail = match denial {
+            Denial::Unauthenticated(AuthFailure::Missing) => {
+                "This API requires an API key: send it in the x-api-key header or as \
+                 `Authorization: Bearer <key>`."
+                    .to_owned()
+            }
+            Denial::Unauthenticated(AuthFailure::Unknown) => "The API key is not valid.".into(),
+            Denial::Unauthenticated(AuthFailure::Malformed(why)) => {
+                format!("The credential could not be read: {why}.")
+            }
+            Denial::InsufficientCredits { balance, required } => {
+                m.insert("balance".into(), balance.get().into());
+                m.insert("required".into(), required.get().into());
+                link(&mut m, "top_up_url", &links.top_up);
+                format!("This request costs {required} credits but the balance is {balance}.")
+            }
+            Denial::QuotaExceeded {
+                meter,
+                limit,
+                used,
+                resets_at,
+                ..
+            } => {
+                m.insert("meter".into(), meter.as_str().into());
+                m.insert("limit".into(), (*limit).into());
+                m.insert("used".into(), (*used).into());
+                if let Some(t) = resets_at {
+                    m.insert("resets_at".into(), t.to_string().into());
+                }
+                link(&mut m, "upgrade_url", &links.upgrade);
+                match resets_at {
+                    Some(t) => format!(
+                        "The plan's allowance of {limit} {meter} for this period is used up; it resets at {t}."
+                    ),
+                    None => format!("The plan includes no {meter}."),
+                }
+            }
+            Denial::PlanUpgradeRequired {
+                current_plan,
+                required_plan,
+                required_feature,
+            } => {
+                m.insert("current_plan".into(), current_plan.as_str().into());
+                if let Some(p) = required_plan {
+                    m.insert("required_plan".into(), p.as_str().into());
+                }
+                if let Some(f) = required_feature {
+                    m.insert("required_feature".into(), f.as_str().into());
+                }
+                link(&mut m, "upgrade_url", &links.upgrade);
+                match (required_feature, required_plan) {
+                    (Some(f), _) => format!(
+                        "This route requires the `{f}` feature, which the {current_plan} plan does not include."
+                    ),
+                    (None, Some(p)) => format!(
+                        "This route requires the {p} plan or higher; the account is on {current_plan}."
+                    ),
+                    (None, None) => format!(
+                        "This route requires a higher plan than {current_plan}."
+                    ),
+                }
+            }
+            Denial::SubscriptionExpired { plan, ended_at } => {
+                m.insert("plan".into(), plan.as_str().into());
+                opt_time(&mut m, "ended_at", *ended_at);
+                link(&mut m, "billing_url", &links.billing);
+                match ended_at {
+                    Some(t) => format!("The subscription to the {plan} plan ended at {t}."),
+                    None => format!("The subscription to the {plan} plan has ended."),
+                }
+            }
+            Denial::SubscriptionPastDue { grace_until } => {
+                opt_time(&mut m, "grace_until", *grace_until);
+                link(&mut m, "billing_url", &links.billing);
+                "The renewal payment failed and the grace period is over; update the payment \
+                 method to continue."
+                    .to_owned()
+            }
+            Denial::TrialExpired { trial_ended_at } => {
+                opt_time(&mut m, "trial_ended_at", *trial_ended_at);
+                link(&mut m, "upgrade_url", &links.upgrade);
+                "The free trial has ended; choose a paid plan to continue.".to_owned()
+            }
+            Denial::SubscriptionPending { plan } => {
+                if let Some(p) = plan {
+                    m.insert("plan".into(), p.as_str().into());
+                }
+                link(&mut m, "billing_url", &links.billing);
+                match plan {
+                    Some(_) => "The subscription is not active yet: it awaits its first payment \
+                                or an approval."
+                        .to_owned(),
+                    None => "The account has no subscription.".to_owned(),
+                }
+            }
+            Denial::PaymentDeclined { decline_code } => {
+                m.insert("decline_code".into(), decline_code.as_str().into());
+                link(&mut m, "billing_url", &links.billing);
+                format!("The payment was declined ({decline_code}).")
+            }
+            Denial::BadRequest { detail, .. } => detail.to_string(),
+            Denial::IdempotencyConflict { in_progress: false } => {
+                "This Idempotency-Key was already used for a different request.".to_owned()
+            }
+            Denial::IdempotencyConflict { in_progress: true } => {
+                "A request with this Idempotency-Key is still being processed; retry once it \
+                 has completed."
+                    .to_owned()
+            }
+            Denial::Unavailable { retry_after_secs } => format!(
+                "Billing is temporarily unavailable; retry in {retry_after_secs} seconds."
+            ),
+            Denial::Custom(c) => {
+                m.extend(c.members.iter().map(|(k, v)| (k.clone(), v.clone())));
+                c.detail.clone()
+            }
+        };
+        let code = denial.code().to_owned();
+        let mut p = ProblemDetails {
+            type_uri: config.type_uri(&code),
+            title: denial.title(),
+            status: denial.status(),
+            detail,
+            instance: None,
+            code,
+            members: m,
+        };
+        p.add_common_links(config);
+        p
+    }
+
+    fn add_common_links(&mut self, config: &ProblemConfig) {
+        link(&mut self.members, "support_url", &config.links.support);
+        link(&mut self.members, "docs_url", &config.links.docs);
+    }
+
+    /// The document as JSON.
+    pub fn to_json(&self) -> Value {
+        let mut o = Map::new();
+        o.insert("type".into(), self.type_uri.clone().into());
+        o.insert("title".into(), self.title.as_ref().into());
+        o.insert("status".into(), self.status.as_u16().into());
+        o.insert("detail".into(), self.detail.clone().into());
+        if let Some(i) = &self.instance {
+            o.insert("instance".into(), i.clone().into());
+        }
+        o.insert("code".into(), self.code.clone().into());
+        for (k, v) in &self.members {
+            // The standard members cannot be overridden by an extension.
+            if !matches!(
+                k.as_str(),
+                "type" | "title" | "status" | "detail" | "instance" | "code"
+            ) {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+        Value::Object(o)
+    }
+
+    /// The document serialized.
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::from(self.to_json().to_string())
+    }
+
+    /// A complete response: status, `content-type: application/problem+json`,
+    /// `cache-control: no-store`, the body.
+    pub fn into_response<B>(self) -> Response<ResponseBody<B>> {
+        let mut res = Response::new(ResponseBody::full(self.to_bytes()));
+        *res.status_mut() = self.status;
+        set_problem_headers(res.headers_mut());
+        res
+    }
+}
+
+pub(crate) fn set_problem_headers(h: &mut HeaderMap) {
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.remove(http::header::CONTENT_LENGTH);
+}
+
+fn link(m: &mut Map<String, Value>, name: &str, url: &Option<String>) {
+    if let Some(u) = url {
+        m.insert(name.into(), u.clone().into());
+    }
+}
+
+fn opt_time(m: &mut Map<String, Value>, name: &str, t: Option<Timestamp>) {
+    if let Some(t) = t {
+        m.insert(name.into(), t.to_string().into());
+    }
+}
+
+/// A structured-field token safe to put in a header: meter names are configuration, but a
+/// header must never be malformed because of one.
+fn sf_key(meter: &str) -> String {
+    meter
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '*'))
+        .collect()
+}
+
+/// The full response for a denial: the problem document, the headers that go with it, and
+/// the denial itself in the response extensions for outer layers.
+pub(crate) fn denial_response<B>(
+    denial: Denial,
+    config: &ProblemConfig,
+    now: Timestamp,
+) -> Response<ResponseBody<B>> {
+    let mut res = ProblemDetails::from_denial(&denial, config).into_response();
+    let h = res.headers_mut();
+    match &denial {
+        Denial::Unauthenticated(why) => {
+            let realm = sf_key(&config.realm);
+            let v = match why {
+                AuthFailure::Missing => format!("Bearer realm=\"{realm}\""),
+                _ => format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
+            };
+            if let Ok(v) = HeaderValue::try_from(v) {
+                h.insert(WWW_AUTHENTICATE, v);
+            }
+        }
+        Denial::QuotaExceeded {
+            meter,
+            limit,
+            resets_at: Some(resets_at),
+            window_secs,
+            ..
+        } => {
+            let secs = now.secs_until(*resets_at);
+            let key = sf_key(meter.as_str());
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+            let policy = match window_secs {
+                Some(w) => format!("\"{key}\";q={limit};w={w}"),
+                None => format!("\"{key}\";q={limit}"),
+            };
+            if let Ok(v) = HeaderValue::try_from(policy) {
+                h.insert("ratelimit-policy", v);
+            }
+            if let Ok(v) = HeaderValue::try_from(format!("\"{key}\";r=0;t={secs}")) {
+                h.insert("ratelimit", v);
+            }
+        }
+        Denial::Unavailable { retry_after_secs } => {
+            h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        _ => {}
+    }
+    res.extensions_mut().insert(Arc::new(denial));
+    res
+}
+
+#[cfg(feature = "axum")]
+mod axum_impl {
+    use axum_core::body::Body;
+    use axum_core::response::{IntoResponse, Response};
+
+    use super::{ProblemConfig, ProblemDetails};
+    use crate::decision::Denial;
+    use crate::time::Timestamp;
+
+    impl IntoResponse for ProblemDetails {
+        fn into_response(self) -> Response {
+            ProblemDetails::into_response::<Body>(self).map(Body::new)
+        }
+    }
+
+    /// Renders with the default [`ProblemConfig`]; put a
+    /// [`ProblemDetailsLayer`](crate::ProblemDetailsLayer) outside to add your links.
+    impl IntoResponse for Denial {
+        fn into_response(self) -> Response {
+            super::denial_response::<Body>(self, &ProblemConfig::default(), Timestamp::now())
+                .map(Body::new)
+        }
+    }
+}

@@ -1,0 +1,306 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::decision::Denial;
+use crate::problem::details::set_problem_headers;
+use crate::problem::{ProblemConfig, ProblemDetails, PROBLEM_JSON};
+
+/// Renders every refusal and error as an RFC 9457 problem document. See the
+/// [module docs](crate::problem).
+#[derive(Debug, Clone, Default)]
+pub struct ProblemDetailsLayer {
+    config: Arc<ProblemConfig>,
+}
+
+impl ProblemDetailsLayer {
+    /// A layer rendering with `config`.
+    pub fn new(config: ProblemConfig) -> Self {
+        ProblemDetailsLayer {
+            config: Arc::new(config),
+        }
+    }
+}
+
+impl<S> Layer<S> for ProblemDetailsLayer {
+    type Service = ProblemDetailsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ProblemDetailsService {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service made by [`ProblemDetailsLayer`].
+#[derive(Debug, Clone)]
+pub struct ProblemDetailsService<S> {
+    inner: S,
+    config: Arc<ProblemConfig>,
+}
+
+impl<S> ProblemDetailsService<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, config: ProblemConfig) -> Self {
+        ProblemDetailsService {
+            inner,
+            config: Arc::new(config),
+        }
+    }
+
+    /// A [`ProblemDetailsLayer`] with this configuration.
+    pub fn layer(config: ProblemConfig) -> ProblemDetailsLayer {
+        ProblemDetailsLayer::new(config)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// What the layer remembers of the request to render its response.
+#[derive(Debug, Default)]
+struct RequestFacts {
+    accepts_json: bool,
+    request_id: Option<String>,
+    trace_id: Option<String>,
+}
+
+impl RequestFacts {
+    fn read(headers: &HeaderMap) -> Self {
+        RequestFacts {
+            accepts_json: accepts_json(headers),
+            request_id: headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|id| {
+                    !id.is_empty()
+                        && id.len() <= 128
+                        && id
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+                })
+                .map(str::to_owned),
+            trace_id: headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(trace_id_from_traceparent),
+        }
+    }
+}
+
+/// Whether the `Accept` header allows a JSON answer (absent means anything goes).
+fn accepts_json(headers: &HeaderMap) -> bool {
+    let mut any = false;
+    for value in headers.get_all(ACCEPT) {
+        any = true;
+        let Ok(s) = value.to_str() else { continue };
+        for range in s.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=")
+                    .is_some_and(|q| q.trim().trim_end_matches('0').trim_end_matches('.') == "0")
+            });
+            if refused {
+                continue;
+            }
+            if matches!(
+                media.as_str(),
+                "*/*" | "application/*" | "application/json" | PROBLEM_JSON
+            ) || media.ends_with("+json")
+            {
+                return true;
+            }
+        }
+    }
+    !any
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn trace_id_from_traceparent(tp: &str) -> Option<String> {
+    let mut parts = tp.trim().split('-');
+    let _version = parts.next().filter(|v| v.len() == 2)?;
+    let trace = parts.next()?;
+    if trace.len() == 32
+        && trace.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace.bytes().any(|b| b != b'0')
+    {
+        Some(trace.to_ascii_lowercase())
+    } else {
+        None
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ProblemDetailsService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let facts = RequestFacts::read(req.headers());
+        ResponseFuture {
+            inner: self.inner.call(req),
+            facts: Some(facts),
+            config: self.config.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`ProblemDetailsService`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        facts: Option<RequestFacts>,
+        config: Arc<ProblemConfig>,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.inner.poll(cx))?;
+        let facts = this.facts.take().unwrap_or_default();
+        Poll::Ready(Ok(render(res, &facts, this.config)))
+    }
+}
+
+fn render<B>(res: Response<B>, facts: &RequestFacts, config: &ProblemConfig) -> Response<ResponseBody<B>> {
+    let status = res.status();
+    let problem = if let Some(denial) = res.extensions().get::<Arc<Denial>>() {
+        // A refusal from the gate or the metering layer: re-render with our links.
+        Some(ProblemDetails::from_denial(denial, config))
+    } else if status.is_client_error() || status.is_server_error() {
+        let is_json = res
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                let ct = ct.to_ascii_lowercase();
+                ct.starts_with("application/json") || ct.starts_with(PROBLEM_JSON)
+            });
+        if status.is_server_error() && !(is_json && is_problem(&res)) {
+            // Never forward an inner 5xx body: it may carry internal error text.
+            if facts.accepts_json {
+                Some(ProblemDetails::for_status(status, config))
+            } else {
+                return plain_status(res);
+            }
+        } else if !is_json && facts.accepts_json {
+            Some(ProblemDetails::for_status(status, config))
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    let Some(mut problem) = problem else {
+        let (mut parts, body) = res.into_parts();
+        if parts.status == StatusCode::PAYMENT_REQUIRED {
+            parts
+                .headers
+                .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        return Response::from_parts(parts, ResponseBody::inner(body));
+    };
+    if let Some(id) = &facts.request_id {
+        problem.instance = Some(config.instance_uri(id));
+        problem
+            .members
+            .insert("request_id".into(), id.clone().into());
+    }
+    if let Some(trace) = &facts.trace_id {
+        problem.members.insert("trace_id".into(), trace.clone().into());
+    }
+    let (mut parts, _dropped) = res.into_parts();
+    set_problem_headers(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::full(problem.to_bytes()))
+}
+
+fn is_problem<B>(res: &Response<B>) -> bool {
+    res.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with(PROBLEM_JSON))
+}
+
+fn plain_status<B>(res: Response<B>) -> Response<ResponseBody<B>> {
+    let (mut parts, _dropped) = res.into_parts();
+    let text = parts.status.canonical_reason().unwrap_or("Error");
+    parts.headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, ResponseBody::full(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let mut h = HeaderMap::new();
+        assert!(accepts_json(&h));
+        h.insert(ACCEPT, HeaderValue::from_static("text/html"));
+        assert!(!accepts_json(&h));
+        h.insert(ACCEPT, HeaderValue::from_static("text/html, application/json;q=0.5"));
+        assert!(accepts_json(&h));
+        h.insert(ACCEPT, HeaderValue::from_static("application/json;q=0"));
+        assert!(!accepts_json(&h));
+        h.insert(ACCEPT, HeaderValue::from_static("application/problem+json"));
+        assert!(accepts_json(&h));
+    }
+
+    #[test]
+    fn traceparent() {
+        assert_eq!(
+            trace_id_from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736".into())
+        );
+        assert_eq!(trace_id_from_traceparent("garbage"), None);
+        assert_eq!(
+            trace_id_from_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+    }
+}

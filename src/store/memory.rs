@@ -1,0 +1,180 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use async_trait::async_trait;
+
+use crate::account::AccountId;
+use crate::credits::Credits;
+use crate::error::{LedgerError, StoreError};
+use crate::ledger::{
+    AccountBook, AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, ReservationId,
+    ReserveOutcome, ReserveRequest, Settlement, Usage, DEFAULT_RETENTION_SECS,
+};
+use crate::plan::{Meter, PlanStore, Subscription};
+use crate::time::Timestamp;
+
+const SHARDS: usize = 16;
+
+/// The in-memory ledger: one [`AccountBook`] per account, in sharded mutexes.
+///
+/// Clones share the same state. Every operation takes one shard lock for the duration of a
+/// synchronous update and never across an `.await`, so operations on one account are
+/// linearizable and can never overspend.
+#[derive(Clone)]
+pub struct MemoryLedger {
+    shards: Arc<[Mutex<HashMap<AccountId, AccountBook>>; SHARDS]>,
+    retention_secs: u64,
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLedger")
+            .field("retention_secs", &self.retention_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryLedger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        MemoryLedger {
+            shards: Arc::new(std::array::from_fn(|_| Mutex::new(HashMap::new()))),
+            retention_secs: DEFAULT_RETENTION_SECS,
+        }
+    }
+
+    /// How long idempotency records are kept (default 7 days).
+    pub fn with_retention(mut self, secs: u64) -> Self {
+        self.retention_secs = secs;
+        self
+    }
+
+    fn shard(&self, account: &AccountId) -> MutexGuard<'_, HashMap<AccountId, AccountBook>> {
+        let h = account
+            .as_str()
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
+        // A panic while holding the lock cannot leave a book half-updated: every operation
+        // validates before it mutates. So a poisoned lock is safe to keep using.
+        self.shards[h % SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn with<T>(&self, account: &AccountId, f: impl FnOnce(&mut AccountBook) -> T) -> T {
+        let mut shard = self.shard(account);
+        let retention = self.retention_secs;
+        let book = shard
+            .entry(account.clone())
+            .or_insert_with(|| AccountBook::with_retention(retention));
+        f(book)
+    }
+
+    /// Open reservations of an account (for tests and diagnostics).
+    pub fn open_reservations(&self, account: &AccountId, now: Timestamp) -> usize {
+        self.with(account, |b| {
+            b.expire(now);
+            b.open_reservations()
+        })
+    }
+}
+
+#[async_trait]
+impl Ledger for MemoryLedger {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        self.with(&req.account, |b| b.reserve(req))
+    }
+
+    async fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        self.with(&id.account, |b| b.settle(&id.key, usage, policy, now))
+    }
+
+    async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
+        self.with(&id.account, |b| b.release(&id.key, now))
+    }
+
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Deposit, LedgerError> {
+        self.with(account, |b| b.deposit(amount, key, now))
+    }
+
+    async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
+        Ok(self.with(account, |b| b.balance(now)))
+    }
+
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<AllowanceUsage, LedgerError> {
+        Ok(self.with(account, |b| b.allowance_usage(meter, window_start, now)))
+    }
+}
+
+/// The in-memory plan store. Clones share the same state.
+#[derive(Clone, Default)]
+pub struct MemoryPlanStore {
+    subs: Arc<RwLock<HashMap<AccountId, Subscription>>>,
+}
+
+impl fmt::Debug for MemoryPlanStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryPlanStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryPlanStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a subscription (builder style, for setup code).
+    pub fn with(self, subscription: Subscription) -> Self {
+        self.subs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(subscription.account.clone(), subscription);
+        self
+    }
+}
+
+#[async_trait]
+impl PlanStore for MemoryPlanStore {
+    async fn subscription(&self, account: &AccountId) -> Result<Option<Subscription>, StoreError> {
+        Ok(self
+            .subs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(account)
+            .cloned())
+    }
+
+    async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError> {
+        self.subs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(subscription.account.clone(), subscription);
+        Ok(())
+    }
+}
