@@ -104,7 +104,10 @@ mod tests {
         assert_eq!(Credits::new(u64::MAX).checked_add(Credits::new(1)), None);
         assert_eq!(Credits::new(u64::MAX).checked_mul(2), None);
         assert_eq!(Credits::new(7).checked_mul(3), Some(Credits::new(21)));
-        assert_eq!(Credits::new(3).saturating_sub(Credits::new(5)), Credits::ZERO);
+        assert_eq!(
+            Credits::new(3).saturating_sub(Credits::new(5)),
+            Credits::ZERO
+        );
     }
 
     #[test]

@@ -258,7 +258,11 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
         return Decision::Deny(Denial::PlanUpgradeRequired {
             current_plan: plan.id.clone(),
             required_plan: suggestion,
-            required_feature: if feature_ok { None } else { req.feature.clone() },
+            required_feature: if feature_ok {
+                None
+            } else {
+                req.feature.clone()
+            },
         });
     }
 
@@ -511,5 +515,347 @@ impl Denial {
     /// or an outage).
     pub fn is_payment_required(&self) -> bool {
         self.status() == StatusCode::PAYMENT_REQUIRED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Period;
+
+    const NOW: Timestamp = Timestamp::from_unix(1_800_000_000);
+    const DAY: u64 = 86_400;
+
+    fn catalog() -> Catalog {
+        Catalog::new()
+            .with_plan(Plan::new("free", "Free", 0).allowance("requests", 5, Period::CalendarMonth))
+            .with_plan(Plan::new("basic", "Basic", 1).overage(true))
+            .with_plan(
+                Plan::new("pro", "Pro", 2)
+                    .overage(true)
+                    .feature("premium-models")
+                    .grace_period_secs(7 * DAY),
+            )
+            .with_plan(
+                Plan::new("hybrid", "Hybrid", 1)
+                    .allowance("requests", 2, Period::Day)
+                    .overage(true),
+            )
+    }
+
+    struct Case {
+        sub: Subscription,
+        requirement: Requirement,
+        available: u64,
+        taken: u64,
+    }
+
+    impl Case {
+        fn new(sub: Subscription) -> Self {
+            Case {
+                sub,
+                requirement: Requirement::new(),
+                available: 0,
+                taken: 0,
+            }
+        }
+        fn req(mut self, r: Requirement) -> Self {
+            self.requirement = r;
+            self
+        }
+        fn available(mut self, c: u64) -> Self {
+            self.available = c;
+            self
+        }
+        fn taken(mut self, t: u64) -> Self {
+            self.taken = t;
+            self
+        }
+        fn run(&self) -> Decision {
+            let catalog = catalog();
+            let plan = catalog.get(self.sub.plan.as_str()).unwrap().clone();
+            decide(&DecisionInput {
+                subscription: &self.sub,
+                plan: &plan,
+                catalog: &catalog,
+                requirement: &self.requirement,
+                available: Credits::new(self.available),
+                allowance_taken: self.taken,
+                grace_secs: 3 * DAY,
+                soft_limit_percent: Some(80),
+                now: NOW,
+            })
+        }
+        fn code(&self) -> Option<String> {
+            self.run().denial().map(|d| d.code().to_owned())
+        }
+    }
+
+    fn sub(plan: &str, status: SubscriptionStatus) -> Subscription {
+        Subscription::new("acme", plan, status)
+    }
+
+    fn one_credit() -> Requirement {
+        Requirement::new().cost(Cost::new("requests", 1, Credits::new(1)))
+    }
+
+    fn ago(days: u64) -> Option<Timestamp> {
+        Some(Timestamp::from_unix(NOW.unix() - days * DAY))
+    }
+
+    fn ahead(days: u64) -> Option<Timestamp> {
+        Some(NOW.plus_secs(days * DAY))
+    }
+
+    #[test]
+    fn active_is_allowed() {
+        assert_eq!(
+            Case::new(Subscription::active("a", "basic")).run(),
+            Decision::Allow(vec![])
+        );
+    }
+
+    #[test]
+    fn trialing_until_trial_end() {
+        let mut s = sub("basic", SubscriptionStatus::Trialing);
+        s.trial_end = ahead(1);
+        assert_eq!(Case::new(s.clone()).code(), None);
+        s.trial_end = Some(NOW);
+        assert_eq!(Case::new(s).code().as_deref(), Some("TRIAL_EXPIRED"));
+    }
+
+    #[test]
+    fn past_due_inside_grace_is_served_with_a_warning() {
+        let mut s = sub("basic", SubscriptionStatus::PastDue);
+        s.past_due_since = ago(1);
+        let until = NOW.plus_secs(2 * DAY);
+        assert_eq!(
+            Case::new(s).run(),
+            Decision::Allow(vec![Warning::GracePeriod { until }])
+        );
+    }
+
+    #[test]
+    fn past_due_after_grace_is_denied() {
+        let mut s = sub("basic", SubscriptionStatus::PastDue);
+        s.past_due_since = ago(4);
+        match Case::new(s).run() {
+            Decision::Deny(Denial::SubscriptionPastDue { grace_until }) => {
+                assert_eq!(grace_until, ago(1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn plan_grace_overrides_default_and_explicit_grace_overrides_both() {
+        let mut s = sub("pro", SubscriptionStatus::PastDue);
+        s.past_due_since = ago(5); // 7-day grace on pro
+        assert_eq!(Case::new(s.clone()).code(), None);
+        s.grace_until = ago(1);
+        assert_eq!(
+            Case::new(s).code().as_deref(),
+            Some("SUBSCRIPTION_PAST_DUE")
+        );
+    }
+
+    #[test]
+    fn past_due_without_any_date_has_no_grace() {
+        let s = sub("basic", SubscriptionStatus::PastDue);
+        assert_eq!(
+            Case::new(s).code().as_deref(),
+            Some("SUBSCRIPTION_PAST_DUE")
+        );
+    }
+
+    #[test]
+    fn unpaid_canceled_expired_paused_incomplete() {
+        let cases = [
+            (SubscriptionStatus::Unpaid, "SUBSCRIPTION_PAST_DUE"),
+            (SubscriptionStatus::Canceled, "SUBSCRIPTION_EXPIRED"),
+            (SubscriptionStatus::Expired, "SUBSCRIPTION_EXPIRED"),
+            (SubscriptionStatus::Paused, "SUBSCRIPTION_PENDING"),
+            (SubscriptionStatus::Incomplete, "SUBSCRIPTION_PENDING"),
+        ];
+        for (status, code) in cases {
+            assert_eq!(
+                Case::new(sub("basic", status)).code().as_deref(),
+                Some(code),
+                "{status:?}"
+            );
+        }
+        let mut paused_trial = sub("basic", SubscriptionStatus::Paused);
+        paused_trial.trial_end = ago(2);
+        assert_eq!(
+            Case::new(paused_trial).code().as_deref(),
+            Some("TRIAL_EXPIRED")
+        );
+    }
+
+    #[test]
+    fn expired_reports_when_it_ended() {
+        let mut s = sub("basic", SubscriptionStatus::Canceled);
+        s.ended_at = ago(3);
+        assert_eq!(
+            Case::new(s).run(),
+            Decision::Deny(Denial::SubscriptionExpired {
+                plan: PlanId::new("basic"),
+                ended_at: ago(3)
+            })
+        );
+    }
+
+    #[test]
+    fn status_is_checked_before_entitlement_and_credit() {
+        let s = sub("free", SubscriptionStatus::Canceled);
+        let c = Case::new(s).req(one_credit().min_tier(2));
+        assert_eq!(c.code().as_deref(), Some("SUBSCRIPTION_EXPIRED"));
+    }
+
+    #[test]
+    fn tier_requirement_names_the_cheapest_plan_that_satisfies_it() {
+        let c = Case::new(Subscription::active("a", "basic")).req(Requirement::new().min_tier(2));
+        assert_eq!(
+            c.run(),
+            Decision::Deny(Denial::PlanUpgradeRequired {
+                current_plan: PlanId::new("basic"),
+                required_plan: Some(PlanId::new("pro")),
+                required_feature: None,
+            })
+        );
+        let c = Case::new(Subscription::active("a", "pro")).req(Requirement::new().min_tier(2));
+        assert_eq!(c.code(), None);
+    }
+
+    #[test]
+    fn feature_requirement() {
+        let req = Requirement::new().feature("premium-models");
+        let c = Case::new(Subscription::active("a", "basic")).req(req.clone());
+        match c.run() {
+            Decision::Deny(Denial::PlanUpgradeRequired {
+                required_feature,
+                required_plan,
+                ..
+            }) => {
+                assert_eq!(required_feature.as_deref(), Some("premium-models"));
+                assert_eq!(required_plan, Some(PlanId::new("pro")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Case::new(Subscription::active("a", "pro")).req(req).code(),
+            None
+        );
+    }
+
+    #[test]
+    fn allowance_then_quota() {
+        let free = || Case::new(Subscription::active("a", "free")).req(one_credit());
+        assert_eq!(free().taken(0).code(), None);
+        assert_eq!(free().taken(4).code(), None);
+        match free().taken(5).run() {
+            Decision::Deny(Denial::QuotaExceeded {
+                limit,
+                used,
+                resets_at,
+                ..
+            }) => {
+                assert_eq!((limit, used), (5, 5));
+                assert_eq!(resets_at, Some(NOW.start_of_next_month()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn soft_limit_warns_at_80_percent() {
+        let c = Case::new(Subscription::active("a", "free")).req(one_credit());
+        assert_eq!(c.taken(2).run(), Decision::Allow(vec![]));
+        let c = Case::new(Subscription::active("a", "free")).req(one_credit());
+        assert_eq!(
+            c.taken(3).run(),
+            Decision::Allow(vec![Warning::SoftLimit {
+                meter: Meter::new("requests"),
+                used: 4,
+                limit: 5
+            }])
+        );
+    }
+
+    #[test]
+    fn credit_checks() {
+        let basic = || Case::new(Subscription::active("a", "basic")).req(one_credit());
+        assert_eq!(basic().available(1).code(), None);
+        assert_eq!(
+            basic().available(0).run(),
+            Decision::Deny(Denial::InsufficientCredits {
+                balance: Credits::ZERO,
+                required: Credits::new(1)
+            })
+        );
+    }
+
+    #[test]
+    fn allowance_is_consumed_before_credit() {
+        let hybrid = || Case::new(Subscription::active("a", "hybrid")).req(one_credit());
+        assert_eq!(hybrid().taken(1).available(0).code(), None);
+        assert_eq!(
+            hybrid().taken(2).available(0).code().as_deref(),
+            Some("INSUFFICIENT_CREDITS")
+        );
+        assert_eq!(hybrid().taken(2).available(1).code(), None);
+    }
+
+    #[test]
+    fn absurd_prices_are_refused_not_wrapped() {
+        let req = Requirement::new().cost(Cost::new("requests", u64::MAX, Credits::new(u64::MAX)));
+        let c = Case::new(Subscription::active("a", "basic"))
+            .req(req)
+            .available(u64::MAX);
+        assert_eq!(c.code().as_deref(), Some("INSUFFICIENT_CREDITS"));
+    }
+
+    #[test]
+    fn codes_and_statuses_are_stable() {
+        let all = [
+            (
+                Denial::Unauthenticated(AuthFailure::Missing),
+                401,
+                "UNAUTHENTICATED",
+            ),
+            (
+                Denial::IdempotencyConflict { in_progress: false },
+                409,
+                "IDEMPOTENCY_KEY_REUSED",
+            ),
+            (
+                Denial::IdempotencyConflict { in_progress: true },
+                409,
+                "IDEMPOTENCY_KEY_IN_USE",
+            ),
+            (
+                Denial::Unavailable {
+                    retry_after_secs: 1,
+                },
+                503,
+                "SERVICE_UNAVAILABLE",
+            ),
+            (
+                Denial::PaymentDeclined {
+                    decline_code: "card_declined".into(),
+                },
+                402,
+                "PAYMENT_DECLINED",
+            ),
+            (
+                Denial::SubscriptionPending { plan: None },
+                402,
+                "SUBSCRIPTION_PENDING",
+            ),
+        ];
+        for (d, status, code) in all {
+            assert_eq!(d.status().as_u16(), status);
+            assert_eq!(d.code(), code);
+        }
     }
 }

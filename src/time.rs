@@ -47,7 +47,14 @@ impl Timestamp {
     /// A timestamp from a UTC calendar date and time of day.
     ///
     /// Returns `None` for an impossible date (month 13, February 30, a year before 1970).
-    pub fn from_utc(year: i32, month: u32, day: u32, hour: u32, min: u32, sec: u32) -> Option<Self> {
+    pub fn from_utc(
+        year: i32,
+        month: u32,
+        day: u32,
+        hour: u32,
+        min: u32,
+        sec: u32,
+    ) -> Option<Self> {
         if !(1..=12).contains(&month)
             || day == 0
             || day > days_in_month(year, month)
@@ -200,7 +207,9 @@ impl ManualClock {
     pub fn advance(&self, secs: u64) {
         let _ = self
             .0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| Some(t.saturating_add(secs)));
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_add(secs))
+            });
     }
 }
 

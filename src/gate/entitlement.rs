@@ -53,6 +53,12 @@ impl Entitlement {
     }
 }
 
+/// Marker in the request extensions: the gate let this request through because its route is
+/// public ([`Requirement::public`](crate::decision::Requirement::public)); the metering layer
+/// lets it pass unmetered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublicRoute;
+
 /// Marker in the request extensions: the gate could not reach a store and let the request
 /// through because it is configured to fail open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

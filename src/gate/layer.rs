@@ -119,11 +119,7 @@ impl PaymentGateLayer {
     /// A gate that identifies callers with `resolver`, reads subscriptions from `plans` and
     /// plans from `catalog`. By default every route needs a plan in good standing and has no
     /// cost; add [`route`](Self::route)s and a [`ledger`](Self::ledger) for more.
-    pub fn new(
-        resolver: impl IdentityResolver,
-        plans: impl PlanStore,
-        catalog: Catalog,
-    ) -> Self {
+    pub fn new(resolver: impl IdentityResolver, plans: impl PlanStore, catalog: Catalog) -> Self {
         PaymentGateLayer {
             config: Arc::new(GateConfig {
                 resolver: Arc::new(resolver),

@@ -58,7 +58,7 @@ mod future;
 mod layer;
 mod service;
 
-pub use entitlement::{Entitlement, FailedOpen};
+pub use entitlement::{Entitlement, FailedOpen, PublicRoute};
 pub use future::ResponseFuture;
 pub use layer::{FailureMode, PaymentGateLayer};
 pub use service::PaymentGate;

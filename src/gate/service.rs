@@ -9,7 +9,7 @@ use crate::backend::bounded;
 use crate::decision::{decide, AuthFailure, Decision, DecisionInput, Denial, Requirement};
 use crate::error::{LedgerError, StoreError};
 use crate::gate::future::{Checked, ResponseFuture};
-use crate::gate::{Entitlement, FailureMode, GateConfig, PaymentGateLayer};
+use crate::gate::{Entitlement, FailureMode, GateConfig, PaymentGateLayer, PublicRoute};
 use crate::time::Timestamp;
 
 /// The service made by [`PaymentGateLayer`]. See the [module docs](crate::gate).
@@ -76,8 +76,13 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let requirement = self.config.requirement(req.method(), req.uri().path()).clone();
+        let requirement = self
+            .config
+            .requirement(req.method(), req.uri().path())
+            .clone();
         if requirement.public {
+            let mut req = req;
+            req.extensions_mut().insert(PublicRoute);
             return ResponseFuture::call(self.inner.call(req), Vec::new());
         }
         let now = self.config.clock.now();
@@ -133,7 +138,12 @@ pub(crate) fn log_denial(account: Option<&AccountId>, denial: &Denial) {
     );
 }
 
-fn outage(config: &GateConfig, account: Option<&AccountId>, what: &str, err: &dyn std::error::Error) -> Checked {
+fn outage(
+    config: &GateConfig,
+    account: Option<&AccountId>,
+    what: &str,
+    err: &dyn std::error::Error,
+) -> Checked {
     let account_str = account.map_or("-", AccountId::as_str);
     match config.failure {
         FailureMode::Closed => {
@@ -176,15 +186,18 @@ async fn check(
         Identity::Key(key) => {
             match bounded::<_, StoreError>(config.timeout, config.resolver.resolve(&key)).await {
                 Ok(Some(a)) => a,
-                Ok(None) => return Checked::Deny(Denial::Unauthenticated(AuthFailure::Unknown), None),
+                Ok(None) => {
+                    return Checked::Deny(Denial::Unauthenticated(AuthFailure::Unknown), None)
+                }
                 Err(e) => return outage(&config, None, "identity resolver", &e),
             }
         }
     };
-    let sub = match bounded::<_, StoreError>(config.timeout, config.plans.subscription(&account)).await {
-        Ok(s) => s,
-        Err(e) => return outage(&config, Some(&account), "plan store", &e),
-    };
+    let sub =
+        match bounded::<_, StoreError>(config.timeout, config.plans.subscription(&account)).await {
+            Ok(s) => s,
+            Err(e) => return outage(&config, Some(&account), "plan store", &e),
+        };
     let Some(sub) = sub else {
         if requirement.identify_only {
             return Checked::Allow(Entitlement::new(account));

@@ -86,8 +86,7 @@ impl AccountBook {
                 released = released.checked_add(rec.credits).unwrap_or(released);
                 for (charge, units) in rec.charges.iter().zip(&rec.allowance_units) {
                     if let Some(w) = charge.allowance {
-                        if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start))
-                        {
+                        if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
                             c.held = c.held.saturating_sub(*units);
                         }
                     }
@@ -98,7 +97,10 @@ impl AccountBook {
         }
         // `released` is a sum of parts of `held`, so neither operation can fail.
         self.held = self.held.saturating_sub(released);
-        self.available = self.available.checked_add(released).unwrap_or(self.available);
+        self.available = self
+            .available
+            .checked_add(released)
+            .unwrap_or(self.available);
         self.reservations
             .retain(|_, r| r.state == State::Open || r.touched_at.plus_secs(retention) > now);
         self.deposits
@@ -186,7 +188,10 @@ impl AccountBook {
         }
         // Checked above: credits <= available, and held + credits <= deposited.
         self.available = self.available.saturating_sub(credits);
-        self.held = self.held.checked_add(credits).ok_or(LedgerError::AmountOutOfRange)?;
+        self.held = self
+            .held
+            .checked_add(credits)
+            .ok_or(LedgerError::AmountOutOfRange)?;
         let mut allowance_left = Vec::with_capacity(req.charges.len());
         for (charge, units) in req.charges.iter().zip(&allowance_units) {
             match charge.allowance {
@@ -199,7 +204,8 @@ impl AccountBook {
                             ..Counter::default()
                         });
                     c.held = c.held.saturating_add(*units);
-                    allowance_left.push(Some(w.limit.saturating_sub(c.used.saturating_add(c.held))));
+                    allowance_left
+                        .push(Some(w.limit.saturating_sub(c.used.saturating_add(c.held))));
                 }
                 None => allowance_left.push(None),
             }
@@ -264,7 +270,9 @@ impl AccountBook {
                 Err(Denial::QuotaExceeded { .. }) => {
                     // No overage on this plan: consume what is left of the allowance and
                     // record the rest as a shortfall.
-                    let free = charge.allowance.map_or(0, |w| w.limit.saturating_sub(taken));
+                    let free = charge
+                        .allowance
+                        .map_or(0, |w| w.limit.saturating_sub(taken));
                     let within = units.min(free);
                     (within, Credits::ZERO, units - within)
                 }
@@ -343,7 +351,10 @@ impl AccountBook {
             }
         }
         self.held = self.held.saturating_sub(credits);
-        self.available = self.available.checked_add(credits).unwrap_or(self.available);
+        self.available = self
+            .available
+            .checked_add(credits)
+            .unwrap_or(self.available);
         Ok(())
     }
 

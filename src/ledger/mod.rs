@@ -99,8 +99,8 @@ mod types;
 
 pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
 pub use types::{
-    AllowanceUsage, Balance, Charge, Deposit, OverEstimate, Replay, ReserveOutcome,
-    ReserveRequest, Reservation, ReservationId, Settlement, Shortfall, Usage,
+    AllowanceUsage, Balance, Charge, Deposit, OverEstimate, Replay, Reservation, ReservationId,
+    ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,
 };
 
 use std::sync::Arc;

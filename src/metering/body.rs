@@ -47,7 +47,9 @@ async fn run(config: Arc<MeterConfig>, id: ReservationId, action: Action) {
     match action {
         Action::Release => {
             match bounded::<_, LedgerError>(config.timeout, config.ledger.release(&id, now)).await {
-                Ok(()) => tracing::debug!(target: "tower_402::metering", account, "reservation released"),
+                Ok(()) => {
+                    tracing::debug!(target: "tower_402::metering", account, "reservation released")
+                }
                 Err(e) => tracing::error!(
                     target: "tower_402::metering",
                     account,

@@ -13,7 +13,7 @@ use crate::decision::Denial;
 use crate::error::LedgerError;
 use crate::gate::log_denial;
 use crate::gate::FailureMode;
-use crate::ledger::{Replay, ReserveOutcome, ReserveRequest, Reservation, Usage};
+use crate::ledger::{Replay, Reservation, ReserveOutcome, ReserveRequest, Usage};
 use crate::metering::body::{Action, Guard};
 use crate::metering::{MeterConfig, MeteredBody, ReportedUsage};
 use crate::problem::denial_response;
@@ -104,9 +104,8 @@ where
         let ledger = config.ledger.clone();
         let timeout = config.timeout;
         let to_reserve = request.clone();
-        let reserve: ReserveFuture = Box::pin(async move {
-            bounded(timeout, ledger.reserve(&to_reserve)).await
-        });
+        let reserve: ReserveFuture =
+            Box::pin(async move { bounded(timeout, ledger.reserve(&to_reserve)).await });
         ResponseFuture {
             state: State::Reserving {
                 reserve,
@@ -251,9 +250,9 @@ where
                         add_headers(&mut res, &ticket);
                         ticket.guard.on_drop = Action::Settle(usage);
                         let guard = ticket.guard;
-                        return Poll::Ready(Ok(res.map(|b| {
-                            MeteredBody::metered(ResponseBody::inner(b), guard)
-                        })));
+                        return Poll::Ready(Ok(
+                            res.map(|b| MeteredBody::metered(ResponseBody::inner(b), guard))
+                        ));
                     }
                 }
                 StateProj::Releasing { release, response } => {
@@ -261,9 +260,9 @@ where
                     let Some(res) = response.take() else {
                         panic!("metering future polled after completion");
                     };
-                    return Poll::Ready(Ok(
-                        res.map(|b| MeteredBody::plain(ResponseBody::inner(b)))
-                    ));
+                    return Poll::Ready(
+                        Ok(res.map(|b| MeteredBody::plain(ResponseBody::inner(b)))),
+                    );
                 }
                 StateProj::Refused {
                     denial,

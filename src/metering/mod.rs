@@ -61,6 +61,6 @@ mod service;
 pub use body::MeteredBody;
 pub use future::ResponseFuture;
 pub use layer::MeteringLayer;
-pub use service::{Metering, ReportedUsage};
+pub use service::{idempotency_key, Metering, ReportedUsage, MAX_IDEMPOTENCY_KEY_LEN};
 
 pub(crate) use layer::MeterConfig;

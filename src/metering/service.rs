@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use crate::account::AccountId;
 use crate::decision::Denial;
-use crate::gate::{Entitlement, FailedOpen};
+use crate::gate::{Entitlement, FailedOpen, PublicRoute};
 use crate::ledger::{ReserveRequest, Usage};
 use crate::metering::future::ResponseFuture;
 use crate::metering::{MeterConfig, MeteringLayer};
@@ -75,8 +75,24 @@ impl ReportedUsage {
 /// The longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
-/// Reads `Idempotency-Key`: absent, valid, or a 400.
-pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
+/// Reads and validates the `Idempotency-Key` header.
+///
+/// `Ok(None)` when absent; `Ok(Some(key))` for 1 to 255 characters of visible ASCII (spaces
+/// allowed inside, surrounding quotes of the structured-field form removed); otherwise the
+/// `400 INVALID_IDEMPOTENCY_KEY` denial to answer with. Use it in your own handlers (a top-up
+/// endpoint) to validate keys exactly as the metering layer does.
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_402::metering::idempotency_key;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("idempotency-key", "order-42".parse().unwrap());
+/// assert_eq!(idempotency_key(&headers).unwrap(), Some("order-42"));
+/// headers.insert("idempotency-key", "".parse().unwrap());
+/// assert_eq!(idempotency_key(&headers).unwrap_err().code(), "INVALID_IDEMPOTENCY_KEY");
+/// ```
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
     let mut values = headers.get_all("idempotency-key").iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -156,6 +172,9 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = self.config.clone();
         let now = config.clock.now();
+        if req.extensions().get::<PublicRoute>().is_some() {
+            return ResponseFuture::unmetered(self.inner.call(req));
+        }
         let entitlement = match req.extensions().get::<Entitlement>() {
             Some(e) => e.clone(),
             None => match req.extensions().get::<AccountId>() {

@@ -80,11 +80,17 @@ impl Period {
         match self {
             Period::Hour => {
                 let start = t - t % 3600;
-                (Timestamp::from_unix(start), Timestamp::from_unix(start + 3600))
+                (
+                    Timestamp::from_unix(start),
+                    Timestamp::from_unix(start + 3600),
+                )
             }
             Period::Day => {
                 let start = t - t % 86_400;
-                (Timestamp::from_unix(start), Timestamp::from_unix(start + 86_400))
+                (
+                    Timestamp::from_unix(start),
+                    Timestamp::from_unix(start + 86_400),
+                )
             }
             Period::CalendarMonth => (now.start_of_month(), now.start_of_next_month()),
         }

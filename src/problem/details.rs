@@ -195,7 +195,12 @@ impl ProblemDetails {
                 m.insert("balance".into(), balance.get().into());
                 m.insert("required".into(), required.get().into());
                 link(&mut m, "top_up_url", &links.top_up);
-                format!("This request costs {required} credits but the balance is {balance}.")
+                let unit = if required.get() == 1 {
+                    "credit"
+                } else {
+                    "credits"
+                };
+                format!("This request costs {required} {unit} but the balance is {balance}.")
             }
             Denial::QuotaExceeded {
                 meter,
@@ -290,9 +295,9 @@ impl ProblemDetails {
                  has completed."
                     .to_owned()
             }
-            Denial::Unavailable { retry_after_secs } => format!(
-                "Billing is temporarily unavailable; retry in {retry_after_secs} seconds."
-            ),
+            Denial::Unavailable { retry_after_secs } => {
+                format!("Billing is temporarily unavailable; retry in {retry_after_secs} seconds.")
+            }
             Denial::Custom(c) => {
                 m.extend(c.members.iter().map(|(k, v)| (k.clone(), v.clone())));
                 c.detail.clone()

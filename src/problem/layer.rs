@@ -122,8 +122,10 @@ fn accepts_json(headers: &HeaderMap) -> bool {
             let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
             let refused = parts.any(|p| {
                 let p = p.trim();
-                p.strip_prefix("q=")
-                    .is_some_and(|q| q.trim().trim_end_matches('0').trim_end_matches('.') == "0")
+                p.strip_prefix("q=").is_some_and(|q| {
+                    let q = q.trim();
+                    !q.is_empty() && q.chars().all(|c| c == '0' || c == '.')
+                })
             });
             if refused {
                 continue;
@@ -203,7 +205,11 @@ where
     }
 }
 
-fn render<B>(res: Response<B>, facts: &RequestFacts, config: &ProblemConfig) -> Response<ResponseBody<B>> {
+fn render<B>(
+    res: Response<B>,
+    facts: &RequestFacts,
+    config: &ProblemConfig,
+) -> Response<ResponseBody<B>> {
     let status = res.status();
     let problem = if let Some(denial) = res.extensions().get::<Arc<Denial>>() {
         // A refusal from the gate or the metering layer: re-render with our links.
@@ -248,7 +254,9 @@ fn render<B>(res: Response<B>, facts: &RequestFacts, config: &ProblemConfig) -> 
             .insert("request_id".into(), id.clone().into());
     }
     if let Some(trace) = &facts.trace_id {
-        problem.members.insert("trace_id".into(), trace.clone().into());
+        problem
+            .members
+            .insert("trace_id".into(), trace.clone().into());
     }
     let (mut parts, _dropped) = res.into_parts();
     set_problem_headers(&mut parts.headers);
@@ -283,7 +291,10 @@ mod tests {
         assert!(accepts_json(&h));
         h.insert(ACCEPT, HeaderValue::from_static("text/html"));
         assert!(!accepts_json(&h));
-        h.insert(ACCEPT, HeaderValue::from_static("text/html, application/json;q=0.5"));
+        h.insert(
+            ACCEPT,
+            HeaderValue::from_static("text/html, application/json;q=0.5"),
+        );
         assert!(accepts_json(&h));
         h.insert(ACCEPT, HeaderValue::from_static("application/json;q=0"));
         assert!(!accepts_json(&h));

@@ -57,10 +57,9 @@ impl MemoryLedger {
     }
 
     fn shard(&self, account: &AccountId) -> MutexGuard<'_, HashMap<AccountId, AccountBook>> {
-        let h = account
-            .as_str()
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
+        let h = account.as_str().bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
         // A panic while holding the lock cannot leave a book half-updated: every operation
         // validates before it mutates. So a poisoned lock is safe to keep using.
         self.shards[h % SHARDS]
