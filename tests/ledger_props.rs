@@ -1,0 +1,333 @@
+//! Property tests of the ledger state machine: conservation, no overspend and idempotency over
+//! random operation sequences.
+
+use proptest::prelude::*;
+use tower_402::ledger::*;
+use tower_402::plan::{AllowanceWindow, Meter};
+use tower_402::{AccountId, Credits, LedgerError, Timestamp};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Deposit {
+        key: u8,
+        amount: u64,
+    },
+    Reserve {
+        key: u8,
+        fp: u8,
+        units: u64,
+        price: u64,
+        allowance: bool,
+    },
+    Settle {
+        key: u8,
+        units: u64,
+        cap: bool,
+    },
+    Release {
+        key: u8,
+    },
+    Advance {
+        secs: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..4, 0u64..60).prop_map(|(key, amount)| Op::Deposit { key, amount }),
+        (0u8..8, 0u8..2, 0u64..12, 0u64..6, any::<bool>()).prop_map(
+            |(key, fp, units, price, allowance)| Op::Reserve {
+                key,
+                fp,
+                units,
+                price,
+                allowance
+            }
+        ),
+        (0u8..8, 0u64..20, any::<bool>()).prop_map(|(key, units, cap)| Op::Settle {
+            key,
+            units,
+            cap
+        }),
+        (0u8..8).prop_map(|key| Op::Release { key }),
+        (0u64..200).prop_map(|secs| Op::Advance { secs }),
+    ]
+}
+
+const TTL: u64 = 300;
+
+fn window(now: Timestamp) -> AllowanceWindow {
+    let start = now.unix() - now.unix() % 1000;
+    AllowanceWindow {
+        limit: 10,
+        start: Timestamp::from_unix(start),
+        resets_at: Timestamp::from_unix(start + 1000),
+    }
+}
+
+fn reserve_request(
+    key: u8,
+    fp: u8,
+    units: u64,
+    price: u64,
+    allowance: bool,
+    now: Timestamp,
+) -> ReserveRequest {
+    ReserveRequest {
+        account: AccountId::new("acme"),
+        key: format!("r{key}"),
+        fingerprint: u64::from(fp),
+        charges: vec![Charge {
+            meter: Meter::new("units"),
+            units,
+            unit_price: Credits::new(price),
+            allowance: allowance.then(|| window(now)),
+            overage: true,
+        }],
+        ttl_secs: TTL,
+        now,
+    }
+}
+
+fn check(book: &mut AccountBook, now: Timestamp, deposited: u64) {
+    let b = book.balance(now);
+    let sum = b.available.get() + b.held.get() + b.settled.get();
+    assert_eq!(b.deposited.get(), sum, "conservation: {b:?}");
+    assert_eq!(b.deposited.get(), deposited, "deposits counted once: {b:?}");
+    assert!(b.settled.get() <= deposited, "overspend: {b:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn conservation_and_idempotency(ops in prop::collection::vec(op(), 1..120)) {
+        let mut book = AccountBook::default();
+        let mut now = Timestamp::from_unix(1_000_000);
+        let mut deposits: std::collections::HashMap<u8, u64> = Default::default();
+        for op in ops {
+            match op {
+                Op::Deposit { key, amount } => {
+                    let k = format!("d{key}");
+                    let r = book.deposit(Credits::new(amount), &k, now);
+                    match (r, deposits.get(&key)) {
+                        (Ok(d), None) => {
+                            prop_assert!(d.applied);
+                            deposits.insert(key, amount);
+                        }
+                        (Ok(d), Some(earlier)) => {
+                            prop_assert!(!d.applied);
+                            prop_assert_eq!(*earlier, amount);
+                        }
+                        (Err(LedgerError::AmountOutOfRange), _) => prop_assert_eq!(amount, 0),
+                        (Err(LedgerError::KeyConflict), Some(earlier)) => {
+                            prop_assert_ne!(*earlier, amount)
+                        }
+                        (Err(e), _) => prop_assert!(false, "deposit: {e}"),
+                    }
+                }
+                Op::Reserve { key, fp, units, price, allowance } => {
+                    let req = reserve_request(key, fp, units, price, allowance, now);
+                    let before = book.balance(now);
+                    let first = book.reserve(&req);
+                    let after = book.balance(now);
+                    if let Ok(ReserveOutcome::Reserved(r)) = &first {
+                        prop_assert!(r.credits <= before.available, "reserved more than available");
+                        // A retry changes nothing and is reported as in progress.
+                        let again = book.reserve(&req).unwrap();
+                        prop_assert_eq!(again, ReserveOutcome::Replayed(Replay::InProgress));
+                        prop_assert_eq!(book.balance(now), after);
+                    }
+                    if let Ok(ReserveOutcome::Denied(_)) | Err(_) = &first {
+                        prop_assert_eq!(before, after, "a refusal changes nothing");
+                    }
+                }
+                Op::Settle { key, units, cap } => {
+                    let policy = if cap { OverEstimate::CapAtHold } else { OverEstimate::DrawBalance };
+                    let before = book.balance(now);
+                    match book.settle(&format!("r{key}"), &[Usage::new("units", units)], policy, now) {
+                        Ok(s) => {
+                            let after = book.balance(now);
+                            prop_assert_eq!(after.settled.get(), before.settled.get() + s.charged.get());
+                            prop_assert_eq!(s.available_after, after.available);
+                            // Settling twice is refused.
+                            let key = format!("r{key}");
+                            let twice = book.settle(&key, &[], policy, now);
+                            prop_assert!(matches!(twice, Err(LedgerError::AlreadySettled)));
+                        }
+                        Err(LedgerError::UnknownReservation)
+                        | Err(LedgerError::AlreadySettled)
+                        | Err(LedgerError::AlreadyReleased) => {
+                            prop_assert_eq!(before, book.balance(now));
+                        }
+                        Err(e) => prop_assert!(false, "settle: {e}"),
+                    }
+                }
+                Op::Release { key } => {
+                    let _ = book.release(&format!("r{key}"), now);
+                }
+                Op::Advance { secs } => now = now.plus_secs(secs),
+            }
+            check(&mut book, now, deposits.values().sum());
+        }
+        // Every hold comes back once its reservation expires.
+        now = now.plus_secs(TTL);
+        let b = book.balance(now);
+        prop_assert_eq!(b.held, Credits::ZERO);
+        prop_assert_eq!(book.open_reservations(), 0);
+        check(&mut book, now, deposits.values().sum());
+    }
+}
+
+#[test]
+fn settle_below_estimate_returns_the_rest() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    book.deposit(Credits::new(100), "d", now).unwrap();
+    let req = reserve_request(1, 0, 10, 2, false, now);
+    assert!(
+        matches!(book.reserve(&req).unwrap(), ReserveOutcome::Reserved(r) if r.credits == Credits::new(20))
+    );
+    let s = book
+        .settle(
+            "r1",
+            &[Usage::new("units", 3)],
+            OverEstimate::DrawBalance,
+            now,
+        )
+        .unwrap();
+    assert_eq!(s.charged, Credits::new(6));
+    assert_eq!(book.balance(now).available, Credits::new(94));
+}
+
+#[test]
+fn settle_above_estimate_draws_or_caps_and_reports_the_shortfall() {
+    let now = Timestamp::from_unix(1_000_000);
+    for (policy, charged, shortfall, available) in [
+        (OverEstimate::DrawBalance, 12, 0, 18),
+        (OverEstimate::CapAtHold, 4, 8, 26),
+    ] {
+        let mut book = AccountBook::default();
+        book.deposit(Credits::new(30), "d", now).unwrap();
+        book.reserve(&reserve_request(1, 0, 2, 2, false, now))
+            .unwrap();
+        let s = book
+            .settle("r1", &[Usage::new("units", 6)], policy, now)
+            .unwrap();
+        assert_eq!(s.charged.get(), charged, "{policy:?}");
+        assert_eq!(s.shortfall.credits.get(), shortfall, "{policy:?}");
+        assert_eq!(book.balance(now).available.get(), available, "{policy:?}");
+    }
+    // Drawing stops at zero: never negative, the rest is a shortfall.
+    let mut book = AccountBook::default();
+    book.deposit(Credits::new(5), "d", now).unwrap();
+    book.reserve(&reserve_request(1, 0, 1, 2, false, now))
+        .unwrap();
+    let s = book
+        .settle(
+            "r1",
+            &[Usage::new("units", 100)],
+            OverEstimate::DrawBalance,
+            now,
+        )
+        .unwrap();
+    assert_eq!(s.charged, Credits::new(5));
+    assert_eq!(s.shortfall.credits, Credits::new(195));
+    assert_eq!(book.balance(now).available, Credits::ZERO);
+}
+
+#[test]
+fn expiry_releases_and_a_late_settlement_still_charges_what_is_there() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    book.deposit(Credits::new(10), "d", now).unwrap();
+    book.reserve(&reserve_request(1, 0, 4, 1, false, now))
+        .unwrap();
+    assert_eq!(book.balance(now).held, Credits::new(4));
+    let later = now.plus_secs(TTL);
+    assert_eq!(book.balance(later).held, Credits::ZERO);
+    assert_eq!(book.balance(later).available, Credits::new(10));
+    let s = book
+        .settle(
+            "r1",
+            &[Usage::new("units", 4)],
+            OverEstimate::DrawBalance,
+            later,
+        )
+        .unwrap();
+    assert_eq!(s.charged, Credits::new(4));
+    assert_eq!(book.balance(later).available, Credits::new(6));
+}
+
+#[test]
+fn a_released_reservation_can_be_retried_under_the_same_key() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    book.deposit(Credits::new(10), "d", now).unwrap();
+    let req = reserve_request(1, 0, 4, 1, false, now);
+    book.reserve(&req).unwrap();
+    book.release("r1", now).unwrap();
+    assert!(matches!(
+        book.reserve(&req).unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    book.settle(
+        "r1",
+        &[Usage::new("units", 4)],
+        OverEstimate::DrawBalance,
+        now,
+    )
+    .unwrap();
+    // After settlement a retry is a replay, charged nothing more.
+    assert!(matches!(
+        book.reserve(&req).unwrap(),
+        ReserveOutcome::Replayed(Replay::Completed(s)) if s.charged == Credits::new(4)
+    ));
+    assert_eq!(book.balance(now).available, Credits::new(6));
+    // Another request under the same key is a conflict.
+    let other = reserve_request(1, 1, 4, 1, false, now);
+    assert!(matches!(
+        book.reserve(&other),
+        Err(LedgerError::KeyConflict)
+    ));
+}
+
+#[test]
+fn allowance_is_used_before_credit_and_refunded_on_release() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    book.deposit(Credits::new(10), "d", now).unwrap();
+    // 12 units against an allowance of 10: 10 from the allowance, 2 × 3 credits.
+    let r = match book
+        .reserve(&reserve_request(1, 0, 12, 3, true, now))
+        .unwrap()
+    {
+        ReserveOutcome::Reserved(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(r.allowance_units, vec![10]);
+    assert_eq!(r.credits, Credits::new(6));
+    book.release("r1", now).unwrap();
+    let w = window(now);
+    assert_eq!(
+        book.allowance_usage(&Meter::new("units"), w.start, now)
+            .taken(),
+        0
+    );
+    assert_eq!(book.balance(now).available, Credits::new(10));
+}
+
+#[test]
+fn amounts_beyond_exact_range_are_refused() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    assert!(matches!(
+        book.deposit(Credits::new(Credits::MAX_EXACT.get() + 1), "d", now),
+        Err(LedgerError::AmountOutOfRange)
+    ));
+    book.deposit(Credits::MAX_EXACT, "d1", now).unwrap();
+    assert!(matches!(
+        book.deposit(Credits::new(1), "d2", now),
+        Err(LedgerError::AmountOutOfRange)
+    ));
+}
