@@ -1,0 +1,210 @@
+//! PaymentGateLayer beyond the quickstart: identity from extensions, features, no
+//! subscription, outages (fail-closed and fail-open), custom denials, and logs without secrets.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::routing::get;
+use axum::Router;
+use common::{request, send};
+use http::{Method, StatusCode};
+use tower::ServiceBuilder;
+use tower_402::decision::{CustomDenial, Requirement};
+use tower_402::plan::{Catalog, Plan, PlanStore, Subscription};
+use tower_402::*;
+
+struct DownStore;
+
+fn refused() -> StoreError {
+    StoreError::unavailable(std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        "connection refused (10.0.0.7:5432, internal)",
+    ))
+}
+
+#[async_trait]
+impl PlanStore for DownStore {
+    async fn subscription(&self, _: &AccountId) -> Result<Option<Subscription>, StoreError> {
+        Err(refused())
+    }
+    async fn put_subscription(&self, _: Subscription) -> Result<(), StoreError> {
+        Err(refused())
+    }
+}
+
+fn catalog() -> Catalog {
+    Catalog::new()
+        .with_plan(Plan::new("basic", "Basic", 1).overage(true))
+        .with_plan(Plan::new("pro", "Pro", 2).feature("gpu"))
+}
+
+fn keys() -> StaticKeys {
+    StaticKeys::new().with_key("sk_live_TOPSECRET", "acme")
+}
+
+fn app(gate: PaymentGateLayer) -> Router {
+    router().layer(
+        ServiceBuilder::new()
+            .layer(ProblemDetailsLayer::default())
+            .layer(gate),
+    )
+}
+
+fn metered_app(gate: PaymentGateLayer, metering: MeteringLayer) -> Router {
+    router().layer(
+        ServiceBuilder::new()
+            .layer(ProblemDetailsLayer::default())
+            .layer(gate)
+            .layer(metering),
+    )
+}
+
+fn router() -> Router {
+    Router::new().route(
+        "/",
+        get(|e: Option<axum::Extension<Entitlement>>| async move {
+            e.map_or("anonymous".to_owned(), |e| e.account.to_string())
+        }),
+    )
+}
+
+#[tokio::test]
+async fn an_account_from_an_earlier_auth_layer_skips_the_key() {
+    let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
+    let gate = PaymentGateLayer::new(keys(), plans, catalog());
+    let app = app(gate).layer(axum::middleware::from_fn(
+        |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
+            req.extensions_mut().insert(AccountId::new("acme"));
+            next.run(req).await
+        },
+    ));
+    let a = send(&app, request(Method::GET, "/", &[], "")).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, "acme");
+}
+
+#[tokio::test]
+async fn feature_requirements() {
+    let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
+    let gate = PaymentGateLayer::new(keys(), plans, catalog())
+        .default_requirement(Requirement::new().feature("gpu"));
+    let a = common::get(&app(gate), "/", "sk_live_TOPSECRET").await;
+    let doc = a.problem(402, "PLAN_UPGRADE_REQUIRED");
+    assert_eq!(doc["required_feature"], "gpu");
+    assert_eq!(doc["required_plan"], "pro");
+}
+
+#[tokio::test]
+async fn a_known_account_without_a_subscription_is_pending() {
+    let gate = PaymentGateLayer::new(keys(), MemoryPlanStore::new(), catalog());
+    let a = common::get(&app(gate), "/", "sk_live_TOPSECRET").await;
+    a.problem(402, "SUBSCRIPTION_PENDING");
+}
+
+#[tokio::test]
+async fn store_outage_fails_closed_with_503_and_no_internal_text() {
+    let gate = PaymentGateLayer::new(keys(), DownStore, catalog());
+    let a = common::get(&app(gate), "/", "sk_live_TOPSECRET").await;
+    let doc = a.problem(503, "SERVICE_UNAVAILABLE");
+    assert_eq!(a.header("retry-after"), Some("5"));
+    assert!(!doc.to_string().contains("10.0.0.7"), "{doc}");
+}
+
+#[tokio::test]
+async fn store_outage_fails_open_when_configured() {
+    let gate = PaymentGateLayer::new(keys(), DownStore, catalog()).failure_mode(FailureMode::Open);
+    let a = common::get(&app(gate), "/", "sk_live_TOPSECRET").await;
+    assert_eq!(a.status, StatusCode::OK);
+    // Still no entry without a valid key, even failing open.
+    let gate = PaymentGateLayer::new(keys(), DownStore, catalog()).failure_mode(FailureMode::Open);
+    let a = common::get(&app(gate), "/", "nope").await;
+    a.problem(401, "UNAUTHENTICATED");
+}
+
+#[tokio::test]
+async fn custom_denials_render_like_built_in_ones() {
+    let app = Router::new().route(
+        "/",
+        get(|| async {
+            Denial::Custom(Box::new(
+                CustomDenial::new(
+                    StatusCode::PAYMENT_REQUIRED,
+                    "BUDGET_EXHAUSTED",
+                    "Department budget exhausted",
+                    "Research has spent its Q4 budget.",
+                )
+                .member("budget_resets_at", "2027-01-01T00:00:00Z"),
+            ))
+        }),
+    );
+    let app = app.layer(ProblemDetailsLayer::new(
+        tower_402::problem::ProblemConfig::new().type_base("https://docs.example.com/p/"),
+    ));
+    let a = send(&app, request(Method::GET, "/", &[], "")).await;
+    let doc = a.problem(402, "BUDGET_EXHAUSTED");
+    assert_eq!(doc["type"], "https://docs.example.com/p/budget-exhausted");
+    assert_eq!(doc["title"], "Department budget exhausted");
+    assert_eq!(doc["budget_resets_at"], "2027-01-01T00:00:00Z");
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_decision_is_logged_with_account_rule_and_code_and_never_the_key() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
+    let ledger = MemoryLedger::new();
+    let gate = PaymentGateLayer::new(keys(), plans, catalog())
+        .ledger(ledger.clone())
+        .default_requirement(Requirement::new().cost(tower_402::decision::Cost::new(
+            "requests",
+            1,
+            Credits::new(1),
+        )));
+    let app = metered_app(gate, MeteringLayer::new(ledger));
+    common::get(&app, "/", "sk_live_TOPSECRET").await;
+    common::get(&app, "/", "sk_live_WRONGSECRET").await;
+    send(
+        &app,
+        request(
+            Method::GET,
+            "/",
+            &[("authorization", "Basic c2tfbGl2ZV9UT1BTRUNSRVQ=")],
+            "",
+        ),
+    )
+    .await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("account=\"acme\""), "{logs}");
+    assert!(logs.contains("rule=\"credit\""), "{logs}");
+    assert!(logs.contains("code=\"INSUFFICIENT_CREDITS\""), "{logs}");
+    assert!(logs.contains("rule=\"identity\""), "{logs}");
+    assert!(!logs.contains("SECRET"), "a key reached the logs:\n{logs}");
+    assert!(
+        !logs.contains("c2tfbGl2ZV9"),
+        "a credential reached the logs:\n{logs}"
+    );
+}

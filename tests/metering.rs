@@ -1,0 +1,365 @@
+//! MeteringLayer: reserve, run, settle on billable responses, release on failures, charge an
+//! idempotent retry once, never leak a reservation.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Path;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Extension, Router};
+use bytes::Bytes;
+use common::{request, send};
+use http::Method;
+use http_body_util::BodyExt;
+use tokio::sync::Notify;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_402::decision::{Cost, Requirement};
+use tower_402::ledger::OverEstimate;
+use tower_402::plan::{Catalog, Plan, Subscription};
+use tower_402::*;
+
+const START: Timestamp = Timestamp::from_unix(1_790_000_000);
+
+struct Setup {
+    ledger: MemoryLedger,
+    clock: ManualClock,
+    release_handler: Arc<Notify>,
+    entered_handler: Arc<Notify>,
+}
+
+impl Setup {
+    async fn new(credits: u64) -> Self {
+        let ledger = MemoryLedger::new();
+        ledger
+            .deposit(&"acme".into(), Credits::new(credits), "seed", START)
+            .await
+            .unwrap();
+        Setup {
+            ledger,
+            clock: ManualClock::new(START),
+            release_handler: Arc::new(Notify::new()),
+            entered_handler: Arc::new(Notify::new()),
+        }
+    }
+
+    fn app(&self, metering: impl FnOnce(MeteringLayer) -> MeteringLayer) -> Router {
+        let catalog = Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true));
+        let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
+        let keys = StaticKeys::new().with_key("sk_live_SECRET123", "acme");
+        let entered = self.entered_handler.clone();
+        let release = self.release_handler.clone();
+        Router::new()
+            .route("/ok", get(|| async { "ok" }))
+            .route(
+                "/status/{code}",
+                get(|Path(code): Path<u16>| async move {
+                    (
+                        StatusCode::from_u16(code).unwrap(),
+                        "internal detail: db password wrong",
+                    )
+                }),
+            )
+            .route(
+                "/report/{n}",
+                get(|Path(n): Path<u64>| async move {
+                    (Extension(ReportedUsage::units("units", n)), "reported")
+                }),
+            )
+            .route(
+                "/stream",
+                get(|| async {
+                    let chunks = (0..4)
+                        .map(|i| Ok::<_, std::io::Error>(Bytes::from(format!("chunk {i}\n"))));
+                    Body::from_stream(futures_util::stream::iter(chunks.collect::<Vec<_>>()))
+                }),
+            )
+            .route(
+                "/slow",
+                get(move || async move {
+                    entered.notify_one();
+                    release.notified().await;
+                    "slow"
+                }),
+            )
+            .layer(
+                ServiceBuilder::new()
+                    .layer(ProblemDetailsLayer::default())
+                    .layer(
+                        PaymentGateLayer::new(keys, plans, catalog)
+                            .ledger(self.ledger.clone())
+                            .clock(self.clock.clone())
+                            .default_requirement(Requirement::new().cost(Cost::new(
+                                "units",
+                                5,
+                                Credits::new(2),
+                            ))),
+                    )
+                    .layer(metering(
+                        MeteringLayer::new(self.ledger.clone()).clock(self.clock.clone()),
+                    )),
+            )
+    }
+
+    async fn available(&self) -> u64 {
+        self.ledger
+            .balance(&"acme".into(), self.clock.now())
+            .await
+            .unwrap()
+            .available
+            .get()
+    }
+
+    fn open(&self) -> usize {
+        self.ledger
+            .open_reservations(&"acme".into(), self.clock.now())
+    }
+
+    /// Lets spawned settlement tasks run (current-thread runtime: they run when we yield).
+    async fn drain(&self) {
+        for _ in 0..100 {
+            if self.open() == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("reservation still open");
+    }
+}
+
+const KEY: &str = "sk_live_SECRET123";
+
+async fn call(app: &Router, uri: &str, headers: &[(&str, &str)]) -> common::Answer {
+    let mut h = vec![("x-api-key", KEY)];
+    h.extend_from_slice(headers);
+    send(app, request(Method::GET, uri, &h, "")).await
+}
+
+#[tokio::test]
+async fn a_billable_response_is_charged_the_estimate() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    let a = call(&app, "/ok", &[]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("x-credits-remaining"), Some("90"));
+    assert_eq!(s.available().await, 90);
+    assert_eq!(s.open(), 0);
+}
+
+#[tokio::test]
+async fn server_errors_are_released_and_their_text_never_reaches_the_client() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    for code in [500, 502, 503] {
+        let a = call(&app, &format!("/status/{code}"), &[]).await;
+        assert_eq!(a.status.as_u16(), code);
+        assert!(!String::from_utf8_lossy(&a.body).contains("password"));
+        a.problem(code, a.json()["code"].as_str().unwrap());
+    }
+    assert_eq!(s.available().await, 100);
+    assert_eq!(s.open(), 0);
+}
+
+#[tokio::test]
+async fn client_errors_are_released_unless_configured_billable() {
+    let s = Setup::new(100).await;
+    let a = call(&s.app(|m| m), "/status/422", &[]).await;
+    assert_eq!(a.status, 422);
+    assert_eq!(s.available().await, 100);
+    let a = call(&s.app(|m| m.bill_client_errors(true)), "/status/422", &[]).await;
+    assert_eq!(a.status, 422);
+    assert_eq!(s.available().await, 90);
+}
+
+#[tokio::test]
+async fn reported_usage_is_settled_instead_of_the_estimate() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    call(&app, "/report/2", &[]).await;
+    assert_eq!(s.available().await, 96, "2 units × 2 credits");
+    call(&app, "/report/8", &[]).await;
+    assert_eq!(
+        s.available().await,
+        80,
+        "8 units × 2 credits, 6 beyond the hold drawn"
+    );
+    let capped = s.app(|m| m.over_estimate(OverEstimate::CapAtHold));
+    call(&capped, "/report/8", &[]).await;
+    assert_eq!(s.available().await, 70, "capped at the 10 credits held");
+    call(&app, "/report/0", &[]).await;
+    assert_eq!(s.available().await, 70);
+}
+
+#[tokio::test]
+async fn insufficient_credit_is_refused_before_the_handler_runs() {
+    let s = Setup::new(9).await;
+    let a = call(&s.app(|m| m), "/ok", &[]).await;
+    let doc = a.problem(402, "INSUFFICIENT_CREDITS");
+    assert_eq!(doc["balance"], 9);
+    assert_eq!(doc["required"], 10);
+}
+
+#[tokio::test]
+async fn an_idempotent_retry_is_charged_once() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    let first = call(&app, "/ok", &[("idempotency-key", "retry-1")]).await;
+    assert_eq!(first.status, 200);
+    let retry = call(&app, "/ok", &[("idempotency-key", "retry-1")]).await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(s.available().await, 90);
+    // The same key on another request is a conflict.
+    let other = call(&app, "/report/1", &[("idempotency-key", "retry-1")]).await;
+    other.problem(409, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(s.available().await, 90);
+}
+
+#[tokio::test]
+async fn a_retry_after_a_refund_is_a_fresh_attempt() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    let a = call(&app, "/status/500", &[("idempotency-key", "k")]).await;
+    assert_eq!(a.status, 500);
+    assert_eq!(s.available().await, 100);
+    let a = call(&app, "/status/500", &[("idempotency-key", "k")]).await;
+    assert_eq!(a.status, 500);
+    assert_eq!(s.available().await, 100);
+}
+
+#[tokio::test]
+async fn malformed_idempotency_keys_are_400() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    let long = "x".repeat(256);
+    for key in ["", long.as_str(), "\"\""] {
+        call(&app, "/ok", &[("idempotency-key", key)])
+            .await
+            .problem(400, "INVALID_IDEMPOTENCY_KEY");
+    }
+    assert_eq!(s.available().await, 100);
+}
+
+#[tokio::test]
+async fn a_concurrent_duplicate_is_409_in_use() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, "/slow", &[("idempotency-key", "dup")]).await }
+    });
+    s.entered_handler.notified().await;
+    let dup = call(&app, "/slow", &[("idempotency-key", "dup")]).await;
+    dup.problem(409, "IDEMPOTENCY_KEY_IN_USE");
+    s.release_handler.notify_one();
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(s.available().await, 90);
+}
+
+#[tokio::test]
+async fn a_body_dropped_mid_stream_is_settled_not_leaked() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    let res = app
+        .clone()
+        .oneshot(request(Method::GET, "/stream", &[("x-api-key", KEY)], ""))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "chunk 0\n");
+    assert_eq!(s.open(), 1, "held while streaming");
+    drop(body);
+    s.drain().await;
+    assert_eq!(
+        s.available().await,
+        90,
+        "settled with the usage known at the drop"
+    );
+}
+
+#[tokio::test]
+async fn a_streamed_body_read_to_the_end_is_settled_before_its_last_frame() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    let a = call(&app, "/stream", &[]).await;
+    assert_eq!(a.body, "chunk 0\nchunk 1\nchunk 2\nchunk 3\n");
+    assert_eq!(s.open(), 0);
+    assert_eq!(s.available().await, 90);
+}
+
+#[tokio::test]
+async fn a_cancelled_request_releases_its_hold() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m);
+    let fut = app
+        .clone()
+        .oneshot(request(Method::GET, "/slow", &[("x-api-key", KEY)], ""));
+    let task = tokio::spawn(fut);
+    s.entered_handler.notified().await;
+    assert_eq!(s.open(), 1);
+    task.abort();
+    let _ = task.await;
+    s.drain().await;
+    assert_eq!(s.available().await, 100);
+}
+
+#[tokio::test]
+async fn an_expired_hold_comes_back_without_any_sweeper() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m.reservation_ttl(std::time::Duration::from_secs(60)));
+    let res = app
+        .clone()
+        .oneshot(request(Method::GET, "/stream", &[("x-api-key", KEY)], ""))
+        .await
+        .unwrap();
+    // Keep the body alive but unread: the hold is open.
+    assert_eq!(s.available().await, 90);
+    s.clock.advance(60);
+    assert_eq!(s.available().await, 100);
+    std::mem::forget(res);
+}
+
+#[tokio::test]
+async fn metering_alone_with_an_account_from_an_earlier_layer() {
+    let ledger = MemoryLedger::new();
+    ledger
+        .deposit(&"acme".into(), Credits::new(3), "seed", START)
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(MeteringLayer::new(ledger.clone()).clock(ManualClock::new(START)))
+        .layer(axum::middleware::from_fn(
+            |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
+                let e = Entitlement::new("acme".into()).with_cost(Cost::new(
+                    "calls",
+                    1,
+                    Credits::new(2),
+                ));
+                req.extensions_mut().insert(e);
+                next.run(req).await
+            },
+        ));
+    assert_eq!(
+        send(&app, request(Method::GET, "/", &[], "")).await.status,
+        200
+    );
+    let a = send(&app, request(Method::GET, "/", &[], "")).await;
+    a.problem(402, "INSUFFICIENT_CREDITS");
+    let b = ledger.balance(&"acme".into(), START).await.unwrap();
+    assert_eq!(b.available, Credits::new(1));
+}
+
+#[tokio::test]
+async fn metering_without_an_account_is_a_configuration_error_not_a_free_ride() {
+    let ledger = MemoryLedger::new();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(MeteringLayer::new(ledger));
+    let a = send(&app, request(Method::GET, "/", &[], "")).await;
+    a.problem(503, "SERVICE_UNAVAILABLE");
+}
