@@ -113,8 +113,15 @@ pub struct Cost {
     pub meter: Meter,
     /// Units per request.
     pub units: u64,
-    /// Credits per unit when paid from credit.
+    /// Credits per `price_per` units when paid from credit.
     pub unit_price: Credits,
+    /// How many units `unit_price` buys (default 1).
+    #[serde(default = "one")]
+    pub price_per: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl Cost {
@@ -124,7 +131,15 @@ impl Cost {
             meter: Meter::new(meter),
             units,
             unit_price,
+            price_per: 1,
         }
+    }
+
+    /// Prices per `n` units instead of per unit: `Cost::new("tokens", 500, Credits::new(150))
+    /// .per(1_000_000)` is 500 tokens at 150 credits per million, rounded up to whole credits.
+    pub fn per(mut self, n: u64) -> Self {
+        self.price_per = n.max(1);
+        self
     }
 
     /// The ledger charge for this cost under `plan` at `now`.
@@ -133,6 +148,7 @@ impl Cost {
             meter: self.meter.clone(),
             units: self.units,
             unit_price: self.unit_price,
+            price_per: self.price_per,
             allowance: plan.allowance_for(&self.meter).map(|a| a.window(now)),
             overage: plan.overage,
         }

@@ -120,3 +120,7 @@ pub use metering::{MeteringLayer, ReportedUsage};
 pub use problem::ProblemDetailsLayer;
 pub use store::{MemoryLedger, MemoryPlanStore};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -81,6 +81,7 @@ fn reserve_request(
             meter: Meter::new("units"),
             units,
             unit_price: Credits::new(price),
+            price_per: 1,
             allowance: allowance.then(|| window(now)),
             overage: true,
         }],

@@ -25,12 +25,34 @@ pub struct Charge {
     pub meter: Meter,
     /// Units (the estimate when reserving).
     pub units: u64,
-    /// Credits per unit beyond the allowance.
+    /// Credits per `price_per` units beyond the allowance.
     pub unit_price: Credits,
+    /// How many units `unit_price` buys (1 for a per-unit price, 1,000,000 for a price per
+    /// million tokens). The credit cost of `n` units is `ceil(n × unit_price / price_per)`.
+    #[serde(default = "one")]
+    pub price_per: u64,
     /// The plan's allowance for this meter in the current window, if any.
     pub allowance: Option<AllowanceWindow>,
     /// Whether units beyond the allowance may be paid from credit.
     pub overage: bool,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// The credit cost of `units` at `unit_price` per `price_per` units, rounded up; `None` if it
+/// exceeds [`Credits::MAX_EXACT`] or `price_per` is zero.
+pub(crate) fn price(units: u64, unit_price: Credits, price_per: u64) -> Option<Credits> {
+    if price_per == 0 {
+        return None;
+    }
+    let total = u128::from(units) * u128::from(unit_price.get());
+    let credits = total.div_ceil(u128::from(price_per));
+    u64::try_from(credits)
+        .ok()
+        .map(Credits::new)
+        .filter(|c| *c <= Credits::MAX_EXACT)
 }
 
 /// How a charge's units split between allowance and credit.
@@ -73,8 +95,8 @@ impl Charge {
                 window_secs: self.allowance.map(|a| a.start.secs_until(a.resets_at)),
             });
         }
-        match self.unit_price.checked_mul(rest) {
-            Some(credits) if credits <= Credits::MAX_EXACT => Ok(Split {
+        match price(rest, self.unit_price, self.price_per) {
+            Some(credits) => Ok(Split {
                 allowance_units,
                 credits,
             }),

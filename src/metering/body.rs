@@ -9,9 +9,11 @@ use pin_project_lite::pin_project;
 
 use crate::backend::bounded;
 use crate::body::ResponseBody;
+use crate::credits::Credits;
 use crate::error::LedgerError;
-use crate::ledger::{ReservationId, Usage};
-use crate::metering::MeterConfig;
+use crate::ledger::{Reservation, ReservationId, ReserveRequest, Usage};
+use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
+use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -21,35 +23,167 @@ pub(crate) enum Action {
     Settle(Vec<Usage>),
 }
 
-/// Owns an open reservation until it is settled or released. Dropped without being finished
-/// (a cancelled request, a body dropped mid-stream), it finishes the reservation on a spawned
-/// task; where no Tokio runtime is around, the reservation is left to expire.
+/// Owns an open reservation until it is settled or released.
+///
+/// Dropped without being finished (a cancelled request, a body dropped mid-stream) it
+/// finishes the reservation on a spawned Tokio task; where there is no runtime, the
+/// reservation is left to expire (and says so in the log). A reservation is never leaked.
 pub(crate) struct Guard {
-    pub(crate) config: Arc<MeterConfig>,
-    pub(crate) id: ReservationId,
-    pub(crate) on_drop: Action,
-    pub(crate) done: bool,
+    config: Arc<MeterConfig>,
+    id: ReservationId,
+    held: Credits,
+    estimate: Vec<Usage>,
+    known: Option<Vec<Usage>>,
+    scanner: Option<Box<dyn UsageScanner>>,
+    responded: bool,
+    done: bool,
 }
 
 impl Guard {
+    pub(crate) fn new(config: Arc<MeterConfig>, r: &Reservation, req: &ReserveRequest) -> Self {
+        Guard {
+            config,
+            id: r.id.clone(),
+            held: r.credits,
+            estimate: req
+                .charges
+                .iter()
+                .map(|c| Usage {
+                    meter: c.meter.clone(),
+                    units: c.units,
+                })
+                .collect(),
+            known: None,
+            scanner: None,
+            responded: false,
+            done: false,
+        }
+    }
+
+    pub(crate) fn config(&self) -> Arc<MeterConfig> {
+        self.config.clone()
+    }
+
+    pub(crate) fn account(&self) -> &str {
+        self.id.account.as_str()
+    }
+
+    /// The response head arrived: usage is either known now or read from the body.
+    pub(crate) fn responded(
+        &mut self,
+        known: Option<Vec<Usage>>,
+        scanner: Option<Box<dyn UsageScanner>>,
+    ) {
+        self.responded = true;
+        self.known = known;
+        self.scanner = scanner;
+    }
+
+    fn data(&mut self, chunk: &[u8]) {
+        if let Some(s) = &mut self.scanner {
+            s.data(chunk);
+        }
+    }
+
+    fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if let Some(s) = &mut self.scanner {
+            s.trailers(trailers);
+        }
+    }
+
+    fn checked(&self, usage: Result<Vec<Usage>, UsageError>) -> Vec<Usage> {
+        let usage = usage.and_then(
+            |u| match u.iter().find(|u| u.units > self.config.max_units) {
+                Some(big) => Err(UsageError::Invalid(format!(
+                    "{} {} is above the limit of {}",
+                    big.units, big.meter, self.config.max_units
+                ))),
+                None => Ok(u),
+            },
+        );
+        match usage {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(
+                    target: "tower_402::metering",
+                    account = self.account(),
+                    error = %e,
+                    "no usable usage figure; charging the estimate"
+                );
+                self.estimate.clone()
+            }
+        }
+    }
+
+    /// The body ended: what to settle.
+    fn at_end(&mut self) -> Action {
+        if let Some(known) = self.known.take() {
+            return Action::Settle(known);
+        }
+        match self.scanner.as_mut().map(|s| s.finish()) {
+            Some(usage) => Action::Settle(self.checked(usage)),
+            None => Action::Settle(self.estimate.clone()),
+        }
+    }
+
+    fn so_far(&mut self) -> Option<Vec<Usage>> {
+        let seen = self.scanner.as_mut().and_then(|s| s.so_far())?;
+        Some(self.checked(Ok(seen)))
+    }
+
+    /// The body failed mid-stream.
+    fn at_error(&mut self) -> Action {
+        match self.config.on_stream_error {
+            StreamErrorPolicy::Release => Action::Release,
+            StreamErrorPolicy::ChargeUsageSoFar => match self.so_far() {
+                Some(u) => Action::Settle(u),
+                None => Action::Release,
+            },
+        }
+    }
+
+    /// Dropped unfinished.
+    fn at_drop(&mut self) -> Action {
+        if !self.responded {
+            // Cancelled before the response: the handler's future was dropped with it.
+            return Action::Release;
+        }
+        if let Some(known) = self.known.take() {
+            return Action::Settle(known);
+        }
+        match self.config.on_disconnect {
+            DisconnectPolicy::ChargeEstimate => Action::Settle(self.estimate.clone()),
+            DisconnectPolicy::ChargeUsageSoFar => {
+                Action::Settle(self.so_far().unwrap_or_else(|| self.estimate.clone()))
+            }
+        }
+    }
+
     /// The future that carries out `action`; the guard is finished from here on.
     pub(crate) fn finish(&mut self, action: Action) -> BoxFuture {
         self.done = true;
         let config = self.config.clone();
         let id = self.id.clone();
-        Box::pin(async move { run(config, id, action).await })
+        let held = self.held;
+        Box::pin(run(config, id, held, action))
+    }
+
+    pub(crate) fn release(&mut self) -> BoxFuture {
+        self.finish(Action::Release)
     }
 }
 
-async fn run(config: Arc<MeterConfig>, id: ReservationId, action: Action) {
+async fn run(config: Arc<MeterConfig>, id: ReservationId, held: Credits, action: Action) {
     let now = config.clock.now();
     let account = id.account.as_str();
     match action {
         Action::Release => {
             match bounded::<_, LedgerError>(config.timeout, config.ledger.release(&id, now)).await {
-                Ok(()) => {
-                    tracing::debug!(target: "tower_402::metering", account, "reservation released")
-                }
+                Ok(()) => tracing::debug!(
+                    target: "tower_402::metering",
+                    account,
+                    "reservation released"
+                ),
                 Err(e) => tracing::error!(
                     target: "tower_402::metering",
                     account,
@@ -65,21 +199,29 @@ async fn run(config: Arc<MeterConfig>, id: ReservationId, action: Action) {
             )
             .await;
             match settled {
-                Ok(s) if s.shortfall.is_empty() => tracing::info!(
-                    target: "tower_402::metering",
-                    account,
-                    charged = s.charged.get(),
-                    available = s.available_after.get(),
-                    "request settled"
-                ),
-                Ok(s) => tracing::warn!(
-                    target: "tower_402::metering",
-                    account,
-                    charged = s.charged.get(),
-                    shortfall_credits = s.shortfall.credits.get(),
-                    shortfall_units = ?s.shortfall.units,
-                    "request settled with a shortfall: usage exceeded what could be charged"
-                ),
+                Ok(s) => {
+                    if s.shortfall.is_empty() {
+                        tracing::info!(
+                            target: "tower_402::metering",
+                            account,
+                            charged = s.charged.get(),
+                            available = s.available_after.get(),
+                            "request settled"
+                        );
+                    } else {
+                        tracing::warn!(
+                            target: "tower_402::metering",
+                            account,
+                            charged = s.charged.get(),
+                            shortfall_credits = s.shortfall.credits.get(),
+                            shortfall_units = ?s.shortfall.units,
+                            "request settled with a shortfall: usage exceeded what could be charged"
+                        );
+                    }
+                    if let Some(t) = &config.thresholds {
+                        t.after_settle(&id.account, held, &s);
+                    }
+                }
                 Err(e) => tracing::error!(
                     target: "tower_402::metering",
                     account,
@@ -96,18 +238,22 @@ impl Drop for Guard {
         if self.done {
             return;
         }
-        let action = std::mem::replace(&mut self.on_drop, Action::Release);
+        let action = self.at_drop();
         let fut = self.finish(action);
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(fut);
-            }
-            Err(_) => tracing::warn!(
-                target: "tower_402::metering",
-                account = self.id.account.as_str(),
-                "no Tokio runtime to finish a dropped reservation; it will expire"
-            ),
+        spawn_or_expire(fut, self.account());
+    }
+}
+
+fn spawn_or_expire(fut: BoxFuture, account: &str) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(fut);
         }
+        Err(_) => tracing::warn!(
+            target: "tower_402::metering",
+            account,
+            "no Tokio runtime to finish a reservation; it will expire"
+        ),
     }
 }
 
@@ -121,8 +267,9 @@ pub(crate) enum Finish {
 }
 
 pin_project! {
-    /// Response body of [`Metering`](crate::metering::Metering): the inner body, settled
-    /// with the ledger when it ends (before its last frame is handed out).
+    /// Response body of [`Metering`](crate::metering::Metering): the inner body, fed to the
+    /// usage extractor as it streams, and settled with the ledger when it ends (before its
+    /// last frame is handed out, so a client holding the whole body sees a settled ledger).
     pub struct MeteredBody<B> {
         #[pin]
         body: ResponseBody<B>,
@@ -178,13 +325,17 @@ where
                 Finish::Open(guard) => {
                     let frame = ready!(this.body.as_mut().poll_frame(cx));
                     match frame {
-                        Some(Ok(frame)) if !this.body.is_end_stream() => {
-                            return Poll::Ready(Some(Ok(frame)))
-                        }
                         Some(Ok(frame)) => {
-                            // The last frame: settle before handing it out, so a client that
-                            // has the whole body knows the ledger is up to date.
-                            let action = std::mem::replace(&mut guard.on_drop, Action::Release);
+                            if let Some(data) = frame.data_ref() {
+                                guard.data(data);
+                            } else if let Some(trailers) = frame.trailers_ref() {
+                                guard.trailers(trailers);
+                            }
+                            if !this.body.is_end_stream() {
+                                return Poll::Ready(Some(Ok(frame)));
+                            }
+                            // The last frame: settle before handing it out.
+                            let action = guard.at_end();
                             let fut = guard.finish(action);
                             *this.finish = Finish::Running {
                                 fut,
@@ -192,20 +343,19 @@ where
                             };
                         }
                         None => {
-                            let action = std::mem::replace(&mut guard.on_drop, Action::Release);
+                            let action = guard.at_end();
                             let fut = guard.finish(action);
                             *this.finish = Finish::Running { fut, last: None };
                         }
                         Some(Err(e)) => {
                             tracing::warn!(
                                 target: "tower_402::metering",
-                                account = guard.id.account.as_str(),
-                                "response body failed mid-stream; releasing the reservation"
+                                account = guard.account(),
+                                "response body failed mid-stream"
                             );
-                            let fut = guard.finish(Action::Release);
-                            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                                handle.spawn(fut);
-                            }
+                            let action = guard.at_error();
+                            let fut = guard.finish(action);
+                            spawn_or_expire(fut, guard.account());
                             *this.finish = Finish::Done;
                             return Poll::Ready(Some(Err(e)));
                         }

@@ -7,22 +7,30 @@ use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::backend::{bounded, is_outage};
+use crate::account::AccountId;
 use crate::body::ResponseBody;
 use crate::decision::Denial;
-use crate::error::LedgerError;
 use crate::gate::log_denial;
-use crate::gate::FailureMode;
-use crate::ledger::{Replay, Reservation, ReserveOutcome, ReserveRequest, Usage};
-use crate::metering::body::{Action, Guard};
-use crate::metering::{MeterConfig, MeteredBody, ReportedUsage};
+use crate::ledger::{Reservation, ReserveRequest};
+use crate::metering::body::Guard;
+use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody};
 use crate::problem::denial_response;
 use crate::time::Timestamp;
 
-type ReserveFuture = Pin<Box<dyn Future<Output = Result<ReserveOutcome, LedgerError>> + Send>>;
+/// The outcome of everything before the inner call.
+pub(crate) enum Prepared<B> {
+    Call {
+        req: Request<RequestBody<B>>,
+        ticket: Option<(Reservation, ReserveRequest)>,
+        replayed: bool,
+    },
+    Refuse(Denial, Option<AccountId>),
+}
+
+type PrepareFuture<B> = Pin<Box<dyn Future<Output = Prepared<B>> + Send>>;
 type UnitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// A reservation the request is running under.
+/// A reservation the request runs under.
 struct Ticket {
     guard: Guard,
     reservation: Reservation,
@@ -33,7 +41,7 @@ pin_project! {
     /// Response future of [`Metering`](crate::metering::Metering).
     pub struct ResponseFuture<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
         #[pin]
         state: State<S, ReqBody>,
@@ -44,11 +52,11 @@ pin_project! {
     #[project = StateProj]
     enum State<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
-        Reserving {
-            reserve: ReserveFuture,
-            pending: Option<(S, Request<ReqBody>, ReserveRequest)>,
+        Preparing {
+            prepare: PrepareFuture<ReqBody>,
+            inner: Option<S>,
             config: Arc<MeterConfig>,
             now: Timestamp,
         },
@@ -72,7 +80,7 @@ pin_project! {
 
 impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<RequestBody<ReqBody>>>,
 {
     pub(crate) fn unmetered(fut: S::Future) -> Self {
         ResponseFuture {
@@ -94,22 +102,16 @@ where
         }
     }
 
-    pub(crate) fn reserving(
-        request: ReserveRequest,
+    pub(crate) fn preparing(
+        prepare: PrepareFuture<ReqBody>,
         inner: S,
-        req: Request<ReqBody>,
         config: Arc<MeterConfig>,
         now: Timestamp,
     ) -> Self {
-        let ledger = config.ledger.clone();
-        let timeout = config.timeout;
-        let to_reserve = request.clone();
-        let reserve: ReserveFuture =
-            Box::pin(async move { bounded(timeout, ledger.reserve(&to_reserve)).await });
         ResponseFuture {
-            state: State::Reserving {
-                reserve,
-                pending: Some((inner, req, request)),
+            state: State::Preparing {
+                prepare,
+                inner: Some(inner),
                 config,
                 now,
             },
@@ -123,7 +125,7 @@ fn header_from<T: ToString>(v: T) -> Option<HeaderValue> {
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
 {
     type Output = Result<Response<MeteredBody<ResBody>>, S::Error>;
 
@@ -131,87 +133,42 @@ where
         loop {
             let mut this = self.as_mut().project();
             let next = match this.state.as_mut().project() {
-                StateProj::Reserving {
-                    reserve,
-                    pending,
+                StateProj::Preparing {
+                    prepare,
+                    inner,
                     config,
                     now,
                 } => {
-                    let outcome = ready!(reserve.as_mut().poll(cx));
-                    let Some((mut inner, req, request)) = pending.take() else {
+                    let prepared = ready!(prepare.as_mut().poll(cx));
+                    let Some(mut inner) = inner.take() else {
                         panic!("metering future polled after completion");
                     };
-                    let account = request.account.clone();
-                    let refuse = |denial: Denial| {
-                        log_denial(Some(&account), &denial);
-                        State::Refused {
-                            denial: Some(denial),
-                            config: config.clone(),
-                            now: *now,
+                    match prepared {
+                        Prepared::Call {
+                            req,
+                            ticket,
+                            replayed,
+                        } => {
+                            // The guard exists before the call: a request cancelled from here
+                            // on gives its hold back.
+                            let ticket = ticket.map(|(reservation, request)| Ticket {
+                                guard: Guard::new(config.clone(), &reservation, &request),
+                                reservation,
+                                request,
+                            });
+                            State::Calling {
+                                fut: inner.call(req),
+                                ticket,
+                                replayed,
+                            }
                         }
-                    };
-                    match outcome {
-                        Ok(ReserveOutcome::Reserved(reservation)) => {
-                            // A request cancelled before its response never ran to
-                            // completion: dropping the guard then gives the hold back.
-                            let guard = Guard {
+                        Prepared::Refuse(denial, account) => {
+                            log_denial(account.as_ref(), &denial);
+                            State::Refused {
+                                denial: Some(denial),
                                 config: config.clone(),
-                                id: reservation.id.clone(),
-                                on_drop: Action::Release,
-                                done: false,
-                            };
-                            State::Calling {
-                                fut: inner.call(req),
-                                ticket: Some(Ticket {
-                                    guard,
-                                    reservation,
-                                    request,
-                                }),
-                                replayed: false,
+                                now: *now,
                             }
-                        }
-                        Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => {
-                            tracing::info!(
-                                target: "tower_402::metering",
-                                account = account.as_str(),
-                                "idempotent retry of a settled request; not charged again"
-                            );
-                            State::Calling {
-                                fut: inner.call(req),
-                                ticket: None,
-                                replayed: true,
-                            }
-                        }
-                        Ok(ReserveOutcome::Replayed(_)) => {
-                            refuse(Denial::IdempotencyConflict { in_progress: true })
-                        }
-                        Ok(ReserveOutcome::Denied(denial)) => refuse(denial),
-                        Err(LedgerError::KeyConflict) => {
-                            refuse(Denial::IdempotencyConflict { in_progress: false })
-                        }
-                        Err(e) if is_outage(&e) && config.failure == FailureMode::Open => {
-                            tracing::warn!(
-                                target: "tower_402::metering",
-                                account = account.as_str(),
-                                error = %e,
-                                "ledger unreachable; failing open, request served unmetered"
-                            );
-                            State::Calling {
-                                fut: inner.call(req),
-                                ticket: None,
-                                replayed: false,
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(
-                                target: "tower_402::metering",
-                                account = account.as_str(),
-                                error = %e,
-                                "reservation failed; failing closed"
-                            );
-                            refuse(Denial::Unavailable {
-                                retry_after_secs: config.retry_after_secs,
-                            })
                         }
                     }
                 }
@@ -231,28 +188,34 @@ where
                         ));
                     };
                     let status = res.status();
+                    let config = ticket.guard_config();
                     let billable = !(status.is_server_error()
-                        || (status.is_client_error() && !ticket.guard.config.bill_client_errors));
+                        || (status.is_client_error() && !config.bill_client_errors));
                     if !billable {
                         tracing::info!(
                             target: "tower_402::metering",
-                            account = ticket.reservation.id.account.as_str(),
+                            account = ticket.guard.account(),
                             status = status.as_u16(),
                             "non-billable response; releasing the reservation"
                         );
-                        let release = ticket.guard.finish(Action::Release);
                         State::Releasing {
-                            release,
+                            release: ticket.guard.release(),
                             response: Some(res),
                         }
                     } else {
-                        let usage = usage_for(&ticket, res.extensions().get::<ReportedUsage>());
-                        add_headers(&mut res, &ticket);
-                        ticket.guard.on_drop = Action::Settle(usage);
-                        let guard = ticket.guard;
-                        return Poll::Ready(Ok(
-                            res.map(|b| MeteredBody::metered(ResponseBody::inner(b), guard))
-                        ));
+                        let (mut parts, body) = res.into_parts();
+                        let known = parts
+                            .extensions
+                            .remove::<ReportedUsage>()
+                            .map(|r| ticket.keep_reserved_meters(r));
+                        let scanner = match (&known, &config.usage) {
+                            (None, Some(extractor)) => extractor.scanner(&mut parts),
+                            _ => None,
+                        };
+                        ticket.guard.responded(known, scanner);
+                        add_headers(&mut parts.headers, &ticket);
+                        let body = MeteredBody::metered(ResponseBody::inner(body), ticket.guard);
+                        return Poll::Ready(Ok(Response::from_parts(parts, body)));
                     }
                 }
                 StateProj::Releasing { release, response } => {
@@ -281,44 +244,41 @@ where
     }
 }
 
-/// The usage to settle: what the handler reported for the reserved meters, else the estimate.
-fn usage_for(ticket: &Ticket, reported: Option<&ReportedUsage>) -> Vec<Usage> {
-    let charges = &ticket.request.charges;
-    match reported {
-        Some(ReportedUsage(usage)) => {
-            for u in usage {
-                if !charges.iter().any(|c| c.meter == u.meter) {
-                    tracing::warn!(
-                        target: "tower_402::metering",
-                        account = ticket.reservation.id.account.as_str(),
-                        meter = u.meter.as_str(),
-                        "reported usage for a meter this request did not reserve; ignored"
-                    );
-                }
+impl Ticket {
+    fn guard_config(&self) -> Arc<MeterConfig> {
+        self.guard.config()
+    }
+
+    /// Reported usage, limited to the meters this request reserved.
+    fn keep_reserved_meters(
+        &self,
+        ReportedUsage(usage): ReportedUsage,
+    ) -> Vec<crate::ledger::Usage> {
+        let charges = &self.request.charges;
+        for u in &usage {
+            if !charges.iter().any(|c| c.meter == u.meter) {
+                tracing::warn!(
+                    target: "tower_402::metering",
+                    account = self.guard.account(),
+                    meter = u.meter.as_str(),
+                    "reported usage for a meter this request did not reserve; ignored"
+                );
             }
-            charges
-                .iter()
-                .map(|c| Usage {
-                    meter: c.meter.clone(),
-                    units: usage
-                        .iter()
-                        .filter(|u| u.meter == c.meter)
-                        .fold(0u64, |acc, u| acc.saturating_add(u.units)),
-                })
-                .collect()
         }
-        None => charges
+        charges
             .iter()
-            .map(|c| Usage {
+            .map(|c| crate::ledger::Usage {
                 meter: c.meter.clone(),
-                units: c.units,
+                units: usage
+                    .iter()
+                    .filter(|u| u.meter == c.meter)
+                    .fold(0u64, |acc, u| acc.saturating_add(u.units)),
             })
-            .collect(),
+            .collect()
     }
 }
 
-fn add_headers<B>(res: &mut Response<B>, ticket: &Ticket) {
-    let h = res.headers_mut();
+fn add_headers(h: &mut http::HeaderMap, ticket: &Ticket) {
     if let Some(v) = header_from(ticket.reservation.available_after) {
         h.insert("x-credits-remaining", v);
     }

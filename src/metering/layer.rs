@@ -6,18 +6,51 @@ use tower_layer::Layer;
 
 use crate::gate::FailureMode;
 use crate::ledger::{Ledger, OverEstimate};
-use crate::metering::Metering;
+use crate::metering::pricing::RouteCost;
+use crate::metering::threshold::Thresholds;
+use crate::metering::{Metering, Pricing, Threshold, ThresholdEvent, UsageExtractor};
 use crate::problem::ProblemConfig;
 use crate::time::{Clock, SystemClock};
+
+/// What to charge when the client goes away before the response body ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DisconnectPolicy {
+    /// Charge the reserved estimate (or the usage the handler reported up front). The default:
+    /// the work was done, and a client cannot dodge the bill by hanging up.
+    #[default]
+    ChargeEstimate,
+    /// Charge what the usage extractor saw so far (bytes sent, the last `usage` seen in a
+    /// stream); the estimate where it saw nothing.
+    ChargeUsageSoFar,
+}
+
+/// What to do when the response body fails mid-stream (an upstream error).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StreamErrorPolicy {
+    /// Release the reservation: the caller did not get what it paid for. The default.
+    #[default]
+    Release,
+    /// Charge what the usage extractor saw so far (nothing if it saw nothing).
+    ChargeUsageSoFar,
+}
 
 #[derive(Clone)]
 pub(crate) struct MeterConfig {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) problems: ProblemConfig,
+    pub(crate) pricing: Arc<dyn Pricing>,
+    pub(crate) usage: Option<Arc<dyn UsageExtractor>>,
     pub(crate) ttl_secs: u64,
     pub(crate) bill_client_errors: bool,
     pub(crate) over_estimate: OverEstimate,
+    pub(crate) on_disconnect: DisconnectPolicy,
+    pub(crate) on_stream_error: StreamErrorPolicy,
+    pub(crate) max_body: usize,
+    pub(crate) max_units: u64,
+    pub(crate) thresholds: Option<Thresholds>,
     pub(crate) failure: FailureMode,
     pub(crate) retry_after_secs: u64,
     pub(crate) timeout: Option<Duration>,
@@ -31,26 +64,38 @@ pub struct MeteringLayer {
 
 impl fmt::Debug for MeteringLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
         f.debug_struct("MeteringLayer")
-            .field("ttl_secs", &self.config.ttl_secs)
-            .field("bill_client_errors", &self.config.bill_client_errors)
-            .field("over_estimate", &self.config.over_estimate)
-            .field("failure", &self.config.failure)
+            .field("ttl_secs", &c.ttl_secs)
+            .field("bill_client_errors", &c.bill_client_errors)
+            .field("over_estimate", &c.over_estimate)
+            .field("on_disconnect", &c.on_disconnect)
+            .field("on_stream_error", &c.on_stream_error)
+            .field("max_body", &c.max_body)
+            .field("failure", &c.failure)
             .finish_non_exhaustive()
     }
 }
 
 impl MeteringLayer {
-    /// Meters against `ledger`.
+    /// Meters against `ledger`: the route's fixed cost, settled as the estimate unless the
+    /// handler reports usage.
     pub fn new(ledger: impl Ledger) -> Self {
         MeteringLayer {
             config: Arc::new(MeterConfig {
                 ledger: Arc::new(ledger),
                 clock: Arc::new(SystemClock),
                 problems: ProblemConfig::default(),
+                pricing: Arc::new(RouteCost),
+                usage: None,
                 ttl_secs: 300,
                 bill_client_errors: false,
                 over_estimate: OverEstimate::DrawBalance,
+                on_disconnect: DisconnectPolicy::ChargeEstimate,
+                on_stream_error: StreamErrorPolicy::Release,
+                max_body: 1024 * 1024,
+                max_units: 1_000_000_000,
+                thresholds: None,
                 failure: FailureMode::Closed,
                 retry_after_secs: 5,
                 timeout: Some(Duration::from_secs(5)),
@@ -60,6 +105,19 @@ impl MeteringLayer {
 
     fn config(&mut self) -> &mut MeterConfig {
         Arc::make_mut(&mut self.config)
+    }
+
+    /// How to estimate a request's cost (default: the route's fixed cost).
+    pub fn pricing(mut self, pricing: impl Pricing) -> Self {
+        self.config().pricing = Arc::new(pricing);
+        self
+    }
+
+    /// How to read actual usage from responses (default: none, settle the estimate or the
+    /// [`ReportedUsage`](crate::ReportedUsage)).
+    pub fn usage(mut self, extractor: impl UsageExtractor) -> Self {
+        self.config().usage = Some(Arc::new(extractor));
+        self
     }
 
     /// Where to read the time (default: the system clock).
@@ -75,7 +133,7 @@ impl MeteringLayer {
     }
 
     /// How long a reservation lives if neither settled nor released (default 5 minutes).
-    /// Make it longer than your slowest response.
+    /// Make it longer than your slowest response, streams included.
     pub fn reservation_ttl(mut self, ttl: Duration) -> Self {
         self.config().ttl_secs = ttl.as_secs().max(1);
         self
@@ -87,10 +145,65 @@ impl MeteringLayer {
         self
     }
 
-    /// What to do when the reported usage costs more than was held (default
+    /// What to do when actual usage costs more than was held (default
     /// [`OverEstimate::DrawBalance`]).
     pub fn over_estimate(mut self, policy: OverEstimate) -> Self {
         self.config().over_estimate = policy;
+        self
+    }
+
+    /// What to charge when the client disconnects mid-body (default
+    /// [`DisconnectPolicy::ChargeEstimate`]).
+    pub fn on_disconnect(mut self, policy: DisconnectPolicy) -> Self {
+        self.config().on_disconnect = policy;
+        self
+    }
+
+    /// What to do when the response body fails mid-stream (default
+    /// [`StreamErrorPolicy::Release`]).
+    pub fn on_stream_error(mut self, policy: StreamErrorPolicy) -> Self {
+        self.config().on_stream_error = policy;
+        self
+    }
+
+    /// The largest request body read to price a request (default 1 MiB; larger: `413`).
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.config().max_body = bytes;
+        self
+    }
+
+    /// The largest usage figure believed for one meter of one request (default
+    /// 1,000,000,000). A larger figure is treated as invalid: the estimate is charged and a
+    /// warning logged.
+    pub fn max_units(mut self, units: u64) -> Self {
+        self.config().max_units = units;
+        self
+    }
+
+    /// Calls `hook` once each time an account's balance or allowance crosses one of `levels`.
+    ///
+    /// The hook runs inline on the request path: keep it quick (send to a channel, spawn a
+    /// task).
+    ///
+    /// ```
+    /// use tower_402::metering::{MeteringLayer, Threshold};
+    /// use tower_402::{Credits, MemoryLedger};
+    ///
+    /// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// let layer = MeteringLayer::new(MemoryLedger::new()).on_threshold(
+    ///     [Threshold::AllowancePercent(80), Threshold::BalanceAtOrBelow(Credits::ZERO)],
+    ///     move |event| { let _ = tx.send(event); },
+    /// );
+    /// ```
+    pub fn on_threshold(
+        mut self,
+        levels: impl IntoIterator<Item = Threshold>,
+        hook: impl Fn(ThresholdEvent) + Send + Sync + 'static,
+    ) -> Self {
+        self.config().thresholds = Some(Thresholds {
+            levels: levels.into_iter().collect(),
+            hook: Arc::new(hook),
+        });
         self
     }
 

@@ -56,11 +56,22 @@
 mod body;
 mod future;
 mod layer;
+mod llm;
+mod pricing;
+mod request_body;
 mod service;
+mod sse;
+mod threshold;
+mod usage;
 
 pub use body::MeteredBody;
 pub use future::ResponseFuture;
-pub use layer::MeteringLayer;
+pub use layer::{DisconnectPolicy, MeteringLayer, StreamErrorPolicy};
+pub use llm::{ModelPrice, OpenAiPricing, PriceTable};
+pub use pricing::{Pricing, PricingRequest};
+pub use request_body::RequestBody;
 pub use service::{idempotency_key, Metering, ReportedUsage, MAX_IDEMPOTENCY_KEY_LEN};
+pub use threshold::{Crossing, Threshold, ThresholdEvent};
+pub use usage::{BodyBytes, HeaderUsage, OpenAiUsage, UsageError, UsageExtractor, UsageScanner};
 
 pub(crate) use layer::MeterConfig;

@@ -4,15 +4,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
+use http_body::Body;
 use tower_service::Service;
 
 use crate::account::AccountId;
+use crate::backend::{bounded, is_outage};
 use crate::decision::Denial;
-use crate::gate::{Entitlement, FailedOpen, PublicRoute};
-use crate::ledger::{ReserveRequest, Usage};
-use crate::metering::future::ResponseFuture;
-use crate::metering::{MeterConfig, MeteringLayer};
+use crate::error::LedgerError;
+use crate::gate::{Entitlement, FailedOpen, FailureMode, PublicRoute};
+use crate::ledger::{Charge, Replay, ReserveOutcome, ReserveRequest, Usage};
+use crate::metering::future::{Prepared, ResponseFuture};
+use crate::metering::request_body::{peek, PeekError};
+use crate::metering::{MeterConfig, MeteringLayer, PricingRequest, RequestBody};
+use crate::time::Timestamp;
 
 /// The service made by [`MeteringLayer`]. See the [module docs](crate::metering).
 #[derive(Clone)]
@@ -158,8 +164,11 @@ fn unique_key() -> String {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Metering<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    ReqBody: Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
 {
     type Response = Response<crate::metering::MeteredBody<ResBody>>;
     type Error = S::Error;
@@ -172,81 +181,206 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = self.config.clone();
         let now = config.clock.now();
-        if req.extensions().get::<PublicRoute>().is_some() {
-            return ResponseFuture::unmetered(self.inner.call(req));
+        let ext = req.extensions();
+        if ext.get::<PublicRoute>().is_some() {
+            return ResponseFuture::unmetered(self.inner.call(req.map(RequestBody::passthrough)));
         }
-        let entitlement = match req.extensions().get::<Entitlement>() {
-            Some(e) => e.clone(),
-            None => match req.extensions().get::<AccountId>() {
-                Some(a) if req.extensions().get::<FailedOpen>().is_none() => {
-                    Entitlement::new(a.clone())
-                }
-                _ if req.extensions().get::<FailedOpen>().is_some() => {
-                    tracing::warn!(
-                        target: "tower_402::metering",
-                        "gate failed open; request served unmetered"
-                    );
-                    return ResponseFuture::unmetered(self.inner.call(req));
-                }
-                _ => {
-                    tracing::error!(
-                        target: "tower_402::metering",
-                        "no Entitlement or AccountId in the request: is PaymentGateLayer in front of MeteringLayer?"
-                    );
-                    return ResponseFuture::refused(
-                        Denial::Unavailable {
-                            retry_after_secs: config.retry_after_secs,
-                        },
-                        config,
-                        now,
-                    );
-                }
-            },
-        };
-        let Some(cost) = entitlement.cost.clone() else {
-            // Nothing to meter on this route.
-            return ResponseFuture::unmetered(self.inner.call(req));
+        let entitlement = match (ext.get::<Entitlement>(), ext.get::<AccountId>()) {
+            (Some(e), _) => e.clone(),
+            _ if ext.get::<FailedOpen>().is_some() => {
+                tracing::warn!(
+                    target: "tower_402::metering",
+                    "gate failed open; request served unmetered"
+                );
+                return ResponseFuture::unmetered(
+                    self.inner.call(req.map(RequestBody::passthrough)),
+                );
+            }
+            (None, Some(a)) => Entitlement::new(a.clone()),
+            (None, None) => {
+                tracing::error!(
+                    target: "tower_402::metering",
+                    "no Entitlement or AccountId in the request: is PaymentGateLayer in front of MeteringLayer?"
+                );
+                return ResponseFuture::refused(
+                    Denial::Unavailable {
+                        retry_after_secs: config.retry_after_secs,
+                    },
+                    config,
+                    now,
+                );
+            }
         };
         let idem = match idempotency_key(req.headers()) {
-            Ok(k) => k,
+            Ok(k) => k.map(str::to_owned),
             Err(denial) => {
                 crate::gate::log_denial(Some(&entitlement.account), &denial);
                 return ResponseFuture::refused(denial, config, now);
             }
         };
-        let charge = match &entitlement.plan {
+        // Keep the service that was driven to readiness; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let prepare = prepare(config.clone(), req, entitlement, idem, now);
+        ResponseFuture::preparing(Box::pin(prepare), inner, config, now)
+    }
+}
+
+/// Everything before the inner call: read the body if the pricing needs it, estimate,
+/// reserve.
+async fn prepare<B>(
+    config: Arc<MeterConfig>,
+    req: Request<B>,
+    entitlement: Entitlement,
+    idem: Option<String>,
+    now: Timestamp,
+) -> Prepared<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let account = entitlement.account.clone();
+    let (parts, body) = req.into_parts();
+    let (body, peeked) = if config.pricing.needs_body(&parts) {
+        match peek(body, config.max_body).await {
+            Ok((bytes, rest)) => (RequestBody::peeked(bytes.clone(), rest), Some(bytes)),
+            Err(PeekError::TooLarge) => {
+                return Prepared::Refuse(
+                    Denial::Custom(Box::new(crate::decision::CustomDenial::new(
+                        http::StatusCode::PAYLOAD_TOO_LARGE,
+                        "REQUEST_TOO_LARGE",
+                        "Request too large",
+                        format!(
+                            "The request body is larger than the {} bytes this API prices.",
+                            config.max_body
+                        ),
+                    ))),
+                    Some(account),
+                )
+            }
+            Err(PeekError::Body(_)) => {
+                return Prepared::Refuse(
+                    Denial::BadRequest {
+                        code: "INVALID_REQUEST",
+                        detail: "The request body could not be read.".into(),
+                    },
+                    Some(account),
+                )
+            }
+        }
+    } else {
+        (RequestBody::passthrough(body), None)
+    };
+    let costs = config.pricing.estimate(&PricingRequest {
+        parts: &parts,
+        body: peeked.as_deref(),
+        entitlement: &entitlement,
+    });
+    let costs = match costs {
+        Ok(c) => c,
+        Err(denial) => return Prepared::Refuse(denial, Some(account)),
+    };
+    let req = Request::from_parts(parts, body);
+    if costs.is_empty() {
+        return Prepared::Call {
+            req,
+            ticket: None,
+            replayed: false,
+        };
+    }
+    let charges: Vec<Charge> = costs
+        .iter()
+        .map(|cost| match &entitlement.plan {
             Some(plan) => cost.charge(plan, now),
             // No plan known: credit only.
-            None => crate::ledger::Charge {
+            None => Charge {
                 meter: cost.meter.clone(),
                 units: cost.units,
                 unit_price: cost.unit_price,
+                price_per: cost.price_per,
                 allowance: None,
                 overage: true,
             },
-        };
-        let mut fp = Fnv::new();
-        fp.write(req.method().as_str().as_bytes())
-            .write(req.uri().path().as_bytes())
-            .write(req.uri().query().unwrap_or("").as_bytes())
-            .write(charge.meter.as_str().as_bytes())
-            .write(&charge.units.to_le_bytes())
-            .write(&charge.unit_price.get().to_le_bytes());
-        let key = match idem {
-            Some(k) => format!("idem:{k}"),
-            None => unique_key(),
-        };
-        let request = ReserveRequest {
-            account: entitlement.account.clone(),
-            key,
-            fingerprint: fp.finish(),
-            charges: vec![charge],
-            ttl_secs: config.ttl_secs,
-            now,
-        };
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::reserving(request, inner, req, config, now)
+        })
+        .collect();
+    let mut fp = Fnv::new();
+    fp.write(req.method().as_str().as_bytes())
+        .write(req.uri().path().as_bytes())
+        .write(req.uri().query().unwrap_or("").as_bytes());
+    for c in &charges {
+        fp.write(c.meter.as_str().as_bytes())
+            .write(&c.units.to_le_bytes())
+            .write(&c.unit_price.get().to_le_bytes())
+            .write(&c.price_per.to_le_bytes());
+    }
+    if let Some(body) = &peeked {
+        fp.write(body);
+    }
+    let key = match idem {
+        Some(k) => format!("idem:{k}"),
+        None => unique_key(),
+    };
+    let request = ReserveRequest {
+        account: account.clone(),
+        key,
+        fingerprint: fp.finish(),
+        charges,
+        ttl_secs: config.ttl_secs,
+        now,
+    };
+    let outcome = bounded(config.timeout, config.ledger.reserve(&request)).await;
+    let refuse = |denial: Denial| Prepared::Refuse(denial, Some(account.clone()));
+    match outcome {
+        Ok(ReserveOutcome::Reserved(reservation)) => {
+            if let Some(t) = &config.thresholds {
+                t.after_reserve(&account, &request.charges, &reservation);
+            }
+            Prepared::Call {
+                req,
+                ticket: Some((reservation, request)),
+                replayed: false,
+            }
+        }
+        Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => {
+            tracing::info!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                "idempotent retry of a settled request; not charged again"
+            );
+            Prepared::Call {
+                req,
+                ticket: None,
+                replayed: true,
+            }
+        }
+        Ok(ReserveOutcome::Replayed(_)) => {
+            refuse(Denial::IdempotencyConflict { in_progress: true })
+        }
+        Ok(ReserveOutcome::Denied(denial)) => refuse(denial),
+        Err(LedgerError::KeyConflict) => refuse(Denial::IdempotencyConflict { in_progress: false }),
+        Err(e) if is_outage(&e) && config.failure == FailureMode::Open => {
+            tracing::warn!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                error = %e,
+                "ledger unreachable; failing open, request served unmetered"
+            );
+            Prepared::Call {
+                req,
+                ticket: None,
+                replayed: false,
+            }
+        }
+        Err(e) => {
+            tracing::error!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                error = %e,
+                "reservation failed; failing closed"
+            );
+            refuse(Denial::Unavailable {
+                retry_after_secs: config.retry_after_secs,
+            })
+        }
     }
 }
 
