@@ -21,7 +21,7 @@ use crate::time::Timestamp;
 pub(crate) enum Prepared<B> {
     Call {
         req: Request<RequestBody<B>>,
-        ticket: Option<(Reservation, ReserveRequest)>,
+        ticket: Option<Box<(Reservation, ReserveRequest)>>,
         replayed: bool,
     },
     Refuse(Denial, Option<AccountId>),
@@ -151,10 +151,13 @@ where
                         } => {
                             // The guard exists before the call: a request cancelled from here
                             // on gives its hold back.
-                            let ticket = ticket.map(|(reservation, request)| Ticket {
-                                guard: Guard::new(config.clone(), &reservation, &request),
-                                reservation,
-                                request,
+                            let ticket = ticket.map(|t| {
+                                let (reservation, request) = *t;
+                                Ticket {
+                                    guard: Guard::new(config.clone(), &reservation, &request),
+                                    reservation,
+                                    request,
+                                }
                             });
                             State::Calling {
                                 fut: inner.call(req),

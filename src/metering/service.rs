@@ -336,7 +336,7 @@ where
             }
             Prepared::Call {
                 req,
-                ticket: Some((reservation, request)),
+                ticket: Some(Box::new((reservation, request))),
                 replayed: false,
             }
         }
