@@ -17,22 +17,21 @@
 //! curl -i localhost:3000/v1/balance  -H 'x-api-key: demo-free'
 //! ```
 
-use std::net::SocketAddr;
+#[path = "common/mod.rs"]
+mod common;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tower::ServiceBuilder;
-use tower_402::decision::{Cost, Denial, Requirement};
-use tower_402::metering::idempotency_key;
+use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Period, Plan, PlanStore, Subscription, SubscriptionStatus};
 use tower_402::problem::{Links, ProblemConfig};
 use tower_402::{
-    Clock, Credits, Entitlement, Ledger, LedgerError, MemoryLedger, MemoryPlanStore, MeteringLayer,
+    Clock, Credits, Entitlement, Ledger, MemoryLedger, MemoryPlanStore, MeteringLayer,
     PaymentGateLayer, ProblemDetailsLayer, StaticKeys, SystemClock, Timestamp,
 };
 
@@ -61,16 +60,6 @@ pub const DEMO_KEYS: &[(&str, &str, &str)] = &[
 ];
 
 const DAY: u64 = 86_400;
-/// The largest top-up accepted in one call.
-const MAX_TOP_UP: u64 = 1_000_000_000;
-
-/// Shared state of the demo handlers.
-#[derive(Clone)]
-pub struct AppState<C> {
-    ledger: MemoryLedger,
-    catalog: Catalog,
-    clock: C,
-}
 
 /// The demo app and handles on its stores.
 pub struct Demo {
@@ -170,8 +159,8 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         .clock(clock.clone())
         .problems(problems.clone());
 
-    let state = AppState {
-        ledger: ledger.clone(),
+    let state = common::Billing {
+        ledger: Arc::new(ledger.clone()),
         catalog: catalog(),
         clock,
     };
@@ -179,8 +168,8 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         .route("/health", get(|| async { "ok" }))
         .route("/v1/forecast", get(forecast))
         .route("/v1/premium", get(premium))
-        .route("/v1/balance", get(balance::<C>))
-        .route("/v1/topup", post(top_up::<C>))
+        .route("/v1/balance", get(common::balance::<C>))
+        .route("/v1/topup", post(common::top_up::<C>))
         .layer(DefaultBodyLimit::max(1024))
         .with_state(state)
         .layer(
@@ -210,147 +199,12 @@ async fn premium(entitlement: Entitlement) -> Json<serde_json::Value> {
     }))
 }
 
-fn internal(e: LedgerError) -> Response {
-    tracing::error!(error = %e, "ledger failed");
-    Denial::Unavailable {
-        retry_after_secs: 5,
-    }
-    .into_response()
-}
-
-async fn balance<C: Clock>(
-    State(state): State<AppState<C>>,
-    entitlement: Entitlement,
-) -> Result<Json<serde_json::Value>, Response> {
-    let now = state.clock.now();
-    let account = &entitlement.account;
-    let balance = state.ledger.balance(account, now).await.map_err(internal)?;
-    let mut allowances = Vec::new();
-    let plan = entitlement
-        .plan
-        .as_ref()
-        .and_then(|p| state.catalog.get(p.id.as_str()));
-    if let Some(plan) = plan {
-        for a in &plan.allowances {
-            let window = a.window(now);
-            let usage = state
-                .ledger
-                .allowance_usage(account, &a.meter, window.start, now)
-                .await
-                .map_err(internal)?;
-            allowances.push(json!({
-                "meter": a.meter,
-                "limit": a.limit,
-                "used": usage.taken(),
-                "remaining": a.limit.saturating_sub(usage.taken()),
-                "resets_at": window.resets_at.to_string(),
-            }));
-        }
-    }
-    Ok(Json(json!({
-        "account": account,
-        "plan": entitlement.plan.as_ref().map(|p| p.id.clone()),
-        "status": entitlement.subscription.as_ref().map(|s| s.status.as_str()),
-        "balance": balance.available,
-        "held": balance.held,
-        "allowances": allowances,
-    })))
-}
-
-fn bad_request(code: &'static str, detail: &'static str) -> Response {
-    Denial::BadRequest {
-        code,
-        detail: detail.into(),
-    }
-    .into_response()
-}
-
-async fn top_up<C: Clock>(
-    State(state): State<AppState<C>>,
-    entitlement: Entitlement,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, Response> {
-    let key = match idempotency_key(&headers) {
-        Ok(Some(key)) => key,
-        Ok(None) => {
-            return Err(bad_request(
-                "IDEMPOTENCY_KEY_REQUIRED",
-                "A top-up needs an Idempotency-Key header, so that a retry is not paid twice.",
-            ))
-        }
-        Err(denial) => return Err(denial.into_response()),
-    };
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct TopUp {
-        credits: u64,
-    }
-    let Ok(TopUp { credits }) = serde_json::from_slice::<TopUp>(&body) else {
-        return Err(bad_request(
-            "INVALID_REQUEST",
-            "The body must be a JSON object {\"credits\": N} with N a whole number from 1 to 1000000000.",
-        ));
-    };
-    if credits == 0 || credits > MAX_TOP_UP {
-        return Err(bad_request(
-            "INVALID_AMOUNT",
-            "credits must be a whole number from 1 to 1000000000.",
-        ));
-    }
-    let now = state.clock.now();
-    match state
-        .ledger
-        .deposit(&entitlement.account, Credits::new(credits), key, now)
-        .await
-    {
-        Ok(deposit) => {
-            tracing::info!(
-                account = entitlement.account.as_str(),
-                credits,
-                applied = deposit.applied,
-                "top-up"
-            );
-            Ok(Json(json!({
-                "account": entitlement.account,
-                "applied": deposit.applied,
-                "balance": deposit.balance.available,
-            })))
-        }
-        Err(LedgerError::KeyConflict) => {
-            Err(Denial::IdempotencyConflict { in_progress: false }.into_response())
-        }
-        Err(LedgerError::AmountOutOfRange) => Err(bad_request(
-            "INVALID_AMOUNT",
-            "This top-up would take the balance beyond what an account can hold.",
-        )),
-        Err(e) => Err(internal(e)),
-    }
-}
-
 #[allow(dead_code)] // the tests include this file for `demo` and do not call `main`
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_402=info".into()),
-        )
-        .init();
-    let port: u16 = match std::env::var("PORT") {
-        Ok(p) => p.parse().unwrap_or_else(|_| {
-            eprintln!("PORT must be a number from 0 to 65535, got {p:?}");
-            std::process::exit(2)
-        }),
-        Err(_) => 3000,
-    };
+    common::init_tracing();
+    let listener = common::listen(common::port(3000)).await;
     let app = demo(SystemClock).await.router;
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .unwrap_or_else(|e| {
-            eprintln!("cannot listen on 127.0.0.1:{port}: {e}");
-            std::process::exit(1)
-        });
     let addr = listener.local_addr().expect("bound socket");
     println!("tower-402 quickstart listening on http://{addr}");
     println!("demo keys (send as x-api-key or Authorization: Bearer):");

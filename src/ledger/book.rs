@@ -258,6 +258,7 @@ impl AccountBook {
         // Give the allowance holds back, then consume what was used.
         let mut cost = Credits::ZERO;
         let mut consumed = Vec::with_capacity(rec.charges.len());
+        let mut used_after = Vec::with_capacity(rec.charges.len());
         let mut unit_shortfall = Vec::new();
         for (charge, held) in rec.charges.iter().zip(&held_units) {
             let units = usage
@@ -288,6 +289,9 @@ impl AccountBook {
                     });
                 c.held = c.held.saturating_sub(*held);
                 c.used = c.used.saturating_add(allowance_units);
+                used_after.push(Some(c.used));
+            } else {
+                used_after.push(None);
             }
             if over > 0 {
                 unit_shortfall.push((charge.meter.clone(), over));
@@ -319,6 +323,11 @@ impl AccountBook {
                 units: unit_shortfall,
             },
             available_after: self.available,
+            unspent_after: self
+                .available
+                .checked_add(self.held)
+                .unwrap_or(self.available),
+            allowance_used_after: used_after,
         };
         if let Some(r) = self.reservations.get_mut(key) {
             r.state = State::Settled;

@@ -235,6 +235,11 @@ pub struct Settlement {
     pub shortfall: Shortfall,
     /// `available` afterwards.
     pub available_after: Credits,
+    /// `available + held` afterwards: the balance not yet spent, holds included.
+    pub unspent_after: Credits,
+    /// Allowance units used (settled) in the window afterwards, per charge in order (`None`
+    /// for a meter without allowance).
+    pub allowance_used_after: Vec<Option<u64>>,
 }
 
 /// The result of a deposit.

@@ -9,9 +9,8 @@ use pin_project_lite::pin_project;
 
 use crate::backend::bounded;
 use crate::body::ResponseBody;
-use crate::credits::Credits;
 use crate::error::LedgerError;
-use crate::ledger::{Reservation, ReservationId, ReserveRequest, Usage};
+use crate::ledger::{Charge, Reservation, ReservationId, ReserveRequest, Usage};
 use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
@@ -31,7 +30,7 @@ pub(crate) enum Action {
 pub(crate) struct Guard {
     config: Arc<MeterConfig>,
     id: ReservationId,
-    held: Credits,
+    charges: Arc<[Charge]>,
     estimate: Vec<Usage>,
     known: Option<Vec<Usage>>,
     scanner: Option<Box<dyn UsageScanner>>,
@@ -44,7 +43,7 @@ impl Guard {
         Guard {
             config,
             id: r.id.clone(),
-            held: r.credits,
+            charges: req.charges.iter().cloned().collect(),
             estimate: req
                 .charges
                 .iter()
@@ -164,8 +163,8 @@ impl Guard {
         self.done = true;
         let config = self.config.clone();
         let id = self.id.clone();
-        let held = self.held;
-        Box::pin(run(config, id, held, action))
+        let charges = self.charges.clone();
+        Box::pin(run(config, id, charges, action))
     }
 
     pub(crate) fn release(&mut self) -> BoxFuture {
@@ -173,7 +172,7 @@ impl Guard {
     }
 }
 
-async fn run(config: Arc<MeterConfig>, id: ReservationId, held: Credits, action: Action) {
+async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>, action: Action) {
     let now = config.clock.now();
     let account = id.account.as_str();
     match action {
@@ -219,7 +218,7 @@ async fn run(config: Arc<MeterConfig>, id: ReservationId, held: Credits, action:
                         );
                     }
                     if let Some(t) = &config.thresholds {
-                        t.after_settle(&id.account, held, &s);
+                        t.after_settle(&id.account, &charges, &s);
                     }
                 }
                 Err(e) => tracing::error!(

@@ -330,16 +330,11 @@ where
     let outcome = bounded(config.timeout, config.ledger.reserve(&request)).await;
     let refuse = |denial: Denial| Prepared::Refuse(denial, Some(account.clone()));
     match outcome {
-        Ok(ReserveOutcome::Reserved(reservation)) => {
-            if let Some(t) = &config.thresholds {
-                t.after_reserve(&account, &request.charges, &reservation);
-            }
-            Prepared::Call {
-                req,
-                ticket: Some(Box::new((reservation, request))),
-                replayed: false,
-            }
-        }
+        Ok(ReserveOutcome::Reserved(reservation)) => Prepared::Call {
+            req,
+            ticket: Some(Box::new((reservation, request))),
+            replayed: false,
+        },
         Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => {
             tracing::info!(
                 target: "tower_402::metering",

@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use crate::account::AccountId;
 use crate::credits::Credits;
-use crate::ledger::{Charge, Reservation, Settlement};
+use crate::ledger::{Charge, Settlement};
 use crate::plan::Meter;
 
 /// A level worth telling the application about before the hard stop.
@@ -21,11 +21,11 @@ pub enum Threshold {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Crossing {
-    /// The balance went from above `level` to at or below it.
+    /// The unspent balance (available plus held) went from above `level` to at or below it.
     Balance {
         /// The configured level.
         level: Credits,
-        /// The balance right after the crossing.
+        /// The unspent balance right after the crossing.
         available: Credits,
     },
     /// An allowance went from below `percent` used to at or above it.
@@ -34,16 +34,18 @@ pub enum Crossing {
         meter: Meter,
         /// The configured percentage.
         percent: u8,
-        /// Units used (or held) right after the crossing.
+        /// Units used right after the crossing.
         used: u64,
         /// The allowance.
         limit: u64,
     },
 }
 
-/// A threshold was crossed. Each crossing is reported once: the ledger operation that moved
-/// the balance (or allowance) across the level reports it, and ledger operations on one
-/// account are atomic, so concurrent requests cannot both report the same crossing.
+/// A threshold was crossed. Crossings are judged on what is *spent* (settled), not on holds:
+/// a reservation that is later released never reports one. Each crossing is reported once:
+/// the settlement that moved the balance (or allowance) across the level reports it, and
+/// ledger operations on one account are atomic, so concurrent requests cannot both report the
+/// same crossing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ThresholdEvent {
@@ -92,73 +94,46 @@ impl Thresholds {
         });
     }
 
-    /// Crossings caused by a reservation.
-    pub(crate) fn after_reserve(&self, account: &AccountId, charges: &[Charge], r: &Reservation) {
-        let before = r
-            .available_after
-            .checked_add(r.credits)
-            .unwrap_or(Credits::MAX_EXACT);
+    /// Crossings caused by a settlement: what was actually spent, so a hold that is given
+    /// back never reports a crossing.
+    pub(crate) fn after_settle(&self, account: &AccountId, charges: &[Charge], s: &Settlement) {
+        let after = s.unspent_after;
+        let before = after.checked_add(s.charged).unwrap_or(Credits::MAX_EXACT);
         for t in self.levels.iter() {
             match *t {
                 Threshold::BalanceAtOrBelow(level) => {
-                    if crossed_down(before, r.available_after, level) {
+                    if crossed_down(before, after, level) {
                         self.emit(
                             account,
                             Crossing::Balance {
                                 level,
-                                available: r.available_after,
+                                available: after,
                             },
                         );
                     }
                 }
                 Threshold::AllowancePercent(percent) => {
-                    for ((charge, left), units) in charges
+                    for ((charge, used), units) in charges
                         .iter()
-                        .zip(&r.allowance_left)
-                        .zip(&r.allowance_units)
+                        .zip(&s.allowance_used_after)
+                        .zip(&s.allowance_units)
                     {
-                        let (Some(w), Some(left)) = (charge.allowance, left) else {
+                        let (Some(w), Some(used)) = (charge.allowance, used) else {
                             continue;
                         };
-                        let after = w.limit.saturating_sub(*left);
-                        let before = after.saturating_sub(*units);
-                        if crossed_percent(before, after, w.limit, percent) {
+                        let before = used.saturating_sub(*units);
+                        if crossed_percent(before, *used, w.limit, percent) {
                             self.emit(
                                 account,
                                 Crossing::Allowance {
                                     meter: charge.meter.clone(),
                                     percent,
-                                    used: after,
+                                    used: *used,
                                     limit: w.limit,
                                 },
                             );
                         }
                     }
-                }
-            }
-        }
-    }
-
-    /// Crossings caused by a settlement that drew more than was held.
-    pub(crate) fn after_settle(&self, account: &AccountId, held: Credits, s: &Settlement) {
-        let extra = s.charged.saturating_sub(held);
-        if extra.is_zero() {
-            return;
-        }
-        let before = s
-            .available_after
-            .checked_add(extra)
-            .unwrap_or(Credits::MAX_EXACT);
-        for t in self.levels.iter() {
-            if let Threshold::BalanceAtOrBelow(level) = *t {
-                if crossed_down(before, s.available_after, level) {
-                    self.emit(
-                        account,
-                        Crossing::Balance {
-                            level,
-                            available: s.available_after,
-                        },
-                    );
                 }
             }
         }

@@ -1,0 +1,177 @@
+//! Handlers the examples share: the caller's own balance, and a top-up endpoint that stands in
+//! for a payment processor's confirmation. Not an example of its own.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use tower_402::decision::Denial;
+use tower_402::metering::idempotency_key;
+use tower_402::plan::Catalog;
+use tower_402::{Clock, Credits, Entitlement, Ledger, LedgerError};
+
+/// The largest top-up accepted in one call.
+pub const MAX_TOP_UP: u64 = 1_000_000_000;
+
+/// What the billing handlers need.
+#[derive(Clone)]
+pub struct Billing<C> {
+    pub ledger: Arc<dyn Ledger>,
+    pub catalog: Catalog,
+    pub clock: C,
+}
+
+fn internal(e: LedgerError) -> Response {
+    tracing::error!(error = %e, "ledger failed");
+    Denial::Unavailable {
+        retry_after_secs: 5,
+    }
+    .into_response()
+}
+
+fn bad_request(code: &'static str, detail: &'static str) -> Response {
+    Denial::BadRequest {
+        code,
+        detail: detail.into(),
+    }
+    .into_response()
+}
+
+/// `GET /v1/balance`: plan, status, balance, allowance left and reset time of the caller.
+pub async fn balance<C: Clock>(
+    State(state): State<Billing<C>>,
+    entitlement: Entitlement,
+) -> Result<Json<serde_json::Value>, Response> {
+    let now = state.clock.now();
+    let account = &entitlement.account;
+    let balance = state.ledger.balance(account, now).await.map_err(internal)?;
+    let mut allowances = Vec::new();
+    let plan = entitlement
+        .plan
+        .as_ref()
+        .and_then(|p| state.catalog.get(p.id.as_str()));
+    if let Some(plan) = plan {
+        for a in &plan.allowances {
+            let window = a.window(now);
+            let usage = state
+                .ledger
+                .allowance_usage(account, &a.meter, window.start, now)
+                .await
+                .map_err(internal)?;
+            allowances.push(json!({
+                "meter": a.meter,
+                "limit": a.limit,
+                "used": usage.taken(),
+                "remaining": a.limit.saturating_sub(usage.taken()),
+                "resets_at": window.resets_at.to_string(),
+            }));
+        }
+    }
+    Ok(Json(json!({
+        "account": account,
+        "plan": entitlement.plan.as_ref().map(|p| p.id.clone()),
+        "status": entitlement.subscription.as_ref().map(|s| s.status.as_str()),
+        "balance": balance.available,
+        "held": balance.held,
+        "allowances": allowances,
+    })))
+}
+
+/// `POST /v1/topup` with `{"credits": N}` and an `Idempotency-Key`: deposits once per key.
+pub async fn top_up<C: Clock>(
+    State(state): State<Billing<C>>,
+    entitlement: Entitlement,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, Response> {
+    let key = match idempotency_key(&headers) {
+        Ok(Some(key)) => key,
+        Ok(None) => {
+            return Err(bad_request(
+                "IDEMPOTENCY_KEY_REQUIRED",
+                "A top-up needs an Idempotency-Key header, so that a retry is not paid twice.",
+            ))
+        }
+        Err(denial) => return Err(denial.into_response()),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TopUp {
+        credits: u64,
+    }
+    let Ok(TopUp { credits }) = serde_json::from_slice::<TopUp>(&body) else {
+        return Err(bad_request(
+            "INVALID_REQUEST",
+            "The body must be a JSON object {\"credits\": N} with N a whole number from 1 to 1000000000.",
+        ));
+    };
+    if credits == 0 || credits > MAX_TOP_UP {
+        return Err(bad_request(
+            "INVALID_AMOUNT",
+            "credits must be a whole number from 1 to 1000000000.",
+        ));
+    }
+    let now = state.clock.now();
+    match state
+        .ledger
+        .deposit(&entitlement.account, Credits::new(credits), key, now)
+        .await
+    {
+        Ok(deposit) => {
+            tracing::info!(
+                account = entitlement.account.as_str(),
+                credits,
+                applied = deposit.applied,
+                "top-up"
+            );
+            Ok(Json(json!({
+                "account": entitlement.account,
+                "applied": deposit.applied,
+                "balance": deposit.balance.available,
+            })))
+        }
+        Err(LedgerError::KeyConflict) => {
+            Err(Denial::IdempotencyConflict { in_progress: false }.into_response())
+        }
+        Err(LedgerError::AmountOutOfRange) => Err(bad_request(
+            "INVALID_AMOUNT",
+            "This top-up would take the balance beyond what an account can hold.",
+        )),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+/// Reads `PORT` (default `default`), exiting with a clear message when it is not a port.
+pub fn port(default: u16) -> u16 {
+    match std::env::var("PORT") {
+        Ok(p) => p.parse().unwrap_or_else(|_| {
+            eprintln!("PORT must be a number from 0 to 65535, got {p:?}");
+            std::process::exit(2)
+        }),
+        Err(_) => default,
+    }
+}
+
+/// Logs to stderr, `RUST_LOG` to filter (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
+/// Binds 127.0.0.1:`port`, exiting with a clear message when it cannot.
+pub async fn listen(port: u16) -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("cannot listen on 127.0.0.1:{port}: {e}");
+            std::process::exit(1)
+        })
+}
