@@ -220,6 +220,16 @@ impl PostgresConfig {
             .map_err(StoreError::unavailable)
     }
 
+    /// The schema the tables live in.
+    pub fn schema_name(&self) -> &str {
+        &self.schema
+    }
+
+    /// The table-name prefix.
+    pub fn table_prefix_name(&self) -> &str {
+        &self.prefix
+    }
+
     fn table(&self, name: &str) -> String {
         format!("\"{}\".\"{}{}\"", self.schema, self.prefix, name)
     }
@@ -769,10 +779,13 @@ impl PostgresLedger {
             if before.deposits.get(key) == Some(&(*amount, *at)) {
                 continue;
             }
-            // A plain insert: the primary key refuses a second deposit under one key even if
-            // the row lock were somehow bypassed.
+            // A key forgotten after the retention time may still have its old row (the sweep
+            // deletes it later): replace it. The account's row lock makes this exclusive.
             tx.execute(
-                &format!("INSERT INTO {dep} (account, key, amount, at) VALUES ($1, $2, $3, $4)"),
+                &format!(
+                    "INSERT INTO {dep} (account, key, amount, at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (account, key) DO UPDATE SET amount = $3, at = $4"
+                ),
                 &[&acct, key, &u64_to_sql(amount.get())?, &ts_to_sql(*at)],
             )
             .await
