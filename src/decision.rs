@@ -5,7 +5,7 @@
 //! output. Checks run in this order, and the first that fails decides:
 //!
 //! 1. **status**, with the grace period for `past_due` (see
-//!    [`SubscriptionStatus`](crate::plan::SubscriptionStatus) for the table);
+//!    [`SubscriptionStatus`] for the table);
 //! 2. **entitlement**: the plan's tier against the route's minimum, then the route's feature;
 //! 3. **allowance, then credit** for the route's fixed cost, if it has one.
 //!

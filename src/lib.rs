@@ -77,7 +77,7 @@
 //! | 409 | `IDEMPOTENCY_KEY_REUSED`, `IDEMPOTENCY_KEY_IN_USE` | key reused for another request / still running | |
 //! | 503 | `SERVICE_UNAVAILABLE` | ledger or plan store unreachable (`Retry-After`) | |
 //!
-//! Applications add their own with [`Denial::Custom`](decision::Denial::Custom).
+//! Applications add their own with [`Denial::Custom`].
 //!
 //! # Logs
 //!
@@ -90,7 +90,7 @@
 //!
 //! | feature | default | what |
 //! |---|---|---|
-//! | `axum` | yes | [`Entitlement`] as an axum extractor; `IntoResponse` for [`Denial`](decision::Denial) and [`ProblemDetails`](problem::ProblemDetails) |
+//! | `axum` | yes | [`Entitlement`] as an axum extractor; `IntoResponse` for [`Denial`] and [`ProblemDetails`](problem::ProblemDetails) |
 //! | `redis` | no | `RedisLedger` and `RedisPlanStore` (`store::redis`): several instances on one Redis, one atomic Lua script per ledger operation |
 //! | `postgres` | no | `PostgresLedger` and `PostgresPlanStore` (`store::postgres`): several instances on one durable database, an idempotent `migrate()` |
 //!

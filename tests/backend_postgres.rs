@@ -97,10 +97,19 @@ async fn sweep_releases_idle_accounts_and_forgets_old_records() {
     ledger.reserve(&req).await.unwrap();
     let swept = ledger.sweep(conformance::at(10), 100).await.unwrap();
     assert!(swept >= 1);
-    assert_eq!(ledger.open_reservations(&a, conformance::at(10)).await.unwrap(), 0);
+    assert_eq!(
+        ledger
+            .open_reservations(&a, conformance::at(10))
+            .await
+            .unwrap(),
+        0
+    );
     let late = conformance::at(10).plus_secs(tower_402::ledger::DEFAULT_RETENTION_SECS);
     let deleted = ledger.sweep(late, 100).await.unwrap();
-    assert!(deleted >= 2, "the expired record and the deposit key: {deleted}");
+    assert!(
+        deleted >= 2,
+        "the expired record and the deposit key: {deleted}"
+    );
     let b = conformance::conserved(&ledger, "idle", late).await;
     assert_eq!(b.available, Credits::new(10));
 }
@@ -163,7 +172,10 @@ async fn terminated_connections_recover_without_double_applying() {
     let ledger = PostgresLedger::new(config.pool().unwrap(), config.clone());
     let a = "killed".into();
     let now = Timestamp::now();
-    ledger.deposit(&a, Credits::new(10), "d1", now).await.unwrap();
+    ledger
+        .deposit(&a, Credits::new(10), "d1", now)
+        .await
+        .unwrap();
     let killed = admin()
         .await
         .query(
@@ -183,12 +195,17 @@ async fn terminated_connections_recover_without_double_applying() {
         }
     };
     assert_eq!(d.balance.available, Credits::new(15));
-    assert!(!ledger
-        .deposit(&a, Credits::new(5), "d2", now)
-        .await
-        .unwrap()
-        .applied);
-    assert_eq!(ledger.balance(&a, now).await.unwrap().available, Credits::new(15));
+    assert!(
+        !ledger
+            .deposit(&a, Credits::new(5), "d2", now)
+            .await
+            .unwrap()
+            .applied
+    );
+    assert_eq!(
+        ledger.balance(&a, now).await.unwrap().available,
+        Credits::new(15)
+    );
     drop_schema(&config, &schema_of(&config)).await;
 }
 
@@ -203,7 +220,10 @@ async fn a_locked_account_times_out_and_nothing_is_half_applied() {
     let ledger = PostgresLedger::new(config.pool().unwrap(), config.clone());
     let a = "locked".into();
     let now = Timestamp::now();
-    ledger.deposit(&a, Credits::new(10), "d1", now).await.unwrap();
+    ledger
+        .deposit(&a, Credits::new(10), "d1", now)
+        .await
+        .unwrap();
     // Another session holds the account's row lock.
     let mut blocker = admin().await;
     let tx = blocker.transaction().await.unwrap();
@@ -220,7 +240,10 @@ async fn a_locked_account_times_out_and_nothing_is_half_applied() {
         .deposit(&a, Credits::new(7), "d2", now)
         .await
         .unwrap_err();
-    assert!(matches!(err, LedgerError::Store(StoreError::Timeout)), "{err:?}");
+    assert!(
+        matches!(err, LedgerError::Store(StoreError::Timeout)),
+        "{err:?}"
+    );
     tx.rollback().await.unwrap();
     let mut attempts = 0;
     loop {
@@ -231,6 +254,9 @@ async fn a_locked_account_times_out_and_nothing_is_half_applied() {
             Err(e) => panic!("{e:?}"),
         }
     }
-    assert_eq!(ledger.balance(&a, now).await.unwrap().available, Credits::new(17));
+    assert_eq!(
+        ledger.balance(&a, now).await.unwrap().available,
+        Credits::new(17)
+    );
     drop_schema(&config, &schema_of(&config)).await;
 }

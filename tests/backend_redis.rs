@@ -109,7 +109,10 @@ async fn a_killed_connection_recovers_without_double_applying() {
     let ledger = RedisLedger::new(&config);
     let a = "killed".into();
     let now = Timestamp::now();
-    ledger.deposit(&a, Credits::new(10), "d1", now).await.unwrap();
+    ledger
+        .deposit(&a, Credits::new(10), "d1", now)
+        .await
+        .unwrap();
     let id = ledger.client_id().await.unwrap();
     let mut admin = admin().await;
     let killed: i64 = redis::cmd("CLIENT")
@@ -131,7 +134,10 @@ async fn a_killed_connection_recovers_without_double_applying() {
         }
     };
     assert_eq!(d.balance.available, Credits::new(15));
-    let again = ledger.deposit(&a, Credits::new(5), "d2", now).await.unwrap();
+    let again = ledger
+        .deposit(&a, Credits::new(5), "d2", now)
+        .await
+        .unwrap();
     assert!(!again.applied);
     assert_ne!(ledger.client_id().await.unwrap(), id, "a new connection");
     assert_eq!(
@@ -146,7 +152,10 @@ async fn a_paused_server_times_out_and_a_retry_applies_once() {
     let ledger = RedisLedger::new(&config.response_timeout(Duration::from_millis(50)));
     let a = "paused".into();
     let now = Timestamp::now();
-    ledger.deposit(&a, Credits::new(10), "d1", now).await.unwrap();
+    ledger
+        .deposit(&a, Credits::new(10), "d1", now)
+        .await
+        .unwrap();
     let mut admin = admin().await;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
@@ -158,7 +167,10 @@ async fn a_paused_server_times_out_and_a_retry_applies_once() {
         .deposit(&a, Credits::new(7), "d2", now)
         .await
         .unwrap_err();
-    assert!(matches!(err, LedgerError::Store(StoreError::Timeout)), "{err:?}");
+    assert!(
+        matches!(err, LedgerError::Store(StoreError::Timeout)),
+        "{err:?}"
+    );
     // The timed-out script may still run once the pause ends; retrying with the same key
     // (each attempt bounded by the response timeout) must add the 7 credits exactly once.
     let mut attempts = 0;

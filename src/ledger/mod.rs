@@ -2,7 +2,7 @@
 //!
 //! The model follows double-entry ledgers that hold money correctly under concurrency
 //! (TigerBeetle's pending transfers). Per account the ledger keeps three buckets of
-//! [`Credits`](crate::Credits):
+//! [`Credits`]:
 //!
 //! - `available`: can be reserved;
 //! - `held`: the sum of open reservations;
@@ -18,7 +18,7 @@
 //!   overage, or the credit needed exceeds `available`. Idempotent on the key: a retry of an
 //!   open reservation answers [`Replay::InProgress`], of a settled one [`Replay::Completed`]
 //!   (charge nothing again); a retry after a release reserves afresh; the same key with another
-//!   fingerprint is [`LedgerError::KeyConflict`](crate::LedgerError::KeyConflict).
+//!   fingerprint is [`LedgerError::KeyConflict`].
 //! - [`settle`](Ledger::settle) what was actually used, once. Less than held: the rest goes
 //!   back. More than held: see [`OverEstimate`]; a shortfall is reported, never silent, and the
 //!   balance never goes below zero.
@@ -28,7 +28,7 @@
 //! - [`deposit`](Ledger::deposit): idempotent top-up.
 //!
 //! Amounts above [`Credits::MAX_EXACT`](crate::Credits::MAX_EXACT) are refused with
-//! [`LedgerError::AmountOutOfRange`](crate::LedgerError::AmountOutOfRange) on every backend.
+//! [`LedgerError::AmountOutOfRange`] on every backend.
 //!
 //! # Async traits
 //!

@@ -202,7 +202,11 @@ mod tests {
         }
     }
 
-    fn setup() -> (Counting, ManualClock, CachingPlanStore<Counting, ManualClock>) {
+    fn setup() -> (
+        Counting,
+        ManualClock,
+        CachingPlanStore<Counting, ManualClock>,
+    ) {
         let inner = Counting::default();
         let clock = ManualClock::new(Timestamp::from_unix(1_000));
         let cache = CachingPlanStore::new(inner.clone(), 30).clock(clock.clone());
@@ -235,12 +239,24 @@ mod tests {
             .unwrap();
         clock.advance(29);
         assert_eq!(
-            cache.subscription(&acme).await.unwrap().unwrap().plan.as_str(),
+            cache
+                .subscription(&acme)
+                .await
+                .unwrap()
+                .unwrap()
+                .plan
+                .as_str(),
             "pro"
         );
         clock.advance(1);
         assert_eq!(
-            cache.subscription(&acme).await.unwrap().unwrap().plan.as_str(),
+            cache
+                .subscription(&acme)
+                .await
+                .unwrap()
+                .unwrap()
+                .plan
+                .as_str(),
             "basic"
         );
         assert_eq!(reads(&inner), 2);
@@ -275,7 +291,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            cache.subscription(&acme).await.unwrap().unwrap().plan.as_str(),
+            cache
+                .subscription(&acme)
+                .await
+                .unwrap()
+                .unwrap()
+                .plan
+                .as_str(),
             "pro"
         );
         let mut past_due = Subscription::new("acme", "pro", SubscriptionStatus::PastDue);
@@ -284,7 +306,13 @@ mod tests {
         assert_eq!(cache.subscription(&acme).await.unwrap(), Some(past_due));
         assert_eq!(reads(&inner), 2);
         assert_eq!(
-            inner.store.subscription(&acme).await.unwrap().unwrap().status,
+            inner
+                .store
+                .subscription(&acme)
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
             SubscriptionStatus::PastDue
         );
     }

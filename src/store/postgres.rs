@@ -123,9 +123,9 @@ fn valid_identifier(s: &str, allow_empty: bool) -> bool {
         return allow_empty;
     }
     s.len() <= 40
-        && s.bytes().enumerate().all(|(i, b)| {
-            b == b'_' || b.is_ascii_lowercase() || (i > 0 && b.is_ascii_digit())
-        })
+        && s.bytes()
+            .enumerate()
+            .all(|(i, b)| b == b'_' || b.is_ascii_lowercase() || (i > 0 && b.is_ascii_digit()))
 }
 
 impl PostgresConfig {
@@ -310,9 +310,12 @@ async fn migrate(pool: &Pool, config: &PostgresConfig) -> Result<(), StoreError>
     timed(config.op_timeout, async {
         let mut client = pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        tx.execute("SELECT pg_advisory_xact_lock(hashtext('tower402-migrate'))", &[])
-            .await
-            .map_err(pg_error)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('tower402-migrate'))",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?;
         tx.batch_execute(&sql).await.map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)
     })
@@ -1021,7 +1024,16 @@ mod tests {
         let c = PostgresConfig::new("postgres://u@localhost/db").expect("url");
         assert!(c.clone().schema("billing_2").is_ok());
         assert!(c.clone().table_prefix("").is_ok());
-        for bad in ["", "2x", "a-b", "A", "a\"b", "a;drop", "x y", &"a".repeat(41)] {
+        for bad in [
+            "",
+            "2x",
+            "a-b",
+            "A",
+            "a\"b",
+            "a;drop",
+            "x y",
+            &"a".repeat(41),
+        ] {
             assert!(c.clone().schema(bad).is_err(), "{bad:?}");
         }
         assert!(c.table_prefix("p\"").is_err());

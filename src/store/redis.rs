@@ -787,9 +787,7 @@ impl Ledger for RedisLedger {
                 }))
             }
             "in_progress" => Ok(ReserveOutcome::Replayed(Replay::InProgress)),
-            "completed" => Ok(ReserveOutcome::Replayed(Replay::Completed(
-                r.settlement()?,
-            ))),
+            "completed" => Ok(ReserveOutcome::Replayed(Replay::Completed(r.settlement()?))),
             "conflict" => Err(LedgerError::KeyConflict),
             "range" => Err(LedgerError::AmountOutOfRange),
             "insufficient" => Ok(ReserveOutcome::Denied(Denial::InsufficientCredits {
@@ -831,7 +829,11 @@ impl Ledger for RedisLedger {
             OverEstimate::CapAtHold => "cap",
             _ => "draw",
         };
-        let mut args = vec![id.key.clone(), policy.to_owned(), per_meter.len().to_string()];
+        let mut args = vec![
+            id.key.clone(),
+            policy.to_owned(),
+            per_meter.len().to_string(),
+        ];
         for (m, u) in per_meter {
             args.push(m.to_owned());
             args.push(u.to_string());
@@ -850,7 +852,12 @@ impl Ledger for RedisLedger {
 
     async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
         let (tag, _) = self
-            .run(&self.scripts.release, &id.account, now, &[id.key.clone()])
+            .run(
+                &self.scripts.release,
+                &id.account,
+                now,
+                std::slice::from_ref(&id.key),
+            )
             .await?;
         match tag.as_str() {
             "ok" => Ok(()),
@@ -871,9 +878,7 @@ impl Ledger for RedisLedger {
             return Err(LedgerError::AmountOutOfRange);
         }
         let args = [key.to_owned(), amount.get().to_string()];
-        let (tag, mut r) = self
-            .run(&self.scripts.deposit, account, now, &args)
-            .await?;
+        let (tag, mut r) = self.run(&self.scripts.deposit, account, now, &args).await?;
         match tag.as_str() {
             "applied" | "unchanged" => Ok(Deposit {
                 applied: tag == "applied",
@@ -903,7 +908,10 @@ impl Ledger for RedisLedger {
             meter.as_str().to_owned(),
             exact(window_start.unix())?.to_string(),
         ];
-        match self.run(&self.scripts.allowance, account, now, &args).await? {
+        match self
+            .run(&self.scripts.allowance, account, now, &args)
+            .await?
+        {
             (tag, mut r) if tag == "usage" => Ok(AllowanceUsage {
                 used: r.u64()?,
                 held: r.u64()?,

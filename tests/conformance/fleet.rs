@@ -83,7 +83,11 @@ where
             s => other.push((s, body)),
         }
     }
-    assert!(other.is_empty(), "unexpected answers: {:?}", &other[..other.len().min(3)]);
+    assert!(
+        other.is_empty(),
+        "unexpected answers: {:?}",
+        &other[..other.len().min(3)]
+    );
     assert_eq!((ok, refused), (500, 1_500));
     let b = ledger
         .balance(&ACCOUNT.into(), Timestamp::now())

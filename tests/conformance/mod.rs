@@ -237,7 +237,10 @@ pub async fn over_estimates_and_denials(l: &impl Ledger) {
         )
         .await
         .unwrap();
-    assert_eq!((s.charged, s.available_after), (Credits::new(8), Credits::new(12)));
+    assert_eq!(
+        (s.charged, s.available_after),
+        (Credits::new(8), Credits::new(12))
+    );
     // Cap at the hold.
     reserved(
         l.reserve(&request("over", "b", vec![paid("req", 5, 1)], at(3)))
@@ -340,16 +343,25 @@ pub async fn expiry(l: &impl Ledger) {
         )
         .await
         .unwrap();
-    assert_eq!((s.charged, s.available_after), (Credits::new(4), Credits::new(26)));
+    assert_eq!(
+        (s.charged, s.available_after),
+        (Credits::new(4), Credits::new(26))
+    );
     // An expired key reserves afresh; releasing an expired one is a no-op.
     let mut r2 = request("exp", "k2", vec![paid("req", 6, 1)], at(20));
     r2.ttl_secs = 5;
     reserved(l.reserve(&r2).await.unwrap());
     l.release(&id("exp", "k2"), at(30)).await.unwrap();
     r2.now = at(31);
-    assert_eq!(reserved(l.reserve(&r2).await.unwrap()).credits, Credits::new(6));
+    assert_eq!(
+        reserved(l.reserve(&r2).await.unwrap()).credits,
+        Credits::new(6)
+    );
     let b = conserved(l, "exp", at(40)).await;
-    assert_eq!((b.available, b.held, b.settled), (Credits::new(26), Credits::ZERO, Credits::new(4)));
+    assert_eq!(
+        (b.available, b.held, b.settled),
+        (Credits::new(26), Credits::ZERO, Credits::new(4))
+    );
 }
 
 pub async fn allowances(l: &impl Ledger) {
@@ -366,14 +378,20 @@ pub async fn allowances(l: &impl Ledger) {
             .await
             .unwrap(),
     );
-    assert_eq!((r.allowance_units.clone(), r.allowance_left.clone()), (vec![2], vec![Some(1)]));
+    assert_eq!(
+        (r.allowance_units.clone(), r.allowance_left.clone()),
+        (vec![2], vec![Some(1)])
+    );
     match l
         .reserve(&request("allow", "b", vec![free.clone()], at(2)))
         .await
         .unwrap()
     {
         ReserveOutcome::Denied(Denial::QuotaExceeded {
-            limit, used, resets_at, ..
+            limit,
+            used,
+            resets_at,
+            ..
         }) => assert_eq!((limit, used, resets_at), (3, 2, Some(w.resets_at))),
         other => panic!("{other:?}"),
     }
@@ -422,7 +440,9 @@ pub async fn allowances(l: &impl Ledger) {
     );
     assert_eq!(r.allowance_left, vec![Some(1)]);
     // With overage, units beyond the allowance are paid from credit.
-    l.deposit(&acct("allow"), Credits::new(10), "d", at(7)).await.unwrap();
+    l.deposit(&acct("allow"), Credits::new(10), "d", at(7))
+        .await
+        .unwrap();
     let over = Charge {
         meter: Meter::new("tokens"),
         units: 5,
@@ -563,7 +583,10 @@ pub async fn matches_the_book(l: &impl Ledger, seed: u64) {
                 (*a, format!("{got:?}"), format!("{want:?}"))
             }
             Op::Reserve(req) => {
-                let a = ACCOUNTS.iter().position(|n| *n == req.account.as_str()).unwrap();
+                let a = ACCOUNTS
+                    .iter()
+                    .position(|n| *n == req.account.as_str())
+                    .unwrap();
                 let got = l.reserve(req).await;
                 let want = books.entry(a).or_default().reserve(req);
                 (a, format!("{got:?}"), format!("{want:?}"))
