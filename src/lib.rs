@@ -91,6 +91,11 @@
 //! | feature | default | what |
 //! |---|---|---|
 //! | `axum` | yes | [`Entitlement`] as an axum extractor; `IntoResponse` for [`Denial`] and [`ProblemDetails`](problem::ProblemDetails) |
+//! | `redis` | no | `RedisLedger` and `RedisPlanStore` (`store::redis`): several instances on one Redis, one atomic Lua script per ledger operation |
+//! | `postgres` | no | `PostgresLedger` and `PostgresPlanStore` (`store::postgres`): several instances on one durable database, an idempotent `migrate()` |
+//!
+//! [`CachingPlanStore`](store::CachingPlanStore) (always available) puts a read-through cache
+//! with a TTL in front of any plan store.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -119,6 +124,10 @@ pub use ledger::Ledger;
 pub use metering::{MeteringLayer, ReportedUsage};
 pub use problem::ProblemDetailsLayer;
 pub use store::{MemoryLedger, MemoryPlanStore};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresLedger, PostgresPlanStore};
+#[cfg(feature = "redis")]
+pub use store::{RedisLedger, RedisPlanStore};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 
 #[cfg(doctest)]

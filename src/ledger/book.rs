@@ -11,31 +11,47 @@ use crate::time::Timestamp;
 /// longer than payment processors retry their webhooks.
 pub const DEFAULT_RETENTION_SECS: u64 = 7 * 24 * 3600;
 
+/// The life of a reservation record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(crate) enum State {
     Open,
     Settled,
     Released,
     Expired,
 }
 
-#[derive(Debug, Clone)]
-struct Record {
-    fingerprint: u64,
-    charges: Vec<Charge>,
-    credits: Credits,
-    allowance_units: Vec<u64>,
-    expires_at: Timestamp,
-    state: State,
-    touched_at: Timestamp,
-    settlement: Option<Settlement>,
+/// One reservation as the book keeps it (persisted piecewise by the SQL store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) fingerprint: u64,
+    pub(crate) charges: Vec<Charge>,
+    pub(crate) credits: Credits,
+    pub(crate) allowance_units: Vec<u64>,
+    pub(crate) expires_at: Timestamp,
+    pub(crate) state: State,
+    pub(crate) touched_at: Timestamp,
+    pub(crate) settlement: Option<Settlement>,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Counter {
-    used: u64,
-    held: u64,
-    resets_at: Timestamp,
+/// Allowance units of one meter in one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counter {
+    pub(crate) used: u64,
+    pub(crate) held: u64,
+    pub(crate) resets_at: Timestamp,
+}
+
+/// A part of an account's state: its buckets plus whichever records an operation needs.
+///
+/// A store that keeps records in rows loads the rows an operation can touch, builds a book
+/// with [`AccountBook::from_parts`], applies the operation, and writes back what
+/// [`AccountBook::into_parts`] returns (a record missing from the result was forgotten).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Parts {
+    pub(crate) balance: Balance,
+    pub(crate) reservations: HashMap<String, Record>,
+    pub(crate) allowances: HashMap<(Meter, Timestamp), Counter>,
+    pub(crate) deposits: HashMap<String, (Credits, Timestamp)>,
 }
 
 /// One account's ledger as a pure state machine: no I/O, no clock, no locks.
@@ -74,6 +90,40 @@ impl AccountBook {
             reservations: HashMap::new(),
             deposits: HashMap::new(),
             retention_secs,
+        }
+    }
+
+    /// A book made of a subset of an account's records. Operations give the same answers as
+    /// on the whole book as long as `parts` holds every record the operation reads: the
+    /// reservation under its key, every open reservation due at `now`, the allowance counters
+    /// of the charges involved, and the deposit under its key.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn from_parts(retention_secs: u64, parts: Parts) -> Self {
+        AccountBook {
+            available: parts.balance.available,
+            held: parts.balance.held,
+            settled: parts.balance.settled,
+            deposited: parts.balance.deposited,
+            allowances: parts.allowances,
+            reservations: parts.reservations,
+            deposits: parts.deposits,
+            retention_secs,
+        }
+    }
+
+    /// The state, to write back after [`AccountBook::from_parts`].
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn into_parts(self) -> Parts {
+        Parts {
+            balance: Balance {
+                available: self.available,
+                held: self.held,
+                settled: self.settled,
+                deposited: self.deposited,
+            },
+            reservations: self.reservations,
+            allowances: self.allowances,
+            deposits: self.deposits,
         }
     }
 

@@ -98,6 +98,8 @@ mod book;
 mod types;
 
 pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
+#[cfg(feature = "postgres")]
+pub(crate) use book::{Counter, Parts, Record, State};
 pub use types::{
     AllowanceUsage, Balance, Charge, Deposit, OverEstimate, Replay, Reservation, ReservationId,
     ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,

@@ -208,7 +208,7 @@ pub enum OverEstimate {
 }
 
 /// What could not be charged.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shortfall {
     /// Credits that were owed but not available (or beyond the hold under
     /// [`OverEstimate::CapAtHold`]).
@@ -225,7 +225,7 @@ impl Shortfall {
 }
 
 /// The result of a settlement.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settlement {
     /// Credits charged.
     pub charged: Credits,

@@ -3,7 +3,23 @@
 //! | backend | feature | for |
 //! |---|---|---|
 //! | [`MemoryLedger`], [`MemoryPlanStore`] | always | one process; the embedded default; tests |
+//! | `RedisLedger`, `RedisPlanStore` | `redis` | several instances; one atomic Lua script per ledger operation; see the `redis` module |
+//! | `PostgresLedger`, `PostgresPlanStore` | `postgres` | several instances; durable; row lock + the shared state machine in one transaction; an idempotent `migrate()`; see the `postgres` module |
+//! | [`CachingPlanStore`] | always | a read-through cache with a TTL in front of any plan store |
+//!
+//! Every backend keeps the semantics documented on [`Ledger`](crate::Ledger) exactly; one
+//! conformance suite (`tests/conformance/`) runs the same assertions against each.
 
+mod cache;
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 
+pub use cache::CachingPlanStore;
 pub use memory::{MemoryLedger, MemoryPlanStore};
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresConfig, PostgresLedger, PostgresPlanStore};
+#[cfg(feature = "redis")]
+pub use redis::{RedisConfig, RedisLedger, RedisPlanStore};

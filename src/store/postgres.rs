@@ -1,0 +1,1041 @@
+//! The PostgreSQL backend (feature `postgres`).
+//!
+//! [`PostgresLedger`] and [`PostgresPlanStore`] run on a [`deadpool_postgres`] pool, so any
+//! number of app instances can share one database. The pool replaces broken connections on
+//! its own: after a restart of the server (or a terminated backend) the next operations get a
+//! fresh connection, with no restart of the app.
+//!
+//! # How the ledger keeps its promises
+//!
+//! Every operation is one transaction that first locks the account's row in the balances
+//! table (`INSERT … ON CONFLICT DO UPDATE … RETURNING`, which takes the row lock and creates
+//! the row of an account never seen). While the lock is held it loads the rows the operation
+//! can touch (the reservation under its key, the account's open reservations that are due,
+//! the allowance counters of the charges involved, the deposit under its key), runs the same
+//! [`AccountBook`] state machine as the in-memory ledger on them, writes back what changed
+//! and commits. Two operations on one account are therefore serialized by the row lock under
+//! any isolation level, and nothing can overspend: the balances table also carries
+//! `CHECK (deposited = available + held + settled)` and non-negativity checks, so a bug would
+//! abort the transaction rather than store a wrong balance.
+//!
+//! Idempotency records are rows keyed by `(account, key)` (primary keys, so a key exists at
+//! most once). Expired reservations are released by the next operation on their account; the
+//! optional [`PostgresLedger::sweep`] does the same for accounts nobody touches and deletes
+//! records older than the retention time, a bounded number per call.
+//!
+//! If an operation times out or its connection drops before the commit, the transaction is
+//! rolled back: nothing is half-applied. Whether a commit that raced a lost connection landed
+//! cannot be known, so the ledger never retries on its own; `reserve` and `deposit` are
+//! idempotent by key, so the caller may retry them with the same key safely.
+//!
+//! The time an operation acts at is the `now` it is given: pass non-decreasing times (the
+//! layers pass their clock's time).
+//!
+//! # Schema
+//!
+//! [`PostgresLedger::migrate`] (and [`PostgresPlanStore::migrate`], the same schema) creates,
+//! in one transaction and only if missing, the tables `balances`, `reservations`,
+//! `allowances`, `deposits` and `subscriptions`, each name prefixed with the configured table
+//! prefix (default `tower402_`) in the configured schema (default `public`). Schema and
+//! prefix must match `[a-z_][a-z0-9_]*` (at most 40 characters); anything else is refused,
+//! since they are spliced into SQL.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use tower_402::store::{PostgresLedger, PostgresPlanStore, PostgresConfig};
+//! use tower_402::{Credits, Ledger, Timestamp};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = PostgresConfig::new("postgres://postgres@127.0.0.1:5432/app")?
+//!     .schema("billing")?
+//!     .table_prefix("api_")?;
+//! let pool = config.pool()?;
+//! let ledger = PostgresLedger::new(pool.clone(), config.clone());
+//! ledger.migrate().await?;
+//! let plans = PostgresPlanStore::new(pool, config);
+//!
+//! ledger.deposit(&"acme".into(), Credits::new(500), "order-1", Timestamp::now()).await?;
+//! // Now hand `ledger` and `plans` to `PaymentGateLayer` / `MeteringLayer`.
+//! # let _ = plans;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
+};
+use tokio_postgres::{NoTls, Row};
+
+use crate::account::AccountId;
+use crate::credits::Credits;
+use crate::error::{BoxError, LedgerError, StoreError};
+use crate::ledger::{
+    AccountBook, AllowanceUsage, Balance, Counter, Deposit, Ledger, OverEstimate, Parts, Record,
+    ReservationId, ReserveOutcome, ReserveRequest, Settlement, State, Usage,
+    DEFAULT_RETENTION_SECS,
+};
+use crate::plan::{Meter, PlanId, PlanStore, Subscription, SubscriptionStatus};
+use crate::time::Timestamp;
+
+/// Where the tables live and how to reach the server: shared by [`PostgresLedger`] and
+/// [`PostgresPlanStore`].
+#[derive(Clone)]
+pub struct PostgresConfig {
+    pg: tokio_postgres::Config,
+    schema: String,
+    prefix: String,
+    pool_size: usize,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    retention_secs: u64,
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connection config can hold a password: leave it out.
+        f.debug_struct("PostgresConfig")
+            .field("schema", &self.schema)
+            .field("prefix", &self.prefix)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("op_timeout", &self.op_timeout)
+            .field("retention_secs", &self.retention_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A schema name or table prefix that is not a plain identifier.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid SQL identifier (expected [a-z_][a-z0-9_]*, at most 40 characters)")]
+pub struct InvalidIdentifier;
+
+fn valid_identifier(s: &str, allow_empty: bool) -> bool {
+    if s.is_empty() {
+        return allow_empty;
+    }
+    s.len() <= 40
+        && s.bytes()
+            .enumerate()
+            .all(|(i, b)| b == b'_' || b.is_ascii_lowercase() || (i > 0 && b.is_ascii_digit()))
+}
+
+impl PostgresConfig {
+    /// Parses a connection URL (`postgres://user@host:port/db`) or key-value string. Defaults:
+    /// schema `public`, table prefix `tower402_`, 16 connections, 5 s to connect, 10 s per
+    /// operation, [`DEFAULT_RETENTION_SECS`].
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let mut pg = tokio_postgres::Config::from_str(url).map_err(StoreError::unavailable)?;
+        if pg.get_application_name().is_none() {
+            pg.application_name("tower-402");
+        }
+        Ok(PostgresConfig {
+            pg,
+            schema: "public".to_owned(),
+            prefix: "tower402_".to_owned(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(10),
+            retention_secs: DEFAULT_RETENTION_SECS,
+        })
+    }
+
+    /// The schema holding the tables (created by `migrate` if missing).
+    pub fn schema(mut self, schema: &str) -> Result<Self, InvalidIdentifier> {
+        if !valid_identifier(schema, false) {
+            return Err(InvalidIdentifier);
+        }
+        self.schema = schema.to_owned();
+        Ok(self)
+    }
+
+    /// A prefix for every table name, so several apps can share one schema (may be empty).
+    pub fn table_prefix(mut self, prefix: &str) -> Result<Self, InvalidIdentifier> {
+        if !valid_identifier(prefix, true) {
+            return Err(InvalidIdentifier);
+        }
+        self.prefix = prefix.to_owned();
+        Ok(self)
+    }
+
+    /// The most connections the pool opens.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// How long to wait for a connection to be established.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The most time one operation may take, waiting for a pooled connection included. On
+    /// expiry the operation fails with [`StoreError::Timeout`] and its transaction is rolled
+    /// back.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// The `application_name` the connections report (visible in `pg_stat_activity`).
+    pub fn application_name(mut self, name: &str) -> Self {
+        self.pg.application_name(name);
+        self
+    }
+
+    /// How long finished reservations and deposit keys are remembered for idempotency.
+    pub fn retention_secs(mut self, secs: u64) -> Self {
+        self.retention_secs = secs;
+        self
+    }
+
+    /// A pool for this configuration. No connection is made until one is needed, so this
+    /// succeeds while the server is down.
+    pub fn pool(&self) -> Result<Pool, StoreError> {
+        let mut pg = self.pg.clone();
+        pg.connect_timeout(self.connect_timeout);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Pool::builder(manager)
+            .max_size(self.pool_size)
+            .wait_timeout(Some(self.op_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(StoreError::unavailable)
+    }
+
+    /// The schema the tables live in.
+    pub fn schema_name(&self) -> &str {
+        &self.schema
+    }
+
+    /// The table-name prefix.
+    pub fn table_prefix_name(&self) -> &str {
+        &self.prefix
+    }
+
+    fn table(&self, name: &str) -> String {
+        format!("\"{}\".\"{}{}\"", self.schema, self.prefix, name)
+    }
+
+    fn migration(&self) -> String {
+        let p = &self.prefix;
+        let bal = self.table("balances");
+        let res = self.table("reservations");
+        let allow = self.table("allowances");
+        let dep = self.table("deposits");
+        let subs = self.table("subscriptions");
+        format!(
+            r#"
+CREATE SCHEMA IF NOT EXISTS "{schema}";
+CREATE TABLE IF NOT EXISTS {bal} (
+    account   text PRIMARY KEY,
+    available bigint NOT NULL DEFAULT 0 CHECK (available >= 0),
+    held      bigint NOT NULL DEFAULT 0 CHECK (held >= 0),
+    settled   bigint NOT NULL DEFAULT 0 CHECK (settled >= 0),
+    deposited bigint NOT NULL DEFAULT 0 CHECK (deposited >= 0),
+    CHECK (deposited = available + held + settled)
+);
+CREATE TABLE IF NOT EXISTS {res} (
+    account         text   NOT NULL,
+    key             text   NOT NULL,
+    state           text   NOT NULL CHECK (state IN ('open', 'settled', 'released', 'expired')),
+    fingerprint     bigint NOT NULL,
+    credits         bigint NOT NULL CHECK (credits >= 0),
+    allowance_units jsonb  NOT NULL,
+    charges         jsonb  NOT NULL,
+    settlement      jsonb,
+    expires_at      bigint NOT NULL,
+    touched_at      bigint NOT NULL,
+    PRIMARY KEY (account, key)
+);
+CREATE INDEX IF NOT EXISTS "{p}reservations_due" ON {res} (expires_at) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS "{p}reservations_done" ON {res} (touched_at) WHERE state <> 'open';
+CREATE TABLE IF NOT EXISTS {allow} (
+    account      text   NOT NULL,
+    meter        text   NOT NULL,
+    window_start bigint NOT NULL,
+    used         bigint NOT NULL CHECK (used >= 0),
+    held         bigint NOT NULL CHECK (held >= 0),
+    resets_at    bigint NOT NULL,
+    PRIMARY KEY (account, meter, window_start)
+);
+CREATE TABLE IF NOT EXISTS {dep} (
+    account text   NOT NULL,
+    key     text   NOT NULL,
+    amount  bigint NOT NULL CHECK (amount > 0),
+    at      bigint NOT NULL,
+    PRIMARY KEY (account, key)
+);
+CREATE INDEX IF NOT EXISTS "{p}deposits_at" ON {dep} (at);
+CREATE TABLE IF NOT EXISTS {subs} (
+    account              text PRIMARY KEY,
+    plan                 text NOT NULL,
+    status               text NOT NULL,
+    current_period_start bigint,
+    current_period_end   bigint,
+    trial_end            bigint,
+    canceled_at          bigint,
+    ended_at             bigint,
+    past_due_since       bigint,
+    grace_until          bigint,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+"#,
+            schema = self.schema,
+        )
+    }
+}
+
+/// Creates the schema and tables if missing, in one transaction, serialized with other
+/// instances migrating at the same time by an advisory lock.
+async fn migrate(pool: &Pool, config: &PostgresConfig) -> Result<(), StoreError> {
+    let sql = config.migration();
+    timed(config.op_timeout, async {
+        let mut client = pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('tower402-migrate'))",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.batch_execute(&sql).await.map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)
+    })
+    .await
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Timeout(_) => StoreError::Timeout,
+        PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(Box::new(other)),
+    }
+}
+
+fn corrupt(what: &'static str) -> StoreError {
+    StoreError::Corrupt(BoxError::from(what))
+}
+
+async fn timed<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or(Err(StoreError::Timeout))
+}
+
+// Amounts are at most `Credits::MAX_EXACT` and timestamps fit easily; anything beyond `i64`
+// is clamped for timestamps (a hold that never expires) and refused for amounts.
+fn ts_to_sql(t: Timestamp) -> i64 {
+    i64::try_from(t.unix()).unwrap_or(i64::MAX)
+}
+
+fn u64_to_sql(v: u64) -> Result<i64, LedgerError> {
+    i64::try_from(v).map_err(|_| LedgerError::AmountOutOfRange)
+}
+
+fn from_sql(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| corrupt("negative value in a ledger table"))
+}
+
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::Open => "open",
+        State::Settled => "settled",
+        State::Released => "released",
+        State::Expired => "expired",
+    }
+}
+
+fn state_from(s: &str) -> Result<State, StoreError> {
+    Ok(match s {
+        "open" => State::Open,
+        "settled" => State::Settled,
+        "released" => State::Released,
+        "expired" => State::Expired,
+        _ => return Err(corrupt("unknown reservation state")),
+    })
+}
+
+/// What an operation needs loaded besides the buckets and the due reservations.
+#[derive(Default)]
+struct Need<'a> {
+    reservation: Option<&'a str>,
+    allowances: Vec<(Meter, Timestamp)>,
+    deposit: Option<&'a str>,
+}
+
+/// The PostgreSQL ledger. Clones share the pool.
+#[derive(Clone)]
+pub struct PostgresLedger {
+    pool: Pool,
+    config: PostgresConfig,
+}
+
+impl fmt::Debug for PostgresLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresLedger")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresLedger {
+    /// A ledger on `pool` (usually [`PostgresConfig::pool`]) with the tables of `config`.
+    pub fn new(pool: Pool, config: PostgresConfig) -> Self {
+        PostgresLedger { pool, config }
+    }
+
+    /// Creates the schema and tables if missing (idempotent, transactional).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        migrate(&self.pool, &self.config).await
+    }
+
+    /// The pool, e.g. to share it with a [`PostgresPlanStore`].
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Releases the due reservations of up to `limit` accounts and deletes up to `limit`
+    /// finished reservations, deposit keys and allowance counters older than the retention
+    /// time. Returns how many rows it handled. Not needed for correctness (every operation
+    /// expires its account's holds first); run it now and then to keep `held` accurate on
+    /// idle accounts and the tables small.
+    pub async fn sweep(&self, now: Timestamp, limit: u32) -> Result<u64, LedgerError> {
+        let res = self.config.table("reservations");
+        let dep = self.config.table("deposits");
+        let allow = self.config.table("allowances");
+        let now_sql = ts_to_sql(now);
+        let horizon = ts_to_sql(Timestamp::from_unix(
+            now.unix().saturating_sub(self.config.retention_secs),
+        ));
+        let limit = i64::from(limit);
+        let accounts: Vec<String> = timed(self.config.op_timeout, async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT DISTINCT account FROM {res} \
+                         WHERE state = 'open' AND expires_at <= $1 LIMIT $2"
+                    ),
+                    &[&now_sql, &limit],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+        .await?;
+        let mut handled = 0u64;
+        for account in &accounts {
+            self.balance(&AccountId::new(account), now).await?;
+            handled = handled.saturating_add(1);
+        }
+        // Forgetting a record past its retention is what every operation would do on reading
+        // it, so these deletes need no account lock.
+        let deletes = [
+            (
+                format!(
+                    "DELETE FROM {res} WHERE (account, key) IN (SELECT account, key FROM {res} \
+                     WHERE state <> 'open' AND touched_at <= $1 LIMIT $2)"
+                ),
+                horizon,
+            ),
+            (
+                format!(
+                    "DELETE FROM {dep} WHERE (account, key) IN (SELECT account, key FROM {dep} \
+                     WHERE at <= $1 LIMIT $2)"
+                ),
+                horizon,
+            ),
+            (
+                format!(
+                    "DELETE FROM {allow} WHERE (account, meter, window_start) IN \
+                     (SELECT account, meter, window_start FROM {allow} \
+                     WHERE resets_at <= $1 AND held = 0 LIMIT $2)"
+                ),
+                now_sql,
+            ),
+        ];
+        let deleted = timed(self.config.op_timeout, async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let mut n = 0u64;
+            for (sql, at) in &deletes {
+                let d = client
+                    .execute(sql.as_str(), &[at, &limit])
+                    .await
+                    .map_err(pg_error)?;
+                n = n.saturating_add(d);
+            }
+            Ok(n)
+        })
+        .await?;
+        Ok(handled.saturating_add(deleted))
+    }
+
+    /// Open reservations of an account after expiring the due ones (for tests and
+    /// diagnostics).
+    pub async fn open_reservations(
+        &self,
+        account: &AccountId,
+        now: Timestamp,
+    ) -> Result<u64, LedgerError> {
+        self.balance(account, now).await?;
+        let res = self.config.table("reservations");
+        let n: i64 = timed(self.config.op_timeout, async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_one(
+                    &format!("SELECT count(*) FROM {res} WHERE account = $1 AND state = 'open'"),
+                    &[&account.as_str()],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(row.get(0))
+        })
+        .await?;
+        Ok(from_sql(n)?)
+    }
+
+    /// Runs `op` on the account's book inside one transaction holding the account's row lock.
+    async fn with_book<T>(
+        &self,
+        account: &AccountId,
+        now: Timestamp,
+        need: Need<'_>,
+        op: impl FnOnce(&mut AccountBook) -> Result<T, LedgerError> + Send,
+    ) -> Result<T, LedgerError> {
+        let run = async {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            let loaded = self.load(&tx, account, now, &need).await?;
+            let mut book = AccountBook::from_parts(self.config.retention_secs, loaded.clone());
+            let out = match op(&mut book) {
+                Ok(out) => out,
+                // Nothing to write; dropping the transaction rolls it back.
+                Err(e) => return Ok(Err(e)),
+            };
+            let after = book.into_parts();
+            if let Err(e) = self.store(&tx, account, &loaded, &after).await {
+                return match e {
+                    LedgerError::Store(e) => Err(e),
+                    other => Ok(Err(other)),
+                };
+            }
+            tx.commit().await.map_err(pg_error)?;
+            Ok(Ok(out))
+        };
+        timed(self.config.op_timeout, run).await?
+    }
+
+    async fn load(
+        &self,
+        tx: &Transaction<'_>,
+        account: &AccountId,
+        now: Timestamp,
+        need: &Need<'_>,
+    ) -> Result<Parts, StoreError> {
+        let bal = self.config.table("balances");
+        let res = self.config.table("reservations");
+        let allow = self.config.table("allowances");
+        let dep = self.config.table("deposits");
+        let acct = account.as_str();
+        let row = tx
+            .query_one(
+                &format!(
+                    "INSERT INTO {bal} (account) VALUES ($1) \
+                     ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account \
+                     RETURNING available, held, settled, deposited"
+                ),
+                &[&acct],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut parts = Parts {
+            balance: Balance {
+                available: Credits::new(from_sql(row.get(0))?),
+                held: Credits::new(from_sql(row.get(1))?),
+                settled: Credits::new(from_sql(row.get(2))?),
+                deposited: Credits::new(from_sql(row.get(3))?),
+            },
+            ..Parts::default()
+        };
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT key, state, fingerprint, credits, allowance_units, charges, \
+                     settlement, expires_at, touched_at FROM {res} WHERE account = $1 \
+                     AND ((state = 'open' AND expires_at <= $2) OR key = $3)"
+                ),
+                &[&acct, &ts_to_sql(now), &need.reservation],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut windows: HashSet<(Meter, Timestamp)> = need.allowances.iter().cloned().collect();
+        for row in &rows {
+            let (key, rec) = record_from_row(row)?;
+            for c in &rec.charges {
+                if let Some(w) = c.allowance {
+                    windows.insert((c.meter.clone(), w.start));
+                }
+            }
+            parts.reservations.insert(key, rec);
+        }
+        if !windows.is_empty() {
+            let (meters, starts): (Vec<String>, Vec<i64>) = windows
+                .iter()
+                .map(|(m, s)| (m.as_str().to_owned(), ts_to_sql(*s)))
+                .unzip();
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT meter, window_start, used, held, resets_at FROM {allow} \
+                         WHERE account = $1 AND (meter, window_start) IN \
+                         (SELECT * FROM unnest($2::text[], $3::bigint[]))"
+                    ),
+                    &[&acct, &meters, &starts],
+                )
+                .await
+                .map_err(pg_error)?;
+            for row in &rows {
+                let meter: String = row.get(0);
+                parts.allowances.insert(
+                    (
+                        Meter::new(meter),
+                        Timestamp::from_unix(from_sql(row.get(1))?),
+                    ),
+                    Counter {
+                        used: from_sql(row.get(2))?,
+                        held: from_sql(row.get(3))?,
+                        resets_at: Timestamp::from_unix(from_sql(row.get(4))?),
+                    },
+                );
+            }
+        }
+        if let Some(key) = need.deposit {
+            let row = tx
+                .query_opt(
+                    &format!("SELECT amount, at FROM {dep} WHERE account = $1 AND key = $2"),
+                    &[&acct, &key],
+                )
+                .await
+                .map_err(pg_error)?;
+            if let Some(row) = row {
+                parts.deposits.insert(
+                    key.to_owned(),
+                    (
+                        Credits::new(from_sql(row.get(0))?),
+                        Timestamp::from_unix(from_sql(row.get(1))?),
+                    ),
+                );
+            }
+        }
+        Ok(parts)
+    }
+
+    async fn store(
+        &self,
+        tx: &Transaction<'_>,
+        account: &AccountId,
+        before: &Parts,
+        after: &Parts,
+    ) -> Result<(), LedgerError> {
+        let bal = self.config.table("balances");
+        let res = self.config.table("reservations");
+        let allow = self.config.table("allowances");
+        let dep = self.config.table("deposits");
+        let acct = account.as_str();
+        let b = &after.balance;
+        if *b != before.balance {
+            tx.execute(
+                &format!(
+                    "UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5 \
+                     WHERE account = $1"
+                ),
+                &[
+                    &acct,
+                    &u64_to_sql(b.available.get())?,
+                    &u64_to_sql(b.held.get())?,
+                    &u64_to_sql(b.settled.get())?,
+                    &u64_to_sql(b.deposited.get())?,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        for key in before.reservations.keys() {
+            if !after.reservations.contains_key(key) {
+                tx.execute(
+                    &format!("DELETE FROM {res} WHERE account = $1 AND key = $2"),
+                    &[&acct, key],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+        }
+        for (key, rec) in &after.reservations {
+            if before.reservations.get(key) == Some(rec) {
+                continue;
+            }
+            let units = serde_json::to_value(&rec.allowance_units).map_err(StoreError::corrupt)?;
+            let charges = serde_json::to_value(&rec.charges).map_err(StoreError::corrupt)?;
+            let settlement = rec
+                .settlement
+                .as_ref()
+                .map(serde_json::to_value)
+                .transpose()
+                .map_err(StoreError::corrupt)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO {res} (account, key, state, fingerprint, credits, \
+                     allowance_units, charges, settlement, expires_at, touched_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (account, key) DO UPDATE SET state = $3, fingerprint = $4, \
+                     credits = $5, allowance_units = $6, charges = $7, settlement = $8, \
+                     expires_at = $9, touched_at = $10"
+                ),
+                &[
+                    &acct,
+                    key,
+                    &state_name(rec.state),
+                    &i64::from_be_bytes(rec.fingerprint.to_be_bytes()),
+                    &u64_to_sql(rec.credits.get())?,
+                    &units,
+                    &charges,
+                    &settlement,
+                    &ts_to_sql(rec.expires_at),
+                    &ts_to_sql(rec.touched_at),
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        for (meter, start) in before.allowances.keys() {
+            if !after.allowances.contains_key(&(meter.clone(), *start)) {
+                tx.execute(
+                    &format!(
+                        "DELETE FROM {allow} WHERE account = $1 AND meter = $2 \
+                         AND window_start = $3"
+                    ),
+                    &[&acct, &meter.as_str(), &ts_to_sql(*start)],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+        }
+        for ((meter, start), c) in &after.allowances {
+            if before.allowances.get(&(meter.clone(), *start)) == Some(c) {
+                continue;
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO {allow} (account, meter, window_start, used, held, resets_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (account, meter, window_start) \
+                     DO UPDATE SET used = $4, held = $5, resets_at = $6"
+                ),
+                &[
+                    &acct,
+                    &meter.as_str(),
+                    &ts_to_sql(*start),
+                    &u64_to_sql(c.used)?,
+                    &u64_to_sql(c.held)?,
+                    &ts_to_sql(c.resets_at),
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        for key in before.deposits.keys() {
+            if !after.deposits.contains_key(key) {
+                tx.execute(
+                    &format!("DELETE FROM {dep} WHERE account = $1 AND key = $2"),
+                    &[&acct, key],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+        }
+        for (key, (amount, at)) in &after.deposits {
+            if before.deposits.get(key) == Some(&(*amount, *at)) {
+                continue;
+            }
+            // A key forgotten after the retention time may still have its old row (the sweep
+            // deletes it later): replace it. The account's row lock makes this exclusive.
+            tx.execute(
+                &format!(
+                    "INSERT INTO {dep} (account, key, amount, at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (account, key) DO UPDATE SET amount = $3, at = $4"
+                ),
+                &[&acct, key, &u64_to_sql(amount.get())?, &ts_to_sql(*at)],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        Ok(())
+    }
+}
+
+fn record_from_row(row: &Row) -> Result<(String, Record), StoreError> {
+    let key: String = row.get(0);
+    let state: String = row.get(1);
+    let fingerprint: i64 = row.get(2);
+    let units: serde_json::Value = row.get(4);
+    let charges: serde_json::Value = row.get(5);
+    let settlement: Option<serde_json::Value> = row.get(6);
+    let rec = Record {
+        fingerprint: u64::from_be_bytes(fingerprint.to_be_bytes()),
+        charges: serde_json::from_value(charges).map_err(StoreError::corrupt)?,
+        credits: Credits::new(from_sql(row.get(3))?),
+        allowance_units: serde_json::from_value(units).map_err(StoreError::corrupt)?,
+        expires_at: Timestamp::from_unix(from_sql(row.get(7))?),
+        state: state_from(&state)?,
+        touched_at: Timestamp::from_unix(from_sql(row.get(8))?),
+        settlement: settlement
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(StoreError::corrupt)?,
+    };
+    Ok((key, rec))
+}
+
+#[async_trait]
+impl Ledger for PostgresLedger {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        let need = Need {
+            reservation: Some(&req.key),
+            allowances: req
+                .charges
+                .iter()
+                .filter_map(|c| c.allowance.map(|w| (c.meter.clone(), w.start)))
+                .collect(),
+            deposit: None,
+        };
+        self.with_book(&req.account, req.now, need, |b| b.reserve(req))
+            .await
+    }
+
+    async fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        let need = Need {
+            reservation: Some(&id.key),
+            ..Need::default()
+        };
+        self.with_book(&id.account, now, need, |b| {
+            b.settle(&id.key, usage, policy, now)
+        })
+        .await
+    }
+
+    async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
+        let need = Need {
+            reservation: Some(&id.key),
+            ..Need::default()
+        };
+        self.with_book(&id.account, now, need, |b| b.release(&id.key, now))
+            .await
+    }
+
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Deposit, LedgerError> {
+        if amount.is_zero() || amount > Credits::MAX_EXACT {
+            return Err(LedgerError::AmountOutOfRange);
+        }
+        let need = Need {
+            deposit: Some(key),
+            ..Need::default()
+        };
+        self.with_book(account, now, need, |b| b.deposit(amount, key, now))
+            .await
+    }
+
+    async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
+        self.with_book(account, now, Need::default(), |b| Ok(b.balance(now)))
+            .await
+    }
+
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<AllowanceUsage, LedgerError> {
+        let need = Need {
+            allowances: vec![(meter.clone(), window_start)],
+            ..Need::default()
+        };
+        self.with_book(account, now, need, |b| {
+            Ok(b.allowance_usage(meter, window_start, now))
+        })
+        .await
+    }
+}
+
+/// Subscriptions in PostgreSQL, one row per account. Clones share the pool.
+#[derive(Clone)]
+pub struct PostgresPlanStore {
+    pool: Pool,
+    config: PostgresConfig,
+}
+
+impl fmt::Debug for PostgresPlanStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresPlanStore")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresPlanStore {
+    /// A plan store on `pool` with the tables of `config`.
+    pub fn new(pool: Pool, config: PostgresConfig) -> Self {
+        PostgresPlanStore { pool, config }
+    }
+
+    /// Creates the schema and tables if missing (the same migration as
+    /// [`PostgresLedger::migrate`]).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        migrate(&self.pool, &self.config).await
+    }
+}
+
+fn opt_ts(t: Option<Timestamp>) -> Option<i64> {
+    t.map(ts_to_sql)
+}
+
+fn ts_col(row: &Row, i: usize) -> Result<Option<Timestamp>, StoreError> {
+    row.get::<_, Option<i64>>(i)
+        .map(|v| from_sql(v).map(Timestamp::from_unix))
+        .transpose()
+}
+
+#[async_trait]
+impl PlanStore for PostgresPlanStore {
+    async fn subscription(&self, account: &AccountId) -> Result<Option<Subscription>, StoreError> {
+        let subs = self.config.table("subscriptions");
+        timed(self.config.op_timeout, async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_opt(
+                    &format!(
+                        "SELECT plan, status, current_period_start, current_period_end, \
+                         trial_end, canceled_at, ended_at, past_due_since, grace_until \
+                         FROM {subs} WHERE account = $1"
+                    ),
+                    &[&account.as_str()],
+                )
+                .await
+                .map_err(pg_error)?;
+            let Some(row) = row else { return Ok(None) };
+            let plan: String = row.get(0);
+            let status: String = row.get(1);
+            let status: SubscriptionStatus =
+                serde_json::from_value(serde_json::Value::String(status))
+                    .map_err(StoreError::corrupt)?;
+            let mut sub = Subscription::new(account.clone(), plan.as_str(), status);
+            sub.plan = PlanId::new(plan);
+            sub.current_period_start = ts_col(&row, 2)?;
+            sub.current_period_end = ts_col(&row, 3)?;
+            sub.trial_end = ts_col(&row, 4)?;
+            sub.canceled_at = ts_col(&row, 5)?;
+            sub.ended_at = ts_col(&row, 6)?;
+            sub.past_due_since = ts_col(&row, 7)?;
+            sub.grace_until = ts_col(&row, 8)?;
+            Ok(Some(sub))
+        })
+        .await
+    }
+
+    async fn put_subscription(&self, s: Subscription) -> Result<(), StoreError> {
+        let subs = self.config.table("subscriptions");
+        timed(self.config.op_timeout, async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO {subs} (account, plan, status, current_period_start, \
+                         current_period_end, trial_end, canceled_at, ended_at, past_due_since, \
+                         grace_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                         ON CONFLICT (account) DO UPDATE SET plan = $2, status = $3, \
+                         current_period_start = $4, current_period_end = $5, trial_end = $6, \
+                         canceled_at = $7, ended_at = $8, past_due_since = $9, \
+                         grace_until = $10, updated_at = now()"
+                    ),
+                    &[
+                        &s.account.as_str(),
+                        &s.plan.as_str(),
+                        &s.status.as_str(),
+                        &opt_ts(s.current_period_start),
+                        &opt_ts(s.current_period_end),
+                        &opt_ts(s.trial_end),
+                        &opt_ts(s.canceled_at),
+                        &opt_ts(s.ended_at),
+                        &opt_ts(s.past_due_since),
+                        &opt_ts(s.grace_until),
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_validated() {
+        let c = PostgresConfig::new("postgres://u@localhost/db").expect("url");
+        assert!(c.clone().schema("billing_2").is_ok());
+        assert!(c.clone().table_prefix("").is_ok());
+        for bad in [
+            "",
+            "2x",
+            "a-b",
+            "A",
+            "a\"b",
+            "a;drop",
+            "x y",
+            &"a".repeat(41),
+        ] {
+            assert!(c.clone().schema(bad).is_err(), "{bad:?}");
+        }
+        assert!(c.table_prefix("p\"").is_err());
+    }
+}

@@ -1,0 +1,189 @@
+//! The conformance suite, the fleet test and the fault tests on a real Redis.
+//!
+//! `TOWER402_REDIS_URL` (default `redis://127.0.0.1:6379`). Unreachable: skipped loudly, or a
+//! failure with `TOWER402_REQUIRE_BACKENDS=1`. Every test uses its own key prefix
+//! (`tower402test:<pid>_<n>_…:`).
+#![cfg(feature = "redis")]
+
+mod conformance;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use tower_402::store::{RedisConfig, RedisLedger, RedisPlanStore};
+use tower_402::{Credits, Ledger, LedgerError, MemoryPlanStore, StoreError, Timestamp};
+
+fn url() -> String {
+    std::env::var("TOWER402_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A config with a fresh prefix, or `None` (after saying so) when Redis is unreachable.
+async fn config() -> Option<RedisConfig> {
+    let url = url();
+    let config = match RedisConfig::new(&url) {
+        Ok(c) => c.prefix(format!("tower402test:{}:", conformance::unique("r"))),
+        Err(e) => {
+            conformance::skip("Redis", &url, &e);
+            return None;
+        }
+    };
+    let probe = RedisLedger::new(&config);
+    match probe.balance(&"probe".into(), Timestamp::EPOCH).await {
+        Ok(_) => Some(config),
+        Err(e) => {
+            conformance::skip("Redis", &url, &e);
+            None
+        }
+    }
+}
+
+async fn ledger() -> Option<RedisLedger> {
+    config().await.map(|c| RedisLedger::new(&c))
+}
+
+async fn plans() -> Option<RedisPlanStore> {
+    config().await.map(|c| RedisPlanStore::new(&c))
+}
+
+conformance_tests!(ledger().await, plans().await);
+
+async fn admin() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fleet_of_four_shares_one_balance() {
+    let Some(config) = config().await else { return };
+    // Four instances: each its own connections.
+    let instances = (0..4)
+        .map(|_| (RedisLedger::new(&config), RedisPlanStore::new(&config)))
+        .collect();
+    conformance::fleet::run(instances).await;
+    let open = RedisLedger::new(&config)
+        .open_reservations(&conformance::fleet::ACCOUNT.into(), Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(open, 0);
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_store_error_and_a_503() {
+    if config().await.is_none() {
+        return;
+    }
+    let down = RedisConfig::new("redis://127.0.0.1:1")
+        .unwrap()
+        .connect_timeout(Duration::from_millis(200))
+        .reconnect_attempts(0);
+    let ledger = RedisLedger::new(&down);
+    let err = ledger
+        .balance(&"a".into(), Timestamp::now())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LedgerError::Store(StoreError::Unavailable(_))),
+        "{err:?}"
+    );
+    let plans = RedisPlanStore::new(&down);
+    use tower_402::plan::PlanStore;
+    assert!(plans.subscription(&"a".into()).await.is_err());
+
+    let memory_plans = MemoryPlanStore::new().with(tower_402::plan::Subscription::active(
+        conformance::fleet::ACCOUNT,
+        "basic",
+    ));
+    let (status, headers, body) =
+        conformance::fleet::call(conformance::fleet::app(ledger, memory_plans)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.contains_key(http::header::RETRY_AFTER));
+    assert!(body.contains("SERVICE_UNAVAILABLE"), "{body}");
+}
+
+#[tokio::test]
+async fn a_killed_connection_recovers_without_double_applying() {
+    let Some(config) = config().await else { return };
+    let ledger = RedisLedger::new(&config);
+    let a = "killed".into();
+    let now = Timestamp::now();
+    ledger
+        .deposit(&a, Credits::new(10), "d1", now)
+        .await
+        .unwrap();
+    let id = ledger.client_id().await.unwrap();
+    let mut admin = admin().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    // The first operation after the kill may fail; a retry under the same key is safe.
+    let mut attempts = 0;
+    let d = loop {
+        attempts += 1;
+        match ledger.deposit(&a, Credits::new(5), "d2", now).await {
+            Ok(d) => break d,
+            Err(LedgerError::Store(_)) if attempts < 20 => continue,
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(d.balance.available, Credits::new(15));
+    let again = ledger
+        .deposit(&a, Credits::new(5), "d2", now)
+        .await
+        .unwrap();
+    assert!(!again.applied);
+    assert_ne!(ledger.client_id().await.unwrap(), id, "a new connection");
+    assert_eq!(
+        ledger.balance(&a, now).await.unwrap().available,
+        Credits::new(15)
+    );
+}
+
+#[tokio::test]
+async fn a_paused_server_times_out_and_a_retry_applies_once() {
+    let Some(config) = config().await else { return };
+    let ledger = RedisLedger::new(&config.response_timeout(Duration::from_millis(50)));
+    let a = "paused".into();
+    let now = Timestamp::now();
+    ledger
+        .deposit(&a, Credits::new(10), "d1", now)
+        .await
+        .unwrap();
+    let mut admin = admin().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(300)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let err = ledger
+        .deposit(&a, Credits::new(7), "d2", now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LedgerError::Store(StoreError::Timeout)),
+        "{err:?}"
+    );
+    // The timed-out script may still run once the pause ends; retrying with the same key
+    // (each attempt bounded by the response timeout) must add the 7 credits exactly once.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match ledger.deposit(&a, Credits::new(7), "d2", now).await {
+            Ok(_) => break,
+            Err(LedgerError::Store(_)) if attempts < 200 => continue,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(
+        ledger.balance(&a, now).await.unwrap().available,
+        Credits::new(17)
+    );
+}

@@ -1,0 +1,706 @@
+//! One conformance suite for every [`Ledger`] and [`PlanStore`] backend.
+//!
+//! Each function takes a fresh store (its own key prefix or schema) and asserts the semantics
+//! documented on `tower_402::ledger`. Time is the `now` passed to the ledger: expiry and
+//! retention are tested by passing later times, never by sleeping. The backend files call
+//! [`conformance_tests!`] once with a constructor, which makes one `#[tokio::test]` per check.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tower_402::ledger::*;
+use tower_402::plan::{AllowanceWindow, Meter, PlanStore, Subscription, SubscriptionStatus};
+use tower_402::{AccountId, Credits, Denial, LedgerError, Timestamp};
+
+/// A name unique to this process and call, for key prefixes and schemas.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{tag}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        nanos % 100_000
+    )
+}
+
+/// Whether tests must fail (instead of skip) when a backend is unreachable.
+pub fn required() -> bool {
+    std::env::var("TOWER402_REQUIRE_BACKENDS").is_ok_and(|v| v == "1")
+}
+
+/// Says loudly that a backend test is skipped, or panics when backends are required.
+pub fn skip(backend: &str, url: &str, why: &dyn std::fmt::Display) {
+    if required() {
+        panic!("{backend} at {url} is unreachable ({why}) and TOWER402_REQUIRE_BACKENDS=1");
+    }
+    eprintln!(
+        "\n********\nSKIPPED: {backend} at {url} is unreachable ({why}); \
+         set TOWER402_REQUIRE_BACKENDS=1 to make this a failure\n********"
+    );
+}
+
+pub const T0: Timestamp = Timestamp::from_unix(1_700_000_000);
+
+pub fn at(secs: u64) -> Timestamp {
+    T0.plus_secs(secs)
+}
+
+pub fn acct(name: &str) -> AccountId {
+    AccountId::new(name)
+}
+
+pub fn paid(meter: &str, units: u64, price: u64) -> Charge {
+    Charge {
+        meter: Meter::new(meter),
+        units,
+        unit_price: Credits::new(price),
+        price_per: 1,
+        allowance: None,
+        overage: true,
+    }
+}
+
+pub fn window(start: Timestamp, limit: u64) -> AllowanceWindow {
+    AllowanceWindow {
+        limit,
+        start,
+        resets_at: start.plus_secs(3600),
+    }
+}
+
+pub fn request(account: &str, key: &str, charges: Vec<Charge>, now: Timestamp) -> ReserveRequest {
+    ReserveRequest {
+        account: acct(account),
+        key: key.to_owned(),
+        fingerprint: 7,
+        charges,
+        ttl_secs: 60,
+        now,
+    }
+}
+
+pub fn id(account: &str, key: &str) -> ReservationId {
+    ReservationId {
+        account: acct(account),
+        key: key.to_owned(),
+    }
+}
+
+fn reserved(o: ReserveOutcome) -> Reservation {
+    match o {
+        ReserveOutcome::Reserved(r) => r,
+        other => panic!("expected a reservation, got {other:?}"),
+    }
+}
+
+pub async fn conserved(l: &impl Ledger, account: &str, now: Timestamp) -> Balance {
+    let b = l.balance(&acct(account), now).await.expect("balance");
+    let sum = b
+        .available
+        .checked_add(b.held)
+        .and_then(|s| s.checked_add(b.settled))
+        .expect("no overflow");
+    assert_eq!(b.deposited, sum, "conservation broken: {b:?}");
+    b
+}
+
+pub async fn deposits(l: &impl Ledger) {
+    let a = acct("dep");
+    let d = l.deposit(&a, Credits::new(100), "k1", at(0)).await.unwrap();
+    assert!(d.applied);
+    assert_eq!(d.balance.available, Credits::new(100));
+    let again = l.deposit(&a, Credits::new(100), "k1", at(1)).await.unwrap();
+    assert!(!again.applied);
+    assert_eq!(again.balance, d.balance);
+    assert!(matches!(
+        l.deposit(&a, Credits::new(50), "k1", at(1)).await,
+        Err(LedgerError::KeyConflict)
+    ));
+    assert!(matches!(
+        l.deposit(&a, Credits::ZERO, "k2", at(1)).await,
+        Err(LedgerError::AmountOutOfRange)
+    ));
+    let too_much = Credits::MAX_EXACT.checked_add(Credits::new(1)).unwrap();
+    assert!(matches!(
+        l.deposit(&a, too_much, "k3", at(1)).await,
+        Err(LedgerError::AmountOutOfRange)
+    ));
+    let rest = Credits::MAX_EXACT.checked_sub(Credits::new(100)).unwrap();
+    assert!(l.deposit(&a, rest, "k4", at(2)).await.unwrap().applied);
+    assert!(matches!(
+        l.deposit(&a, Credits::new(1), "k5", at(2)).await,
+        Err(LedgerError::AmountOutOfRange)
+    ));
+    let b = conserved(l, "dep", at(3)).await;
+    assert_eq!(b.available, Credits::MAX_EXACT);
+    // Unknown accounts are all zero.
+    assert_eq!(
+        l.balance(&acct("nobody"), at(3)).await.unwrap(),
+        Balance::default()
+    );
+}
+
+pub async fn reserve_settle_release(l: &impl Ledger) {
+    let a = acct("rsr");
+    l.deposit(&a, Credits::new(100), "d", at(0)).await.unwrap();
+    let r = reserved(
+        l.reserve(&request("rsr", "k1", vec![paid("req", 10, 1)], at(1)))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r.credits, Credits::new(10));
+    assert_eq!(r.available_after, Credits::new(90));
+    assert_eq!(r.expires_at, at(61));
+    assert_eq!(r.allowance_left, vec![None]);
+    let b = conserved(l, "rsr", at(2)).await;
+    assert_eq!((b.available, b.held), (Credits::new(90), Credits::new(10)));
+    let s = l
+        .settle(
+            &id("rsr", "k1"),
+            &[Usage::new("req", 7)],
+            OverEstimate::DrawBalance,
+            at(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.charged, Credits::new(7));
+    assert_eq!(s.available_after, Credits::new(93));
+    assert!(s.shortfall.is_empty());
+    assert!(matches!(
+        l.settle(&id("rsr", "k1"), &[], OverEstimate::DrawBalance, at(4))
+            .await,
+        Err(LedgerError::AlreadySettled)
+    ));
+    assert!(matches!(
+        l.release(&id("rsr", "k1"), at(4)).await,
+        Err(LedgerError::AlreadySettled)
+    ));
+    reserved(
+        l.reserve(&request("rsr", "k2", vec![paid("req", 5, 1)], at(5)))
+            .await
+            .unwrap(),
+    );
+    l.release(&id("rsr", "k2"), at(6)).await.unwrap();
+    l.release(&id("rsr", "k2"), at(6)).await.unwrap();
+    assert!(matches!(
+        l.settle(&id("rsr", "k2"), &[], OverEstimate::DrawBalance, at(7))
+            .await,
+        Err(LedgerError::AlreadyReleased)
+    ));
+    assert!(matches!(
+        l.release(&id("rsr", "nope"), at(7)).await,
+        Err(LedgerError::UnknownReservation)
+    ));
+    assert!(matches!(
+        l.settle(&id("rsr", "nope"), &[], OverEstimate::DrawBalance, at(7))
+            .await,
+        Err(LedgerError::UnknownReservation)
+    ));
+    let b = conserved(l, "rsr", at(8)).await;
+    assert_eq!(
+        (b.available, b.held, b.settled),
+        (Credits::new(93), Credits::ZERO, Credits::new(7))
+    );
+}
+
+pub async fn over_estimates_and_denials(l: &impl Ledger) {
+    let a = acct("over");
+    l.deposit(&a, Credits::new(20), "d", at(0)).await.unwrap();
+    // Not enough: a denial, not an error.
+    match l
+        .reserve(&request("over", "big", vec![paid("req", 25, 1)], at(1)))
+        .await
+        .unwrap()
+    {
+        ReserveOutcome::Denied(Denial::InsufficientCredits { balance, required }) => {
+            assert_eq!((balance, required), (Credits::new(20), Credits::new(25)));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Draw the difference from the balance.
+    reserved(
+        l.reserve(&request("over", "a", vec![paid("req", 5, 1)], at(1)))
+            .await
+            .unwrap(),
+    );
+    let s = l
+        .settle(
+            &id("over", "a"),
+            &[Usage::new("req", 8)],
+            OverEstimate::DrawBalance,
+            at(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.charged, s.available_after),
+        (Credits::new(8), Credits::new(12))
+    );
+    // Cap at the hold.
+    reserved(
+        l.reserve(&request("over", "b", vec![paid("req", 5, 1)], at(3)))
+            .await
+            .unwrap(),
+    );
+    let s = l
+        .settle(
+            &id("over", "b"),
+            &[Usage::new("req", 9)],
+            OverEstimate::CapAtHold,
+            at(4),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.charged, Credits::new(5));
+    assert_eq!(s.shortfall.credits, Credits::new(4));
+    // Draw as far as it goes, never below zero.
+    reserved(
+        l.reserve(&request("over", "c", vec![paid("req", 5, 1)], at(5)))
+            .await
+            .unwrap(),
+    );
+    let s = l
+        .settle(
+            &id("over", "c"),
+            &[Usage::new("req", 100)],
+            OverEstimate::DrawBalance,
+            at(6),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.charged, Credits::new(7));
+    assert_eq!(s.shortfall.credits, Credits::new(93));
+    let b = conserved(l, "over", at(7)).await;
+    assert_eq!((b.available, b.settled), (Credits::ZERO, Credits::new(20)));
+}
+
+pub async fn idempotent_reserve(l: &impl Ledger) {
+    let a = acct("idem");
+    l.deposit(&a, Credits::new(50), "d", at(0)).await.unwrap();
+    let req = request("idem", "k", vec![paid("req", 3, 2)], at(1));
+    reserved(l.reserve(&req).await.unwrap());
+    assert_eq!(
+        l.reserve(&req).await.unwrap(),
+        ReserveOutcome::Replayed(Replay::InProgress)
+    );
+    let mut other = req.clone();
+    other.fingerprint = 8;
+    assert!(matches!(
+        l.reserve(&other).await,
+        Err(LedgerError::KeyConflict)
+    ));
+    let s = l
+        .settle(
+            &id("idem", "k"),
+            &[Usage::new("req", 2)],
+            OverEstimate::DrawBalance,
+            at(2),
+        )
+        .await
+        .unwrap();
+    let mut retry = req.clone();
+    retry.now = at(3);
+    assert_eq!(
+        l.reserve(&retry).await.unwrap(),
+        ReserveOutcome::Replayed(Replay::Completed(s))
+    );
+    // Released: a retry reserves afresh.
+    let r2 = request("idem", "k2", vec![paid("req", 1, 4)], at(4));
+    reserved(l.reserve(&r2).await.unwrap());
+    l.release(&id("idem", "k2"), at(5)).await.unwrap();
+    let mut r2b = r2.clone();
+    r2b.now = at(6);
+    let again = reserved(l.reserve(&r2b).await.unwrap());
+    assert_eq!(again.credits, Credits::new(4));
+    let b = conserved(l, "idem", at(7)).await;
+    assert_eq!(
+        (b.available, b.held, b.settled),
+        (Credits::new(42), Credits::new(4), Credits::new(4))
+    );
+}
+
+pub async fn expiry(l: &impl Ledger) {
+    let a = acct("exp");
+    l.deposit(&a, Credits::new(30), "d", at(0)).await.unwrap();
+    let mut req = request("exp", "k", vec![paid("req", 10, 1)], at(0));
+    req.ttl_secs = 10;
+    reserved(l.reserve(&req).await.unwrap());
+    assert_eq!(conserved(l, "exp", at(9)).await.held, Credits::new(10));
+    let b = conserved(l, "exp", at(10)).await;
+    assert_eq!((b.available, b.held), (Credits::new(30), Credits::ZERO));
+    // Settling after expiry charges as if nothing were held.
+    let s = l
+        .settle(
+            &id("exp", "k"),
+            &[Usage::new("req", 4)],
+            OverEstimate::DrawBalance,
+            at(11),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.charged, s.available_after),
+        (Credits::new(4), Credits::new(26))
+    );
+    // An expired key reserves afresh; releasing an expired one is a no-op.
+    let mut r2 = request("exp", "k2", vec![paid("req", 6, 1)], at(20));
+    r2.ttl_secs = 5;
+    reserved(l.reserve(&r2).await.unwrap());
+    l.release(&id("exp", "k2"), at(30)).await.unwrap();
+    r2.now = at(31);
+    assert_eq!(
+        reserved(l.reserve(&r2).await.unwrap()).credits,
+        Credits::new(6)
+    );
+    let b = conserved(l, "exp", at(40)).await;
+    assert_eq!(
+        (b.available, b.held, b.settled),
+        (Credits::new(26), Credits::ZERO, Credits::new(4))
+    );
+}
+
+pub async fn allowances(l: &impl Ledger) {
+    let w = window(at(0), 3);
+    let free = Charge {
+        meter: Meter::new("calls"),
+        units: 2,
+        unit_price: Credits::ZERO,
+        price_per: 1,
+        allowance: Some(w),
+        overage: false,
+    };
+    let r = reserved(
+        l.reserve(&request("allow", "a", vec![free.clone()], at(1)))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (r.allowance_units.clone(), r.allowance_left.clone()),
+        (vec![2], vec![Some(1)])
+    );
+    match l
+        .reserve(&request("allow", "b", vec![free.clone()], at(2)))
+        .await
+        .unwrap()
+    {
+        ReserveOutcome::Denied(Denial::QuotaExceeded {
+            limit,
+            used,
+            resets_at,
+            ..
+        }) => assert_eq!((limit, used, resets_at), (3, 2, Some(w.resets_at))),
+        other => panic!("{other:?}"),
+    }
+    let s = l
+        .settle(
+            &id("allow", "a"),
+            &[Usage::new("calls", 1)],
+            OverEstimate::DrawBalance,
+            at(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.allowance_units, vec![1]);
+    let u = l
+        .allowance_usage(&acct("allow"), &Meter::new("calls"), w.start, at(4))
+        .await
+        .unwrap();
+    assert_eq!((u.used, u.held), (1, 0));
+    // Beyond the allowance without overage: consumed up to the limit, the rest a shortfall.
+    reserved(
+        l.reserve(&request("allow", "c", vec![free.clone()], at(5)))
+            .await
+            .unwrap(),
+    );
+    let s = l
+        .settle(
+            &id("allow", "c"),
+            &[Usage::new("calls", 5)],
+            OverEstimate::DrawBalance,
+            at(6),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.allowance_units, vec![2]);
+    assert_eq!(s.shortfall.units, vec![(Meter::new("calls"), 3)]);
+    // The next window starts empty.
+    let w2 = window(w.resets_at, 3);
+    let next = Charge {
+        allowance: Some(w2),
+        ..free.clone()
+    };
+    let r = reserved(
+        l.reserve(&request("allow", "d", vec![next], w2.start))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r.allowance_left, vec![Some(1)]);
+    // With overage, units beyond the allowance are paid from credit.
+    l.deposit(&acct("allow"), Credits::new(10), "d", at(7))
+        .await
+        .unwrap();
+    let over = Charge {
+        meter: Meter::new("tokens"),
+        units: 5,
+        unit_price: Credits::new(2),
+        price_per: 1,
+        allowance: Some(window(at(0), 2)),
+        overage: true,
+    };
+    let r = reserved(
+        l.reserve(&request("allow", "e", vec![over], at(8)))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((r.credits, r.allowance_units), (Credits::new(6), vec![2]));
+    // The old window is forgotten once it is over and holds nothing.
+    let u = l
+        .allowance_usage(&acct("allow"), &Meter::new("calls"), w.start, w.resets_at)
+        .await
+        .unwrap();
+    assert_eq!((u.used, u.held), (0, 0));
+    conserved(l, "allow", at(9)).await;
+}
+
+pub async fn retention(l: &impl Ledger) {
+    let a = acct("ret");
+    l.deposit(&a, Credits::new(10), "d", at(0)).await.unwrap();
+    let req = request("ret", "k", vec![paid("req", 1, 1)], at(1));
+    reserved(l.reserve(&req).await.unwrap());
+    l.settle(&id("ret", "k"), &[], OverEstimate::DrawBalance, at(2))
+        .await
+        .unwrap();
+    let later = at(2).plus_secs(DEFAULT_RETENTION_SECS);
+    let mut again = req.clone();
+    again.now = later.plus_secs(1);
+    // Forgotten after the retention time: a new reservation.
+    reserved(l.reserve(&again).await.unwrap());
+    let d = l.deposit(&a, Credits::new(10), "d", later).await.unwrap();
+    assert!(d.applied, "deposit key forgotten after retention");
+}
+
+/// Operations of the random sequence.
+#[derive(Debug, Clone)]
+enum Op {
+    Deposit(usize, u64, usize),
+    Reserve(ReserveRequest),
+    Settle(usize, usize, Vec<Usage>, OverEstimate),
+    Release(usize, usize),
+    Balance(usize),
+    Allowance(usize, u64),
+}
+
+/// A small deterministic generator (xorshift64*), so runs are reproducible by seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const ACCOUNTS: [&str; 3] = ["r0", "r1", "r2"];
+const KEYS: [&str; 6] = ["k0", "k1", "k2", "k3", "k4", "k5"];
+
+fn random_ops(seed: u64, n: usize) -> Vec<(Timestamp, Op)> {
+    let mut rng = Rng(seed | 1);
+    let mut now = 0u64;
+    let mut ops = Vec::with_capacity(n);
+    for _ in 0..n {
+        now += rng.below(8);
+        let t = at(now);
+        let a = rng.below(3) as usize;
+        let k = rng.below(6) as usize;
+        // Windows of 50 s, so several pass during a run.
+        let start = at(now - now % 50);
+        let op = match rng.below(10) {
+            0 | 1 => Op::Deposit(a, 1 + rng.below(30), rng.below(4) as usize),
+            2..=4 => {
+                let mut charges = vec![paid("req", rng.below(6), rng.below(3))];
+                if rng.below(2) == 0 {
+                    charges.push(Charge {
+                        meter: Meter::new("calls"),
+                        units: rng.below(4),
+                        unit_price: Credits::new(rng.below(3)),
+                        // Prices per 1, 3 or 1,000 units: rounding up must agree everywhere.
+                        price_per: [1, 3, 1000][rng.below(3) as usize],
+                        allowance: Some(AllowanceWindow {
+                            limit: 5,
+                            start,
+                            resets_at: start.plus_secs(50),
+                        }),
+                        overage: rng.below(2) == 0,
+                    });
+                }
+                Op::Reserve(ReserveRequest {
+                    account: acct(ACCOUNTS[a]),
+                    key: KEYS[k].to_owned(),
+                    fingerprint: rng.below(2),
+                    charges,
+                    ttl_secs: 1 + rng.below(30),
+                    now: t,
+                })
+            }
+            5 | 6 => {
+                let policy = if rng.below(2) == 0 {
+                    OverEstimate::DrawBalance
+                } else {
+                    OverEstimate::CapAtHold
+                };
+                let usage = vec![
+                    Usage::new("req", rng.below(10)),
+                    Usage::new("calls", rng.below(6)),
+                ];
+                Op::Settle(a, k, usage, policy)
+            }
+            7 => Op::Release(a, k),
+            8 => Op::Balance(a),
+            _ => Op::Allowance(a, start.unix()),
+        };
+        ops.push((t, op));
+    }
+    ops
+}
+
+/// Runs a few hundred random operations on the ledger and on [`AccountBook`]s side by side:
+/// every answer must be the same and every account must stay conserved.
+pub async fn matches_the_book(l: &impl Ledger, seed: u64) {
+    let mut books: HashMap<usize, AccountBook> = HashMap::new();
+    for (i, (now, op)) in random_ops(seed, 300).into_iter().enumerate() {
+        let (a, got, want) = match &op {
+            Op::Deposit(a, amount, k) => {
+                let key = format!("dep{k}");
+                let amount = Credits::new(*amount);
+                let got = l.deposit(&acct(ACCOUNTS[*a]), amount, &key, now).await;
+                let want = books.entry(*a).or_default().deposit(amount, &key, now);
+                (*a, format!("{got:?}"), format!("{want:?}"))
+            }
+            Op::Reserve(req) => {
+                let a = ACCOUNTS
+                    .iter()
+                    .position(|n| *n == req.account.as_str())
+                    .unwrap();
+                let got = l.reserve(req).await;
+                let want = books.entry(a).or_default().reserve(req);
+                (a, format!("{got:?}"), format!("{want:?}"))
+            }
+            Op::Settle(a, k, usage, policy) => {
+                let got = l
+                    .settle(&id(ACCOUNTS[*a], KEYS[*k]), usage, *policy, now)
+                    .await;
+                let want = books
+                    .entry(*a)
+                    .or_default()
+                    .settle(KEYS[*k], usage, *policy, now);
+                (*a, format!("{got:?}"), format!("{want:?}"))
+            }
+            Op::Release(a, k) => {
+                let got = l.release(&id(ACCOUNTS[*a], KEYS[*k]), now).await;
+                let want = books.entry(*a).or_default().release(KEYS[*k], now);
+                (*a, format!("{got:?}"), format!("{want:?}"))
+            }
+            Op::Balance(a) => {
+                let got = l.balance(&acct(ACCOUNTS[*a]), now).await.unwrap();
+                let want = books.entry(*a).or_default().balance(now);
+                (*a, format!("{got:?}"), format!("{want:?}"))
+            }
+            Op::Allowance(a, start) => {
+                let m = Meter::new("calls");
+                let s = Timestamp::from_unix(*start);
+                let got = l
+                    .allowance_usage(&acct(ACCOUNTS[*a]), &m, s, now)
+                    .await
+                    .unwrap();
+                let want = books.entry(*a).or_default().allowance_usage(&m, s, now);
+                (*a, format!("{got:?}"), format!("{want:?}"))
+            }
+        };
+        assert_eq!(got, want, "op #{i} {op:?} at {now} (seed {seed})");
+        let b = conserved(l, ACCOUNTS[a], now).await;
+        assert_eq!(b, books.entry(a).or_default().balance(now), "op #{i}");
+    }
+}
+
+pub async fn plan_store(p: &impl PlanStore) {
+    let a = acct("sub");
+    assert_eq!(p.subscription(&a).await.unwrap(), None);
+    p.put_subscription(Subscription::active("sub", "basic"))
+        .await
+        .unwrap();
+    assert_eq!(
+        p.subscription(&a).await.unwrap(),
+        Some(Subscription::active("sub", "basic"))
+    );
+    let mut full = Subscription::new("sub", "pro", SubscriptionStatus::PastDue);
+    full.current_period_start = Some(at(1));
+    full.current_period_end = Some(at(2));
+    full.trial_end = Some(at(3));
+    full.canceled_at = Some(at(4));
+    full.ended_at = Some(at(5));
+    full.past_due_since = Some(at(6));
+    full.grace_until = Some(at(7));
+    p.put_subscription(full.clone()).await.unwrap();
+    assert_eq!(p.subscription(&a).await.unwrap(), Some(full));
+    for status in [
+        SubscriptionStatus::Trialing,
+        SubscriptionStatus::Unpaid,
+        SubscriptionStatus::Canceled,
+        SubscriptionStatus::Paused,
+        SubscriptionStatus::Incomplete,
+        SubscriptionStatus::Expired,
+    ] {
+        let s = Subscription::new("sub2", "free", status);
+        p.put_subscription(s.clone()).await.unwrap();
+        assert_eq!(p.subscription(&acct("sub2")).await.unwrap(), Some(s));
+    }
+}
+
+/// One `#[tokio::test]` per check. `$ledger` and `$plans` are async expressions giving
+/// `Option<store>` (`None`: the backend is unreachable and the test was skipped).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($ledger:expr, $plans:expr) => {
+        conformance_tests!(@one $ledger, deposits, deposits);
+        conformance_tests!(@one $ledger, reserve_settle_release, reserve_settle_release);
+        conformance_tests!(@one $ledger, over_estimates_and_denials, over_estimates_and_denials);
+        conformance_tests!(@one $ledger, idempotent_reserve, idempotent_reserve);
+        conformance_tests!(@one $ledger, expiry, expiry);
+        conformance_tests!(@one $ledger, allowances, allowances);
+        conformance_tests!(@one $ledger, retention, retention);
+
+        #[tokio::test]
+        async fn matches_the_book_on_random_sequences() {
+            for seed in [1u64, 42, 0xdead_beef] {
+                let Some(l) = $ledger else { return };
+                conformance::matches_the_book(&l, seed).await;
+            }
+        }
+
+        #[tokio::test]
+        async fn plan_store_reads_and_writes() {
+            let Some(p) = $plans else { return };
+            conformance::plan_store(&p).await;
+        }
+    };
+    (@one $ledger:expr, $name:ident, $check:ident) => {
+        #[tokio::test]
+        async fn $name() {
+            let Some(l) = $ledger else { return };
+            conformance::$check(&l).await;
+        }
+    };
+}
+
+pub mod fleet;
