@@ -4,6 +4,8 @@ use crate::ledger::Usage;
 use crate::metering::usage::{parse_usage, UsageError, UsageScanner};
 use crate::plan::Meter;
 
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
 /// Follows a `text/event-stream` body event by event, keeping at most one event in memory.
 pub(crate) struct SseScanner {
     /// The current line, up to `max` bytes.
@@ -39,16 +41,32 @@ impl SseScanner {
         }
     }
 
+    fn push_line(&mut self, bytes: &[u8]) {
+        if self.overflow_line || self.line.len() + bytes.len() > self.max {
+            self.overflow_line = true;
+        } else {
+            self.line.extend_from_slice(bytes);
+        }
+    }
+
     fn end_line(&mut self) {
-        let line = std::mem::take(&mut self.line);
         if std::mem::take(&mut self.overflow_line) {
+            self.line.clear();
             self.overflow_event = true;
             return;
         }
-        if line.is_empty() {
+        if self.line.is_empty() {
             self.dispatch();
             return;
         }
+        // The line buffer is reused from line to line: no allocation per line.
+        let line = std::mem::take(&mut self.line);
+        self.data_line(&line);
+        self.line = line;
+        self.line.clear();
+    }
+
+    fn data_line(&mut self, line: &[u8]) {
         if let Some(value) = line.strip_prefix(b"data") {
             let value = match value {
                 [b':', b' ', rest @ ..] | [b':', rest @ ..] => rest,
@@ -68,8 +86,16 @@ impl SseScanner {
     }
 
     fn dispatch(&mut self) {
+        let overflow = std::mem::take(&mut self.overflow_event);
         let data = std::mem::take(&mut self.data);
-        if std::mem::take(&mut self.overflow_event) {
+        self.handle_event(&data, overflow);
+        // Keep the buffer's capacity for the next event.
+        self.data = data;
+        self.data.clear();
+    }
+
+    fn handle_event(&mut self, data: &[u8], overflow: bool) {
+        if overflow {
             self.skipped_events += 1;
             return;
         }
@@ -80,7 +106,11 @@ impl SseScanner {
             self.done = true;
             return;
         }
-        let Ok(event) = serde_json::from_slice::<Value>(&data) else {
+        // Most events are content deltas: only parse the ones that can carry usage.
+        if !data.windows(USAGE_KEY.len()).any(|w| w == USAGE_KEY) {
+            return;
+        }
+        let Ok(event) = serde_json::from_slice::<Value>(data) else {
             self.skipped_events += 1;
             return;
         };
@@ -91,21 +121,26 @@ impl SseScanner {
 }
 
 impl UsageScanner for SseScanner {
-    fn data(&mut self, chunk: &[u8]) {
-        for &b in chunk {
-            match b {
-                b'\n' if self.last_cr => self.last_cr = false,
-                b'\n' | b'\r' => {
-                    self.last_cr = b == b'\r';
-                    self.end_line();
+    fn data(&mut self, mut chunk: &[u8]) {
+        // Whole runs between line breaks are copied at once; only the breaks are looked at.
+        while !chunk.is_empty() {
+            if self.last_cr {
+                self.last_cr = false;
+                if chunk[0] == b'\n' {
+                    chunk = &chunk[1..];
+                    continue;
                 }
-                _ => {
-                    self.last_cr = false;
-                    if self.line.len() < self.max {
-                        self.line.push(b);
-                    } else {
-                        self.overflow_line = true;
-                    }
+            }
+            match chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+                Some(i) => {
+                    self.push_line(&chunk[..i]);
+                    self.last_cr = chunk[i] == b'\r';
+                    self.end_line();
+                    chunk = &chunk[i + 1..];
+                }
+                None => {
+                    self.push_line(chunk);
+                    break;
                 }
             }
         }
