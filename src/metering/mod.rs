@@ -18,6 +18,55 @@
 //! ([`reservation_ttl`](MeteringLayer::reservation_ttl), default 5 minutes) and the hold comes
 //! back: a reservation is never leaked.
 //!
+//! # Estimates: pricing rules
+//!
+//! The estimate comes from a [`Pricing`] rule: by default the route's fixed
+//! [`Cost`](crate::decision::Cost) from the gate; [`OpenAiPricing`] prices OpenAI-compatible
+//! requests from their JSON body (`model`, `max_tokens`/`max_completion_tokens`, `n`) with a
+//! per-model [`PriceTable`] (input and output prices per 1,000 or per million tokens); a
+//! closure prices anything else. A rule that needs the body gets it whole (bounded by
+//! [`max_body`](MeteringLayer::max_body), `413 REQUEST_TOO_LARGE` beyond) and the handler
+//! still receives it intact. Prices per N units are rounded **up** to whole credits, per
+//! meter, per request: `ceil(units × price / N)`, in integers.
+//!
+//! An estimate may span several meters (input and output tokens priced differently); each
+//! meter uses the plan's allowance for it first, then credit.
+//!
+//! # Actual usage
+//!
+//! What is settled, in order of precedence:
+//!
+//! 1. a [`ReportedUsage`] the handler put in the response extensions;
+//! 2. what the [`UsageExtractor`] reads from the response: [`HeaderUsage`] (a header the
+//!    handler sets, stripped before the client sees it), [`BodyBytes`] (body size),
+//!    [`OpenAiUsage`] (the `usage` object of a JSON body or of a server-sent-event stream);
+//! 3. the estimate.
+//!
+//! Extractors keep bounded memory whatever the body's length (a tail of a JSON body, one
+//! event of a stream). A usage figure that is missing, negative, fractional, not a number, or
+//! above [`max_units`](MeteringLayer::max_units) is logged as a warning and the **estimate is
+//! charged**: a response is never free because its usage could not be read.
+//!
+//! # Policies
+//!
+//! | situation | default | alternatives |
+//! |---|---|---|
+//! | 5xx response | release | |
+//! | 4xx response | release | [`bill_client_errors`](MeteringLayer::bill_client_errors) |
+//! | usage costs more than the hold | draw the difference from the balance, report any shortfall ([`OverEstimate::DrawBalance`](crate::ledger::OverEstimate::DrawBalance)) | cap at the hold ([`CapAtHold`](crate::ledger::OverEstimate::CapAtHold)) |
+//! | client disconnects mid-body | charge the estimate ([`DisconnectPolicy::ChargeEstimate`]) | usage seen so far ([`DisconnectPolicy::ChargeUsageSoFar`]) |
+//! | response body fails mid-stream | release ([`StreamErrorPolicy::Release`]) | usage seen so far |
+//! | request cancelled before its response | release | |
+//! | reservation neither settled nor released | expires after the TTL, the hold comes back | |
+//!
+//! The balance never goes below zero.
+//!
+//! # Thresholds
+//!
+//! [`on_threshold`](MeteringLayer::on_threshold) calls your hook once each time an account's
+//! spent balance or an allowance crosses a configured level ([`Threshold`]), so the
+//! application can warn its user before the hard stop.
+//!
 //! # Idempotency
 //!
 //! A request with an `Idempotency-Key` header reserves under that key. A retry with the same

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the official OpenAI Python SDK (tests/sdk/openai_sdk.py) against the llm_proxy example.
+# Installs the SDK into target/sdk-venv (pinned); starts and stops the example by process id.
+# If the SDK cannot be installed (no PyPI), says SKIPPED and exits 0, unless
+# TOWER402_REQUIRE_SDK=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OPENAI_VERSION=2.8.1
+venv=target/sdk-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+  if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q "openai==$OPENAI_VERSION"; }; then
+    if [ "${TOWER402_REQUIRE_SDK:-0}" = 1 ]; then
+      echo "the OpenAI SDK could not be installed" >&2; exit 1
+    fi
+    echo "SKIPPED: the OpenAI SDK could not be installed; SDK check not run" >&2
+    exit 0
+  fi
+fi
+cargo build -q --example llm_proxy
+log=$(mktemp)
+PORT=0 target/debug/examples/llm_proxy >"$log" 2>/dev/null &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
+url=""
+for _ in $(seq 1 100); do
+  url=$(grep -oE 'http://127\.0\.0\.1:[0-9]+/v1' "$log" || true)
+  [ -n "$url" ] && break
+  kill -0 $pid 2>/dev/null || { echo "llm_proxy exited" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$url" ] || { echo "llm_proxy did not start" >&2; exit 1; }
+TOWER402_LLM_URL="$url" "$venv/bin/python" tests/sdk/openai_sdk.py
