@@ -117,6 +117,7 @@ async fn sweep_releases_idle_accounts_and_forgets_old_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fleet_of_four_shares_one_balance() {
     let Some(config) = config().await else { return };
+    let config = config.op_timeout(Duration::from_secs(60));
     // Four instances: each its own pool.
     let instances = (0..4)
         .map(|_| {

@@ -1,5 +1,7 @@
 //! Several app instances sharing one backend, under real concurrency.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::routing::get;
 use axum::Router;
@@ -19,7 +21,11 @@ pub const ACCOUNT: &str = "fleet";
 pub fn app(ledger: impl Ledger + Clone, plans: impl PlanStore) -> Router {
     let catalog = Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true));
     let keys = StaticKeys::new().with_key("fleet-key", ACCOUNT);
+    // This test is about exact counts, not latency: 2,000 requests queue on one hot account
+    // (on PostgreSQL, one row lock), so store calls get a minute instead of the default 5 s.
+    let patience = Some(Duration::from_secs(60));
     let gate = PaymentGateLayer::new(keys, plans, catalog)
+        .timeout(patience)
         .ledger(ledger.clone())
         .route(
             "GET /work",
@@ -31,7 +37,7 @@ pub fn app(ledger: impl Ledger + Clone, plans: impl PlanStore) -> Router {
             ServiceBuilder::new()
                 .layer(ProblemDetailsLayer::new(Default::default()))
                 .layer(gate)
-                .layer(MeteringLayer::new(ledger)),
+                .layer(MeteringLayer::new(ledger).timeout(patience)),
         )
 }
 

@@ -1,0 +1,114 @@
+//! The in-memory hot path, piece by piece: the decision function alone, the gate, the gate plus
+//! a metering reservation and settlement, and problem rendering.
+//!
+//! `cargo bench --bench hot_path`
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_402::decision::{decide, Cost, DecisionInput, Denial, Requirement};
+use tower_402::plan::{Catalog, Period, Plan, Subscription};
+use tower_402::problem::{ProblemConfig, ProblemDetails};
+use tower_402::*;
+
+const NOW: Timestamp = Timestamp::from_unix(1_790_000_000);
+
+fn catalog() -> Catalog {
+    Catalog::new()
+        .with_plan(Plan::new("free", "Free", 0).allowance("requests", 1000, Period::CalendarMonth))
+        .with_plan(Plan::new("pro", "Pro", 2).overage(true))
+}
+
+fn requirement() -> Requirement {
+    Requirement::new().cost(Cost::new("requests", 1, Credits::new(1)))
+}
+
+async fn handler(_: Request<impl Send>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+}
+
+fn bench_decision(c: &mut Criterion) {
+    let catalog = catalog();
+    let plan = catalog.get("pro").unwrap().clone();
+    let sub = Subscription::active("acme", "pro");
+    let req = requirement();
+    c.bench_function("decision/allow", |b| {
+        b.iter(|| {
+            decide(&DecisionInput {
+                subscription: &sub,
+                plan: &plan,
+                catalog: &catalog,
+                requirement: &req,
+                available: Credits::new(1000),
+                allowance_taken: 0,
+                grace_secs: 0,
+                soft_limit_percent: Some(80),
+                now: NOW,
+            })
+        })
+    });
+}
+
+fn bench_layers(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ledger = MemoryLedger::new();
+    rt.block_on(ledger.deposit(&"acme".into(), Credits::new(1 << 50), "seed", NOW))
+        .unwrap();
+    let plans = MemoryPlanStore::new().with(Subscription::active("acme", "pro"));
+    let gate = PaymentGateLayer::new(StaticKeys::new().with_key("k", "acme"), plans, catalog())
+        .ledger(ledger.clone())
+        .clock(ManualClock::new(NOW))
+        .default_requirement(requirement());
+    let request = || {
+        Request::get("/v1/forecast")
+            .header("x-api-key", "k")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    let gate_only = ServiceBuilder::new()
+        .layer(gate.clone())
+        .service(tower::service_fn(handler));
+    c.bench_function("gate/allow", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = gate_only.clone();
+            async move { svc.oneshot(request()).await.unwrap() }
+        })
+    });
+
+    let full = ServiceBuilder::new()
+        .layer(ProblemDetailsLayer::default())
+        .layer(gate)
+        .layer(MeteringLayer::new(ledger).clock(ManualClock::new(NOW)))
+        .service(tower::service_fn(handler));
+    c.bench_function("gate_metering/reserve_settle", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = full.clone();
+            async move {
+                let res = svc.oneshot(request()).await.unwrap();
+                res.into_body().collect().await.unwrap()
+            }
+        })
+    });
+}
+
+fn bench_problem(c: &mut Criterion) {
+    let config = ProblemConfig::new().type_base("https://docs.example.com/problems/");
+    let denial = Denial::InsufficientCredits {
+        balance: Credits::new(3),
+        required: Credits::new(10),
+    };
+    c.bench_function("problem/render_insufficient_credits", |b| {
+        b.iter(|| ProblemDetails::from_denial(&denial, &config).to_bytes())
+    });
+}
+
+criterion_group!(benches, bench_decision, bench_layers, bench_problem);
+criterion_main!(benches);
