@@ -86,6 +86,7 @@ fn reserve_request(
             overage: true,
         }],
         ttl_secs: TTL,
+        idempotent: true,
         now,
     }
 }
@@ -331,4 +332,42 @@ fn amounts_beyond_exact_range_are_refused() {
         book.deposit(Credits::new(1), "d2", now),
         Err(LedgerError::AmountOutOfRange)
     ));
+}
+
+#[test]
+fn reservations_without_an_idempotency_key_are_forgotten_once_finished() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    book.deposit(Credits::new(1_000_000), "d", now).unwrap();
+    for i in 0..10_000u32 {
+        let mut req = reserve_request(0, 0, 1, 1, false, now);
+        req.key = format!("req:{i}");
+        req.idempotent = false;
+        book.reserve(&req).unwrap();
+        if i % 2 == 0 {
+            book.settle(
+                &req.key,
+                &[Usage::new("units", 1)],
+                OverEstimate::DrawBalance,
+                now,
+            )
+            .unwrap();
+        } else {
+            book.release(&req.key, now).unwrap();
+        }
+    }
+    // Nothing is kept for keys that can never come back; the money is all accounted for.
+    assert_eq!(book.open_reservations(), 0);
+    assert_eq!(book.retained_reservations(), 0);
+    let b = book.balance(now);
+    assert_eq!(b.settled, Credits::new(5_000));
+    assert_eq!(b.available, Credits::new(995_000));
+    // An idempotent one is kept for the retention time, then forgotten.
+    let req = reserve_request(1, 0, 1, 1, false, now);
+    book.reserve(&req).unwrap();
+    book.settle("r1", &[], OverEstimate::DrawBalance, now)
+        .unwrap();
+    assert_eq!(book.retained_reservations(), 1);
+    book.expire(now.plus_secs(DEFAULT_RETENTION_SECS));
+    assert_eq!(book.retained_reservations(), 0);
 }

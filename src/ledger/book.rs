@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::credits::Credits;
 use crate::decision::Denial;
@@ -31,6 +31,9 @@ pub(crate) struct Record {
     pub(crate) state: State,
     pub(crate) touched_at: Timestamp,
     pub(crate) settlement: Option<Settlement>,
+    /// Kept after it ends, for the retention time, so a retry under its key is recognized
+    /// (`ReserveRequest::idempotent`). Otherwise forgotten when settled or released.
+    pub(crate) retain: bool,
 }
 
 /// Allowance units of one meter in one window.
@@ -70,6 +73,11 @@ pub struct AccountBook {
     reservations: HashMap<String, Record>,
     deposits: HashMap<String, (Credits, Timestamp)>,
     retention_secs: u64,
+    /// Open reservations by expiry: expiring the due ones costs O(log n), not a scan.
+    open: BTreeSet<(Timestamp, String)>,
+    /// Finished reservations and deposits in the order they finished, for retention.
+    finished: VecDeque<(Timestamp, String)>,
+    deposited_at: VecDeque<(Timestamp, String)>,
 }
 
 impl Default for AccountBook {
@@ -90,6 +98,9 @@ impl AccountBook {
             reservations: HashMap::new(),
             deposits: HashMap::new(),
             retention_secs,
+            open: BTreeSet::new(),
+            finished: VecDeque::new(),
+            deposited_at: VecDeque::new(),
         }
     }
 
@@ -99,6 +110,22 @@ impl AccountBook {
     /// of the charges involved, and the deposit under its key.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn from_parts(retention_secs: u64, parts: Parts) -> Self {
+        let mut open = BTreeSet::new();
+        let mut finished: Vec<(Timestamp, String)> = Vec::new();
+        for (key, rec) in &parts.reservations {
+            if rec.state == State::Open {
+                open.insert((rec.expires_at, key.clone()));
+            } else {
+                finished.push((rec.touched_at, key.clone()));
+            }
+        }
+        finished.sort();
+        let mut deposited_at: Vec<(Timestamp, String)> = parts
+            .deposits
+            .iter()
+            .map(|(k, (_, at))| (*at, k.clone()))
+            .collect();
+        deposited_at.sort();
         AccountBook {
             available: parts.balance.available,
             held: parts.balance.held,
@@ -108,6 +135,9 @@ impl AccountBook {
             reservations: parts.reservations,
             deposits: parts.deposits,
             retention_secs,
+            open,
+            finished: finished.into(),
+            deposited_at: deposited_at.into(),
         }
     }
 
@@ -128,35 +158,91 @@ impl AccountBook {
     }
 
     /// Releases expired holds and forgets old records and allowance windows.
+    ///
+    /// Costs O(log n) per expired reservation and O(1) per forgotten record: open
+    /// reservations are indexed by expiry and finished ones queued in the order they finished.
     pub fn expire(&mut self, now: Timestamp) {
-        let retention = self.retention_secs;
-        let mut released = Credits::ZERO;
-        for rec in self.reservations.values_mut() {
-            if rec.state == State::Open && rec.expires_at <= now {
-                released = released.checked_add(rec.credits).unwrap_or(released);
-                for (charge, units) in rec.charges.iter().zip(&rec.allowance_units) {
-                    if let Some(w) = charge.allowance {
-                        if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
-                            c.held = c.held.saturating_sub(*units);
-                        }
+        while self.open.first().is_some_and(|(at, _)| *at <= now) {
+            let Some((at, key)) = self.open.pop_first() else {
+                break;
+            };
+            let Some(rec) = self.reservations.get_mut(&key) else {
+                continue;
+            };
+            if rec.state != State::Open || rec.expires_at != at {
+                continue;
+            }
+            for (charge, units) in rec.charges.iter().zip(&rec.allowance_units) {
+                if let Some(w) = charge.allowance {
+                    if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
+                        c.held = c.held.saturating_sub(*units);
                     }
                 }
-                rec.state = State::Expired;
-                rec.touched_at = rec.expires_at;
+            }
+            rec.state = State::Expired;
+            rec.touched_at = rec.expires_at;
+            // An expired hold is remembered even without `retain`: a late settlement must
+            // still find it and charge (see `settle`).
+            self.finished.push_back((rec.expires_at, key));
+            // A part of `held` comes back to `available`: neither operation can fail.
+            self.held = self.held.saturating_sub(rec.credits);
+            self.available = self
+                .available
+                .checked_add(rec.credits)
+                .unwrap_or(self.available);
+        }
+        let retention = self.retention_secs;
+        while self
+            .finished
+            .front()
+            .is_some_and(|(at, _)| at.plus_secs(retention) <= now)
+        {
+            let Some((at, key)) = self.finished.pop_front() else {
+                break;
+            };
+            // Skip stale entries: the key was reserved again, or touched later.
+            if self
+                .reservations
+                .get(&key)
+                .is_some_and(|r| r.state != State::Open && r.touched_at == at)
+            {
+                self.reservations.remove(&key);
             }
         }
-        // `released` is a sum of parts of `held`, so neither operation can fail.
-        self.held = self.held.saturating_sub(released);
-        self.available = self
-            .available
-            .checked_add(released)
-            .unwrap_or(self.available);
-        self.reservations
-            .retain(|_, r| r.state == State::Open || r.touched_at.plus_secs(retention) > now);
-        self.deposits
-            .retain(|_, (_, at)| at.plus_secs(retention) > now);
-        self.allowances
-            .retain(|_, c| c.resets_at > now || c.held > 0);
+        while self
+            .deposited_at
+            .front()
+            .is_some_and(|(at, _)| at.plus_secs(retention) <= now)
+        {
+            let Some((at, key)) = self.deposited_at.pop_front() else {
+                break;
+            };
+            if self.deposits.get(&key).is_some_and(|(_, t)| *t == at) {
+                self.deposits.remove(&key);
+            }
+        }
+        if self
+            .allowances
+            .values()
+            .any(|c| c.resets_at <= now && c.held == 0)
+        {
+            self.allowances
+                .retain(|_, c| c.resets_at > now || c.held > 0);
+        }
+    }
+
+    /// Marks a reservation finished: queued for retention, or forgotten right away when it
+    /// was not made under an idempotency key.
+    fn finish(&mut self, key: &str, now: Timestamp) {
+        let Some(rec) = self.reservations.get(key) else {
+            return;
+        };
+        self.open.remove(&(rec.expires_at, key.to_owned()));
+        if rec.retain {
+            self.finished.push_back((now, key.to_owned()));
+        } else {
+            self.reservations.remove(key);
+        }
     }
 
     /// The buckets.
@@ -261,6 +347,7 @@ impl AccountBook {
             }
         }
         let expires_at = req.now.plus_secs(req.ttl_secs);
+        self.open.insert((expires_at, req.key.clone()));
         self.reservations.insert(
             req.key.clone(),
             Record {
@@ -272,6 +359,7 @@ impl AccountBook {
                 state: State::Open,
                 touched_at: req.now,
                 settlement: None,
+                retain: req.idempotent,
             },
         );
         Ok(ReserveOutcome::Reserved(Reservation {
@@ -382,8 +470,11 @@ impl AccountBook {
         if let Some(r) = self.reservations.get_mut(key) {
             r.state = State::Settled;
             r.touched_at = now;
-            r.settlement = Some(settlement.clone());
+            if r.retain {
+                r.settlement = Some(settlement.clone());
+            }
         }
+        self.finish(key, now);
         Ok(settlement)
     }
 
@@ -414,6 +505,7 @@ impl AccountBook {
             .available
             .checked_add(credits)
             .unwrap_or(self.available);
+        self.finish(key, now);
         Ok(())
     }
 
@@ -448,10 +540,16 @@ impl AccountBook {
             .checked_add(amount)
             .ok_or(LedgerError::AmountOutOfRange)?;
         self.deposits.insert(key.to_owned(), (amount, now));
+        self.deposited_at.push_back((now, key.to_owned()));
         Ok(Deposit {
             applied: true,
             balance: self.balance(now),
         })
+    }
+
+    /// Reservations remembered, open or finished (for tests and diagnostics).
+    pub fn retained_reservations(&self) -> usize {
+        self.reservations.len()
     }
 
     /// Open reservations (for tests and diagnostics).

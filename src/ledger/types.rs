@@ -122,6 +122,11 @@ pub struct ReserveRequest {
     pub charges: Vec<Charge>,
     /// How long the hold lives if neither settled nor released.
     pub ttl_secs: u64,
+    /// Whether `key` is a client's idempotency key. Then the reservation is remembered for
+    /// the retention time after it ends, so a retry is recognized (charged once). Otherwise
+    /// the key is unique to one request and can never come back: the in-memory ledger
+    /// forgets the reservation as soon as it is settled or released, keeping memory flat.
+    pub idempotent: bool,
     /// The current time.
     pub now: Timestamp,
 }

@@ -315,6 +315,7 @@ where
     if let Some(body) = &peeked {
         fp.write(body);
     }
+    let idempotent = idem.is_some();
     let key = match idem {
         Some(k) => format!("idem:{k}"),
         None => unique_key(),
@@ -325,6 +326,7 @@ where
         fingerprint: fp.finish(),
         charges,
         ttl_secs: config.ttl_secs,
+        idempotent,
         now,
     };
     let outcome = bounded(config.timeout, config.ledger.reserve(&request)).await;

@@ -817,6 +817,9 @@ fn record_from_row(row: &Row) -> Result<(String, Record), StoreError> {
             .map(serde_json::from_value)
             .transpose()
             .map_err(StoreError::corrupt)?,
+        // Rows are kept for the retention time whatever their key (and deleted by the next
+        // operation or `sweep` after it): the table has no column for it.
+        retain: true,
     };
     Ok((key, rec))
 }

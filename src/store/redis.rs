@@ -552,6 +552,64 @@ expire_due()
 return done({'open', redis.call('ZCARD', B .. ':open')})
 "#;
 
+/// ARGV 4 onwards of the reserve script for `req` (see `RESERVE`).
+fn reserve_args(req: &ReserveRequest) -> Result<Vec<String>, LedgerError> {
+    let ttl = exact(req.ttl_secs)?;
+    let expires_at = req.now.plus_secs(ttl);
+    let mut args = vec![
+        req.key.clone(),
+        req.fingerprint.to_string(),
+        exact(expires_at.unix())?.to_string(),
+        ttl.to_string(),
+        req.charges.len().to_string(),
+    ];
+    for c in &req.charges {
+        let (has, limit, start, resets) = match c.allowance {
+            Some(w) => (
+                "1",
+                exact(w.limit)?,
+                exact(w.start.unix())?,
+                exact(w.resets_at.unix())?,
+            ),
+            None => ("0", 0, 0, 0),
+        };
+        args.extend([
+            c.meter.as_str().to_owned(),
+            exact(c.units)?.to_string(),
+            exact(c.unit_price.get())?.to_string(),
+            exact(c.price_per.max(1))?.to_string(),
+            if c.overage { "1" } else { "0" }.to_owned(),
+            has.to_owned(),
+            limit.to_string(),
+            start.to_string(),
+            resets.to_string(),
+        ]);
+    }
+    Ok(args)
+}
+
+/// For the load script (`scripts/load.sh`): the exact reserve script and its arguments, so
+/// `redis-benchmark` can run the same script the ledger runs. Not part of the API.
+#[doc(hidden)]
+pub fn bench_reserve_invocation(
+    prefix: &str,
+    req: &ReserveRequest,
+) -> Result<(String, String, Vec<String>), LedgerError> {
+    let mut argv = vec![
+        exact(req.now.unix())?.to_string(),
+        DEFAULT_RETENTION_SECS.to_string(),
+        DEFAULT_RETENTION_SECS
+            .clamp(MIN_GC_SECS, MAX_EXACT)
+            .to_string(),
+    ];
+    argv.extend(reserve_args(req)?);
+    Ok((
+        format!("{PRELUDE}{RESERVE}"),
+        account_base(prefix, &req.account),
+        argv,
+    ))
+}
+
 struct Scripts {
     reserve: Script,
     settle: Script,
@@ -754,37 +812,7 @@ impl RedisLedger {
 #[async_trait]
 impl Ledger for RedisLedger {
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
-        let ttl = exact(req.ttl_secs)?;
-        let expires_at = req.now.plus_secs(ttl);
-        let mut args = vec![
-            req.key.clone(),
-            req.fingerprint.to_string(),
-            exact(expires_at.unix())?.to_string(),
-            ttl.to_string(),
-            req.charges.len().to_string(),
-        ];
-        for c in &req.charges {
-            let (has, limit, start, resets) = match c.allowance {
-                Some(w) => (
-                    "1",
-                    exact(w.limit)?,
-                    exact(w.start.unix())?,
-                    exact(w.resets_at.unix())?,
-                ),
-                None => ("0", 0, 0, 0),
-            };
-            args.extend([
-                c.meter.as_str().to_owned(),
-                exact(c.units)?.to_string(),
-                exact(c.unit_price.get())?.to_string(),
-                exact(c.price_per.max(1))?.to_string(),
-                if c.overage { "1" } else { "0" }.to_owned(),
-                has.to_owned(),
-                limit.to_string(),
-                start.to_string(),
-                resets.to_string(),
-            ]);
-        }
+        let args = reserve_args(req)?;
         let (tag, mut r) = self
             .run(&self.scripts.reserve, &req.account, req.now, &args)
             .await?;

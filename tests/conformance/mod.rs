@@ -81,6 +81,7 @@ pub fn request(account: &str, key: &str, charges: Vec<Charge>, now: Timestamp) -
         fingerprint: 7,
         charges,
         ttl_secs: 60,
+        idempotent: true,
         now,
     }
 }
@@ -550,6 +551,7 @@ fn random_ops(seed: u64, n: usize) -> Vec<(Timestamp, Op)> {
                     fingerprint: rng.below(2),
                     charges,
                     ttl_secs: 1 + rng.below(30),
+                    idempotent: true,
                     now: t,
                 })
             }

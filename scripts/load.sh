@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Load test: the same route served bare, behind tower-402's three layers (in-memory, Redis,
+# PostgreSQL), behind tower_governor, and behind an nginx reverse proxy, each under the same
+# wrk load on loopback, in alternating rounds. Prints medians of requests/s and p99 latency
+# and the ratio to the bare app, then the Redis and PostgreSQL ceilings measured with
+# redis-benchmark (the ledger's own reserve script) and pgbench (the same conditional debit).
+#
+#   bash scripts/load.sh                 # ROUNDS=3 DURATION=10 CONNECTIONS=64 THREADS=1
+#
+# Installs wrk and nginx with apt-get if missing, starts Redis and PostgreSQL if stopped,
+# builds the servers (scripts/loadtest) in release mode, and stops everything it started by
+# process id. Only loopback addresses are used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+BASE_PORT=${BASE_PORT:-18080}
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need nginx; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+fi
+bash scripts/services.sh >/dev/null
+
+export CARGO_TARGET_DIR=target/loadtest
+cargo build -q --release --manifest-path scripts/loadtest/Cargo.toml
+bin=target/loadtest/release/tower-402-loadtest
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+modes=(bare layers governor redis postgres)
+declare -A port
+i=0
+for m in "${modes[@]}"; do
+  i=$((i + 1)); port[$m]=$((BASE_PORT + i))
+  "$bin" serve "$m" "${port[$m]}" >"$work/$m.log" 2>&1 &
+  pids+=($!)
+done
+port[nginx]=$((BASE_PORT + 9))
+cat >"$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream app { server 127.0.0.1:${port[bare]}; keepalive 128; }
+  server {
+    listen 127.0.0.1:${port[nginx]};
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
+pids+=($!)
+modes+=(nginx)
+
+for m in "${modes[@]}"; do
+  for _ in $(seq 1 100); do
+    if curl -sf -o /dev/null "http://127.0.0.1:${port[$m]}/v1/forecast" -H 'x-api-key: k'; then continue 2; fi
+    sleep 0.2
+  done
+  echo "server $m did not come up:" >&2; cat "$work/$m.log" >&2 || true; exit 1
+done
+
+# wrk's p99 in microseconds.
+p99_us() {
+  awk '/^ +99%/ { v=$2; u=v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+       f = (u=="us") ? 1 : (u=="ms") ? 1000 : (u=="s") ? 1000000 : 1; printf "%.0f", v*f }' "$1"
+}
+
+echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS wrk-threads=$THREADS cores=$(nproc)"
+for r in $(seq 1 "$ROUNDS"); do
+  for m in "${modes[@]}"; do
+    out="$work/wrk-$m-$r.txt"
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+      -H 'x-api-key: k' "http://127.0.0.1:${port[$m]}/v1/forecast" >"$out"
+    rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+    non2xx=$(awk '/Non-2xx/ { print $NF }' "$out")
+    echo "$m $rps $(p99_us "$out") ${non2xx:-0}" >>"$work/results"
+    echo "round $r $m: $rps req/s, p99 $(p99_us "$out") us, non-2xx ${non2xx:-0}"
+  done
+done
+
+python3 - "$work/results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    m, rps, p99, bad = line.split()
+    rows.setdefault(m, []).append((float(rps), float(p99), int(bad)))
+bare = statistics.median(r for r, _, _ in rows["bare"])
+print()
+print(f"| server | req/s (median) | p99 µs (median) | ratio to bare | non-2xx |")
+print(f"|---|---:|---:|---:|---:|")
+for m in ["bare", "layers", "governor", "nginx", "redis", "postgres"]:
+    if m not in rows: continue
+    rps = statistics.median(r for r, _, _ in rows[m])
+    p99 = statistics.median(p for _, p, _ in rows[m])
+    bad = sum(b for _, _, b in rows[m])
+    print(f"| {m} | {rps:,.0f} | {p99:,.0f} | {rps / bare:.3f} | {bad} |")
+PY
+
+echo
+echo "== Redis ceiling: redis-benchmark running the ledger's reserve script"
+line=$("$bin" redis-prepare "$work/reserve.lua")
+sha=$(redis-cli -h 127.0.0.1 -p 6379 SCRIPT LOAD "$(cat "$work/reserve.lua")")
+key=${line%% *}; argv=${line#* }
+# shellcheck disable=SC2086
+redis-benchmark -h 127.0.0.1 -p 6379 -q -n 200000 -c "$CONNECTIONS" -r 1000000000 \
+  EVALSHA "$sha" 1 "$key" $argv | tr '\r' '\n' | tail -1
+echo "(one tower-402 request runs two scripts: reserve and settle; plus a balance read by the gate)"
+redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'loadtest:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 DEL >/dev/null
+
+echo
+echo "== PostgreSQL ceiling: pgbench running the same conditional debit on one hot row"
+"$bin" postgres-prepare
+cat >"$work/debit.sql" <<'SQL'
+UPDATE loadtest.tower402_balances
+   SET available = available - 1, settled = settled + 1
+ WHERE account = 'bench' AND available >= 1;
+SQL
+pgbench -h 127.0.0.1 -U postgres -n -c 16 -j 2 -T "$DURATION" -f "$work/debit.sql" test 2>&1 \
+  | grep -E "^tps" || true
+echo "(one tower-402 request commits two transactions: reserve and settle)"

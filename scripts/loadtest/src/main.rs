@@ -1,0 +1,154 @@
+//! The servers `scripts/load.sh` compares, one binary:
+//!
+//! ```text
+//! loadtest serve <mode> <port>     mode: bare | layers | governor | redis | postgres
+//! loadtest redis-prepare <file>    seeds the Redis bench account, writes the reserve script
+//!                                  to <file>, prints its KEYS[1] and ARGV for redis-benchmark
+//! loadtest postgres-prepare        seeds the PostgreSQL bench account (schema `loadtest`)
+//! ```
+//!
+//! Every mode serves `GET /v1/forecast` → `sunny`. `layers`, `redis` and `postgres` put the
+//! three tower-402 layers in front of it (1 credit per call, key `k`); `governor` puts
+//! `tower_governor` (a limit never reached) in front instead.
+
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_402::decision::{Cost, Requirement};
+use tower_402::ledger::{Charge, ReserveRequest};
+use tower_402::plan::{Catalog, Meter, Plan, PlanStore, Subscription};
+use tower_402::store::{PostgresConfig, PostgresLedger, RedisConfig, RedisLedger};
+use tower_402::*;
+
+const ACCOUNT: &str = "bench";
+const SEED: u64 = 1 << 50;
+
+fn redis_url() -> String {
+    std::env::var("TOWER402_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn postgres_url() -> String {
+    std::env::var("TOWER402_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn bare() -> Router {
+    Router::new().route("/v1/forecast", get(|| async { "sunny" }))
+}
+
+async fn layered(ledger: impl Ledger + Clone) -> Router {
+    ledger
+        .deposit(&ACCOUNT.into(), Credits::new(SEED), "loadtest-seed", Timestamp::now())
+        .await
+        .expect("seed the bench account");
+    let plans = MemoryPlanStore::new();
+    plans
+        .put_subscription(Subscription::active(ACCOUNT, "pro"))
+        .await
+        .expect("memory store");
+    let catalog = Catalog::new().with_plan(Plan::new("pro", "Pro", 2).overage(true));
+    let gate = PaymentGateLayer::new(StaticKeys::new().with_key("k", ACCOUNT), plans, catalog)
+        .ledger(ledger.clone())
+        .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
+    bare().layer(
+        ServiceBuilder::new()
+            .layer(ProblemDetailsLayer::default())
+            .layer(gate)
+            .layer(MeteringLayer::new(ledger)),
+    )
+}
+
+fn governed() -> Router {
+    use tower_governor::governor::GovernorConfigBuilder;
+    use tower_governor::key_extractor::GlobalKeyExtractor;
+    use tower_governor::GovernorLayer;
+    // A limit this load never reaches: what is measured is the layer's cost.
+    let config = GovernorConfigBuilder::default()
+        .key_extractor(GlobalKeyExtractor)
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .finish()
+        .expect("valid governor config");
+    bare().layer(GovernorLayer::new(Arc::new(config)))
+}
+
+async fn postgres_ledger() -> PostgresLedger {
+    let config = PostgresConfig::new(&postgres_url())
+        .expect("postgres url")
+        .schema("loadtest")
+        .expect("schema")
+        .pool_size(16);
+    let ledger = PostgresLedger::new(config.pool().expect("pool"), config);
+    ledger.migrate().await.expect("migrate");
+    ledger
+}
+
+fn redis_ledger() -> RedisLedger {
+    RedisLedger::new(&RedisConfig::new(&redis_url()).expect("redis url").prefix("loadtest:"))
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("serve") => {
+            let mode = args.get(2).expect("mode");
+            let port: u16 = args.get(3).and_then(|p| p.parse().ok()).expect("port");
+            let app = match mode.as_str() {
+                "bare" => bare(),
+                "layers" => layered(MemoryLedger::new()).await,
+                "governor" => governed(),
+                "redis" => layered(redis_ledger()).await,
+                "postgres" => layered(postgres_ledger().await).await,
+                other => panic!("unknown mode {other}"),
+            };
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .expect("bind");
+            println!("ready {mode} {port}");
+            axum::serve(listener, app).await.expect("serve");
+        }
+        Some("redis-prepare") => {
+            let file = args.get(2).expect("script file");
+            let ledger = redis_ledger();
+            ledger
+                .deposit(&ACCOUNT.into(), Credits::new(SEED), "loadtest-seed", Timestamp::now())
+                .await
+                .expect("seed");
+            let req = ReserveRequest {
+                account: ACCOUNT.into(),
+                key: "__rand_int__".into(),
+                fingerprint: 1,
+                charges: vec![Charge {
+                    meter: Meter::new("requests"),
+                    units: 1,
+                    unit_price: Credits::new(1),
+                    price_per: 1,
+                    allowance: None,
+                    overage: true,
+                }],
+                ttl_secs: 300,
+                idempotent: false,
+                now: Timestamp::now(),
+            };
+            let (script, key, argv) =
+                tower_402::store::redis::bench_reserve_invocation("loadtest:", &req)
+                    .expect("invocation");
+            std::fs::write(file, script).expect("write script");
+            println!("{key} {}", argv.join(" "));
+        }
+        Some("postgres-prepare") => {
+            let ledger = postgres_ledger().await;
+            ledger
+                .deposit(&ACCOUNT.into(), Credits::new(SEED), "loadtest-seed", Timestamp::now())
+                .await
+                .expect("seed");
+        }
+        _ => {
+            eprintln!("usage: loadtest serve <bare|layers|governor|redis|postgres> <port> | redis-prepare <file> | postgres-prepare");
+            std::process::exit(2);
+        }
+    }
+}
