@@ -83,9 +83,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let app = instance(&config);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         println!("instance listening on http://127.0.0.1:{port}");
-        servers.push(tokio::spawn(
-            async move { axum::serve(listener, app).await },
-        ));
+        servers.push(tokio::spawn(async move {
+            // TCP_NODELAY: see examples/common/mod.rs `serve`.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, app).await
+        }));
     }
     for s in servers {
         s.await??;

@@ -285,10 +285,5 @@ async fn main() {
     println!("tower-402 llm_proxy listening on http://{addr}/v1");
     println!("demo keys: demo-pro (100000 credits), demo-broke (0 credits)");
     println!("models: small-model (1/2 credits per 1K input/output tokens), large-model (10/30)");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .expect("server");
+    common::serve(listener, app).await;
 }

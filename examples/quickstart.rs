@@ -211,10 +211,5 @@ async fn main() {
     for (key, _, what) in DEMO_KEYS {
         println!("  {key:<16} {what}");
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .expect("server");
+    common::serve(listener, app).await;
 }

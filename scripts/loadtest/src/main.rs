@@ -107,6 +107,11 @@ async fn main() {
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
                 .await
                 .expect("bind");
+            // TCP_NODELAY, as hyper-util and tonic servers default to: without it a response
+            // whose last bytes follow a ledger round trip waits for the client's delayed ACK.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             println!("ready {mode} {port}");
             axum::serve(listener, app).await.expect("serve");
         }
@@ -138,6 +143,26 @@ async fn main() {
                     .expect("invocation");
             std::fs::write(file, script).expect("write script");
             println!("{key} {}", argv.join(" "));
+        }
+        Some("redis-probe") => {
+            // Ledger operations per second straight from 64 tasks, no HTTP: where does the
+            // time go, the ledger or the layers?
+            let ledger = redis_ledger();
+            let start = std::time::Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..64 {
+                let l = ledger.clone();
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..200 {
+                        l.balance(&ACCOUNT.into(), Timestamp::now()).await.expect("balance");
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("task");
+            }
+            let n = 64.0 * 200.0;
+            println!("balance: {:.0} ops/s", n / start.elapsed().as_secs_f64());
         }
         Some("postgres-prepare") => {
             let ledger = postgres_ledger().await;
