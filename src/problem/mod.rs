@@ -51,9 +51,12 @@
 //! ```
 
 mod details;
+mod grpc;
 mod layer;
 
 pub use details::{Links, ProblemConfig, ProblemDetails, PROBLEM_JSON};
+pub use grpc::{is_grpc, GrpcCode};
 pub use layer::{ProblemDetailsLayer, ProblemDetailsService, ResponseFuture};
 
 pub(crate) use details::denial_response;
+pub(crate) use grpc::grpc_status;
