@@ -18,6 +18,16 @@
 //! ([`reservation_ttl`](MeteringLayer::reservation_ttl), default 5 minutes) and the hold comes
 //! back: a reservation is never leaked.
 //!
+//! # gRPC
+//!
+//! A gRPC call is metered like any request, unary or streaming: a server stream is settled
+//! once, when its trailers go out. A gRPC error travels in an HTTP 200, so the layer reads
+//! `grpc-status`: a non-zero status in the head of a trailers-only answer, or in the trailers
+//! after a stream, releases the reservation like a 5xx, unless
+//! [`bill_grpc_errors`](MeteringLayer::bill_grpc_errors) is set. The
+//! `x-credits-remaining` and `x-allowance-*` headers arrive as response metadata, and an
+//! `idempotency-key` metadata entry works as the header does.
+//!
 //! # Idempotency
 //!
 //! A request with an `Idempotency-Key` header reserves under that key. A retry with the same
