@@ -453,3 +453,25 @@ async fn on_the_wire_a_denial_is_trailers_only() {
     assert!(body.trailers().is_none());
     assert!(body.to_bytes().is_empty());
 }
+
+#[cfg(feature = "grpc")]
+#[test]
+fn a_handler_can_refuse_with_the_same_status() {
+    use tower_402::{Credits, Denial};
+
+    let denial = Denial::InsufficientCredits {
+        balance: Credits::new(2),
+        required: Credits::new(10),
+    };
+    let status = denial.to_tonic_status(&tower_402::problem::ProblemConfig::new());
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        status.message(),
+        "This request costs 10 credits but the balance is 2."
+    );
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "INSUFFICIENT_CREDITS");
+    assert_eq!(info.domain, "tower-402");
+    assert_eq!(info.metadata["balance"], "2");
+    assert!(status.get_details_quota_failure().is_some());
+}
