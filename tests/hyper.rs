@@ -183,3 +183,25 @@ async fn a_bare_404_from_the_handler_becomes_a_problem() {
         .await;
     a.problem(404, "NOT_FOUND");
 }
+
+#[tokio::test]
+async fn a_grpc_request_gets_grpc_answers_even_from_a_plain_handler() {
+    let server = start().await;
+    let grpc = ("content-type", "application/grpc");
+    // A denial from the gate.
+    let a = server
+        .get("/v1/premium", &[("x-api-key", "demo-basic"), grpc])
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("content-type"), Some("application/grpc"));
+    assert_eq!(a.header("grpc-status"), Some("9"));
+    assert!(a.header("grpc-status-details-bin").is_some());
+    assert!(a.body.is_empty());
+    // The handler's bare 404: the outer layer maps it, and never forwards the body.
+    let a = server
+        .get("/v1/nowhere", &[("x-api-key", "demo-pro"), grpc])
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("grpc-status"), Some("5"));
+    assert!(a.body.is_empty());
+}
