@@ -15,6 +15,14 @@
 //! - [`ProblemDetailsLayer`] ([`problem`]): every refusal and error as an RFC 9457
 //!   `application/problem+json` document with a stable machine code.
 //!
+//! The layers are plain tower middleware: they serve axum, bare hyper (`examples/hyper.rs`)
+//! and tonic alike. A gRPC request (`content-type: application/grpc...`) is refused in gRPC's
+//! own terms: a trailers-only status (`RESOURCE_EXHAUSTED`, `FAILED_PRECONDITION`,
+//! `UNAUTHENTICATED`, ...) whose `google.rpc.Status` details carry an `ErrorInfo` with the
+//! denial code; see [`problem`](problem#grpc) for the mapping and `examples/grpc.rs`. gRPC
+//! metadata are HTTP/2 headers, so `x-api-key` and `authorization: Bearer` identify gRPC
+//! callers too.
+//!
 //! Balances and subscriptions live behind two small async traits, [`Ledger`] and
 //! [`PlanStore`](plan::PlanStore), with in-memory implementations ([`MemoryLedger`],
 //! [`MemoryPlanStore`]) as the embedded default.
@@ -92,6 +100,7 @@
 //! |---|---|---|
 //! | `axum` | yes | [`Entitlement`] as an axum extractor; `IntoResponse` for [`Denial`] and [`ProblemDetails`](problem::ProblemDetails) |
 //! | `redis` | no | `RedisLedger` and `RedisPlanStore` (`store::redis`): several instances on one Redis, one atomic Lua script per ledger operation |
+//! | `grpc` | no | `Denial::to_tonic_status` and `ProblemDetails::to_tonic_status` (tonic 0.14, Rust 1.88) for tonic handlers that refuse by themselves; gRPC requests get gRPC answers without it |
 //! | `postgres` | no | `PostgresLedger` and `PostgresPlanStore` (`store::postgres`): several instances on one durable database, an idempotent `migrate()` |
 //!
 //! [`CachingPlanStore`](store::CachingPlanStore) (always available) puts a read-through cache

@@ -45,6 +45,7 @@ pin_project! {
             pending: Option<(S, Request<ReqBody>)>,
             config: Arc<GateConfig>,
             now: Timestamp,
+            grpc: bool,
         },
         Calling {
             #[pin]
@@ -55,6 +56,7 @@ pin_project! {
             denial: Option<Denial>,
             config: Arc<GateConfig>,
             now: Timestamp,
+            grpc: bool,
         },
     }
 }
@@ -69,12 +71,18 @@ where
         }
     }
 
-    pub(crate) fn refused(denial: Denial, config: Arc<GateConfig>, now: Timestamp) -> Self {
+    pub(crate) fn refused(
+        denial: Denial,
+        config: Arc<GateConfig>,
+        now: Timestamp,
+        grpc: bool,
+    ) -> Self {
         ResponseFuture {
             state: State::Refused {
                 denial: Some(denial),
                 config,
                 now,
+                grpc,
             },
         }
     }
@@ -85,6 +93,7 @@ where
         req: Request<ReqBody>,
         config: Arc<GateConfig>,
         now: Timestamp,
+        grpc: bool,
     ) -> Self {
         ResponseFuture {
             state: State::Checking {
@@ -92,6 +101,7 @@ where
                 pending: Some((inner, req)),
                 config,
                 now,
+                grpc,
             },
         }
     }
@@ -127,6 +137,7 @@ where
                     pending,
                     config,
                     now,
+                    grpc,
                 } => {
                     let checked = ready!(check.as_mut().poll(cx));
                     let Some((mut inner, mut req)) = pending.take() else {
@@ -157,6 +168,7 @@ where
                                 denial: Some(denial),
                                 config: config.clone(),
                                 now: *now,
+                                grpc: *grpc,
                             }
                         }
                     }
@@ -174,11 +186,13 @@ where
                     denial,
                     config,
                     now,
+                    grpc,
                 } => {
                     let Some(denial) = denial.take() else {
                         panic!("gate future polled after completion");
                     };
-                    return Poll::Ready(Ok(denial_response(denial, &config.problems, *now)));
+                    let res = denial_response(denial, &config.problems, *now, *grpc);
+                    return Poll::Ready(Ok(res));
                 }
             };
             this.state.set(next);

@@ -10,6 +10,7 @@ use crate::decision::{decide, AuthFailure, Decision, DecisionInput, Denial, Requ
 use crate::error::{LedgerError, StoreError};
 use crate::gate::future::{Checked, ResponseFuture};
 use crate::gate::{Entitlement, FailureMode, GateConfig, PaymentGateLayer, PublicRoute};
+use crate::problem::is_grpc;
 use crate::time::Timestamp;
 
 /// The service made by [`PaymentGateLayer`]. See the [module docs](crate::gate).
@@ -86,6 +87,7 @@ where
             return ResponseFuture::call(self.inner.call(req), Vec::new());
         }
         let now = self.config.clock.now();
+        let grpc = is_grpc(req.headers());
         let identity = match req.extensions().get::<AccountId>() {
             Some(account) => Identity::Account(account.clone()),
             None => match ApiKey::from_headers(req.headers()) {
@@ -93,12 +95,12 @@ where
                 Ok(None) => {
                     let denial = Denial::Unauthenticated(AuthFailure::Missing);
                     log_denial(None, &denial);
-                    return ResponseFuture::refused(denial, self.config.clone(), now);
+                    return ResponseFuture::refused(denial, self.config.clone(), now, grpc);
                 }
                 Err(CredentialError::Malformed(why)) => {
                     let denial = Denial::Unauthenticated(AuthFailure::Malformed(why));
                     log_denial(None, &denial);
-                    return ResponseFuture::refused(denial, self.config.clone(), now);
+                    return ResponseFuture::refused(denial, self.config.clone(), now, grpc);
                 }
             },
         };
@@ -106,7 +108,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let check = check(self.config.clone(), requirement, identity, now);
-        ResponseFuture::checking(Box::pin(check), inner, req, self.config.clone(), now)
+        ResponseFuture::checking(Box::pin(check), inner, req, self.config.clone(), now, grpc)
     }
 }
 

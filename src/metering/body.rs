@@ -35,6 +35,8 @@ pub(crate) struct Guard {
     known: Option<Vec<Usage>>,
     scanner: Option<Box<dyn UsageScanner>>,
     responded: bool,
+    release_on_grpc_error: bool,
+    grpc_failed: bool,
     done: bool,
 }
 
@@ -55,6 +57,8 @@ impl Guard {
             known: None,
             scanner: None,
             responded: false,
+            release_on_grpc_error: false,
+            grpc_failed: false,
             done: false,
         }
     }
@@ -78,6 +82,11 @@ impl Guard {
         self.scanner = scanner;
     }
 
+    /// A gRPC call: a non-zero `grpc-status` in the trailers releases instead of settling.
+    pub(crate) fn release_on_grpc_error(&mut self) {
+        self.release_on_grpc_error = true;
+    }
+
     fn data(&mut self, chunk: &[u8]) {
         if let Some(s) = &mut self.scanner {
             s.data(chunk);
@@ -85,6 +94,17 @@ impl Guard {
     }
 
     fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if self.release_on_grpc_error
+            && crate::problem::grpc_status(trailers).is_some_and(|code| code != 0)
+        {
+            tracing::info!(
+                target: "tower_402::metering",
+                account = self.account(),
+                grpc_status = crate::problem::grpc_status(trailers),
+                "gRPC call failed; releasing the reservation"
+            );
+            self.grpc_failed = true;
+        }
         if let Some(s) = &mut self.scanner {
             s.trailers(trailers);
         }
@@ -116,6 +136,9 @@ impl Guard {
 
     /// The body ended: what to settle.
     fn at_end(&mut self) -> Action {
+        if self.grpc_failed {
+            return Action::Release;
+        }
         if let Some(known) = self.known.take() {
             return Action::Settle(known);
         }
@@ -330,7 +353,9 @@ where
                             } else if let Some(trailers) = frame.trailers_ref() {
                                 guard.trailers(trailers);
                             }
-                            if !this.body.is_end_stream() {
+                            // Trailers are always the last frame (a server may not poll the
+                            // body again after them).
+                            if !frame.is_trailers() && !this.body.is_end_stream() {
                                 return Poll::Ready(Some(Ok(frame)));
                             }
                             // The last frame: settle before handing it out.

@@ -14,7 +14,7 @@ use crate::gate::log_denial;
 use crate::ledger::{Reservation, ReserveRequest};
 use crate::metering::body::Guard;
 use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody};
-use crate::problem::denial_response;
+use crate::problem::{denial_response, grpc_status};
 use crate::time::Timestamp;
 
 /// The outcome of everything before the inner call.
@@ -59,12 +59,14 @@ pin_project! {
             inner: Option<S>,
             config: Arc<MeterConfig>,
             now: Timestamp,
+            grpc: bool,
         },
         Calling {
             #[pin]
             fut: S::Future,
             ticket: Option<Ticket>,
             replayed: bool,
+            grpc: bool,
         },
         Releasing {
             release: UnitFuture,
@@ -74,6 +76,7 @@ pin_project! {
             denial: Option<Denial>,
             config: Arc<MeterConfig>,
             now: Timestamp,
+            grpc: bool,
         },
     }
 }
@@ -88,16 +91,23 @@ where
                 fut,
                 ticket: None,
                 replayed: false,
+                grpc: false,
             },
         }
     }
 
-    pub(crate) fn refused(denial: Denial, config: Arc<MeterConfig>, now: Timestamp) -> Self {
+    pub(crate) fn refused(
+        denial: Denial,
+        config: Arc<MeterConfig>,
+        now: Timestamp,
+        grpc: bool,
+    ) -> Self {
         ResponseFuture {
             state: State::Refused {
                 denial: Some(denial),
                 config,
                 now,
+                grpc,
             },
         }
     }
@@ -107,6 +117,7 @@ where
         inner: S,
         config: Arc<MeterConfig>,
         now: Timestamp,
+        grpc: bool,
     ) -> Self {
         ResponseFuture {
             state: State::Preparing {
@@ -114,6 +125,7 @@ where
                 inner: Some(inner),
                 config,
                 now,
+                grpc,
             },
         }
     }
@@ -138,6 +150,7 @@ where
                     inner,
                     config,
                     now,
+                    grpc,
                 } => {
                     let prepared = ready!(prepare.as_mut().poll(cx));
                     let Some(mut inner) = inner.take() else {
@@ -163,6 +176,7 @@ where
                                 fut: inner.call(req),
                                 ticket,
                                 replayed,
+                                grpc: *grpc,
                             }
                         }
                         Prepared::Refuse(denial, account) => {
@@ -171,6 +185,7 @@ where
                                 denial: Some(denial),
                                 config: config.clone(),
                                 now: *now,
+                                grpc: *grpc,
                             }
                         }
                     }
@@ -179,6 +194,7 @@ where
                     fut,
                     ticket,
                     replayed,
+                    grpc,
                 } => {
                     let mut res = ready!(fut.poll(cx))?;
                     let Some(mut ticket) = ticket.take() else {
@@ -192,13 +208,20 @@ where
                     };
                     let status = res.status();
                     let config = ticket.guard_config();
+                    // A gRPC error travels in a 200: a trailers-only answer has its non-zero
+                    // `grpc-status` in the head.
+                    let grpc_error = *grpc
+                        && !config.bill_grpc_errors
+                        && grpc_status(res.headers()).is_some_and(|code| code != 0);
                     let billable = !(status.is_server_error()
-                        || (status.is_client_error() && !config.bill_client_errors));
+                        || (status.is_client_error() && !config.bill_client_errors)
+                        || grpc_error);
                     if !billable {
                         tracing::info!(
                             target: "tower_402::metering",
                             account = ticket.guard.account(),
                             status = status.as_u16(),
+                            grpc_status = grpc_status(res.headers()),
                             "non-billable response; releasing the reservation"
                         );
                         State::Releasing {
@@ -216,6 +239,9 @@ where
                             _ => None,
                         };
                         ticket.guard.responded(known, scanner);
+                        if *grpc && !config.bill_grpc_errors {
+                            ticket.guard.release_on_grpc_error();
+                        }
                         add_headers(&mut parts.headers, &ticket);
                         let body = MeteredBody::metered(ResponseBody::inner(body), ticket.guard);
                         return Poll::Ready(Ok(Response::from_parts(parts, body)));
@@ -234,11 +260,12 @@ where
                     denial,
                     config,
                     now,
+                    grpc,
                 } => {
                     let Some(denial) = denial.take() else {
                         panic!("metering future polled after completion");
                     };
-                    let res = denial_response(denial, &config.problems, *now);
+                    let res = denial_response(denial, &config.problems, *now, *grpc);
                     return Poll::Ready(Ok(res.map(MeteredBody::plain)));
                 }
             };

@@ -45,6 +45,7 @@ pub(crate) struct MeterConfig {
     pub(crate) usage: Option<Arc<dyn UsageExtractor>>,
     pub(crate) ttl_secs: u64,
     pub(crate) bill_client_errors: bool,
+    pub(crate) bill_grpc_errors: bool,
     pub(crate) over_estimate: OverEstimate,
     pub(crate) on_disconnect: DisconnectPolicy,
     pub(crate) on_stream_error: StreamErrorPolicy,
@@ -68,6 +69,7 @@ impl fmt::Debug for MeteringLayer {
         f.debug_struct("MeteringLayer")
             .field("ttl_secs", &c.ttl_secs)
             .field("bill_client_errors", &c.bill_client_errors)
+            .field("bill_grpc_errors", &c.bill_grpc_errors)
             .field("over_estimate", &c.over_estimate)
             .field("on_disconnect", &c.on_disconnect)
             .field("on_stream_error", &c.on_stream_error)
@@ -90,6 +92,7 @@ impl MeteringLayer {
                 usage: None,
                 ttl_secs: 300,
                 bill_client_errors: false,
+                bill_grpc_errors: false,
                 over_estimate: OverEstimate::DrawBalance,
                 on_disconnect: DisconnectPolicy::ChargeEstimate,
                 on_stream_error: StreamErrorPolicy::Release,
@@ -142,6 +145,16 @@ impl MeteringLayer {
     /// Whether 4xx responses are charged (default: no, they are released like 5xx).
     pub fn bill_client_errors(mut self, bill: bool) -> Self {
         self.config().bill_client_errors = bill;
+        self
+    }
+
+    /// Whether gRPC calls that end with a non-zero `grpc-status` are charged (default: no).
+    ///
+    /// A gRPC error travels in an HTTP 200: in the head of a trailers-only answer, or in the
+    /// trailers after a stream. By default either releases the reservation, like a 5xx; with
+    /// `true` the call is settled as if it had succeeded.
+    pub fn bill_grpc_errors(mut self, bill: bool) -> Self {
+        self.config().bill_grpc_errors = bill;
         self
     }
 

@@ -67,6 +67,16 @@
 //! spent balance or an allowance crosses a configured level ([`Threshold`]), so the
 //! application can warn its user before the hard stop.
 //!
+//! # gRPC
+//!
+//! A gRPC call is metered like any request, unary or streaming: a server stream is settled
+//! once, when its trailers go out. A gRPC error travels in an HTTP 200, so the layer reads
+//! `grpc-status`: a non-zero status in the head of a trailers-only answer, or in the trailers
+//! after a stream, releases the reservation like a 5xx, unless
+//! [`bill_grpc_errors`](MeteringLayer::bill_grpc_errors) is set. The
+//! `x-credits-remaining` and `x-allowance-*` headers arrive as response metadata, and an
+//! `idempotency-key` metadata entry works as the header does.
+//!
 //! # Idempotency
 //!
 //! A request with an `Idempotency-Key` header reserves under that key. A retry with the same

@@ -18,6 +18,7 @@ use crate::ledger::{Charge, Replay, ReserveOutcome, ReserveRequest, Usage};
 use crate::metering::future::{Prepared, ResponseFuture};
 use crate::metering::request_body::{peek, PeekError};
 use crate::metering::{MeterConfig, MeteringLayer, PricingRequest, RequestBody};
+use crate::problem::is_grpc;
 use crate::time::Timestamp;
 
 /// The service made by [`MeteringLayer`]. See the [module docs](crate::metering).
@@ -181,6 +182,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = self.config.clone();
         let now = config.clock.now();
+        let grpc = is_grpc(req.headers());
         let ext = req.extensions();
         if ext.get::<PublicRoute>().is_some() {
             return ResponseFuture::unmetered(self.inner.call(req.map(RequestBody::passthrough)));
@@ -208,6 +210,7 @@ where
                     },
                     config,
                     now,
+                    grpc,
                 );
             }
         };
@@ -215,14 +218,14 @@ where
             Ok(k) => k.map(str::to_owned),
             Err(denial) => {
                 crate::gate::log_denial(Some(&entitlement.account), &denial);
-                return ResponseFuture::refused(denial, config, now);
+                return ResponseFuture::refused(denial, config, now, grpc);
             }
         };
         // Keep the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let prepare = prepare(config.clone(), req, entitlement, idem, now);
-        ResponseFuture::preparing(Box::pin(prepare), inner, config, now)
+        ResponseFuture::preparing(Box::pin(prepare), inner, config, now, grpc)
     }
 }
 

@@ -67,6 +67,7 @@ pub struct ProblemConfig {
     type_base: Cow<'static, str>,
     instance_base: Cow<'static, str>,
     realm: Cow<'static, str>,
+    grpc_domain: Cow<'static, str>,
     links: Links,
 }
 
@@ -76,6 +77,7 @@ impl Default for ProblemConfig {
             type_base: Cow::Borrowed("urn:tower-402:problem:"),
             instance_base: Cow::Borrowed("urn:request:"),
             realm: Cow::Borrowed("api"),
+            grpc_domain: Cow::Borrowed("tower-402"),
             links: Links::default(),
         }
     }
@@ -104,6 +106,18 @@ impl ProblemConfig {
     pub fn realm(mut self, realm: impl Into<Cow<'static, str>>) -> Self {
         self.realm = realm.into();
         self
+    }
+
+    /// The `domain` of the `google.rpc.ErrorInfo` in gRPC answers (default `tower-402`):
+    /// name your service, e.g. `api.example.com`.
+    pub fn grpc_domain(mut self, domain: impl Into<Cow<'static, str>>) -> Self {
+        self.grpc_domain = domain.into();
+        self
+    }
+
+    /// The configured gRPC error domain.
+    pub fn get_grpc_domain(&self) -> &str {
+        &self.grpc_domain
     }
 
     /// The links to include.
@@ -388,15 +402,31 @@ fn sf_key(meter: &str) -> String {
 }
 
 /// The full response for a denial: the problem document, the headers that go with it, and
-/// the denial itself in the response extensions for outer layers.
+/// the denial itself in the response extensions for outer layers. A gRPC request (`grpc`)
+/// gets the trailers-only gRPC rendering of the same problem instead.
 pub(crate) fn denial_response<B>(
     denial: Denial,
     config: &ProblemConfig,
     now: Timestamp,
+    grpc: bool,
 ) -> Response<ResponseBody<B>> {
-    let mut res = ProblemDetails::from_denial(&denial, config).into_response();
-    let h = res.headers_mut();
-    match &denial {
+    let problem = ProblemDetails::from_denial(&denial, config);
+    let extra = denial_headers(&denial, config, now);
+    let mut res = if grpc {
+        super::grpc::grpc_response(&problem, Some(&denial), config, extra)
+    } else {
+        let mut res = problem.into_response();
+        res.headers_mut().extend(extra);
+        res
+    };
+    res.extensions_mut().insert(Arc::new(denial));
+    res
+}
+
+/// The headers a denial adds to its problem: `WWW-Authenticate`, `Retry-After`, rate limits.
+fn denial_headers(denial: &Denial, config: &ProblemConfig, now: Timestamp) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    match denial {
         Denial::Unauthenticated(why) => {
             let realm = sf_key(&config.realm);
             let v = match why {
@@ -433,8 +463,7 @@ pub(crate) fn denial_response<B>(
         }
         _ => {}
     }
-    res.extensions_mut().insert(Arc::new(denial));
-    res
+    h
 }
 
 #[cfg(feature = "axum")]
@@ -456,7 +485,7 @@ mod axum_impl {
     /// [`ProblemDetailsLayer`](crate::ProblemDetailsLayer) outside to add your links.
     impl IntoResponse for Denial {
         fn into_response(self) -> Response {
-            super::denial_response::<Body>(self, &ProblemConfig::default(), Timestamp::now())
+            super::denial_response::<Body>(self, &ProblemConfig::default(), Timestamp::now(), false)
                 .map(Body::new)
         }
     }

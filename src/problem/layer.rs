@@ -14,7 +14,8 @@ use tower_service::Service;
 use crate::body::ResponseBody;
 use crate::decision::Denial;
 use crate::problem::details::set_problem_headers;
-use crate::problem::{ProblemConfig, ProblemDetails, PROBLEM_JSON};
+use crate::problem::grpc::grpc_response;
+use crate::problem::{is_grpc, ProblemConfig, ProblemDetails, PROBLEM_JSON};
 
 /// Renders every refusal and error as an RFC 9457 problem document. See the
 /// [module docs](crate::problem).
@@ -84,6 +85,7 @@ impl<S> ProblemDetailsService<S> {
 #[derive(Debug, Default)]
 struct RequestFacts {
     accepts_json: bool,
+    grpc: bool,
     request_id: Option<String>,
     trace_id: Option<String>,
 }
@@ -92,6 +94,7 @@ impl RequestFacts {
     fn read(headers: &HeaderMap) -> Self {
         RequestFacts {
             accepts_json: accepts_json(headers),
+            grpc: is_grpc(headers),
             request_id: headers
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
@@ -210,6 +213,9 @@ fn render<B>(
     facts: &RequestFacts,
     config: &ProblemConfig,
 ) -> Response<ResponseBody<B>> {
+    if facts.grpc {
+        return render_grpc(res, facts, config);
+    }
     let status = res.status();
     let problem = if let Some(denial) = res.extensions().get::<Arc<Denial>>() {
         // A refusal from the gate or the metering layer: re-render with our links.
@@ -247,6 +253,13 @@ fn render<B>(
         }
         return Response::from_parts(parts, ResponseBody::inner(body));
     };
+    add_request_facts(&mut problem, facts, config);
+    let (mut parts, _dropped) = res.into_parts();
+    set_problem_headers(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::full(problem.to_bytes()))
+}
+
+fn add_request_facts(problem: &mut ProblemDetails, facts: &RequestFacts, config: &ProblemConfig) {
     if let Some(id) = &facts.request_id {
         problem.instance = Some(config.instance_uri(id));
         problem
@@ -258,9 +271,42 @@ fn render<B>(
             .members
             .insert("trace_id".into(), trace.clone().into());
     }
-    let (mut parts, _dropped) = res.into_parts();
-    set_problem_headers(&mut parts.headers);
-    Response::from_parts(parts, ResponseBody::full(problem.to_bytes()))
+}
+
+/// A gRPC request is answered in gRPC terms: a denial is re-rendered as a trailers-only gRPC
+/// status with our links, an HTTP error from an inner service becomes the matching gRPC
+/// status (never its body), and a gRPC response passes untouched.
+fn render_grpc<B>(
+    res: Response<B>,
+    facts: &RequestFacts,
+    config: &ProblemConfig,
+) -> Response<ResponseBody<B>> {
+    let status = res.status();
+    let (parts, body) = res.into_parts();
+    let denial = parts.extensions.get::<Arc<Denial>>().cloned();
+    let mut problem = match &denial {
+        Some(denial) => ProblemDetails::from_denial(denial, config),
+        None if status.is_client_error() || status.is_server_error() => {
+            ProblemDetails::for_status(status, config)
+        }
+        None => return Response::from_parts(parts, ResponseBody::inner(body)),
+    };
+    add_request_facts(&mut problem, facts, config);
+    let mut extra = HeaderMap::new();
+    // Keep what the denial added (`www-authenticate`, `retry-after`, rate limits) as metadata.
+    for name in [
+        http::header::WWW_AUTHENTICATE,
+        http::header::RETRY_AFTER,
+        http::HeaderName::from_static("ratelimit"),
+        http::HeaderName::from_static("ratelimit-policy"),
+    ] {
+        if let Some(v) = parts.headers.get(&name) {
+            extra.insert(name, v.clone());
+        }
+    }
+    let mut out = grpc_response(&problem, denial.as_deref(), config, extra);
+    *out.extensions_mut() = parts.extensions;
+    out
 }
 
 fn is_problem<B>(res: &Response<B>) -> bool {

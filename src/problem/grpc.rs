@@ -1,0 +1,583 @@
+//! gRPC rendering of problems: status codes, a trailers-only response, and a hand-written
+//! protobuf encoding of `google.rpc.Status` with its standard details.
+//!
+//! The messages are tiny (varints and length-delimited fields), so the encoder lives here
+//! instead of a protobuf dependency: every build answers gRPC requests properly.
+
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, Response, StatusCode};
+use serde_json::Value;
+
+use crate::body::ResponseBody;
+use crate::decision::Denial;
+use crate::problem::{ProblemConfig, ProblemDetails};
+
+/// Whether a request is a gRPC call: its `content-type` is `application/grpc` or starts with
+/// `application/grpc+` / `application/grpc;` (`application/grpc+proto`, ...).
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_402::problem::is_grpc;
+///
+/// let mut headers = HeaderMap::new();
+/// assert!(!is_grpc(&headers));
+/// headers.insert("content-type", "application/grpc+proto".parse().unwrap());
+/// assert!(is_grpc(&headers));
+/// headers.insert("content-type", "application/grpc-web".parse().unwrap());
+/// assert!(!is_grpc(&headers));
+/// ```
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(CONTENT_TYPE) else {
+        return false;
+    };
+    let ct = ct.as_bytes();
+    const GRPC: &[u8] = b"application/grpc";
+    ct.len() >= GRPC.len()
+        && ct[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+        && matches!(ct.get(GRPC.len()), None | Some(b'+' | b';'))
+}
+
+/// A gRPC status code (`google.rpc.Code`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GrpcCode {
+    /// 0: not an error.
+    Ok = 0,
+    /// 1: the operation was cancelled, typically by the caller.
+    Cancelled = 1,
+    /// 2: an error with no better code.
+    Unknown = 2,
+    /// 3: the client sent an invalid argument.
+    InvalidArgument = 3,
+    /// 4: the deadline expired before the operation completed.
+    DeadlineExceeded = 4,
+    /// 5: something requested was not found.
+    NotFound = 5,
+    /// 6: something the client tried to create already exists.
+    AlreadyExists = 6,
+    /// 7: the caller may not do this, and money would not change that.
+    PermissionDenied = 7,
+    /// 8: a resource (credit, quota) is exhausted.
+    ResourceExhausted = 8,
+    /// 9: the system is not in a state required for the operation (subscription, plan).
+    FailedPrecondition = 9,
+    /// 10: the operation was aborted (a concurrency conflict); retry at a higher level.
+    Aborted = 10,
+    /// 11: out of the valid range.
+    OutOfRange = 11,
+    /// 12: not implemented.
+    Unimplemented = 12,
+    /// 13: an internal error.
+    Internal = 13,
+    /// 14: the service is unavailable; retry with backoff.
+    Unavailable = 14,
+    /// 15: unrecoverable data loss.
+    DataLoss = 15,
+    /// 16: no valid credential.
+    Unauthenticated = 16,
+}
+
+impl GrpcCode {
+    /// The code a denial is answered with (the table in the [module docs](crate::problem)).
+    pub fn for_denial(denial: &Denial) -> Self {
+        match denial {
+            Denial::Unauthenticated(_) => GrpcCode::Unauthenticated,
+            Denial::InsufficientCredits { .. } | Denial::QuotaExceeded { .. } => {
+                GrpcCode::ResourceExhausted
+            }
+            Denial::PlanUpgradeRequired { .. }
+            | Denial::SubscriptionExpired { .. }
+            | Denial::SubscriptionPastDue { .. }
+            | Denial::TrialExpired { .. }
+            | Denial::SubscriptionPending { .. }
+            | Denial::PaymentDeclined { .. } => GrpcCode::FailedPrecondition,
+            Denial::BadRequest { .. } => GrpcCode::InvalidArgument,
+            // The key belongs to another request: retrying with it can never succeed.
+            Denial::IdempotencyConflict { in_progress: false } => GrpcCode::AlreadyExists,
+            // The first attempt is still running: retry the whole call later.
+            Denial::IdempotencyConflict { in_progress: true } => GrpcCode::Aborted,
+            Denial::Unavailable { .. } => GrpcCode::Unavailable,
+            Denial::Custom(c) => GrpcCode::for_http_status(c.status),
+        }
+    }
+
+    /// The code for an HTTP error status (custom denials, an inner service's bare errors).
+    pub fn for_http_status(status: StatusCode) -> Self {
+        match status.as_u16() {
+            200..=299 => GrpcCode::Ok,
+            400 => GrpcCode::InvalidArgument,
+            401 => GrpcCode::Unauthenticated,
+            402 | 412 => GrpcCode::FailedPrecondition,
+            403 => GrpcCode::PermissionDenied,
+            404 => GrpcCode::NotFound,
+            408 | 504 => GrpcCode::DeadlineExceeded,
+            409 => GrpcCode::Aborted,
+            413 | 429 => GrpcCode::ResourceExhausted,
+            499 => GrpcCode::Cancelled,
+            500 => GrpcCode::Internal,
+            501 => GrpcCode::Unimplemented,
+            502 | 503 => GrpcCode::Unavailable,
+            _ => GrpcCode::Unknown,
+        }
+    }
+
+    /// The numeric code, as sent in `grpc-status`.
+    pub fn as_i32(self) -> i32 {
+        self as i32
+    }
+}
+
+/// Percent-encodes a `grpc-message`: bytes outside 0x20–0x7E, and `%`, become `%XX`.
+pub(crate) fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+    }
+    out
+}
+
+/// Base64, standard alphabet, without padding (gRPC binary headers).
+pub(crate) fn base64_unpadded(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            let idx = (n >> (18 - 6 * i)) & 0x3f;
+            out.push(char::from(ALPHABET[idx as usize]));
+        }
+    }
+    out
+}
+
+/// Protobuf wire encoding of the few messages needed.
+mod pb {
+    pub(super) fn varint(buf: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        buf.push(v as u8);
+    }
+
+    fn key(buf: &mut Vec<u8>, field: u32, wire: u8) {
+        varint(buf, (u64::from(field) << 3) | u64::from(wire));
+    }
+
+    /// A varint field; proto3 leaves zero out.
+    pub(super) fn uint(buf: &mut Vec<u8>, field: u32, v: u64) {
+        if v != 0 {
+            key(buf, field, 0);
+            varint(buf, v);
+        }
+    }
+
+    /// A length-delimited field (string, bytes, message), written even when empty: an
+    /// element of a repeated message field must be present.
+    pub(super) fn bytes(buf: &mut Vec<u8>, field: u32, data: &[u8]) {
+        key(buf, field, 2);
+        varint(buf, data.len() as u64);
+        buf.extend_from_slice(data);
+    }
+
+    /// A string field; proto3 leaves the empty string out.
+    pub(super) fn string(buf: &mut Vec<u8>, field: u32, s: &str) {
+        if !s.is_empty() {
+            bytes(buf, field, s.as_bytes());
+        }
+    }
+
+    /// `google.protobuf.Any`: type_url = 1, value = 2.
+    pub(super) fn any(buf: &mut Vec<u8>, field: u32, type_name: &str, value: &[u8]) {
+        let mut any = Vec::with_capacity(type_name.len() + value.len() + 32);
+        string(&mut any, 1, &format!("type.googleapis.com/{type_name}"));
+        if !value.is_empty() {
+            bytes(&mut any, 2, value);
+        }
+        bytes(buf, field, &any);
+    }
+}
+
+/// A member's value as an `ErrorInfo` metadata string: strings as they are, anything else as
+/// JSON text.
+fn member_string(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The serialized `google.rpc.Status { code, message, details }` for a problem: an
+/// `ErrorInfo` (reason = code, the configured domain, metadata = extension members), then a
+/// `QuotaFailure` or `PreconditionFailure` where the denial is one, a `RetryInfo` when a retry
+/// delay is known, and a `Help` with the problem's links.
+pub(crate) fn status_details(
+    code: GrpcCode,
+    problem: &ProblemDetails,
+    denial: Option<&Denial>,
+    config: &ProblemConfig,
+    retry_after: Option<u64>,
+) -> Vec<u8> {
+    let mut status = Vec::with_capacity(256);
+    pb::uint(&mut status, 1, code.as_i32() as u64);
+    pb::string(&mut status, 2, &problem.detail);
+
+    // google.rpc.ErrorInfo: reason = 1, domain = 2, metadata = 3 (map<string, string>).
+    let mut info = Vec::with_capacity(128);
+    pb::string(&mut info, 1, &problem.code);
+    pb::string(&mut info, 2, config.get_grpc_domain());
+    for (k, v) in &problem.members {
+        let mut entry = Vec::new();
+        pb::string(&mut entry, 1, k);
+        pb::string(&mut entry, 2, &member_string(v));
+        pb::bytes(&mut info, 3, &entry);
+    }
+    pb::any(&mut status, 3, "google.rpc.ErrorInfo", &info);
+
+    if let Some((name, failure)) = denial.and_then(|d| failure_detail(d, &problem.detail)) {
+        pb::any(&mut status, 3, name, &failure);
+    }
+
+    if let Some(secs) = retry_after {
+        // google.rpc.RetryInfo: retry_delay = 1 (google.protobuf.Duration: seconds = 1).
+        let mut duration = Vec::new();
+        pb::uint(&mut duration, 1, secs);
+        let mut retry = Vec::new();
+        pb::bytes(&mut retry, 1, &duration);
+        pb::any(&mut status, 3, "google.rpc.RetryInfo", &retry);
+    }
+
+    // google.rpc.Help: links = 1 (Link: description = 1, url = 2).
+    let mut help = Vec::new();
+    for (k, v) in &problem.members {
+        if let (Some(what), Value::String(url)) = (k.strip_suffix("_url"), v) {
+            let mut link = Vec::new();
+            pb::string(&mut link, 1, what);
+            pb::string(&mut link, 2, url);
+            pb::bytes(&mut help, 1, &link);
+        }
+    }
+    if !help.is_empty() {
+        pb::any(&mut status, 3, "google.rpc.Help", &help);
+    }
+    status
+}
+
+/// A `QuotaFailure` for exhausted credit or allowance, a `PreconditionFailure` for
+/// subscription, plan and payment conditions.
+fn failure_detail(denial: &Denial, description: &str) -> Option<(&'static str, Vec<u8>)> {
+    // QuotaFailure: violations = 1 (Violation: subject = 1, description = 2).
+    let quota = |subject: &str| {
+        let mut v = Vec::new();
+        pb::string(&mut v, 1, subject);
+        pb::string(&mut v, 2, description);
+        let mut failure = Vec::new();
+        pb::bytes(&mut failure, 1, &v);
+        Some(("google.rpc.QuotaFailure", failure))
+    };
+    // PreconditionFailure: violations = 1 (Violation: type = 1, subject = 2, description = 3).
+    let precondition = |subject: &str| {
+        let mut v = Vec::new();
+        pb::string(&mut v, 1, denial.code());
+        pb::string(&mut v, 2, subject);
+        pb::string(&mut v, 3, description);
+        let mut failure = Vec::new();
+        pb::bytes(&mut failure, 1, &v);
+        Some(("google.rpc.PreconditionFailure", failure))
+    };
+    match denial {
+        Denial::InsufficientCredits { .. } => quota("credits"),
+        Denial::QuotaExceeded { meter, .. } => quota(&format!("allowance:{}", meter.as_str())),
+        Denial::PlanUpgradeRequired {
+            required_plan,
+            required_feature,
+            ..
+        } => match (required_feature, required_plan) {
+            (Some(f), _) => precondition(&format!("feature:{f}")),
+            (None, Some(p)) => precondition(&format!("plan:{}", p.as_str())),
+            (None, None) => precondition("plan"),
+        },
+        Denial::SubscriptionExpired { .. }
+        | Denial::SubscriptionPastDue { .. }
+        | Denial::TrialExpired { .. }
+        | Denial::SubscriptionPending { .. } => precondition("subscription"),
+        Denial::PaymentDeclined { .. } => precondition("payment"),
+        _ => None,
+    }
+}
+
+/// A trailers-only gRPC response (HTTP 200, everything in the headers, empty body) for a
+/// problem. `extra` headers (`www-authenticate`, `retry-after`, rate-limit fields) are kept
+/// as response metadata.
+pub(crate) fn grpc_response<B>(
+    problem: &ProblemDetails,
+    denial: Option<&Denial>,
+    config: &ProblemConfig,
+    extra: HeaderMap,
+) -> Response<ResponseBody<B>> {
+    let code = match denial {
+        Some(d) => GrpcCode::for_denial(d),
+        None => GrpcCode::for_http_status(problem.status),
+    };
+    let retry_after = extra
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let details = status_details(code, problem, denial, config, retry_after);
+    let mut res = Response::new(ResponseBody::full(bytes::Bytes::new()));
+    let h = res.headers_mut();
+    *h = extra;
+    h.remove(http::header::CONTENT_LENGTH);
+    h.remove(http::header::CACHE_CONTROL);
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code.as_i32()));
+    if let Ok(v) = HeaderValue::try_from(percent_encode(&problem.detail)) {
+        h.insert("grpc-message", v);
+    }
+    if let Ok(v) = HeaderValue::try_from(base64_unpadded(&details)) {
+        h.insert("grpc-status-details-bin", v);
+    }
+    res
+}
+
+/// The `grpc-status` of a response head or trailers; `None` when absent or unreadable.
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(feature = "grpc")]
+mod tonic_impl {
+    use super::{status_details, GrpcCode};
+    use crate::decision::Denial;
+    use crate::problem::{ProblemConfig, ProblemDetails};
+
+    impl ProblemDetails {
+        /// This problem as a [`tonic::Status`] with the same code, message and details as
+        /// the layers' own gRPC answers, for a tonic handler that refuses in-band. Pass the
+        /// denial behind it, if any, for its code and failure details.
+        pub fn to_tonic_status(
+            &self,
+            denial: Option<&Denial>,
+            config: &ProblemConfig,
+        ) -> tonic::Status {
+            let code = denial.map_or_else(
+                || GrpcCode::for_http_status(self.status),
+                GrpcCode::for_denial,
+            );
+            let details = status_details(code, self, denial, config, None);
+            tonic::Status::with_details(
+                tonic::Code::from_i32(code.as_i32()),
+                self.detail.clone(),
+                details.into(),
+            )
+        }
+    }
+
+    impl Denial {
+        /// This denial as a [`tonic::Status`], rendered with `config`: the code of the
+        /// [mapping](crate::problem#grpc), the detail as message, and a `google.rpc.Status`
+        /// with `ErrorInfo` and the failure details.
+        ///
+        /// ```
+        /// use tower_402::problem::ProblemConfig;
+        /// use tower_402::{Credits, Denial};
+        ///
+        /// let denial = Denial::InsufficientCredits { balance: Credits::new(3), required: Credits::new(10) };
+        /// let status = denial.to_tonic_status(&ProblemConfig::new());
+        /// assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        /// ```
+        pub fn to_tonic_status(&self, config: &ProblemConfig) -> tonic::Status {
+            ProblemDetails::from_denial(self, config).to_tonic_status(Some(self), config)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_content_types() {
+        let mut h = HeaderMap::new();
+        for (ct, yes) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("Application/GRPC+json", true),
+            ("application/grpc; charset=utf-8", true),
+            ("application/grpc-web", false),
+            ("application/grpcx", false),
+            ("application/json", false),
+        ] {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert_eq!(is_grpc(&h), yes, "{ct}");
+        }
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("costs 10 credits"), "costs 10 credits");
+        assert_eq!(percent_encode("80% used"), "80%25 used");
+        assert_eq!(percent_encode("21°C\n"), "21%C2%B0C%0A");
+    }
+
+    #[test]
+    fn base64_without_padding() {
+        assert_eq!(base64_unpadded(b""), "");
+        assert_eq!(base64_unpadded(b"f"), "Zg");
+        assert_eq!(base64_unpadded(b"fo"), "Zm8");
+        assert_eq!(base64_unpadded(b"foo"), "Zm9v");
+        assert_eq!(base64_unpadded(b"foob"), "Zm9vYg");
+        assert_eq!(base64_unpadded(&[0xfb, 0xff]), "+/8");
+    }
+
+    #[test]
+    fn varints() {
+        let mut b = Vec::new();
+        pb::varint(&mut b, 300);
+        assert_eq!(b, [0xac, 0x02]);
+        b.clear();
+        pb::varint(&mut b, u64::MAX);
+        assert_eq!(b.len(), 10);
+    }
+
+    fn decode(details: &[u8]) -> tonic_types::Status {
+        prost::Message::decode(details).expect("a valid google.rpc.Status")
+    }
+
+    #[test]
+    fn status_details_decode_with_prost() {
+        use crate::problem::Links;
+        use crate::Credits;
+        use tonic_types::RpcStatusExt;
+
+        let config = ProblemConfig::new()
+            .grpc_domain("api.example.com")
+            .links(Links::new().top_up("https://example.com/top-up"));
+        let denial = Denial::InsufficientCredits {
+            balance: Credits::new(3),
+            required: Credits::new(10),
+        };
+        let problem = ProblemDetails::from_denial(&denial, &config);
+        let code = GrpcCode::for_denial(&denial);
+        assert_eq!(code, GrpcCode::ResourceExhausted);
+        let status = decode(&status_details(
+            code,
+            &problem,
+            Some(&denial),
+            &config,
+            Some(7),
+        ));
+        assert_eq!(status.code, 8);
+        assert_eq!(status.message, problem.detail);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "INSUFFICIENT_CREDITS");
+        assert_eq!(info.domain, "api.example.com");
+        assert_eq!(info.metadata["balance"], "3");
+        assert_eq!(info.metadata["required"], "10");
+        assert_eq!(info.metadata["top_up_url"], "https://example.com/top-up");
+        let quota = status.get_details_quota_failure().expect("QuotaFailure");
+        assert_eq!(quota.violations[0].subject, "credits");
+        assert_eq!(quota.violations[0].description, problem.detail);
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(7)));
+        let help = status.get_details_help().expect("Help");
+        assert_eq!(help.links[0].description, "top_up");
+        assert_eq!(help.links[0].url, "https://example.com/top-up");
+    }
+
+    #[test]
+    fn precondition_failure_for_plan_conditions() {
+        use crate::plan::PlanId;
+        use tonic_types::RpcStatusExt;
+
+        let config = ProblemConfig::new();
+        let denial = Denial::PlanUpgradeRequired {
+            current_plan: PlanId::new("basic"),
+            required_plan: Some(PlanId::new("pro")),
+            required_feature: None,
+        };
+        let problem = ProblemDetails::from_denial(&denial, &config);
+        let status = decode(&status_details(
+            GrpcCode::for_denial(&denial),
+            &problem,
+            Some(&denial),
+            &config,
+            None,
+        ));
+        assert_eq!(status.code, 9);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.domain, "tower-402");
+        assert_eq!(info.metadata["current_plan"], "basic");
+        let failure = status
+            .get_details_precondition_failure()
+            .expect("PreconditionFailure");
+        assert_eq!(failure.violations[0].r#type, "PLAN_UPGRADE_REQUIRED");
+        assert_eq!(failure.violations[0].subject, "plan:pro");
+        assert!(status.get_details_retry_info().is_none());
+        assert!(status.get_details_help().is_none());
+    }
+
+    #[test]
+    fn codes_for_every_denial() {
+        use crate::decision::AuthFailure;
+        use crate::plan::PlanId;
+        let cases = [
+            (Denial::Unauthenticated(AuthFailure::Missing), 16),
+            (
+                Denial::SubscriptionExpired {
+                    plan: PlanId::new("basic"),
+                    ended_at: None,
+                },
+                9,
+            ),
+            (
+                Denial::PaymentDeclined {
+                    decline_code: "card_declined".into(),
+                },
+                9,
+            ),
+            (
+                Denial::BadRequest {
+                    code: "INVALID_IDEMPOTENCY_KEY",
+                    detail: "x".into(),
+                },
+                3,
+            ),
+            (Denial::IdempotencyConflict { in_progress: false }, 6),
+            (Denial::IdempotencyConflict { in_progress: true }, 10),
+            (
+                Denial::Unavailable {
+                    retry_after_secs: 5,
+                },
+                14,
+            ),
+        ];
+        for (denial, code) in cases {
+            assert_eq!(GrpcCode::for_denial(&denial).as_i32(), code, "{denial:?}");
+        }
+        assert_eq!(
+            GrpcCode::for_http_status(StatusCode::PAYLOAD_TOO_LARGE),
+            GrpcCode::ResourceExhausted
+        );
+        assert_eq!(
+            GrpcCode::for_http_status(StatusCode::IM_A_TEAPOT),
+            GrpcCode::Unknown
+        );
+    }
+}
