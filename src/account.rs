@@ -185,12 +185,24 @@ pub enum CredentialError {
 pub trait IdentityResolver: Send + Sync + 'static {
     /// Looks the key up.
     async fn resolve(&self, key: &ApiKey) -> Result<Option<AccountId>, StoreError>;
+
+    /// The same answer without a future, for resolvers that need no I/O (a table in
+    /// memory). The gate tries this first and only calls [`resolve`](Self::resolve) on
+    /// `None`, the default. Saves a boxed future per request.
+    fn resolve_now(&self, key: &ApiKey) -> Option<Result<Option<AccountId>, StoreError>> {
+        let _ = key;
+        None
+    }
 }
 
 #[async_trait]
 impl<T: IdentityResolver + ?Sized> IdentityResolver for Arc<T> {
     async fn resolve(&self, key: &ApiKey) -> Result<Option<AccountId>, StoreError> {
         (**self).resolve(key).await
+    }
+
+    fn resolve_now(&self, key: &ApiKey) -> Option<Result<Option<AccountId>, StoreError>> {
+        (**self).resolve_now(key)
     }
 }
 
@@ -201,6 +213,10 @@ where
 {
     async fn resolve(&self, key: &ApiKey) -> Result<Option<AccountId>, StoreError> {
         Ok(self(key))
+    }
+
+    fn resolve_now(&self, key: &ApiKey) -> Option<Result<Option<AccountId>, StoreError>> {
+        Some(Ok(self(key)))
     }
 }
 
@@ -254,6 +270,10 @@ impl fmt::Debug for StaticKeys {
 impl IdentityResolver for StaticKeys {
     async fn resolve(&self, key: &ApiKey) -> Result<Option<AccountId>, StoreError> {
         Ok(self.keys.get(key.expose()).cloned())
+    }
+
+    fn resolve_now(&self, key: &ApiKey) -> Option<Result<Option<AccountId>, StoreError>> {
+        Some(Ok(self.keys.get(key.expose()).cloned()))
     }
 }
 

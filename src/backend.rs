@@ -1,11 +1,15 @@
 //! Shared plumbing for calls to stores: timeouts and failure logging.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::error::{LedgerError, StoreError};
 
 /// Runs a store call with an optional timeout.
+///
+/// The call is polled once before any timer is armed: an in-process store answers on that
+/// first poll, and arming a Tokio timer per store call would cost more than the call itself.
 pub(crate) async fn bounded<T, E>(
     timeout: Option<Duration>,
     fut: impl Future<Output = Result<T, E>>,
@@ -13,6 +17,10 @@ pub(crate) async fn bounded<T, E>(
 where
     E: From<StoreError>,
 {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return r;
+    }
     match timeout {
         None => fut.await,
         Some(limit) => match tokio::time::timeout(limit, fut).await {

@@ -19,6 +19,8 @@ pub(crate) enum Checked {
     Allow(Entitlement),
     FailOpen(Option<AccountId>),
     Deny(Denial, Option<AccountId>),
+    /// Only from a check run without I/O: a store needs a round trip, run the async check.
+    NeedsAsync,
 }
 
 type CheckFuture = Pin<Box<dyn Future<Output = Checked> + Send>>;
@@ -122,6 +124,69 @@ fn warning_header(w: &Warning) -> Option<HeaderValue> {
     HeaderValue::try_from(text).ok()
 }
 
+/// What follows a finished check: call the inner service, or refuse.
+fn return_state<S, ReqBody>(
+    checked: Checked,
+    mut inner: S,
+    mut req: Request<ReqBody>,
+    config: &Arc<GateConfig>,
+    now: Timestamp,
+    grpc: bool,
+) -> State<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    match checked {
+        Checked::Allow(entitlement) => {
+            let warnings = entitlement.warnings.clone();
+            req.extensions_mut().insert(entitlement);
+            State::Calling {
+                fut: inner.call(req),
+                warnings,
+            }
+        }
+        Checked::FailOpen(account) => {
+            if let Some(a) = account {
+                req.extensions_mut().insert(a);
+            }
+            req.extensions_mut().insert(FailedOpen);
+            State::Calling {
+                fut: inner.call(req),
+                warnings: Vec::new(),
+            }
+        }
+        Checked::Deny(denial, account) => {
+            log_denial(account.as_ref(), &denial);
+            State::Refused {
+                denial: Some(denial),
+                config: config.clone(),
+                now,
+                grpc,
+            }
+        }
+        Checked::NeedsAsync => unreachable!("only a check run without I/O answers NeedsAsync"),
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    /// A check that finished without I/O.
+    pub(crate) fn checked(
+        checked: Checked,
+        inner: S,
+        req: Request<ReqBody>,
+        config: &Arc<GateConfig>,
+        now: Timestamp,
+        grpc: bool,
+    ) -> Self {
+        ResponseFuture {
+            state: return_state(checked, inner, req, config, now, grpc),
+        }
+    }
+}
+
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -140,38 +205,10 @@ where
                     grpc,
                 } => {
                     let checked = ready!(check.as_mut().poll(cx));
-                    let Some((mut inner, mut req)) = pending.take() else {
+                    let Some((inner, req)) = pending.take() else {
                         panic!("gate future polled after completion");
                     };
-                    match checked {
-                        Checked::Allow(entitlement) => {
-                            let warnings = entitlement.warnings.clone();
-                            req.extensions_mut().insert(entitlement);
-                            State::Calling {
-                                fut: inner.call(req),
-                                warnings,
-                            }
-                        }
-                        Checked::FailOpen(account) => {
-                            if let Some(a) = account {
-                                req.extensions_mut().insert(a);
-                            }
-                            req.extensions_mut().insert(FailedOpen);
-                            State::Calling {
-                                fut: inner.call(req),
-                                warnings: Vec::new(),
-                            }
-                        }
-                        Checked::Deny(denial, account) => {
-                            log_denial(account.as_ref(), &denial);
-                            State::Refused {
-                                denial: Some(denial),
-                                config: config.clone(),
-                                now: *now,
-                                grpc: *grpc,
-                            }
-                        }
-                    }
+                    return_state(checked, inner, req, config, *now, *grpc)
                 }
                 StateProj::Calling { fut, warnings } => {
                     let mut res = ready!(fut.poll(cx))?;

@@ -64,7 +64,7 @@ pub use layer::{FailureMode, PaymentGateLayer};
 pub use service::PaymentGate;
 
 pub(crate) use layer::GateConfig;
-pub(crate) use service::log_denial;
+pub(crate) use service::{log_denial, noop_waker};
 
 #[cfg(feature = "axum")]
 pub use entitlement::MissingEntitlement;

@@ -1,5 +1,8 @@
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::borrow::Borrow;
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
 
 use http::{Request, Response};
 use tower_service::Service;
@@ -107,7 +110,19 @@ where
         // Keep the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let check = check(self.config.clone(), requirement, identity, now);
+        // First without I/O: with in-process stores the whole check finishes here, with no
+        // future to allocate. The check only reads, so trying it costs nothing else.
+        let sync = {
+            let fut = std::pin::pin!(check(&*self.config, &*requirement, &identity, now, true));
+            match fut.poll(&mut Context::from_waker(noop_waker())) {
+                Poll::Ready(Checked::NeedsAsync) | Poll::Pending => None,
+                Poll::Ready(checked) => Some(checked),
+            }
+        };
+        if let Some(checked) = sync {
+            return ResponseFuture::checked(checked, inner, req, &self.config, now, grpc);
+        }
+        let check = check(self.config.clone(), requirement, identity, now, false);
         ResponseFuture::checking(Box::pin(check), inner, req, self.config.clone(), now, grpc)
     }
 }
@@ -177,16 +192,52 @@ fn outage(
     }
 }
 
-async fn check(
-    config: Arc<GateConfig>,
-    requirement: Arc<Requirement>,
-    identity: Identity,
+/// A waker that does nothing: for polling a check that must not wait.
+pub(crate) fn noop_waker() -> &'static Waker {
+    struct Noop;
+    impl std::task::Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    static WAKER: OnceLock<Waker> = OnceLock::new();
+    WAKER.get_or_init(|| Waker::from(Arc::new(Noop)))
+}
+
+/// Answers `$now` when the store answers without I/O; otherwise, in a check that must not
+/// wait, gives up with `NeedsAsync`, else awaits `$later` (bounded by the timeout).
+macro_rules! now_or_later {
+    ($sync_only:expr, $timeout:expr, $now:expr, $later:expr) => {
+        match $now {
+            Some(r) => r,
+            None if $sync_only => return Checked::NeedsAsync,
+            None => bounded($timeout, $later).await,
+        }
+    };
+}
+
+/// The gate's check. Generic over owned or borrowed inputs: run once without I/O on
+/// borrowed ones (`sync_only`), and boxed with owned ones when a store needs a round trip.
+async fn check<C, R, I>(
+    config: C,
+    requirement: R,
+    identity: I,
     now: Timestamp,
-) -> Checked {
-    let account = match identity {
-        Identity::Account(a) => a,
+    sync_only: bool,
+) -> Checked
+where
+    C: Deref<Target = GateConfig>,
+    R: Deref<Target = Requirement>,
+    I: Borrow<Identity>,
+{
+    let account = match identity.borrow() {
+        Identity::Account(a) => a.clone(),
         Identity::Key(key) => {
-            match bounded::<_, StoreError>(config.timeout, config.resolver.resolve(&key)).await {
+            let resolved: Result<_, StoreError> = now_or_later!(
+                sync_only,
+                config.timeout,
+                config.resolver.resolve_now(key),
+                config.resolver.resolve(key)
+            );
+            match resolved {
                 Ok(Some(a)) => a,
                 Ok(None) => {
                     return Checked::Deny(Denial::Unauthenticated(AuthFailure::Unknown), None)
@@ -195,11 +246,16 @@ async fn check(
             }
         }
     };
-    let sub =
-        match bounded::<_, StoreError>(config.timeout, config.plans.subscription(&account)).await {
-            Ok(s) => s,
-            Err(e) => return outage(&config, Some(&account), "plan store", &e),
-        };
+    let sub: Result<_, StoreError> = now_or_later!(
+        sync_only,
+        config.timeout,
+        config.plans.subscription_now(&account),
+        config.plans.subscription(&account)
+    );
+    let sub = match sub {
+        Ok(s) => s,
+        Err(e) => return outage(&config, Some(&account), "plan store", &e),
+    };
     let Some(sub) = sub else {
         if requirement.identify_only {
             return Checked::Allow(Entitlement::new(account));
@@ -236,18 +292,25 @@ async fn check(
     let mut allowance_taken = 0;
     if let (Some(cost), Some(ledger)) = (&requirement.cost, &config.ledger) {
         let account = &entitlement.account;
-        let balance = bounded::<_, LedgerError>(config.timeout, ledger.balance(account, now)).await;
+        let sync = ledger.now_or_later();
+        let balance: Result<_, LedgerError> = now_or_later!(
+            sync_only,
+            config.timeout,
+            sync.map(|l| l.balance(account, now)),
+            ledger.balance(account, now)
+        );
         match balance {
             Ok(b) => available = b.available,
             Err(e) => return outage(&config, Some(account), "ledger", &e),
         }
         if let Some(a) = plan.allowance_for(&cost.meter) {
             let window = a.window(now);
-            let usage = bounded::<_, LedgerError>(
+            let usage: Result<_, LedgerError> = now_or_later!(
+                sync_only,
                 config.timeout,
-                ledger.allowance_usage(account, &cost.meter, window.start, now),
-            )
-            .await;
+                sync.map(|l| l.allowance_usage(account, &cost.meter, window.start, now)),
+                ledger.allowance_usage(account, &cost.meter, window.start, now)
+            );
             match usage {
                 Ok(u) => allowance_taken = u.taken(),
                 Err(e) => return outage(&config, Some(account), "ledger", &e),

@@ -231,17 +231,16 @@ impl AccountBook {
         }
     }
 
-    /// Marks a reservation finished: queued for retention, or forgotten right away when it
-    /// was not made under an idempotency key.
-    fn finish(&mut self, key: &str, now: Timestamp) {
-        let Some(rec) = self.reservations.get(key) else {
-            return;
-        };
-        self.open.remove(&(rec.expires_at, key.to_owned()));
+    /// Puts a finished reservation back: queued for retention, or forgotten right away when
+    /// it was not made under an idempotency key.
+    fn finish(&mut self, key: String, rec: Record, now: Timestamp) {
+        // Moved in and out of the tuple: no copy of the key.
+        let entry = (rec.expires_at, key);
+        self.open.remove(&entry);
+        let key = entry.1;
         if rec.retain {
-            self.finished.push_back((now, key.to_owned()));
-        } else {
-            self.reservations.remove(key);
+            self.finished.push_back((now, key.clone()));
+            self.reservations.insert(key, rec);
         }
     }
 
@@ -381,24 +380,36 @@ impl AccountBook {
         now: Timestamp,
     ) -> Result<Settlement, LedgerError> {
         self.expire(now);
-        let rec = self
+        // Take the record out while it is worked on (no copy), put it back if it is kept.
+        let (key, mut rec) = self
             .reservations
-            .get(key)
-            .ok_or(LedgerError::UnknownReservation)?
-            .clone();
-        let (held_credits, held_units) = match rec.state {
-            State::Open => (rec.credits, rec.allowance_units.clone()),
+            .remove_entry(key)
+            .ok_or(LedgerError::UnknownReservation)?;
+        let was_open = match rec.state {
+            State::Open => true,
             // The hold lapsed while the work ran: charge as if nothing had been held.
-            State::Expired => (Credits::ZERO, vec![0; rec.charges.len()]),
-            State::Settled => return Err(LedgerError::AlreadySettled),
-            State::Released => return Err(LedgerError::AlreadyReleased),
+            State::Expired => false,
+            State::Settled => {
+                self.reservations.insert(key, rec);
+                return Err(LedgerError::AlreadySettled);
+            }
+            State::Released => {
+                self.reservations.insert(key, rec);
+                return Err(LedgerError::AlreadyReleased);
+            }
         };
+        let held_credits = if was_open { rec.credits } else { Credits::ZERO };
         // Give the allowance holds back, then consume what was used.
         let mut cost = Credits::ZERO;
         let mut consumed = Vec::with_capacity(rec.charges.len());
         let mut used_after = Vec::with_capacity(rec.charges.len());
         let mut unit_shortfall = Vec::new();
-        for (charge, held) in rec.charges.iter().zip(&held_units) {
+        for (i, charge) in rec.charges.iter().enumerate() {
+            let held = &if was_open {
+                rec.allowance_units.get(i).copied().unwrap_or(0)
+            } else {
+                0
+            };
             let units = usage
                 .iter()
                 .filter(|u| u.meter == charge.meter)
@@ -467,32 +478,35 @@ impl AccountBook {
                 .unwrap_or(self.available),
             allowance_used_after: used_after,
         };
-        if let Some(r) = self.reservations.get_mut(key) {
-            r.state = State::Settled;
-            r.touched_at = now;
-            if r.retain {
-                r.settlement = Some(settlement.clone());
-            }
+        rec.state = State::Settled;
+        rec.touched_at = now;
+        if rec.retain {
+            rec.settlement = Some(settlement.clone());
         }
-        self.finish(key, now);
+        self.finish(key, rec, now);
         Ok(settlement)
     }
 
     /// Gives a hold back. See [`Ledger::release`](crate::Ledger::release).
     pub fn release(&mut self, key: &str, now: Timestamp) -> Result<(), LedgerError> {
         self.expire(now);
-        let rec = self
+        let (key, mut rec) = self
             .reservations
-            .get_mut(key)
+            .remove_entry(key)
             .ok_or(LedgerError::UnknownReservation)?;
         match rec.state {
             State::Open => {}
-            State::Released | State::Expired => return Ok(()),
-            State::Settled => return Err(LedgerError::AlreadySettled),
+            State::Released | State::Expired => {
+                self.reservations.insert(key, rec);
+                return Ok(());
+            }
+            State::Settled => {
+                self.reservations.insert(key, rec);
+                return Err(LedgerError::AlreadySettled);
+            }
         }
         rec.state = State::Released;
         rec.touched_at = now;
-        let credits = rec.credits;
         for (charge, units) in rec.charges.iter().zip(&rec.allowance_units) {
             if let Some(w) = charge.allowance {
                 if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
@@ -500,12 +514,12 @@ impl AccountBook {
                 }
             }
         }
-        self.held = self.held.saturating_sub(credits);
+        self.held = self.held.saturating_sub(rec.credits);
         self.available = self
             .available
-            .checked_add(credits)
+            .checked_add(rec.credits)
             .unwrap_or(self.available);
-        self.finish(key, now);
+        self.finish(key, rec, now);
         Ok(())
     }
 

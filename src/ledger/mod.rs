@@ -98,6 +98,7 @@ mod book;
 mod types;
 
 pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
+
 #[cfg(feature = "postgres")]
 pub(crate) use book::{Counter, Parts, Record, State};
 pub use types::{
@@ -155,6 +156,41 @@ pub trait Ledger: Send + Sync + 'static {
         window_start: Timestamp,
         now: Timestamp,
     ) -> Result<AllowanceUsage, LedgerError>;
+
+    /// The synchronous fast path of a ledger that needs no I/O (the in-memory one): `Some`
+    /// with the operation's result, or `None` (the default) to have the layers call the async
+    /// method. It must apply the operation exactly as the async method would. It saves a
+    /// boxed future per ledger operation on the hot path.
+    fn now_or_later(&self) -> Option<&dyn SyncLedger> {
+        None
+    }
+}
+
+/// Ledger operations without futures, for ledgers that need no I/O. See
+/// [`Ledger::now_or_later`].
+pub trait SyncLedger: Send + Sync {
+    /// [`Ledger::reserve`], synchronously.
+    fn reserve(&self, request: &ReserveRequest) -> Result<ReserveOutcome, LedgerError>;
+    /// [`Ledger::settle`], synchronously.
+    fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError>;
+    /// [`Ledger::release`], synchronously.
+    fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError>;
+    /// [`Ledger::balance`], synchronously.
+    fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError>;
+    /// [`Ledger::allowance_usage`], synchronously.
+    fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<AllowanceUsage, LedgerError>;
 }
 
 #[async_trait]
@@ -196,5 +232,8 @@ impl<T: Ledger + ?Sized> Ledger for Arc<T> {
         (**self)
             .allowance_usage(account, meter, window_start, now)
             .await
+    }
+    fn now_or_later(&self) -> Option<&dyn SyncLedger> {
+        (**self).now_or_later()
     }
 }

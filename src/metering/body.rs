@@ -10,7 +10,9 @@ use pin_project_lite::pin_project;
 use crate::backend::bounded;
 use crate::body::ResponseBody;
 use crate::error::LedgerError;
-use crate::ledger::{Charge, Reservation, ReservationId, ReserveRequest, Usage};
+use crate::ledger::{
+    Charge, Reservation, ReservationId, ReserveRequest, Settlement, SyncLedger, Usage,
+};
 use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
@@ -30,8 +32,7 @@ pub(crate) enum Action {
 pub(crate) struct Guard {
     config: Arc<MeterConfig>,
     id: ReservationId,
-    charges: Arc<[Charge]>,
-    estimate: Vec<Usage>,
+    charges: Vec<Charge>,
     known: Option<Vec<Usage>>,
     scanner: Option<Box<dyn UsageScanner>>,
     responded: bool,
@@ -41,19 +42,20 @@ pub(crate) struct Guard {
 }
 
 impl Guard {
-    pub(crate) fn new(config: Arc<MeterConfig>, r: &Reservation, req: &ReserveRequest) -> Self {
+    /// Takes the reservation's id and the request's charges over (no copies: this is the
+    /// hot path).
+    pub(crate) fn new(
+        config: Arc<MeterConfig>,
+        r: &mut Reservation,
+        req: &mut ReserveRequest,
+    ) -> Self {
         Guard {
             config,
-            id: r.id.clone(),
-            charges: req.charges.iter().cloned().collect(),
-            estimate: req
-                .charges
-                .iter()
-                .map(|c| Usage {
-                    meter: c.meter.clone(),
-                    units: c.units,
-                })
-                .collect(),
+            id: ReservationId {
+                account: r.id.account.clone(),
+                key: std::mem::take(&mut r.id.key),
+            },
+            charges: std::mem::take(&mut req.charges),
             known: None,
             scanner: None,
             responded: false,
@@ -61,6 +63,21 @@ impl Guard {
             grpc_failed: false,
             done: false,
         }
+    }
+
+    /// The charges this request reserved.
+    pub(crate) fn charges(&self) -> &[Charge] {
+        &self.charges
+    }
+
+    fn estimate(&self) -> Vec<Usage> {
+        self.charges
+            .iter()
+            .map(|c| Usage {
+                meter: c.meter.clone(),
+                units: c.units,
+            })
+            .collect()
     }
 
     pub(crate) fn config(&self) -> Arc<MeterConfig> {
@@ -129,7 +146,7 @@ impl Guard {
                     error = %e,
                     "no usable usage figure; charging the estimate"
                 );
-                self.estimate.clone()
+                self.estimate()
             }
         }
     }
@@ -144,7 +161,7 @@ impl Guard {
         }
         match self.scanner.as_mut().map(|s| s.finish()) {
             Some(usage) => Action::Settle(self.checked(usage)),
-            None => Action::Settle(self.estimate.clone()),
+            None => Action::Settle(self.estimate()),
         }
     }
 
@@ -174,84 +191,121 @@ impl Guard {
             return Action::Settle(known);
         }
         match self.config.on_disconnect {
-            DisconnectPolicy::ChargeEstimate => Action::Settle(self.estimate.clone()),
+            DisconnectPolicy::ChargeEstimate => Action::Settle(self.estimate()),
             DisconnectPolicy::ChargeUsageSoFar => {
-                Action::Settle(self.so_far().unwrap_or_else(|| self.estimate.clone()))
+                Action::Settle(self.so_far().unwrap_or_else(|| self.estimate()))
             }
         }
     }
 
-    /// The future that carries out `action`; the guard is finished from here on.
-    pub(crate) fn finish(&mut self, action: Action) -> BoxFuture {
+    /// Carries out `action`: right here with a ledger that needs no I/O (`None`), else the
+    /// future that does. The guard is finished from here on.
+    pub(crate) fn finish(&mut self, action: Action) -> Option<BoxFuture> {
         self.done = true;
+        if let Some(ledger) = self.config.ledger.now_or_later() {
+            run_now(ledger, &self.config, &self.id, &self.charges, action);
+            return None;
+        }
         let config = self.config.clone();
-        let id = self.id.clone();
-        let charges = self.charges.clone();
-        Box::pin(run(config, id, charges, action))
+        // The guard is finished: hand its id and charges to the future instead of copying.
+        let id = ReservationId {
+            account: self.id.account.clone(),
+            key: std::mem::take(&mut self.id.key),
+        };
+        let charges = std::mem::take(&mut self.charges);
+        Some(Box::pin(run(config, id, charges, action)))
     }
 
-    pub(crate) fn release(&mut self) -> BoxFuture {
+    pub(crate) fn release(&mut self) -> Option<BoxFuture> {
         self.finish(Action::Release)
     }
 }
 
-async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>, action: Action) {
+/// What a ledger call to finish a reservation answered.
+enum Outcome {
+    Released(Result<(), LedgerError>),
+    Settled(Result<Settlement, LedgerError>),
+}
+
+async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Vec<Charge>, action: Action) {
     let now = config.clock.now();
-    let account = id.account.as_str();
-    match action {
-        Action::Release => {
-            match bounded::<_, LedgerError>(config.timeout, config.ledger.release(&id, now)).await {
-                Ok(()) => tracing::debug!(
-                    target: "tower_402::metering",
-                    account,
-                    "reservation released"
-                ),
-                Err(e) => tracing::error!(
-                    target: "tower_402::metering",
-                    account,
-                    error = %e,
-                    "release failed; the hold comes back when the reservation expires"
-                ),
-            }
-        }
-        Action::Settle(usage) => {
-            let settled = bounded::<_, LedgerError>(
+    let outcome = match &action {
+        Action::Release => Outcome::Released(
+            bounded::<_, LedgerError>(config.timeout, config.ledger.release(&id, now)).await,
+        ),
+        Action::Settle(usage) => Outcome::Settled(
+            bounded::<_, LedgerError>(
                 config.timeout,
-                config.ledger.settle(&id, &usage, config.over_estimate, now),
+                config.ledger.settle(&id, usage, config.over_estimate, now),
             )
-            .await;
-            match settled {
-                Ok(s) => {
-                    if s.shortfall.is_empty() {
-                        tracing::info!(
-                            target: "tower_402::metering",
-                            account,
-                            charged = s.charged.get(),
-                            available = s.available_after.get(),
-                            "request settled"
-                        );
-                    } else {
-                        tracing::warn!(
-                            target: "tower_402::metering",
-                            account,
-                            charged = s.charged.get(),
-                            shortfall_credits = s.shortfall.credits.get(),
-                            shortfall_units = ?s.shortfall.units,
-                            "request settled with a shortfall: usage exceeded what could be charged"
-                        );
-                    }
-                    if let Some(t) = &config.thresholds {
-                        t.after_settle(&id.account, &charges, &s);
-                    }
-                }
-                Err(e) => tracing::error!(
+            .await,
+        ),
+    };
+    report(&config, &id, &charges, outcome);
+}
+
+/// The same as [`run`] on a ledger that answers without I/O.
+fn run_now(
+    ledger: &dyn SyncLedger,
+    config: &MeterConfig,
+    id: &ReservationId,
+    charges: &[Charge],
+    action: Action,
+) {
+    let now = config.clock.now();
+    let outcome = match &action {
+        Action::Release => Outcome::Released(ledger.release(id, now)),
+        Action::Settle(usage) => {
+            Outcome::Settled(ledger.settle(id, usage, config.over_estimate, now))
+        }
+    };
+    report(config, id, charges, outcome);
+}
+
+/// Logs how a reservation ended and reports threshold crossings.
+fn report(config: &MeterConfig, id: &ReservationId, charges: &[Charge], outcome: Outcome) {
+    let account = id.account.as_str();
+    match outcome {
+        Outcome::Released(Ok(())) => tracing::debug!(
+            target: "tower_402::metering",
+            account,
+            "reservation released"
+        ),
+        Outcome::Released(Err(e)) => tracing::error!(
+            target: "tower_402::metering",
+            account,
+            error = %e,
+            "release failed; the hold comes back when the reservation expires"
+        ),
+        Outcome::Settled(Ok(s)) => {
+            if s.shortfall.is_empty() {
+                tracing::info!(
                     target: "tower_402::metering",
                     account,
-                    error = %e,
-                    "settlement failed; the hold comes back when the reservation expires"
-                ),
+                    charged = s.charged.get(),
+                    available = s.available_after.get(),
+                    "request settled"
+                );
+            } else {
+                tracing::warn!(
+                    target: "tower_402::metering",
+                    account,
+                    charged = s.charged.get(),
+                    shortfall_credits = s.shortfall.credits.get(),
+                    shortfall_units = ?s.shortfall.units,
+                    "request settled with a shortfall: usage exceeded what could be charged"
+                );
+            }
+            if let Some(t) = &config.thresholds {
+                t.after_settle(&id.account, charges, &s);
             }
         }
+        Outcome::Settled(Err(e)) => tracing::error!(
+            target: "tower_402::metering",
+            account,
+            error = %e,
+            "settlement failed; the hold comes back when the reservation expires"
+        ),
     }
 }
 
@@ -261,8 +315,9 @@ impl Drop for Guard {
             return;
         }
         let action = self.at_drop();
-        let fut = self.finish(action);
-        spawn_or_expire(fut, self.account());
+        if let Some(fut) = self.finish(action) {
+            spawn_or_expire(fut, self.account());
+        }
     }
 }
 
@@ -360,16 +415,28 @@ where
                             }
                             // The last frame: settle before handing it out.
                             let action = guard.at_end();
-                            let fut = guard.finish(action);
-                            *this.finish = Finish::Running {
-                                fut,
-                                last: Some(frame),
-                            };
+                            match guard.finish(action) {
+                                Some(fut) => {
+                                    *this.finish = Finish::Running {
+                                        fut,
+                                        last: Some(frame),
+                                    }
+                                }
+                                None => {
+                                    *this.finish = Finish::Done;
+                                    return Poll::Ready(Some(Ok(frame)));
+                                }
+                            }
                         }
                         None => {
                             let action = guard.at_end();
-                            let fut = guard.finish(action);
-                            *this.finish = Finish::Running { fut, last: None };
+                            match guard.finish(action) {
+                                Some(fut) => *this.finish = Finish::Running { fut, last: None },
+                                None => {
+                                    *this.finish = Finish::Done;
+                                    return Poll::Ready(None);
+                                }
+                            }
                         }
                         Some(Err(e)) => {
                             tracing::warn!(
@@ -378,8 +445,9 @@ where
                                 "response body failed mid-stream"
                             );
                             let action = guard.at_error();
-                            let fut = guard.finish(action);
-                            spawn_or_expire(fut, guard.account());
+                            if let Some(fut) = guard.finish(action) {
+                                spawn_or_expire(fut, guard.account());
+                            }
                             *this.finish = Finish::Done;
                             return Poll::Ready(Some(Err(e)));
                         }

@@ -18,10 +18,12 @@ use crate::problem::{denial_response, grpc_status};
 use crate::time::Timestamp;
 
 /// The outcome of everything before the inner call.
+// Short-lived and moved once: boxing the large variant would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Prepared<B> {
     Call {
         req: Request<RequestBody<B>>,
-        ticket: Option<Box<(Reservation, ReserveRequest)>>,
+        ticket: Option<(Reservation, ReserveRequest)>,
         replayed: bool,
     },
     Refuse(Denial, Option<AccountId>),
@@ -33,8 +35,9 @@ type UnitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// A reservation the request runs under.
 struct Ticket {
     guard: Guard,
+    /// What the reservation left: for the response headers. Its id and the request's
+    /// charges live in the guard.
     reservation: Reservation,
-    request: ReserveRequest,
 }
 
 pin_project! {
@@ -131,6 +134,69 @@ where
     }
 }
 
+/// What follows the preparation: call the inner service under the reservation, or refuse.
+fn after_prepare<S, ReqBody>(
+    prepared: Prepared<ReqBody>,
+    mut inner: S,
+    config: &Arc<MeterConfig>,
+    now: Timestamp,
+    grpc: bool,
+) -> State<S, ReqBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>>,
+{
+    match prepared {
+        Prepared::Call {
+            req,
+            ticket,
+            replayed,
+        } => {
+            // The guard exists before the call: a request cancelled from here on gives its
+            // hold back.
+            let ticket = ticket.map(|t| {
+                let (mut reservation, mut request) = t;
+                Ticket {
+                    guard: Guard::new(config.clone(), &mut reservation, &mut request),
+                    reservation,
+                }
+            });
+            State::Calling {
+                fut: inner.call(req),
+                ticket,
+                replayed,
+                grpc,
+            }
+        }
+        Prepared::Refuse(denial, account) => {
+            log_denial(account.as_ref(), &denial);
+            State::Refused {
+                denial: Some(denial),
+                config: config.clone(),
+                now,
+                grpc,
+            }
+        }
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>>,
+{
+    /// A preparation that finished without I/O.
+    pub(crate) fn prepared(
+        prepared: Prepared<ReqBody>,
+        inner: S,
+        config: &Arc<MeterConfig>,
+        now: Timestamp,
+        grpc: bool,
+    ) -> Self {
+        ResponseFuture {
+            state: after_prepare(prepared, inner, config, now, grpc),
+        }
+    }
+}
+
 fn header_from<T: ToString>(v: T) -> Option<HeaderValue> {
     HeaderValue::try_from(v.to_string()).ok()
 }
@@ -153,42 +219,10 @@ where
                     grpc,
                 } => {
                     let prepared = ready!(prepare.as_mut().poll(cx));
-                    let Some(mut inner) = inner.take() else {
+                    let Some(inner) = inner.take() else {
                         panic!("metering future polled after completion");
                     };
-                    match prepared {
-                        Prepared::Call {
-                            req,
-                            ticket,
-                            replayed,
-                        } => {
-                            // The guard exists before the call: a request cancelled from here
-                            // on gives its hold back.
-                            let ticket = ticket.map(|t| {
-                                let (reservation, request) = *t;
-                                Ticket {
-                                    guard: Guard::new(config.clone(), &reservation, &request),
-                                    reservation,
-                                    request,
-                                }
-                            });
-                            State::Calling {
-                                fut: inner.call(req),
-                                ticket,
-                                replayed,
-                                grpc: *grpc,
-                            }
-                        }
-                        Prepared::Refuse(denial, account) => {
-                            log_denial(account.as_ref(), &denial);
-                            State::Refused {
-                                denial: Some(denial),
-                                config: config.clone(),
-                                now: *now,
-                                grpc: *grpc,
-                            }
-                        }
-                    }
+                    after_prepare(prepared, inner, config, *now, *grpc)
                 }
                 StateProj::Calling {
                     fut,
@@ -224,9 +258,16 @@ where
                             grpc_status = grpc_status(res.headers()),
                             "non-billable response; releasing the reservation"
                         );
-                        State::Releasing {
-                            release: ticket.guard.release(),
-                            response: Some(res),
+                        match ticket.guard.release() {
+                            Some(release) => State::Releasing {
+                                release,
+                                response: Some(res),
+                            },
+                            None => {
+                                return Poll::Ready(Ok(
+                                    res.map(|b| MeteredBody::plain(ResponseBody::inner(b)))
+                                ))
+                            }
                         }
                     } else {
                         let (mut parts, body) = res.into_parts();
@@ -284,7 +325,7 @@ impl Ticket {
         &self,
         ReportedUsage(usage): ReportedUsage,
     ) -> Vec<crate::ledger::Usage> {
-        let charges = &self.request.charges;
+        let charges = self.guard.charges();
         for u in &usage {
             if !charges.iter().any(|c| c.meter == u.meter) {
                 tracing::warn!(
@@ -309,19 +350,18 @@ impl Ticket {
 }
 
 fn add_headers(h: &mut http::HeaderMap, ticket: &Ticket) {
-    if let Some(v) = header_from(ticket.reservation.available_after) {
-        h.insert("x-credits-remaining", v);
-    }
+    h.insert(
+        "x-credits-remaining",
+        HeaderValue::from(ticket.reservation.available_after.get()),
+    );
     for (charge, left) in ticket
-        .request
-        .charges
+        .guard
+        .charges()
         .iter()
         .zip(&ticket.reservation.allowance_left)
     {
         if let (Some(left), Some(w)) = (left, charge.allowance) {
-            if let Some(v) = header_from(left) {
-                h.insert("x-allowance-remaining", v);
-            }
+            h.insert("x-allowance-remaining", HeaderValue::from(*left));
             if let Some(v) = header_from(w.resets_at) {
                 h.insert("x-allowance-reset", v);
             }

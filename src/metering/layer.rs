@@ -6,7 +6,6 @@ use tower_layer::Layer;
 
 use crate::gate::FailureMode;
 use crate::ledger::{Ledger, OverEstimate};
-use crate::metering::pricing::RouteCost;
 use crate::metering::threshold::Thresholds;
 use crate::metering::{Metering, Pricing, Threshold, ThresholdEvent, UsageExtractor};
 use crate::problem::ProblemConfig;
@@ -41,7 +40,8 @@ pub(crate) struct MeterConfig {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) problems: ProblemConfig,
-    pub(crate) pricing: Arc<dyn Pricing>,
+    /// `None`: the route's fixed cost from the entitlement.
+    pub(crate) pricing: Option<Arc<dyn Pricing>>,
     pub(crate) usage: Option<Arc<dyn UsageExtractor>>,
     pub(crate) ttl_secs: u64,
     pub(crate) bill_client_errors: bool,
@@ -88,7 +88,7 @@ impl MeteringLayer {
                 ledger: Arc::new(ledger),
                 clock: Arc::new(SystemClock),
                 problems: ProblemConfig::default(),
-                pricing: Arc::new(RouteCost),
+                pricing: None,
                 usage: None,
                 ttl_secs: 300,
                 bill_client_errors: false,
@@ -112,7 +112,7 @@ impl MeteringLayer {
 
     /// How to estimate a request's cost (default: the route's fixed cost).
     pub fn pricing(mut self, pricing: impl Pricing) -> Self {
-        self.config().pricing = Arc::new(pricing);
+        self.config().pricing = Some(Arc::new(pricing));
         self
     }
 

@@ -60,13 +60,3 @@ where
         self(request)
     }
 }
-
-/// The default rule: the route's fixed cost from the [`Entitlement`], if any.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct RouteCost;
-
-impl Pricing for RouteCost {
-    fn estimate(&self, request: &PricingRequest<'_>) -> Result<Vec<Cost>, Denial> {
-        Ok(request.entitlement.cost.iter().cloned().collect())
-    }
-}

@@ -1,4 +1,6 @@
+use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -11,7 +13,7 @@ use tower_service::Service;
 
 use crate::account::AccountId;
 use crate::backend::{bounded, is_outage};
-use crate::decision::Denial;
+use crate::decision::{Cost, Denial};
 use crate::error::LedgerError;
 use crate::gate::{Entitlement, FailedOpen, FailureMode, PublicRoute};
 use crate::ledger::{Charge, Replay, ReserveOutcome, ReserveRequest, Usage};
@@ -224,7 +226,49 @@ where
         // Keep the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let prepare = prepare(config.clone(), req, entitlement, idem, now);
+        // With an in-process ledger and no body to read, preparing needs no I/O: run it here,
+        // with no future to allocate. Nothing in it waits on that path, so one poll finishes it.
+        let (parts, body) = req.into_parts();
+        let needs_body = config
+            .pricing
+            .as_ref()
+            .is_some_and(|p| p.needs_body(&parts));
+        if !needs_body && config.ledger.now_or_later().is_some() {
+            let fut = std::pin::pin!(prepare(
+                config.clone(),
+                parts,
+                body,
+                needs_body,
+                entitlement,
+                idem,
+                now
+            ));
+            let prepared = match fut.poll(&mut Context::from_waker(crate::gate::noop_waker())) {
+                Poll::Ready(p) => p,
+                Poll::Pending => {
+                    tracing::error!(
+                        target: "tower_402::metering",
+                        "an in-process ledger did not answer at once; refusing the request"
+                    );
+                    Prepared::Refuse(
+                        Denial::Unavailable {
+                            retry_after_secs: config.retry_after_secs,
+                        },
+                        None,
+                    )
+                }
+            };
+            return ResponseFuture::prepared(prepared, inner, &config, now, grpc);
+        }
+        let prepare = prepare(
+            config.clone(),
+            parts,
+            body,
+            needs_body,
+            entitlement,
+            idem,
+            now,
+        );
         ResponseFuture::preparing(Box::pin(prepare), inner, config, now, grpc)
     }
 }
@@ -233,7 +277,9 @@ where
 /// reserve.
 async fn prepare<B>(
     config: Arc<MeterConfig>,
-    req: Request<B>,
+    parts: http::request::Parts,
+    body: B,
+    needs_body: bool,
     entitlement: Entitlement,
     idem: Option<String>,
     now: Timestamp,
@@ -242,8 +288,7 @@ where
     B: Body<Data = Bytes> + Send + 'static,
 {
     let account = entitlement.account.clone();
-    let (parts, body) = req.into_parts();
-    let (body, peeked) = if config.pricing.needs_body(&parts) {
+    let (body, peeked) = if needs_body {
         match peek(body, config.max_body).await {
             Ok((bytes, rest)) => (RequestBody::peeked(bytes.clone(), rest), Some(bytes)),
             Err(PeekError::TooLarge) => {
@@ -273,14 +318,17 @@ where
     } else {
         (RequestBody::passthrough(body), None)
     };
-    let costs = config.pricing.estimate(&PricingRequest {
-        parts: &parts,
-        body: peeked.as_deref(),
-        entitlement: &entitlement,
-    });
-    let costs = match costs {
-        Ok(c) => c,
-        Err(denial) => return Prepared::Refuse(denial, Some(account)),
+    // The default rule (the route's cost) needs no list of its own.
+    let costs: Cow<'_, [Cost]> = match &config.pricing {
+        None => Cow::Borrowed(entitlement.cost.as_slice()),
+        Some(pricing) => match pricing.estimate(&PricingRequest {
+            parts: &parts,
+            body: peeked.as_deref(),
+            entitlement: &entitlement,
+        }) {
+            Ok(c) => Cow::Owned(c),
+            Err(denial) => return Prepared::Refuse(denial, Some(account)),
+        },
     };
     let req = Request::from_parts(parts, body);
     if costs.is_empty() {
@@ -332,12 +380,15 @@ where
         idempotent,
         now,
     };
-    let outcome = bounded(config.timeout, config.ledger.reserve(&request)).await;
+    let outcome = match config.ledger.now_or_later() {
+        Some(ledger) => ledger.reserve(&request),
+        None => bounded(config.timeout, config.ledger.reserve(&request)).await,
+    };
     let refuse = |denial: Denial| Prepared::Refuse(denial, Some(account.clone()));
     match outcome {
         Ok(ReserveOutcome::Reserved(reservation)) => Prepared::Call {
             req,
-            ticket: Some(Box::new((reservation, request))),
+            ticket: Some((reservation, request)),
             replayed: false,
         },
         Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => {

@@ -52,6 +52,17 @@ pub trait PlanStore: Send + Sync + 'static {
 
     /// Creates or replaces the account's subscription.
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError>;
+
+    /// The subscription without a future, when the store can answer without I/O (in memory,
+    /// or a cache hit). The gate tries this first and only calls
+    /// [`subscription`](Self::subscription) on `None`, the default.
+    fn subscription_now(
+        &self,
+        account: &AccountId,
+    ) -> Option<Result<Option<Subscription>, StoreError>> {
+        let _ = account;
+        None
+    }
 }
 
 #[async_trait]
@@ -62,5 +73,12 @@ impl<T: PlanStore + ?Sized> PlanStore for Arc<T> {
 
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError> {
         (**self).put_subscription(subscription).await
+    }
+
+    fn subscription_now(
+        &self,
+        account: &AccountId,
+    ) -> Option<Result<Option<Subscription>, StoreError>> {
+        (**self).subscription_now(account)
     }
 }

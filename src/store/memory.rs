@@ -9,7 +9,7 @@ use crate::credits::Credits;
 use crate::error::{LedgerError, StoreError};
 use crate::ledger::{
     AccountBook, AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, ReservationId,
-    ReserveOutcome, ReserveRequest, Settlement, Usage, DEFAULT_RETENTION_SECS,
+    ReserveOutcome, ReserveRequest, Settlement, SyncLedger, Usage, DEFAULT_RETENTION_SECS,
 };
 use crate::plan::{Meter, PlanStore, Subscription};
 use crate::time::Timestamp;
@@ -85,8 +85,46 @@ impl MemoryLedger {
     }
 }
 
+impl SyncLedger for MemoryLedger {
+    fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        self.with(&req.account, |b| b.reserve(req))
+    }
+
+    fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        self.with(&id.account, |b| b.settle(&id.key, usage, policy, now))
+    }
+
+    fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
+        self.with(&id.account, |b| b.release(&id.key, now))
+    }
+
+    fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
+        Ok(self.with(account, |b| b.balance(now)))
+    }
+
+    fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<AllowanceUsage, LedgerError> {
+        Ok(self.with(account, |b| b.allowance_usage(meter, window_start, now)))
+    }
+}
+
 #[async_trait]
 impl Ledger for MemoryLedger {
+    fn now_or_later(&self) -> Option<&dyn SyncLedger> {
+        Some(self)
+    }
+
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
         self.with(&req.account, |b| b.reserve(req))
     }
@@ -175,5 +213,17 @@ impl PlanStore for MemoryPlanStore {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(subscription.account.clone(), subscription);
         Ok(())
+    }
+
+    fn subscription_now(
+        &self,
+        account: &AccountId,
+    ) -> Option<Result<Option<Subscription>, StoreError>> {
+        Some(Ok(self
+            .subs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(account)
+            .cloned()))
     }
 }
