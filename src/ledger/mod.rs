@@ -30,11 +30,18 @@
 //! Amounts above [`Credits::MAX_EXACT`](crate::Credits::MAX_EXACT) are refused with
 //! [`LedgerError::AmountOutOfRange`] on every backend.
 //!
-//! # Async traits
+//! # Async traits, and the synchronous fast path
 //!
-//! The trait uses `async-trait`: one boxed future per call, which keeps `dyn Ledger` possible
-//! (the layers store `Arc<dyn Ledger>`, so one layer type serves every backend). On the
-//! in-memory path this is one small allocation per operation.
+//! The traits use `async-trait`: one boxed future per call, which keeps `dyn Ledger`
+//! possible (the layers store `Arc<dyn Ledger>`, so one layer type serves every backend) and
+//! costs nothing that matters next to a network round trip. For stores that need no I/O the
+//! boxing would be most of the cost, so each trait has a provided synchronous fast path that
+//! such stores implement: [`Ledger::now_or_later`] (returning a [`SyncLedger`]),
+//! [`PlanStore::subscription_now`](crate::plan::PlanStore::subscription_now) and
+//! [`IdentityResolver::resolve_now`](crate::IdentityResolver::resolve_now). The layers try
+//! the fast path first; with the in-memory stores a request allocates no future for its gate
+//! check, reservation or settlement. Native `async fn` in traits would avoid the boxes too,
+//! but their futures cannot be named or boxed behind `dyn`, which is why they are not used.
 //!
 //! # Implementing your own
 //!
