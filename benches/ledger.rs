@@ -28,8 +28,13 @@ fn request(n: u64) -> ReserveRequest {
 }
 
 fn cycle<L: Ledger>(c: &mut Criterion, name: &str, rt: &tokio::runtime::Runtime, ledger: L) {
-    rt.block_on(ledger.deposit(&"bench".into(), Credits::new(1 << 50), "bench-seed", Timestamp::now()))
-        .expect("seed");
+    rt.block_on(ledger.deposit(
+        &"bench".into(),
+        Credits::new(1 << 50),
+        "bench-seed",
+        Timestamp::now(),
+    ))
+    .expect("seed");
     let usage = [Usage::new("requests", 1)];
     let mut n = 0u64;
     c.bench_function(&format!("ledger/{name}/reserve_settle"), |b| {
@@ -58,8 +63,8 @@ fn bench(c: &mut Criterion) {
 
     #[cfg(feature = "redis")]
     {
-        let url = std::env::var("TOWER402_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let url =
+            std::env::var("TOWER402_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let ledger = tower_402::store::RedisLedger::new(
             &tower_402::store::RedisConfig::new(&url)
                 .expect("url")
@@ -81,7 +86,9 @@ fn bench(c: &mut Criterion) {
             .expect("url")
             .schema("bench")
             .expect("schema");
-        let ready = config.pool().map(|pool| tower_402::store::PostgresLedger::new(pool, config));
+        let ready = config
+            .pool()
+            .map(|pool| tower_402::store::PostgresLedger::new(pool, config));
         match ready {
             Ok(ledger) => match rt.block_on(ledger.migrate()) {
                 Ok(()) => cycle(c, "postgres", &rt, ledger),

@@ -20,6 +20,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use common::plain;
+
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -28,38 +30,10 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_402::decision::{Cost, Requirement};
-use tower_402::plan::{Catalog, Period, Plan, PlanStore, Subscription, SubscriptionStatus};
-use tower_402::problem::{Links, ProblemConfig};
 use tower_402::{
-    Clock, Credits, Entitlement, Ledger, MemoryLedger, MemoryPlanStore, MeteringLayer,
-    PaymentGateLayer, ProblemDetailsLayer, StaticKeys, SystemClock, Timestamp,
+    Clock, Credits, Entitlement, MemoryLedger, MemoryPlanStore, MeteringLayer, PaymentGateLayer,
+    ProblemDetailsLayer, SystemClock,
 };
-
-/// The demo keys, their accounts, and what each shows.
-pub const DEMO_KEYS: &[(&str, &str, &str)] = &[
-    ("demo-pro", "acct_pro", "pro, active, 1000 credits"),
-    ("demo-basic", "acct_basic", "basic, active, 1000 credits"),
-    ("demo-free", "acct_free", "free, active, 5 requests a month"),
-    ("demo-broke", "acct_broke", "basic, active, 0 credits"),
-    ("demo-expired", "acct_expired", "basic, canceled and ended"),
-    (
-        "demo-grace",
-        "acct_grace",
-        "basic, past due, inside its grace period",
-    ),
-    (
-        "demo-past-due",
-        "acct_past_due",
-        "basic, past due, grace over",
-    ),
-    (
-        "demo-trial-over",
-        "acct_trial_over",
-        "trial ended, no paid plan",
-    ),
-];
-
-const DAY: u64 = 86_400;
 
 /// The demo app and handles on its stores.
 pub struct Demo {
@@ -71,74 +45,17 @@ pub struct Demo {
     pub plans: MemoryPlanStore,
 }
 
-/// The plans on offer.
-pub fn catalog() -> Catalog {
-    Catalog::new()
-        .with_plan(Plan::new("free", "Free", 0).allowance("requests", 5, Period::CalendarMonth))
-        .with_plan(Plan::new("basic", "Basic", 1).overage(true))
-        .with_plan(
-            Plan::new("pro", "Pro", 2)
-                .overage(true)
-                .feature("premium-models"),
-        )
-}
-
-/// Builds the demo with every account of [`DEMO_KEYS`] in its documented state at `clock`'s
+/// Builds the demo with every demo account (`plain::DEMO_KEYS`) in its documented state at `clock`'s
 /// current time.
 pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
-    let now = clock.now();
-    let ago = |days: u64| Timestamp::from_unix(now.unix().saturating_sub(days * DAY));
-    let plans = MemoryPlanStore::new();
-    let ledger = MemoryLedger::new();
-    let mut keys = StaticKeys::new();
-    for (key, account, _) in DEMO_KEYS {
-        keys = keys.with_key(*key, *account);
-    }
-    let mut subs = vec![
-        Subscription::active("acct_pro", "pro"),
-        Subscription::active("acct_basic", "basic"),
-        Subscription::active("acct_free", "free"),
-        Subscription::active("acct_broke", "basic"),
-    ];
-    let mut expired = Subscription::new("acct_expired", "basic", SubscriptionStatus::Canceled);
-    expired.canceled_at = Some(ago(40));
-    expired.ended_at = Some(ago(10));
-    subs.push(expired);
-    let mut grace = Subscription::new("acct_grace", "basic", SubscriptionStatus::PastDue);
-    grace.past_due_since = Some(ago(1));
-    subs.push(grace);
-    let mut past_due = Subscription::new("acct_past_due", "basic", SubscriptionStatus::PastDue);
-    past_due.past_due_since = Some(ago(10));
-    subs.push(past_due);
-    let mut trial = Subscription::new("acct_trial_over", "basic", SubscriptionStatus::Trialing);
-    trial.trial_end = Some(ago(1));
-    subs.push(trial);
-    for sub in subs {
-        plans.put_subscription(sub).await.expect("memory store");
-    }
-    for account in [
-        "acct_pro",
-        "acct_basic",
-        "acct_grace",
-        "acct_past_due",
-        "acct_expired",
-    ] {
-        ledger
-            .deposit(&account.into(), Credits::new(1000), "demo-seed", now)
-            .await
-            .expect("memory ledger");
-    }
-
-    let links = Links::new()
-        .billing("https://billing.example.com/portal")
-        .upgrade("https://example.com/pricing")
-        .top_up("https://billing.example.com/top-up")
-        .support("https://example.com/support")
-        .docs("https://docs.example.com/errors");
-    let problems = ProblemConfig::new()
-        .type_base("https://docs.example.com/problems/")
-        .links(links);
-    let gate = PaymentGateLayer::new(keys, plans.clone(), catalog())
+    // The demo accounts (shared with the hyper and gRPC examples): examples/common/plain.rs.
+    let plain::Accounts {
+        keys,
+        plans,
+        ledger,
+    } = plain::accounts(&clock).await;
+    let problems = plain::problems();
+    let gate = PaymentGateLayer::new(keys, plans.clone(), plain::catalog())
         .ledger(ledger.clone())
         .clock(clock.clone())
         .problems(problems.clone())
@@ -161,7 +78,7 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
 
     let state = common::Billing {
         ledger: Arc::new(ledger.clone()),
-        catalog: catalog(),
+        catalog: plain::catalog(),
         clock,
     };
     let router = Router::new()
@@ -208,7 +125,7 @@ async fn main() {
     let addr = listener.local_addr().expect("bound socket");
     println!("tower-402 quickstart listening on http://{addr}");
     println!("demo keys (send as x-api-key or Authorization: Bearer):");
-    for (key, _, what) in DEMO_KEYS {
+    for (key, _, what) in plain::DEMO_KEYS {
         println!("  {key:<16} {what}");
     }
     common::serve(listener, app).await;

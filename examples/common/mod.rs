@@ -4,6 +4,10 @@
 
 use std::sync::Arc;
 
+#[path = "plain.rs"]
+pub mod plain;
+pub use plain::port;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -143,17 +147,6 @@ pub async fn top_up<C: Clock>(
             "This top-up would take the balance beyond what an account can hold.",
         )),
         Err(e) => Err(internal(e)),
-    }
-}
-
-/// Reads `PORT` (default `default`), exiting with a clear message when it is not a port.
-pub fn port(default: u16) -> u16 {
-    match std::env::var("PORT") {
-        Ok(p) => p.parse().unwrap_or_else(|_| {
-            eprintln!("PORT must be a number from 0 to 65535, got {p:?}");
-            std::process::exit(2)
-        }),
-        Err(_) => default,
     }
 }
 
