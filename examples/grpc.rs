@@ -3,7 +3,7 @@
 //! Run it:
 //!
 //! ```sh
-//! cargo run --example grpc --features grpc     # listens on 127.0.0.1:50051 (PORT to change)
+//! cargo run --example grpc                      # listens on 127.0.0.1:50051 (PORT to change)
 //! ```
 //!
 //! Two methods of `weather.v1.Weather`:

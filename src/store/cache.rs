@@ -131,21 +131,27 @@ impl<S, C> CachingPlanStore<S, C> {
     }
 }
 
+impl<S: PlanStore, C: Clock> CachingPlanStore<S, C> {
+    /// The cached answer for `account`, if it is still fresh at `now`.
+    fn fresh(&self, account: &AccountId, now: Timestamp) -> Option<Option<Subscription>> {
+        let entries = self
+            .shared
+            .entries
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(account)
+            .filter(|e| e.fetched_at.plus_secs(self.ttl_secs) > now && e.fetched_at <= now)
+            .map(|e| e.subscription.clone())
+    }
+}
+
 #[async_trait]
 impl<S: PlanStore, C: Clock> PlanStore for CachingPlanStore<S, C> {
     async fn subscription(&self, account: &AccountId) -> Result<Option<Subscription>, StoreError> {
         let now = self.clock.now();
-        {
-            let entries = self
-                .shared
-                .entries
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(e) = entries.get(account) {
-                if e.fetched_at.plus_secs(self.ttl_secs) > now && e.fetched_at <= now {
-                    return Ok(e.subscription.clone());
-                }
-            }
+        if let Some(hit) = self.fresh(account, now) {
+            return Ok(hit);
         }
         let generation = self.shared.generation.load(Ordering::SeqCst);
         let fetched = self.inner.subscription(account).await?;
@@ -168,6 +174,14 @@ impl<S: PlanStore, C: Clock> PlanStore for CachingPlanStore<S, C> {
         // Invalidate even on error: the write may have landed before the failure.
         self.invalidate(&account);
         written
+    }
+
+    /// A fresh cache hit answers without a future (the gate's fast path); a miss is `None`.
+    fn subscription_now(
+        &self,
+        account: &AccountId,
+    ) -> Option<Result<Option<Subscription>, StoreError>> {
+        self.fresh(account, self.clock.now()).map(Ok)
     }
 }
 
@@ -342,5 +356,26 @@ mod tests {
         other.invalidate(&acme);
         cache.subscription(&acme).await.unwrap();
         assert_eq!(reads(&inner), 2);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_hit_answers_without_a_future() {
+        let (inner, clock, cache) = setup();
+        let acme = AccountId::new("acme");
+        inner
+            .store
+            .put_subscription(Subscription::active("acme", "pro"))
+            .await
+            .unwrap();
+        assert!(
+            cache.subscription_now(&acme).is_none(),
+            "a miss needs the store"
+        );
+        cache.subscription(&acme).await.unwrap();
+        let hit = cache.subscription_now(&acme).unwrap().unwrap().unwrap();
+        assert_eq!(hit.plan.as_str(), "pro");
+        clock.advance(30);
+        assert!(cache.subscription_now(&acme).is_none(), "expired");
+        assert_eq!(reads(&inner), 1);
     }
 }
