@@ -73,6 +73,18 @@ fn bench_layers(c: &mut Criterion) {
             .unwrap()
     };
 
+    // The same request and response through no layer: what the figures below include anyway.
+    let bare = ServiceBuilder::new().service(tower::service_fn(handler));
+    c.bench_function("baseline/no_layers", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = bare.clone();
+            async move {
+                let res = svc.oneshot(request()).await.unwrap();
+                res.into_body().collect().await.unwrap()
+            }
+        })
+    });
+
     let gate_only = ServiceBuilder::new()
         .layer(gate.clone())
         .service(tower::service_fn(handler));

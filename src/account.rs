@@ -78,6 +78,9 @@ impl From<String> for AccountId {
     }
 }
 
+/// Parsed once: a lookup by `&str` would parse the name on every request.
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 /// The longest API key accepted, in bytes. Longer keys are refused before any lookup.
 pub const MAX_API_KEY_LEN: usize = 256;
 
@@ -113,7 +116,7 @@ impl ApiKey {
     /// is an error: guessing would be worse.
     pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, CredentialError> {
         let mut found: Option<ApiKey> = None;
-        let mut x_api_key = headers.get_all("x-api-key").iter();
+        let mut x_api_key = headers.get_all(&X_API_KEY).iter();
         if let Some(value) = x_api_key.next() {
             if x_api_key.next().is_some() {
                 return Err(CredentialError::Malformed("more than one x-api-key header"));

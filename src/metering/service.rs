@@ -81,6 +81,9 @@ impl ReportedUsage {
     }
 }
 
+/// Parsed once: a lookup by `&str` would parse the name on every request.
+static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
 /// The longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
@@ -102,7 +105,7 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// assert_eq!(idempotency_key(&headers).unwrap_err().code(), "INVALID_IDEMPOTENCY_KEY");
 /// ```
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
-    let mut values = headers.get_all("idempotency-key").iter();
+    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };

@@ -81,6 +81,10 @@ impl<S> ProblemDetailsService<S> {
     }
 }
 
+// Parsed once: a lookup by `&str` would parse the name on every request.
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// What the layer remembers of the request to render its response.
 #[derive(Debug, Default)]
 struct RequestFacts {
@@ -96,7 +100,7 @@ impl RequestFacts {
             accepts_json: accepts_json(headers),
             grpc: is_grpc(headers),
             request_id: headers
-                .get("x-request-id")
+                .get(&X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .filter(|id| {
                     !id.is_empty()
@@ -107,7 +111,7 @@ impl RequestFacts {
                 })
                 .map(str::to_owned),
             trace_id: headers
-                .get("traceparent")
+                .get(&TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(trace_id_from_traceparent),
         }
