@@ -77,7 +77,7 @@ fn bench_layers(c: &mut Criterion) {
     let bare = ServiceBuilder::new().service(tower::service_fn(handler));
     c.bench_function("baseline/no_layers", |b| {
         b.to_async(&rt).iter(|| {
-            let svc = bare.clone();
+            let svc = bare;
             async move {
                 let res = svc.oneshot(request()).await.unwrap();
                 res.into_body().collect().await.unwrap()
