@@ -60,6 +60,9 @@ pub enum LedgerError {
     /// [`Credits::MAX_EXACT`](crate::Credits::MAX_EXACT), or a total would overflow.
     #[error("amount out of range")]
     AmountOutOfRange,
+    /// Two charges of one reservation count the same meter: usage could not be told apart.
+    #[error("two charges on the meter `{0}`")]
+    DuplicateMeter(crate::plan::Meter),
     /// The backend failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -371,3 +371,55 @@ fn reservations_without_an_idempotency_key_are_forgotten_once_finished() {
     book.expire(now.plus_secs(DEFAULT_RETENTION_SECS));
     assert_eq!(book.retained_reservations(), 0);
 }
+
+#[test]
+fn a_lapsed_hold_is_settled_by_drawing_even_under_cap_at_hold() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    book.deposit(Credits::new(10), "d", now).unwrap();
+    book.reserve(&reserve_request(1, 0, 4, 1, false, now))
+        .unwrap();
+    let later = now.plus_secs(TTL);
+    let s = book
+        .settle(
+            "r1",
+            &[Usage::new("units", 4)],
+            OverEstimate::CapAtHold,
+            later,
+        )
+        .unwrap();
+    assert_eq!(
+        s.charged,
+        Credits::new(4),
+        "capping at a lapsed hold would make the work free"
+    );
+}
+
+#[test]
+fn two_charges_on_one_meter_are_refused() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    book.deposit(Credits::new(10), "d", now).unwrap();
+    let mut req = reserve_request(1, 0, 1, 1, false, now);
+    req.charges.push(req.charges[0].clone());
+    assert!(matches!(
+        book.reserve(&req),
+        Err(LedgerError::DuplicateMeter(_))
+    ));
+    assert_eq!(book.balance(now).available, Credits::new(10));
+}
+
+#[test]
+fn prices_beyond_exact_products_are_refused_the_same_way_everywhere() {
+    let mut book = AccountBook::default();
+    let now = Timestamp::from_unix(1_000_000);
+    book.deposit(Credits::MAX_EXACT, "d", now).unwrap();
+    // 10^9 units at 10^7 credits per million: the quotient (10^10) fits, the product
+    // (10^16) does not; refused rather than computed differently by different backends.
+    let mut req = reserve_request(1, 0, 1_000_000_000, 10_000_000, false, now);
+    req.charges[0].price_per = 1_000_000;
+    assert!(matches!(
+        book.reserve(&req).unwrap(),
+        ReserveOutcome::Denied(tower_402::Denial::InsufficientCredits { .. })
+    ));
+}

@@ -363,3 +363,15 @@ async fn metering_without_an_account_is_a_configuration_error_not_a_free_ride() 
     let a = send(&app, request(Method::GET, "/", &[], "")).await;
     a.problem(503, "SERVICE_UNAVAILABLE");
 }
+
+#[tokio::test]
+async fn absurd_reported_usage_is_charged_the_estimate() {
+    let s = Setup::new(100).await;
+    let app = s.app(|m| m.max_units(1_000));
+    call(&app, "/report/5000", &[]).await;
+    assert_eq!(
+        s.available().await,
+        90,
+        "the estimate, not 5,000 × 2 credits"
+    );
+}

@@ -281,6 +281,7 @@ impl AccountBook {
 
     /// Holds an estimate. See [`Ledger::reserve`](crate::Ledger::reserve).
     pub fn reserve(&mut self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        req.validate()?;
         self.expire(req.now);
         if let Some(rec) = self.reservations.get(&req.key) {
             if rec.fingerprint != req.fingerprint {
@@ -450,9 +451,11 @@ impl AccountBook {
         }
         let from_hold = cost.min(held_credits);
         let beyond = cost.saturating_sub(from_hold);
+        // A lapsed hold held nothing: capping at it would make the work free, so a late
+        // settlement draws what it can whatever the policy.
         let from_available = match policy {
-            OverEstimate::DrawBalance => beyond.min(self.available),
-            OverEstimate::CapAtHold => Credits::ZERO,
+            OverEstimate::CapAtHold if was_open => Credits::ZERO,
+            _ => beyond.min(self.available),
         };
         // held -= hold; available += hold - from_hold - from_available; settled += charged.
         // Every step stays within `deposited`, so none can overflow.

@@ -3,6 +3,7 @@ use serde::{Deserialize, Serialize};
 use crate::account::AccountId;
 use crate::credits::Credits;
 use crate::decision::Denial;
+use crate::error::LedgerError;
 use crate::plan::{AllowanceWindow, Meter};
 use crate::time::Timestamp;
 
@@ -41,13 +42,18 @@ fn one() -> u64 {
     1
 }
 
-/// The credit cost of `units` at `unit_price` per `price_per` units, rounded up; `None` if it
-/// exceeds [`Credits::MAX_EXACT`] or `price_per` is zero.
+/// The credit cost of `units` at `unit_price` per `price_per` units, rounded up; `None` if
+/// `units × unit_price` exceeds [`Credits::MAX_EXACT`] or `price_per` is zero. (The bound is
+/// on the product, not the quotient, so every backend, Redis's doubles included, computes
+/// the same thing exactly.)
 pub(crate) fn price(units: u64, unit_price: Credits, price_per: u64) -> Option<Credits> {
     if price_per == 0 {
         return None;
     }
     let total = u128::from(units) * u128::from(unit_price.get());
+    if total > u128::from(Credits::MAX_EXACT.get()) {
+        return None;
+    }
     let credits = total.div_ceil(u128::from(price_per));
     u64::try_from(credits)
         .ok()
@@ -132,6 +138,17 @@ pub struct ReserveRequest {
 }
 
 impl ReserveRequest {
+    /// Checks what every backend relies on: each meter appears in one charge only (usage is
+    /// reported per meter, so two charges on one meter would both be charged all of it).
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        for (i, c) in self.charges.iter().enumerate() {
+            if self.charges[..i].iter().any(|d| d.meter == c.meter) {
+                return Err(LedgerError::DuplicateMeter(c.meter.clone()));
+            }
+        }
+        Ok(())
+    }
+
     /// The id the reservation will have.
     pub fn id(&self) -> ReservationId {
         ReservationId {
@@ -208,7 +225,9 @@ pub enum OverEstimate {
     /// shortfall. The default: the caller pays for what it used, never below zero.
     #[default]
     DrawBalance,
-    /// Never charge more than was held; the difference is a shortfall.
+    /// Never charge more than was held; the difference is a shortfall. (A reservation whose
+    /// hold lapsed before it was settled held nothing; it is settled as under `DrawBalance`,
+    /// or the work would be free.)
     CapAtHold,
 }
 

@@ -157,7 +157,7 @@ impl Guard {
             return Action::Release;
         }
         if let Some(known) = self.known.take() {
-            return Action::Settle(known);
+            return Action::Settle(self.checked(Ok(known)));
         }
         match self.scanner.as_mut().map(|s| s.finish()) {
             Some(usage) => Action::Settle(self.checked(usage)),
@@ -188,7 +188,7 @@ impl Guard {
             return Action::Release;
         }
         if let Some(known) = self.known.take() {
-            return Action::Settle(known);
+            return Action::Settle(self.checked(Ok(known)));
         }
         match self.config.on_disconnect {
             DisconnectPolicy::ChargeEstimate => Action::Settle(self.estimate()),
@@ -334,10 +334,35 @@ fn spawn_or_expire(fut: BoxFuture, account: &str) {
     }
 }
 
+/// A settlement under way. If the body is dropped before it completes (the client went away
+/// while the last frame was held back), it goes on in a task instead of being lost.
+pub(crate) struct Unfinished {
+    fut: Option<BoxFuture>,
+    account: crate::account::AccountId,
+}
+
+impl Unfinished {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(fut) = &mut self.fut {
+            ready!(fut.as_mut().poll(cx));
+            self.fut = None;
+        }
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take() {
+            spawn_or_expire(fut, self.account.as_str());
+        }
+    }
+}
+
 pub(crate) enum Finish {
     Open(Guard),
     Running {
-        fut: BoxFuture,
+        fut: Unfinished,
         last: Option<Frame<Bytes>>,
     },
     Done,
@@ -394,7 +419,7 @@ where
             match this.finish {
                 Finish::Done => return this.body.as_mut().poll_frame(cx),
                 Finish::Running { fut, last } => {
-                    ready!(fut.as_mut().poll(cx));
+                    ready!(fut.poll(cx));
                     let last = last.take();
                     *this.finish = Finish::Done;
                     return Poll::Ready(last.map(Ok));
@@ -418,7 +443,10 @@ where
                             match guard.finish(action) {
                                 Some(fut) => {
                                     *this.finish = Finish::Running {
-                                        fut,
+                                        fut: Unfinished {
+                                            fut: Some(fut),
+                                            account: guard.id.account.clone(),
+                                        },
                                         last: Some(frame),
                                     }
                                 }
@@ -431,7 +459,15 @@ where
                         None => {
                             let action = guard.at_end();
                             match guard.finish(action) {
-                                Some(fut) => *this.finish = Finish::Running { fut, last: None },
+                                Some(fut) => {
+                                    *this.finish = Finish::Running {
+                                        fut: Unfinished {
+                                            fut: Some(fut),
+                                            account: guard.id.account.clone(),
+                                        },
+                                        last: None,
+                                    }
+                                }
                                 None => {
                                     *this.finish = Finish::Done;
                                     return Poll::Ready(None);

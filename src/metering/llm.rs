@@ -145,7 +145,19 @@ pub struct OpenAiPricing {
 
 impl OpenAiPricing {
     /// Prices with `table`.
+    ///
+    /// # Panics
+    ///
+    /// If the table's input and output meters are the same: usage is reported per meter, so
+    /// the two could not be told apart (configuration is checked when it is built, like a
+    /// router's routes).
+    #[track_caller]
     pub fn new(table: PriceTable) -> Self {
+        assert!(
+            table.input_meter != table.output_meter,
+            "PriceTable: input_meter and output_meter must differ (both are `{}`)",
+            table.input_meter
+        );
         OpenAiPricing { table }
     }
 

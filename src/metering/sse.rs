@@ -67,6 +67,10 @@ impl SseScanner {
     }
 
     fn data_line(&mut self, line: &[u8]) {
+        if self.overflow_event {
+            // Already too long: the rest of the event is dropped, separators included.
+            return;
+        }
         if let Some(value) = line.strip_prefix(b"data") {
             let value = match value {
                 [b':', b' ', rest @ ..] | [b':', rest @ ..] => rest,
@@ -228,5 +232,16 @@ mod tests {
         let mut s = scanner();
         s.data(b"data: {\"usage\":{\"prompt_tokens\":-4,\"completion_tokens\":2}}\n\n");
         assert!(matches!(s.finish(), Err(UsageError::Invalid(_))));
+    }
+
+    #[test]
+    fn an_event_of_endless_data_lines_stays_bounded() {
+        let mut s = SseScanner::new(64, Meter::new("in"), Meter::new("out"));
+        for _ in 0..100_000 {
+            s.data(b"data: x\n");
+        }
+        assert!(s.data.capacity() <= 128, "{}", s.data.capacity());
+        s.data(b"\ndata: {\"usage\":{\"prompt_tokens\":1}}\n\n");
+        assert_eq!(s.finish().unwrap()[0].units, 1);
     }
 }

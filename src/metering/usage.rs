@@ -188,7 +188,8 @@ impl UsageExtractor for BodyBytes {
 /// `prompt_tokens` (or `input_tokens`) are counted on the input meter and `completion_tokens`
 /// (or `output_tokens`) on the output meter; an embeddings `usage` without completion tokens
 /// counts zero output. Figures must be non-negative integers: anything else is
-/// [`UsageError::Invalid`]. A response without usage is [`UsageError::Missing`].
+/// [`UsageError::Invalid`]. A response without usage, or whose usage lacks the input figure,
+/// is [`UsageError::Missing`] (the estimate is charged).
 #[derive(Debug, Clone)]
 pub struct OpenAiUsage {
     input_meter: Meter,
@@ -259,13 +260,15 @@ pub(crate) fn parse_usage(
     };
     let prompt = figure(&["prompt_tokens", "input_tokens"])?;
     let completion = figure(&["completion_tokens", "output_tokens"])?;
-    if prompt.is_none() && completion.is_none() {
+    // Input is always reported (embeddings report nothing else); without it the usage is
+    // incomplete, and an incomplete figure is never taken as zero.
+    let Some(prompt) = prompt else {
         return Err(UsageError::Missing);
-    }
+    };
     Ok(vec![
         Usage {
             meter: input.clone(),
-            units: prompt.unwrap_or(0),
+            units: prompt,
         },
         Usage {
             meter: output.clone(),
@@ -421,6 +424,9 @@ mod tests {
             );
         }
         let v: Value = serde_json::from_str(r#"{"total_tokens":3}"#).unwrap();
+        assert_eq!(parse_usage(&v, &i, &o), Err(UsageError::Missing));
+        // Output without input is incomplete: never taken as zero input.
+        let v: Value = serde_json::from_str(r#"{"completion_tokens":3}"#).unwrap();
         assert_eq!(parse_usage(&v, &i, &o), Err(UsageError::Missing));
         let v: Value = serde_json::from_str(r#"{"prompt_tokens":7,"total_tokens":7}"#).unwrap();
         assert_eq!(parse_usage(&v, &i, &o).unwrap()[1].units, 0);

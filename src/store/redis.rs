@@ -410,7 +410,8 @@ for i = 1, n do
   end
 end
 redis.call('HSET', rk, unpack(f))
-redis.call('EXPIRE', rk, s(ttl + GC))
+-- No expiry on an open record: only it knows what to give back when its hold lapses, so it
+-- lives until it is settled, released or expired by a later operation (which set one).
 redis.call('ZADD', B .. ':open', s(ex), key)
 local r = {'reserved', credits, ex, bal.available, n}
 for i = 1, n do r[#r + 1] = units[i] end
@@ -473,7 +474,8 @@ end
 local from_hold = math.min(cost, held_credits)
 local beyond = cost - from_hold
 local from_available = 0
-if policy == 'draw' then from_available = math.min(beyond, bal.available) end
+-- A lapsed hold held nothing: its late settlement draws what it can, whatever the policy.
+if policy == 'draw' or rec.st == 'e' then from_available = math.min(beyond, bal.available) end
 bal.held = math.max(bal.held - held_credits, 0)
 bal.available = math.max(bal.available + (held_credits - from_hold) - from_available, 0)
 local charged = from_hold + from_available
@@ -812,6 +814,7 @@ impl RedisLedger {
 #[async_trait]
 impl Ledger for RedisLedger {
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        req.validate()?;
         let args = reserve_args(req)?;
         let (tag, mut r) = self
             .run(&self.scripts.reserve, &req.account, req.now, &args)
