@@ -58,6 +58,7 @@
 //! | response body fails mid-stream | release ([`StreamErrorPolicy::Release`]) | usage seen so far |
 //! | request cancelled before its response | release | |
 //! | reservation neither settled nor released | expires after the TTL, the hold comes back | |
+//! | a response streams longer than the TTL | the hold lapses mid-stream; the late settlement draws what is available, the rest is a logged shortfall | set [`reservation_ttl`](MeteringLayer::reservation_ttl) above your longest stream |
 //!
 //! The balance never goes below zero.
 //!
