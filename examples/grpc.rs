@@ -62,11 +62,7 @@ use tonic::server::Grpc;
 use tonic::Status;
 use tonic_prost::ProstCodec;
 use tower::{service_fn, Service, ServiceBuilder};
-use tower_402::decision::{Cost, Requirement};
-use tower_402::{
-    Clock, Credits, Entitlement, MemoryLedger, MemoryPlanStore, MeteringLayer, PaymentGateLayer,
-    ProblemDetailsLayer, SystemClock,
-};
+use tower_402::{Clock, Entitlement, SystemClock};
 
 /// The messages of `weather.v1`, derived by hand (what `prost-build` would generate for
 /// them).
@@ -201,52 +197,15 @@ async fn hourly(
 }
 
 /// The three layers, configured with the quickstart's accounts and plans.
-#[derive(Clone)]
-pub struct Demo {
-    /// Outermost: gRPC and HTTP problems with the demo's links.
-    pub problems: ProblemDetailsLayer,
-    /// Who is calling, may they, can they pay.
-    pub gate: PaymentGateLayer,
-    /// Reserve, run, settle at the end of the call (of the stream).
-    pub metering: MeteringLayer,
-    /// The ledger behind them.
-    pub ledger: MemoryLedger,
-    /// The plan store behind them.
-    pub plans: MemoryPlanStore,
-}
+pub type Demo = plain::Layers;
 
 /// Builds the demo with every demo account in its documented state at `clock`'s time.
 pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
-    let plain::Accounts {
-        keys,
-        plans,
-        ledger,
-    } = plain::accounts(&clock).await;
-    let problems = plain::problems();
-    let gate = PaymentGateLayer::new(keys, plans.clone(), plain::catalog())
-        .ledger(ledger.clone())
-        .clock(clock.clone())
-        .problems(problems.clone())
-        .route(
-            &format!("POST {FORECAST}"),
-            Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))),
-        )
-        .route(
-            &format!("POST {HOURLY}"),
-            Requirement::new()
-                .min_tier(2)
-                .cost(Cost::new("requests", 1, Credits::new(10))),
-        );
-    let metering = MeteringLayer::new(ledger.clone())
-        .clock(clock)
-        .problems(problems.clone());
-    Demo {
-        problems: ProblemDetailsLayer::new(problems),
-        gate,
-        metering,
-        ledger,
-        plans,
-    }
+    plain::layers(clock, |gate| {
+        gate.route(&format!("POST {FORECAST}"), plain::forecast())
+            .route(&format!("POST {HOURLY}"), plain::premium())
+    })
+    .await
 }
 
 /// Serves the demo on `listener` until the task is dropped.

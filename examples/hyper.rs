@@ -31,12 +31,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 use tower::{service_fn, Service, ServiceBuilder};
-use tower_402::decision::{Cost, Requirement};
+use tower_402::decision::Requirement;
 use tower_402::metering::RequestBody;
-use tower_402::{
-    Clock, Credits, Entitlement, MemoryLedger, MemoryPlanStore, MeteringLayer, PaymentGateLayer,
-    ProblemDetailsLayer, SystemClock,
-};
+use tower_402::{Clock, Entitlement, SystemClock};
 
 /// The handler: a plain async function of the request, as hyper's `service_fn` takes it. The
 /// metering layer hands it the body as a [`RequestBody`].
@@ -78,54 +75,17 @@ async fn weather<B>(req: Request<RequestBody<B>>) -> Result<Response<Full<Bytes>
 }
 
 /// The layers and the stores behind them.
-#[derive(Clone)]
-pub struct Demo {
-    /// Outermost: problem documents with the demo's links.
-    pub problems: ProblemDetailsLayer,
-    /// Who is calling, may they, can they pay.
-    pub gate: PaymentGateLayer,
-    /// Reserve, run, settle.
-    pub metering: MeteringLayer,
-    /// The ledger behind them.
-    pub ledger: MemoryLedger,
-    /// The plan store behind them.
-    pub plans: MemoryPlanStore,
-}
+pub type Demo = plain::Layers;
 
 /// Builds the demo with every demo account in its documented state at `clock`'s time: the
 /// quickstart's rules for `/health`, `/v1/forecast` and `/v1/premium`.
 pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
-    let plain::Accounts {
-        keys,
-        plans,
-        ledger,
-    } = plain::accounts(&clock).await;
-    let problems = plain::problems();
-    let gate = PaymentGateLayer::new(keys, plans.clone(), plain::catalog())
-        .ledger(ledger.clone())
-        .clock(clock.clone())
-        .problems(problems.clone())
-        .route("GET /health", Requirement::public())
-        .route(
-            "GET /v1/premium",
-            Requirement::new()
-                .min_tier(2)
-                .cost(Cost::new("requests", 1, Credits::new(10))),
-        )
-        .route(
-            "GET /v1/forecast",
-            Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))),
-        );
-    let metering = MeteringLayer::new(ledger.clone())
-        .clock(clock)
-        .problems(problems.clone());
-    Demo {
-        problems: ProblemDetailsLayer::new(problems),
-        gate,
-        metering,
-        ledger,
-        plans,
-    }
+    plain::layers(clock, |gate| {
+        gate.route("GET /health", Requirement::public())
+            .route("GET /v1/premium", plain::premium())
+            .route("GET /v1/forecast", plain::forecast())
+    })
+    .await
 }
 
 /// The handler wrapped in the three layers: a tower service of hyper requests.

@@ -29,11 +29,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tower::ServiceBuilder;
-use tower_402::decision::{Cost, Requirement};
-use tower_402::{
-    Clock, Credits, Entitlement, MemoryLedger, MemoryPlanStore, MeteringLayer, PaymentGateLayer,
-    ProblemDetailsLayer, SystemClock,
-};
+use tower_402::decision::Requirement;
+use tower_402::{Clock, Entitlement, MemoryLedger, MemoryPlanStore, SystemClock};
 
 /// The demo app and handles on its stores.
 pub struct Demo {
@@ -48,33 +45,22 @@ pub struct Demo {
 /// Builds the demo with every demo account (`plain::DEMO_KEYS`) in its documented state at `clock`'s
 /// current time.
 pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
-    // The demo accounts (shared with the hyper and gRPC examples): examples/common/plain.rs.
-    let plain::Accounts {
-        keys,
-        plans,
+    // The demo accounts and layers, shared with the hyper and gRPC examples:
+    // examples/common/plain.rs. The routes are this example's.
+    let plain::Layers {
+        problems,
+        gate,
+        metering,
         ledger,
-    } = plain::accounts(&clock).await;
-    let problems = plain::problems();
-    let gate = PaymentGateLayer::new(keys, plans.clone(), plain::catalog())
-        .ledger(ledger.clone())
-        .clock(clock.clone())
-        .problems(problems.clone())
-        .route("GET /health", Requirement::public())
-        .route("GET /v1/balance", Requirement::identify_only())
-        .route("POST /v1/topup", Requirement::identify_only())
-        .route(
-            "GET /v1/premium",
-            Requirement::new()
-                .min_tier(2)
-                .cost(Cost::new("requests", 1, Credits::new(10))),
-        )
-        .route(
-            "GET /v1/forecast",
-            Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))),
-        );
-    let metering = MeteringLayer::new(ledger.clone())
-        .clock(clock.clone())
-        .problems(problems.clone());
+        plans,
+    } = plain::layers(clock.clone(), |gate| {
+        gate.route("GET /health", Requirement::public())
+            .route("GET /v1/balance", Requirement::identify_only())
+            .route("POST /v1/topup", Requirement::identify_only())
+            .route("GET /v1/premium", plain::premium())
+            .route("GET /v1/forecast", plain::forecast())
+    })
+    .await;
 
     let state = common::Billing {
         ledger: Arc::new(ledger.clone()),
@@ -91,7 +77,7 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         .with_state(state)
         .layer(
             ServiceBuilder::new()
-                .layer(ProblemDetailsLayer::new(problems))
+                .layer(problems)
                 .layer(gate)
                 .layer(metering),
         );

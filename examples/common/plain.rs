@@ -13,9 +13,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::Service;
+use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Period, Plan, PlanStore, Subscription, SubscriptionStatus};
 use tower_402::problem::{Links, ProblemConfig};
-use tower_402::{Clock, Credits, Ledger, MemoryLedger, MemoryPlanStore, StaticKeys, Timestamp};
+use tower_402::{
+    Clock, Credits, Ledger, MemoryLedger, MemoryPlanStore, MeteringLayer, PaymentGateLayer,
+    ProblemDetailsLayer, StaticKeys, Timestamp,
+};
 
 /// The quickstart's demo keys, their accounts, and what each shows.
 pub const DEMO_KEYS: &[(&str, &str, &str)] = &[
@@ -129,6 +133,62 @@ pub fn problems() -> ProblemConfig {
         .type_base("https://docs.example.com/problems/")
         .grpc_domain("weather.example.com")
         .links(links)
+}
+
+/// The quickstart's forecast: any plan; 1 credit a call on paid plans, 1 unit of allowance on
+/// `free`.
+pub fn forecast() -> Requirement {
+    Requirement::new().cost(Cost::new("requests", 1, Credits::new(1)))
+}
+
+/// The quickstart's premium forecast: the `pro` tier, 10 credits a call.
+pub fn premium() -> Requirement {
+    Requirement::new()
+        .min_tier(2)
+        .cost(Cost::new("requests", 1, Credits::new(10)))
+}
+
+/// The three layers over the demo accounts, and the stores behind them.
+#[derive(Clone)]
+pub struct Layers {
+    /// Outermost: problem documents (and gRPC answers) with the demo's links.
+    pub problems: ProblemDetailsLayer,
+    /// Who is calling, may they, can they pay.
+    pub gate: PaymentGateLayer,
+    /// Reserve, run, settle.
+    pub metering: MeteringLayer,
+    /// The ledger behind them.
+    pub ledger: MemoryLedger,
+    /// The plan store behind them.
+    pub plans: MemoryPlanStore,
+}
+
+/// Builds the layers over freshly seeded demo accounts at `clock`'s time; `routes` adds the
+/// example's own routes to the gate.
+pub async fn layers<C: Clock + Clone>(
+    clock: C,
+    routes: impl FnOnce(PaymentGateLayer) -> PaymentGateLayer,
+) -> Layers {
+    let Accounts {
+        keys,
+        plans,
+        ledger,
+    } = accounts(&clock).await;
+    let problems = problems();
+    let gate = PaymentGateLayer::new(keys, plans.clone(), catalog())
+        .ledger(ledger.clone())
+        .clock(clock.clone())
+        .problems(problems.clone());
+    let metering = MeteringLayer::new(ledger.clone())
+        .clock(clock)
+        .problems(problems.clone());
+    Layers {
+        problems: ProblemDetailsLayer::new(problems),
+        gate: routes(gate),
+        metering,
+        ledger,
+        plans,
+    }
 }
 
 /// Reads `PORT` (default `default`), exiting with a clear message when it is not a port.
