@@ -113,11 +113,7 @@ fn warning_header(w: &Warning) -> Option<HeaderValue> {
     let text = match w {
         Warning::GracePeriod { until } => format!("past-due; grace-until=\"{until}\""),
         Warning::SoftLimit { meter, used, limit } => {
-            let meter: String = meter
-                .as_str()
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                .collect();
+            let meter = crate::problem::sf_key(meter.as_str());
             format!("soft-limit; meter=\"{meter}\"; used={used}; limit={limit}")
         }
     };

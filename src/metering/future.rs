@@ -197,10 +197,6 @@ where
     }
 }
 
-fn header_from<T: ToString>(v: T) -> Option<HeaderValue> {
-    HeaderValue::try_from(v.to_string()).ok()
-}
-
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
@@ -241,7 +237,7 @@ where
                         ));
                     };
                     let status = res.status();
-                    let config = ticket.guard_config();
+                    let config = ticket.guard.config();
                     // A gRPC error travels in a 200: a trailers-only answer has its non-zero
                     // `grpc-status` in the head.
                     let grpc_error = *grpc
@@ -316,10 +312,6 @@ where
 }
 
 impl Ticket {
-    fn guard_config(&self) -> Arc<MeterConfig> {
-        self.guard.config()
-    }
-
     /// Reported usage, limited to the meters this request reserved.
     fn keep_reserved_meters(
         &self,
@@ -362,7 +354,7 @@ fn add_headers(h: &mut http::HeaderMap, ticket: &Ticket) {
     {
         if let (Some(left), Some(w)) = (left, charge.allowance) {
             h.insert("x-allowance-remaining", HeaderValue::from(*left));
-            if let Some(v) = header_from(w.resets_at) {
+            if let Ok(v) = HeaderValue::try_from(w.resets_at.to_string()) {
                 h.insert("x-allowance-reset", v);
             }
         }

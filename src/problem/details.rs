@@ -394,7 +394,7 @@ fn opt_time(m: &mut Map<String, Value>, name: &str, t: Option<Timestamp>) {
 
 /// A structured-field token safe to put in a header: meter names are configuration, but a
 /// header must never be malformed because of one.
-fn sf_key(meter: &str) -> String {
+pub(crate) fn sf_key(meter: &str) -> String {
     meter
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '*'))

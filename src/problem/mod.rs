@@ -127,5 +127,5 @@ pub use details::{Links, ProblemConfig, ProblemDetails, PROBLEM_JSON};
 pub use grpc::{is_grpc, GrpcCode};
 pub use layer::{ProblemDetailsLayer, ProblemDetailsService, ResponseFuture};
 
-pub(crate) use details::denial_response;
+pub(crate) use details::{denial_response, sf_key};
 pub(crate) use grpc::grpc_status;

@@ -125,8 +125,9 @@ impl Ledger for MemoryLedger {
         Some(self)
     }
 
+    // Each async method is its synchronous twin (SyncLedger), already answered.
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
-        self.with(&req.account, |b| b.reserve(req))
+        SyncLedger::reserve(self, req)
     }
 
     async fn settle(
@@ -136,11 +137,11 @@ impl Ledger for MemoryLedger {
         policy: OverEstimate,
         now: Timestamp,
     ) -> Result<Settlement, LedgerError> {
-        self.with(&id.account, |b| b.settle(&id.key, usage, policy, now))
+        SyncLedger::settle(self, id, usage, policy, now)
     }
 
     async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
-        self.with(&id.account, |b| b.release(&id.key, now))
+        SyncLedger::release(self, id, now)
     }
 
     async fn deposit(
@@ -154,7 +155,7 @@ impl Ledger for MemoryLedger {
     }
 
     async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
-        Ok(self.with(account, |b| b.balance(now)))
+        SyncLedger::balance(self, account, now)
     }
 
     async fn allowance_usage(
@@ -164,7 +165,7 @@ impl Ledger for MemoryLedger {
         window_start: Timestamp,
         now: Timestamp,
     ) -> Result<AllowanceUsage, LedgerError> {
-        Ok(self.with(account, |b| b.allowance_usage(meter, window_start, now)))
+        SyncLedger::allowance_usage(self, account, meter, window_start, now)
     }
 }
 
@@ -186,6 +187,14 @@ impl MemoryPlanStore {
         Self::default()
     }
 
+    fn get(&self, account: &AccountId) -> Option<Subscription> {
+        self.subs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(account)
+            .cloned()
+    }
+
     /// Adds a subscription (builder style, for setup code).
     pub fn with(self, subscription: Subscription) -> Self {
         self.subs
@@ -199,12 +208,7 @@ impl MemoryPlanStore {
 #[async_trait]
 impl PlanStore for MemoryPlanStore {
     async fn subscription(&self, account: &AccountId) -> Result<Option<Subscription>, StoreError> {
-        Ok(self
-            .subs
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(account)
-            .cloned())
+        Ok(self.get(account))
     }
 
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError> {
@@ -219,11 +223,6 @@ impl PlanStore for MemoryPlanStore {
         &self,
         account: &AccountId,
     ) -> Option<Result<Option<Subscription>, StoreError>> {
-        Some(Ok(self
-            .subs
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(account)
-            .cloned()))
+        Some(Ok(self.get(account)))
     }
 }
