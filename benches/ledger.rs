@@ -11,7 +11,7 @@ use tower_402::{Credits, Ledger, MemoryLedger, Timestamp};
 fn request(n: u64) -> ReserveRequest {
     ReserveRequest {
         account: "bench".into(),
-        key: format!("b:{n}"),
+        key: format!("b:{n}").into(),
         fingerprint: 1,
         charges: vec![Charge {
             meter: Meter::new("requests"),
@@ -20,7 +20,8 @@ fn request(n: u64) -> ReserveRequest {
             price_per: 1,
             allowance: None,
             overage: true,
-        }],
+        }]
+        .into(),
         ttl_secs: 300,
         idempotent: false,
         now: Timestamp::now(),

@@ -25,7 +25,7 @@
 //! }
 //! ```
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -235,7 +235,7 @@ where
 /// ```
 #[derive(Clone, Default)]
 pub struct StaticKeys {
-    keys: Arc<HashMap<Box<str>, AccountId>>,
+    keys: Arc<FastMap<Box<str>, AccountId>>,
 }
 
 impl StaticKeys {

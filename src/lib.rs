@@ -124,6 +124,12 @@ pub mod problem;
 pub mod store;
 pub mod time;
 
+/// The hash map behind every in-process table on the request path (accounts, keys, plans,
+/// reservations). `foldhash` hashes a short key several times faster than the standard
+/// library's SipHash and is seeded per map, so keys a client chooses (API keys, idempotency
+/// keys) cannot be picked to collide. It is already in the dependency tree through serde_json.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub use account::{AccountId, ApiKey, IdentityResolver, StaticKeys};
 pub use credits::Credits;
 pub use decision::Denial;

@@ -109,5 +109,9 @@ async fn allocations_per_request_in_steady_state() {
     );
 }
 
-/// What the layers add today; lower it when the hot path gets leaner.
-const CEILING: f64 = 24.5;
+/// What the layers add today; lower it when the hot path gets leaner. The nine left:
+/// the API key's copy (1); the `Entitlement` in the request extensions, whose map this bare
+/// request has not allocated yet (3; 1 when an earlier layer or axum's router made the map);
+/// the reservation's shared charge list (1) and key (1); the `x-credits-remaining` value (1)
+/// and the response header map this handler left empty (2; 0 for a response with headers).
+const CEILING: f64 = 9.5;

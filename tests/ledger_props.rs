@@ -75,7 +75,7 @@ fn reserve_request(
 ) -> ReserveRequest {
     ReserveRequest {
         account: AccountId::new("acme"),
-        key: format!("r{key}"),
+        key: format!("r{key}").into(),
         fingerprint: u64::from(fp),
         charges: vec![Charge {
             meter: Meter::new("units"),
@@ -84,7 +84,8 @@ fn reserve_request(
             price_per: 1,
             allowance: allowance.then(|| window(now)),
             overage: true,
-        }],
+        }]
+        .into(),
         ttl_secs: TTL,
         idempotent: true,
         now,
@@ -341,7 +342,7 @@ fn reservations_without_an_idempotency_key_are_forgotten_once_finished() {
     book.deposit(Credits::new(1_000_000), "d", now).unwrap();
     for i in 0..10_000u32 {
         let mut req = reserve_request(0, 0, 1, 1, false, now);
-        req.key = format!("req:{i}");
+        req.key = format!("req:{i}").into();
         req.idempotent = false;
         book.reserve(&req).unwrap();
         if i % 2 == 0 {
@@ -401,7 +402,7 @@ fn two_charges_on_one_meter_are_refused() {
     let now = Timestamp::from_unix(1_000_000);
     book.deposit(Credits::new(10), "d", now).unwrap();
     let mut req = reserve_request(1, 0, 1, 1, false, now);
-    req.charges.push(req.charges[0].clone());
+    req.charges = vec![req.charges[0].clone(), req.charges[0].clone()].into();
     assert!(matches!(
         book.reserve(&req),
         Err(LedgerError::DuplicateMeter(_))
@@ -417,7 +418,9 @@ fn prices_beyond_exact_products_are_refused_the_same_way_everywhere() {
     // 10^9 units at 10^7 credits per million: the quotient (10^10) fits, the product
     // (10^16) does not; refused rather than computed differently by different backends.
     let mut req = reserve_request(1, 0, 1_000_000_000, 10_000_000, false, now);
-    req.charges[0].price_per = 1_000_000;
+    let mut charge = req.charges[0].clone();
+    charge.price_per = 1_000_000;
+    req.charges = vec![charge].into();
     assert!(matches!(
         book.reserve(&req).unwrap(),
         ReserveOutcome::Denied(tower_402::Denial::InsufficientCredits { .. })

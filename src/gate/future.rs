@@ -12,7 +12,7 @@ use crate::body::ResponseBody;
 use crate::decision::{Denial, Warning};
 use crate::gate::service::log_denial;
 use crate::gate::{Entitlement, FailedOpen, GateConfig};
-use crate::problem::denial_response;
+use crate::problem::{denial_response, is_grpc};
 use crate::time::Timestamp;
 
 pub(crate) enum Checked {
@@ -47,7 +47,6 @@ pin_project! {
             pending: Option<(S, Request<ReqBody>)>,
             config: Arc<GateConfig>,
             now: Timestamp,
-            grpc: bool,
         },
         Calling {
             #[pin]
@@ -95,7 +94,6 @@ where
         req: Request<ReqBody>,
         config: Arc<GateConfig>,
         now: Timestamp,
-        grpc: bool,
     ) -> Self {
         ResponseFuture {
             state: State::Checking {
@@ -103,7 +101,6 @@ where
                 pending: Some((inner, req)),
                 config,
                 now,
-                grpc,
             },
         }
     }
@@ -127,7 +124,6 @@ fn return_state<S, ReqBody>(
     mut req: Request<ReqBody>,
     config: &Arc<GateConfig>,
     now: Timestamp,
-    grpc: bool,
 ) -> State<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
@@ -157,7 +153,8 @@ where
                 denial: Some(denial),
                 config: config.clone(),
                 now,
-                grpc,
+                // Read only for a refusal: an allowed request never needs it.
+                grpc: is_grpc(req.headers()),
             }
         }
         Checked::NeedsAsync => unreachable!("only a check run without I/O answers NeedsAsync"),
@@ -175,10 +172,9 @@ where
         req: Request<ReqBody>,
         config: &Arc<GateConfig>,
         now: Timestamp,
-        grpc: bool,
     ) -> Self {
         ResponseFuture {
-            state: return_state(checked, inner, req, config, now, grpc),
+            state: return_state(checked, inner, req, config, now),
         }
     }
 }
@@ -198,13 +194,12 @@ where
                     pending,
                     config,
                     now,
-                    grpc,
                 } => {
                     let checked = ready!(check.as_mut().poll(cx));
                     let Some((inner, req)) = pending.take() else {
                         panic!("gate future polled after completion");
                     };
-                    return_state(checked, inner, req, config, *now, *grpc)
+                    return_state(checked, inner, req, config, *now)
                 }
                 StateProj::Calling { fut, warnings } => {
                     let mut res = ready!(fut.poll(cx))?;

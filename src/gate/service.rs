@@ -90,7 +90,6 @@ where
             return ResponseFuture::call(self.inner.call(req), Vec::new());
         }
         let now = self.config.clock.now();
-        let grpc = is_grpc(req.headers());
         let identity = match req.extensions().get::<AccountId>() {
             Some(account) => Identity::Account(account.clone()),
             None => match ApiKey::from_headers(req.headers()) {
@@ -98,11 +97,13 @@ where
                 Ok(None) => {
                     let denial = Denial::Unauthenticated(AuthFailure::Missing);
                     log_denial(None, &denial);
+                    let grpc = is_grpc(req.headers());
                     return ResponseFuture::refused(denial, self.config.clone(), now, grpc);
                 }
                 Err(CredentialError::Malformed(why)) => {
                     let denial = Denial::Unauthenticated(AuthFailure::Malformed(why));
                     log_denial(None, &denial);
+                    let grpc = is_grpc(req.headers());
                     return ResponseFuture::refused(denial, self.config.clone(), now, grpc);
                 }
             },
@@ -120,10 +121,10 @@ where
             }
         };
         if let Some(checked) = sync {
-            return ResponseFuture::checked(checked, inner, req, &self.config, now, grpc);
+            return ResponseFuture::checked(checked, inner, req, &self.config, now);
         }
         let check = check(self.config.clone(), requirement, identity, now, false);
-        ResponseFuture::checking(Box::pin(check), inner, req, self.config.clone(), now, grpc)
+        ResponseFuture::checking(Box::pin(check), inner, req, self.config.clone(), now)
     }
 }
 
@@ -250,7 +251,10 @@ where
         sync_only,
         config.timeout,
         config.plans.subscription_now(&account),
-        config.plans.subscription(&account)
+        async {
+            let sub = config.plans.subscription(&account).await;
+            sub.map(|s| s.map(Arc::new))
+        }
     );
     let sub = match sub {
         Ok(s) => s,
@@ -276,7 +280,6 @@ where
             Some(account),
         );
     };
-    let sub = Arc::new(sub);
     let mut entitlement = Entitlement {
         account,
         subscription: Some(sub.clone()),

@@ -1,9 +1,13 @@
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use crate::FastMap;
 
 use crate::credits::Credits;
 use crate::decision::Denial;
 use crate::error::LedgerError;
 use crate::ledger::types::*;
+use crate::ledger::PerCharge;
 use crate::plan::Meter;
 use crate::time::Timestamp;
 
@@ -24,9 +28,9 @@ pub(crate) enum State {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
     pub(crate) fingerprint: u64,
-    pub(crate) charges: Vec<Charge>,
+    pub(crate) charges: Arc<[Charge]>,
     pub(crate) credits: Credits,
-    pub(crate) allowance_units: Vec<u64>,
+    pub(crate) allowance_units: PerCharge<u64>,
     pub(crate) expires_at: Timestamp,
     pub(crate) state: State,
     pub(crate) touched_at: Timestamp,
@@ -52,9 +56,9 @@ pub(crate) struct Counter {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Parts {
     pub(crate) balance: Balance,
-    pub(crate) reservations: HashMap<String, Record>,
-    pub(crate) allowances: HashMap<(Meter, Timestamp), Counter>,
-    pub(crate) deposits: HashMap<String, (Credits, Timestamp)>,
+    pub(crate) reservations: FastMap<ReservationKey, Record>,
+    pub(crate) allowances: FastMap<(Meter, Timestamp), Counter>,
+    pub(crate) deposits: FastMap<String, (Credits, Timestamp)>,
 }
 
 /// One account's ledger as a pure state machine: no I/O, no clock, no locks.
@@ -69,14 +73,14 @@ pub struct AccountBook {
     held: Credits,
     settled: Credits,
     deposited: Credits,
-    allowances: HashMap<(Meter, Timestamp), Counter>,
-    reservations: HashMap<String, Record>,
-    deposits: HashMap<String, (Credits, Timestamp)>,
+    allowances: FastMap<(Meter, Timestamp), Counter>,
+    reservations: FastMap<ReservationKey, Record>,
+    deposits: FastMap<String, (Credits, Timestamp)>,
     retention_secs: u64,
     /// Open reservations by expiry: expiring the due ones costs O(log n), not a scan.
-    open: BTreeSet<(Timestamp, String)>,
+    open: BTreeSet<(Timestamp, ReservationKey)>,
     /// Finished reservations and deposits in the order they finished, for retention.
-    finished: VecDeque<(Timestamp, String)>,
+    finished: VecDeque<(Timestamp, ReservationKey)>,
     deposited_at: VecDeque<(Timestamp, String)>,
 }
 
@@ -94,9 +98,9 @@ impl AccountBook {
             held: Credits::ZERO,
             settled: Credits::ZERO,
             deposited: Credits::ZERO,
-            allowances: HashMap::new(),
-            reservations: HashMap::new(),
-            deposits: HashMap::new(),
+            allowances: FastMap::default(),
+            reservations: FastMap::default(),
+            deposits: FastMap::default(),
             retention_secs,
             open: BTreeSet::new(),
             finished: VecDeque::new(),
@@ -111,7 +115,7 @@ impl AccountBook {
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn from_parts(retention_secs: u64, parts: Parts) -> Self {
         let mut open = BTreeSet::new();
-        let mut finished: Vec<(Timestamp, String)> = Vec::new();
+        let mut finished: Vec<(Timestamp, ReservationKey)> = Vec::new();
         for (key, rec) in &parts.reservations {
             if rec.state == State::Open {
                 open.insert((rec.expires_at, key.clone()));
@@ -233,8 +237,8 @@ impl AccountBook {
 
     /// Puts a finished reservation back: queued for retention, or forgotten right away when
     /// it was not made under an idempotency key.
-    fn finish(&mut self, key: String, rec: Record, now: Timestamp) {
-        // Moved in and out of the tuple: no copy of the key.
+    fn finish(&mut self, key: ReservationKey, rec: Record, now: Timestamp) {
+        // Moved in and out of the tuple: no extra reference to the key.
         let entry = (rec.expires_at, key);
         self.open.remove(&entry);
         let key = entry.1;
@@ -298,8 +302,8 @@ impl AccountBook {
             }
         }
         let mut credits = Credits::ZERO;
-        let mut allowance_units = Vec::with_capacity(req.charges.len());
-        for charge in &req.charges {
+        let mut allowance_units = PerCharge::with_capacity(req.charges.len());
+        for charge in req.charges.iter() {
             let split = match charge.split(charge.units, self.taken(charge)) {
                 Ok(s) => s,
                 Err(Denial::InsufficientCredits { required, .. }) => {
@@ -328,7 +332,7 @@ impl AccountBook {
             .held
             .checked_add(credits)
             .ok_or(LedgerError::AmountOutOfRange)?;
-        let mut allowance_left = Vec::with_capacity(req.charges.len());
+        let mut allowance_left = PerCharge::with_capacity(req.charges.len());
         for (charge, units) in req.charges.iter().zip(&allowance_units) {
             match charge.allowance {
                 Some(w) => {
@@ -402,8 +406,8 @@ impl AccountBook {
         let held_credits = if was_open { rec.credits } else { Credits::ZERO };
         // Give the allowance holds back, then consume what was used.
         let mut cost = Credits::ZERO;
-        let mut consumed = Vec::with_capacity(rec.charges.len());
-        let mut used_after = Vec::with_capacity(rec.charges.len());
+        let mut consumed = PerCharge::with_capacity(rec.charges.len());
+        let mut used_after = PerCharge::with_capacity(rec.charges.len());
         let mut unit_shortfall = Vec::new();
         for (i, charge) in rec.charges.iter().enumerate() {
             let held = &if was_open {

@@ -102,15 +102,17 @@
 //! ```
 
 mod book;
+mod per_charge;
 mod types;
 
 pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
+pub use per_charge::PerCharge;
 
 #[cfg(feature = "postgres")]
 pub(crate) use book::{Counter, Parts, Record, State};
 pub use types::{
     AllowanceUsage, Balance, Charge, Deposit, OverEstimate, Replay, Reservation, ReservationId,
-    ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,
+    ReservationKey, ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,
 };
 
 use std::sync::Arc;

@@ -1,11 +1,90 @@
+use std::borrow::Borrow;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::account::AccountId;
 use crate::credits::Credits;
 use crate::decision::Denial;
 use crate::error::LedgerError;
+use crate::ledger::PerCharge;
 use crate::plan::{AllowanceWindow, Meter};
 use crate::time::Timestamp;
+
+/// A reservation's key within its account: `idem:` and the request's `Idempotency-Key`, or a
+/// key unique to one request.
+///
+/// Cheap to clone (reference counted): a ledger keeps it in more than one index, and the
+/// metering layer holds it until the response body ends, without copying the text.
+///
+/// ```
+/// use tower_402::ledger::ReservationKey;
+///
+/// let key = ReservationKey::from("idem:order-42");
+/// assert_eq!(key.as_str(), "idem:order-42");
+/// assert_eq!(&*key, "idem:order-42");
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReservationKey(Arc<str>);
+
+impl ReservationKey {
+    /// A key from any string.
+    pub fn new(key: impl Into<Arc<str>>) -> Self {
+        ReservationKey(key.into())
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for ReservationKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for ReservationKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lets a map keyed by `ReservationKey` be searched with a `&str`.
+impl Borrow<str> for ReservationKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for ReservationKey {
+    fn from(key: &str) -> Self {
+        ReservationKey(key.into())
+    }
+}
+
+impl From<String> for ReservationKey {
+    fn from(key: String) -> Self {
+        ReservationKey(key.into())
+    }
+}
+
+impl fmt::Debug for ReservationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for ReservationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Identifies a reservation: the account and the key it was made under.
 ///
@@ -16,7 +95,7 @@ pub struct ReservationId {
     /// Who pays.
     pub account: AccountId,
     /// Idempotency scope within the account.
-    pub key: String,
+    pub key: ReservationKey,
 }
 
 /// One meter's part of a reservation: how many units, at what price, against which allowance.
@@ -121,11 +200,12 @@ pub struct ReserveRequest {
     /// Who pays.
     pub account: AccountId,
     /// Idempotency scope within the account.
-    pub key: String,
+    pub key: ReservationKey,
     /// A digest of the request; the same key with a different fingerprint is a conflict.
     pub fingerprint: u64,
-    /// One entry per meter.
-    pub charges: Vec<Charge>,
+    /// One entry per meter. Shared, not copied, with the ledger's record of the hold and
+    /// with the metering layer that settles it.
+    pub charges: Arc<[Charge]>,
     /// How long the hold lives if neither settled nor released.
     pub ttl_secs: u64,
     /// Whether `key` is a client's idempotency key. Then the reservation is remembered for
@@ -166,13 +246,13 @@ pub struct Reservation {
     /// Credits held.
     pub credits: Credits,
     /// Allowance units held, one per charge, in order.
-    pub allowance_units: Vec<u64>,
+    pub allowance_units: PerCharge<u64>,
     /// When it expires if not settled or released.
     pub expires_at: Timestamp,
     /// `available` after the hold.
     pub available_after: Credits,
     /// Allowance left per charge after the hold (`None` for a meter without allowance).
-    pub allowance_left: Vec<Option<u64>>,
+    pub allowance_left: PerCharge<Option<u64>>,
 }
 
 /// A retry of an earlier reservation under the same key.
@@ -254,7 +334,7 @@ pub struct Settlement {
     /// Credits charged.
     pub charged: Credits,
     /// Allowance units consumed, per charge in order.
-    pub allowance_units: Vec<u64>,
+    pub allowance_units: PerCharge<u64>,
     /// What could not be charged.
     pub shortfall: Shortfall,
     /// `available` afterwards.
@@ -263,7 +343,7 @@ pub struct Settlement {
     pub unspent_after: Credits,
     /// Allowance units used (settled) in the window afterwards, per charge in order (`None`
     /// for a meter without allowance).
-    pub allowance_used_after: Vec<Option<u64>>,
+    pub allowance_used_after: PerCharge<Option<u64>>,
 }
 
 /// The result of a deposit.

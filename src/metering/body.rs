@@ -10,9 +10,7 @@ use pin_project_lite::pin_project;
 use crate::backend::bounded;
 use crate::body::ResponseBody;
 use crate::error::LedgerError;
-use crate::ledger::{
-    Charge, Reservation, ReservationId, ReserveRequest, Settlement, SyncLedger, Usage,
-};
+use crate::ledger::{Charge, ReservationId, Settlement, SyncLedger, Usage};
 use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
@@ -22,6 +20,8 @@ type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub(crate) enum Action {
     Release,
     Settle(Vec<Usage>),
+    /// Settle the estimate: the units reserved (built where it is settled, not allocated).
+    SettleEstimate,
 }
 
 /// Owns an open reservation until it is settled or released.
@@ -32,7 +32,7 @@ pub(crate) enum Action {
 pub(crate) struct Guard {
     config: Arc<MeterConfig>,
     id: ReservationId,
-    charges: Vec<Charge>,
+    charges: Arc<[Charge]>,
     known: Option<Vec<Usage>>,
     scanner: Option<Box<dyn UsageScanner>>,
     responded: bool,
@@ -42,20 +42,12 @@ pub(crate) struct Guard {
 }
 
 impl Guard {
-    /// Takes the reservation's id and the request's charges over (no copies: this is the
-    /// hot path).
-    pub(crate) fn new(
-        config: Arc<MeterConfig>,
-        r: &mut Reservation,
-        req: &mut ReserveRequest,
-    ) -> Self {
+    /// Takes the reservation's id and the request's charges over.
+    pub(crate) fn new(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>) -> Self {
         Guard {
             config,
-            id: ReservationId {
-                account: r.id.account.clone(),
-                key: std::mem::take(&mut r.id.key),
-            },
-            charges: std::mem::take(&mut req.charges),
+            id,
+            charges,
             known: None,
             scanner: None,
             responded: false,
@@ -71,13 +63,7 @@ impl Guard {
     }
 
     fn estimate(&self) -> Vec<Usage> {
-        self.charges
-            .iter()
-            .map(|c| Usage {
-                meter: c.meter.clone(),
-                units: c.units,
-            })
-            .collect()
+        estimate(&self.charges)
     }
 
     pub(crate) fn config(&self) -> Arc<MeterConfig> {
@@ -161,7 +147,7 @@ impl Guard {
         }
         match self.scanner.as_mut().map(|s| s.finish()) {
             Some(usage) => Action::Settle(self.checked(usage)),
-            None => Action::Settle(self.estimate()),
+            None => Action::SettleEstimate,
         }
     }
 
@@ -191,7 +177,7 @@ impl Guard {
             return Action::Settle(self.checked(Ok(known)));
         }
         match self.config.on_disconnect {
-            DisconnectPolicy::ChargeEstimate => Action::Settle(self.estimate()),
+            DisconnectPolicy::ChargeEstimate => Action::SettleEstimate,
             DisconnectPolicy::ChargeUsageSoFar => {
                 Action::Settle(self.so_far().unwrap_or_else(|| self.estimate()))
             }
@@ -207,12 +193,8 @@ impl Guard {
             return None;
         }
         let config = self.config.clone();
-        // The guard is finished: hand its id and charges to the future instead of copying.
-        let id = ReservationId {
-            account: self.id.account.clone(),
-            key: std::mem::take(&mut self.id.key),
-        };
-        let charges = std::mem::take(&mut self.charges);
+        // Reference counts, not copies.
+        let (id, charges) = (self.id.clone(), self.charges.clone());
         Some(Box::pin(run(config, id, charges, action)))
     }
 
@@ -221,13 +203,26 @@ impl Guard {
     }
 }
 
+/// The units a charge reserved, as usage.
+fn reserved(c: &Charge) -> Usage {
+    Usage {
+        meter: c.meter.clone(),
+        units: c.units,
+    }
+}
+
+/// The units reserved, as usage: what settling the estimate charges.
+fn estimate(charges: &[Charge]) -> Vec<Usage> {
+    charges.iter().map(reserved).collect()
+}
+
 /// What a ledger call to finish a reservation answered.
 enum Outcome {
     Released(Result<(), LedgerError>),
     Settled(Result<Settlement, LedgerError>),
 }
 
-async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Vec<Charge>, action: Action) {
+async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>, action: Action) {
     let now = config.clock.now();
     let outcome = match &action {
         Action::Release => Outcome::Released(
@@ -240,6 +235,16 @@ async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Vec<Charge>, 
             )
             .await,
         ),
+        Action::SettleEstimate => {
+            let usage = estimate(&charges);
+            Outcome::Settled(
+                bounded::<_, LedgerError>(
+                    config.timeout,
+                    config.ledger.settle(&id, &usage, config.over_estimate, now),
+                )
+                .await,
+            )
+        }
     };
     report(&config, &id, &charges, outcome);
 }
@@ -257,6 +262,15 @@ fn run_now(
         Action::Release => Outcome::Released(ledger.release(id, now)),
         Action::Settle(usage) => {
             Outcome::Settled(ledger.settle(id, usage, config.over_estimate, now))
+        }
+        Action::SettleEstimate => {
+            let settle = |usage: &[Usage]| ledger.settle(id, usage, config.over_estimate, now);
+            // The common one or two charges settle from the stack.
+            Outcome::Settled(match charges {
+                [a] => settle(&[reserved(a)]),
+                [a, b] => settle(&[reserved(a), reserved(b)]),
+                _ => settle(&estimate(charges)),
+            })
         }
     };
     report(config, id, charges, outcome);

@@ -3,17 +3,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::{HeaderValue, Request, Response};
+use std::fmt::Write as _;
+
+use http::{HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::account::AccountId;
 use crate::body::ResponseBody;
+use crate::credits::Credits;
 use crate::decision::Denial;
 use crate::gate::log_denial;
-use crate::ledger::{Reservation, ReserveRequest};
+use crate::ledger::{Charge, PerCharge, Reservation};
 use crate::metering::body::Guard;
-use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody};
+use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody, StackText};
 use crate::problem::{denial_response, grpc_status};
 use crate::time::Timestamp;
 
@@ -23,7 +26,7 @@ use crate::time::Timestamp;
 pub(crate) enum Prepared<B> {
     Call {
         req: Request<RequestBody<B>>,
-        ticket: Option<(Reservation, ReserveRequest)>,
+        ticket: Option<(Reservation, Arc<[Charge]>)>,
         replayed: bool,
     },
     Refuse(Denial, Option<AccountId>),
@@ -35,9 +38,10 @@ type UnitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// A reservation the request runs under.
 struct Ticket {
     guard: Guard,
-    /// What the reservation left: for the response headers. Its id and the request's
+    /// What the reservation left, for the response headers. Its id and the request's
     /// charges live in the guard.
-    reservation: Reservation,
+    available_after: Credits,
+    allowance_left: PerCharge<Option<u64>>,
 }
 
 pin_project! {
@@ -153,11 +157,17 @@ where
         } => {
             // The guard exists before the call: a request cancelled from here on gives its
             // hold back.
-            let ticket = ticket.map(|t| {
-                let (mut reservation, mut request) = t;
+            let ticket = ticket.map(|(reservation, charges)| {
+                let Reservation {
+                    id,
+                    available_after,
+                    allowance_left,
+                    ..
+                } = reservation;
                 Ticket {
-                    guard: Guard::new(config.clone(), &mut reservation, &mut request),
-                    reservation,
+                    guard: Guard::new(config.clone(), id, charges),
+                    available_after,
+                    allowance_left,
                 }
             });
             State::Calling {
@@ -230,7 +240,7 @@ where
                     let Some(mut ticket) = ticket.take() else {
                         if *replayed {
                             res.headers_mut()
-                                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                                .insert(&IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
                         }
                         return Poll::Ready(Ok(
                             res.map(|b| MeteredBody::plain(ResponseBody::inner(b)))
@@ -341,21 +351,32 @@ impl Ticket {
     }
 }
 
+/// Parsed once: inserting by `&str` would copy a custom name on every response.
+static X_CREDITS_REMAINING: HeaderName = HeaderName::from_static("x-credits-remaining");
+static X_ALLOWANCE_REMAINING: HeaderName = HeaderName::from_static("x-allowance-remaining");
+static X_ALLOWANCE_RESET: HeaderName = HeaderName::from_static("x-allowance-reset");
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// A header value written once, from the stack (`HeaderValue::from(u64)` allocates twice).
+fn text_value(text: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(text).ok()
+}
+
 fn add_headers(h: &mut http::HeaderMap, ticket: &Ticket) {
-    h.insert(
-        "x-credits-remaining",
-        HeaderValue::from(ticket.reservation.available_after.get()),
-    );
-    for (charge, left) in ticket
-        .guard
-        .charges()
-        .iter()
-        .zip(&ticket.reservation.allowance_left)
-    {
+    let mut int = itoa::Buffer::new();
+    if let Some(v) = text_value(int.format(ticket.available_after.get())) {
+        h.insert(&X_CREDITS_REMAINING, v);
+    }
+    for (charge, left) in ticket.guard.charges().iter().zip(&ticket.allowance_left) {
         if let (Some(left), Some(w)) = (left, charge.allowance) {
-            h.insert("x-allowance-remaining", HeaderValue::from(*left));
-            if let Ok(v) = HeaderValue::try_from(w.resets_at.to_string()) {
-                h.insert("x-allowance-reset", v);
+            if let Some(v) = text_value(int.format(*left)) {
+                h.insert(&X_ALLOWANCE_REMAINING, v);
+            }
+            let mut reset = StackText::<32>::new();
+            if write!(reset, "{}", w.resets_at).is_ok() {
+                if let Some(v) = text_value(reset.as_str()) {
+                    h.insert(&X_ALLOWANCE_RESET, v);
+                }
             }
         }
     }

@@ -135,3 +135,45 @@ pub use threshold::{Crossing, Threshold, ThresholdEvent};
 pub use usage::{BodyBytes, HeaderUsage, OpenAiUsage, UsageError, UsageExtractor, UsageScanner};
 
 pub(crate) use layer::MeterConfig;
+
+/// Text assembled on the stack: formatting a key or a header value this way writes it to the
+/// heap once, into its final home, instead of growing a `String` and copying it.
+pub(crate) struct StackText<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackText<N> {
+    pub(crate) fn new() -> Self {
+        StackText {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    /// Appends `s`; `false`, with nothing appended, if it does not fit.
+    pub(crate) fn push(&mut self, s: &str) -> bool {
+        let end = self.len + s.len();
+        let Some(dst) = self.buf.get_mut(self.len..end) else {
+            return false;
+        };
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        true
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Only whole `&str`s were appended, so this is valid UTF-8.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackText<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.push(s) {
+            Ok(())
+        } else {
+            Err(std::fmt::Error)
+        }
+    }
+}

@@ -16,10 +16,10 @@ use crate::backend::{bounded, is_outage};
 use crate::decision::{Cost, Denial};
 use crate::error::LedgerError;
 use crate::gate::{Entitlement, FailedOpen, FailureMode, PublicRoute};
-use crate::ledger::{Charge, Replay, ReserveOutcome, ReserveRequest, Usage};
+use crate::ledger::{Charge, Replay, ReservationKey, ReserveOutcome, ReserveRequest, Usage};
 use crate::metering::future::{Prepared, ResponseFuture};
 use crate::metering::request_body::{peek, PeekError};
-use crate::metering::{MeterConfig, MeteringLayer, PricingRequest, RequestBody};
+use crate::metering::{MeterConfig, MeteringLayer, PricingRequest, RequestBody, StackText};
 use crate::problem::is_grpc;
 use crate::time::Timestamp;
 
@@ -159,13 +159,31 @@ impl Fnv {
     }
 }
 
-/// A key unique to this request, for requests without an `Idempotency-Key`.
-fn unique_key() -> String {
-    static NONCE: OnceLock<u64> = OnceLock::new();
+/// The reservation key for a request's `Idempotency-Key` (at most
+/// [`MAX_IDEMPOTENCY_KEY_LEN`] characters, so it fits the stack buffer).
+fn idempotent_key(key: &str) -> ReservationKey {
+    let mut text = StackText::<320>::new();
+    if text.push("idem:") && text.push(key) {
+        ReservationKey::from(text.as_str())
+    } else {
+        ReservationKey::from(format!("idem:{key}"))
+    }
+}
+
+/// A key unique to this request, for requests without an `Idempotency-Key`: a random
+/// per-process prefix (instances of a fleet share one ledger) and a counter.
+fn unique_key() -> ReservationKey {
+    static PREFIX: OnceLock<String> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nonce = *NONCE.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    let prefix = PREFIX.get_or_init(|| {
+        let nonce = RandomState::new().hash_one(std::process::id());
+        format!("req:{nonce:016x}:")
+    });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("req:{nonce:016x}:{n}")
+    let mut text = StackText::<64>::new();
+    text.push(prefix);
+    text.push(itoa::Buffer::new().format(n));
+    ReservationKey::from(text.as_str())
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Metering<S>
@@ -220,7 +238,7 @@ where
             }
         };
         let idem = match idempotency_key(req.headers()) {
-            Ok(k) => k.map(str::to_owned),
+            Ok(k) => k.map(idempotent_key),
             Err(denial) => {
                 crate::gate::log_denial(Some(&entitlement.account), &denial);
                 return ResponseFuture::refused(denial, config, now, grpc);
@@ -284,7 +302,7 @@ async fn prepare<B>(
     body: B,
     needs_body: bool,
     entitlement: Entitlement,
-    idem: Option<String>,
+    idem: Option<ReservationKey>,
     now: Timestamp,
 ) -> Prepared<B>
 where
@@ -341,7 +359,8 @@ where
             replayed: false,
         };
     }
-    let charges: Vec<Charge> = costs
+    // One allocation, shared by the ledger's record and the guard that settles it.
+    let charges: Arc<[Charge]> = costs
         .iter()
         .map(|cost| match &entitlement.plan {
             Some(plan) => cost.charge(plan, now),
@@ -360,7 +379,7 @@ where
     fp.write(req.method().as_str().as_bytes())
         .write(req.uri().path().as_bytes())
         .write(req.uri().query().unwrap_or("").as_bytes());
-    for c in &charges {
+    for c in charges.iter() {
         fp.write(c.meter.as_str().as_bytes())
             .write(&c.units.to_le_bytes())
             .write(&c.unit_price.get().to_le_bytes())
@@ -370,10 +389,7 @@ where
         fp.write(body);
     }
     let idempotent = idem.is_some();
-    let key = match idem {
-        Some(k) => format!("idem:{k}"),
-        None => unique_key(),
-    };
+    let key = idem.unwrap_or_else(unique_key);
     let request = ReserveRequest {
         account: account.clone(),
         key,
@@ -391,7 +407,7 @@ where
     match outcome {
         Ok(ReserveOutcome::Reserved(reservation)) => Prepared::Call {
             req,
-            ticket: Some((reservation, request)),
+            ticket: Some((reservation, request.charges)),
             replayed: false,
         },
         Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => {

@@ -1,4 +1,6 @@
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use crate::FastMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -218,7 +220,7 @@ impl Plan {
 #[serde(try_from = "CatalogDef", into = "CatalogDef")]
 pub struct Catalog {
     plans: Vec<Arc<Plan>>,
-    by_id: HashMap<PlanId, usize>,
+    by_id: FastMap<PlanId, usize>,
 }
 
 #[derive(Serialize, Deserialize)]

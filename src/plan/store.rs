@@ -56,10 +56,13 @@ pub trait PlanStore: Send + Sync + 'static {
     /// The subscription without a future, when the store can answer without I/O (in memory,
     /// or a cache hit). The gate tries this first and only calls
     /// [`subscription`](Self::subscription) on `None`, the default.
+    ///
+    /// Shared (`Arc`), so a store that keeps its subscriptions in `Arc`s answers without
+    /// copying or allocating.
     fn subscription_now(
         &self,
         account: &AccountId,
-    ) -> Option<Result<Option<Subscription>, StoreError>> {
+    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
         let _ = account;
         None
     }
@@ -78,7 +81,7 @@ impl<T: PlanStore + ?Sized> PlanStore for Arc<T> {
     fn subscription_now(
         &self,
         account: &AccountId,
-    ) -> Option<Result<Option<Subscription>, StoreError>> {
+    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
         (**self).subscription_now(account)
     }
 }

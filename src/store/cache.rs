@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use crate::FastMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -11,12 +11,12 @@ use crate::plan::{PlanStore, Subscription};
 use crate::time::{Clock, SystemClock, Timestamp};
 
 struct Entry {
-    subscription: Option<Subscription>,
+    subscription: Option<Arc<Subscription>>,
     fetched_at: Timestamp,
 }
 
 struct Shared {
-    entries: RwLock<HashMap<AccountId, Entry>>,
+    entries: RwLock<FastMap<AccountId, Entry>>,
     /// Bumped by every invalidation, so a read that started before one does not store what
     /// it fetched.
     generation: AtomicU64,
@@ -87,7 +87,7 @@ impl<S> CachingPlanStore<S> {
             clock: SystemClock,
             ttl_secs,
             shared: Arc::new(Shared {
-                entries: RwLock::new(HashMap::new()),
+                entries: RwLock::new(FastMap::default()),
                 generation: AtomicU64::new(0),
             }),
         }
@@ -122,7 +122,7 @@ impl<S, C> CachingPlanStore<S, C> {
         &self.inner
     }
 
-    fn entries_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<AccountId, Entry>> {
+    fn entries_mut(&self) -> std::sync::RwLockWriteGuard<'_, FastMap<AccountId, Entry>> {
         // Every update is a single insert or remove: a poisoned lock holds a consistent map.
         self.shared
             .entries
@@ -133,7 +133,7 @@ impl<S, C> CachingPlanStore<S, C> {
 
 impl<S: PlanStore, C: Clock> CachingPlanStore<S, C> {
     /// The cached answer for `account`, if it is still fresh at `now`.
-    fn fresh(&self, account: &AccountId, now: Timestamp) -> Option<Option<Subscription>> {
+    fn fresh(&self, account: &AccountId, now: Timestamp) -> Option<Option<Arc<Subscription>>> {
         let entries = self
             .shared
             .entries
@@ -151,7 +151,7 @@ impl<S: PlanStore, C: Clock> PlanStore for CachingPlanStore<S, C> {
     async fn subscription(&self, account: &AccountId) -> Result<Option<Subscription>, StoreError> {
         let now = self.clock.now();
         if let Some(hit) = self.fresh(account, now) {
-            return Ok(hit);
+            return Ok(hit.map(Arc::unwrap_or_clone));
         }
         let generation = self.shared.generation.load(Ordering::SeqCst);
         let fetched = self.inner.subscription(account).await?;
@@ -160,7 +160,7 @@ impl<S: PlanStore, C: Clock> PlanStore for CachingPlanStore<S, C> {
             entries.insert(
                 account.clone(),
                 Entry {
-                    subscription: fetched.clone(),
+                    subscription: fetched.clone().map(Arc::new),
                     fetched_at: now,
                 },
             );
@@ -180,7 +180,7 @@ impl<S: PlanStore, C: Clock> PlanStore for CachingPlanStore<S, C> {
     fn subscription_now(
         &self,
         account: &AccountId,
-    ) -> Option<Result<Option<Subscription>, StoreError>> {
+    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
         self.fresh(account, self.clock.now()).map(Ok)
     }
 }

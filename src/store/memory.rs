@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use crate::FastMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
@@ -23,7 +23,7 @@ const SHARDS: usize = 16;
 /// linearizable and can never overspend.
 #[derive(Clone)]
 pub struct MemoryLedger {
-    shards: Arc<[Mutex<HashMap<AccountId, AccountBook>>; SHARDS]>,
+    shards: Arc<[Mutex<FastMap<AccountId, AccountBook>>; SHARDS]>,
     retention_secs: u64,
 }
 
@@ -45,7 +45,7 @@ impl MemoryLedger {
     /// An empty ledger.
     pub fn new() -> Self {
         MemoryLedger {
-            shards: Arc::new(std::array::from_fn(|_| Mutex::new(HashMap::new()))),
+            shards: Arc::new(std::array::from_fn(|_| Mutex::new(FastMap::default()))),
             retention_secs: DEFAULT_RETENTION_SECS,
         }
     }
@@ -56,7 +56,7 @@ impl MemoryLedger {
         self
     }
 
-    fn shard(&self, account: &AccountId) -> MutexGuard<'_, HashMap<AccountId, AccountBook>> {
+    fn shard(&self, account: &AccountId) -> MutexGuard<'_, FastMap<AccountId, AccountBook>> {
         let h = account.as_str().bytes().fold(0usize, |h, b| {
             h.wrapping_mul(31).wrapping_add(usize::from(b))
         });
@@ -172,7 +172,7 @@ impl Ledger for MemoryLedger {
 /// The in-memory plan store. Clones share the same state.
 #[derive(Clone, Default)]
 pub struct MemoryPlanStore {
-    subs: Arc<RwLock<HashMap<AccountId, Subscription>>>,
+    subs: Arc<RwLock<FastMap<AccountId, Arc<Subscription>>>>,
 }
 
 impl fmt::Debug for MemoryPlanStore {
@@ -187,7 +187,7 @@ impl MemoryPlanStore {
         Self::default()
     }
 
-    fn get(&self, account: &AccountId) -> Option<Subscription> {
+    fn get(&self, account: &AccountId) -> Option<Arc<Subscription>> {
         self.subs
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -200,7 +200,7 @@ impl MemoryPlanStore {
         self.subs
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(subscription.account.clone(), subscription);
+            .insert(subscription.account.clone(), Arc::new(subscription));
         self
     }
 }
@@ -208,21 +208,21 @@ impl MemoryPlanStore {
 #[async_trait]
 impl PlanStore for MemoryPlanStore {
     async fn subscription(&self, account: &AccountId) -> Result<Option<Subscription>, StoreError> {
-        Ok(self.get(account))
+        Ok(self.get(account).map(Arc::unwrap_or_clone))
     }
 
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError> {
         self.subs
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(subscription.account.clone(), subscription);
+            .insert(subscription.account.clone(), Arc::new(subscription));
         Ok(())
     }
 
     fn subscription_now(
         &self,
         account: &AccountId,
-    ) -> Option<Result<Option<Subscription>, StoreError>> {
+    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
         Some(Ok(self.get(account)))
     }
 }

@@ -596,12 +596,12 @@ impl PostgresLedger {
         let mut windows: HashSet<(Meter, Timestamp)> = need.allowances.iter().cloned().collect();
         for row in &rows {
             let (key, rec) = record_from_row(row)?;
-            for c in &rec.charges {
+            for c in rec.charges.iter() {
                 if let Some(w) = c.allowance {
                     windows.insert((c.meter.clone(), w.start));
                 }
             }
-            parts.reservations.insert(key, rec);
+            parts.reservations.insert(key.into(), rec);
         }
         if !windows.is_empty() {
             let (meters, starts): (Vec<String>, Vec<i64>) = windows
@@ -689,7 +689,7 @@ impl PostgresLedger {
             if !after.reservations.contains_key(key) {
                 tx.execute(
                     &format!("DELETE FROM {res} WHERE account = $1 AND key = $2"),
-                    &[&acct, key],
+                    &[&acct, &key.as_str()],
                 )
                 .await
                 .map_err(pg_error)?;
@@ -718,7 +718,7 @@ impl PostgresLedger {
                 ),
                 &[
                     &acct,
-                    key,
+                    &key.as_str(),
                     &state_name(rec.state),
                     &i64::from_be_bytes(rec.fingerprint.to_be_bytes()),
                     &u64_to_sql(rec.credits.get())?,
@@ -772,7 +772,7 @@ impl PostgresLedger {
             if !after.deposits.contains_key(key) {
                 tx.execute(
                     &format!("DELETE FROM {dep} WHERE account = $1 AND key = $2"),
-                    &[&acct, key],
+                    &[&acct, &key.as_str()],
                 )
                 .await
                 .map_err(pg_error)?;

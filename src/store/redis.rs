@@ -559,13 +559,13 @@ fn reserve_args(req: &ReserveRequest) -> Result<Vec<String>, LedgerError> {
     let ttl = exact(req.ttl_secs)?;
     let expires_at = req.now.plus_secs(ttl);
     let mut args = vec![
-        req.key.clone(),
+        req.key.to_string(),
         req.fingerprint.to_string(),
         exact(expires_at.unix())?.to_string(),
         ttl.to_string(),
         req.charges.len().to_string(),
     ];
-    for c in &req.charges {
+    for c in req.charges.iter() {
         let (has, limit, start, resets) = match c.allowance {
             Some(w) => (
                 "1",
@@ -882,7 +882,7 @@ impl Ledger for RedisLedger {
             _ => "draw",
         };
         let mut args = vec![
-            id.key.clone(),
+            id.key.to_string(),
             policy.to_owned(),
             per_meter.len().to_string(),
         ];
@@ -908,7 +908,7 @@ impl Ledger for RedisLedger {
                 &self.scripts.release,
                 &id.account,
                 now,
-                std::slice::from_ref(&id.key),
+                &[id.key.to_string()],
             )
             .await?;
         match tag.as_str() {

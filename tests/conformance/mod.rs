@@ -77,9 +77,9 @@ pub fn window(start: Timestamp, limit: u64) -> AllowanceWindow {
 pub fn request(account: &str, key: &str, charges: Vec<Charge>, now: Timestamp) -> ReserveRequest {
     ReserveRequest {
         account: acct(account),
-        key: key.to_owned(),
+        key: key.into(),
         fingerprint: 7,
-        charges,
+        charges: charges.into(),
         ttl_secs: 60,
         idempotent: true,
         now,
@@ -89,7 +89,7 @@ pub fn request(account: &str, key: &str, charges: Vec<Charge>, now: Timestamp) -
 pub fn id(account: &str, key: &str) -> ReservationId {
     ReservationId {
         account: acct(account),
-        key: key.to_owned(),
+        key: key.into(),
     }
 }
 
@@ -383,7 +383,7 @@ pub async fn allowances(l: &impl Ledger) {
     );
     assert_eq!(
         (r.allowance_units.clone(), r.allowance_left.clone()),
-        (vec![2], vec![Some(1)])
+        ([2].into(), [Some(1)].into())
     );
     match l
         .reserve(&request("allow", "b", vec![free.clone()], at(2)))
@@ -459,7 +459,10 @@ pub async fn allowances(l: &impl Ledger) {
             .await
             .unwrap(),
     );
-    assert_eq!((r.credits, r.allowance_units), (Credits::new(6), vec![2]));
+    assert_eq!(
+        (r.credits, r.allowance_units),
+        (Credits::new(6), [2].into())
+    );
     // The old window is forgotten once it is over and holds nothing.
     let u = l
         .allowance_usage(&acct("allow"), &Meter::new("calls"), w.start, w.resets_at)
@@ -547,9 +550,9 @@ fn random_ops(seed: u64, n: usize) -> Vec<(Timestamp, Op)> {
                 }
                 Op::Reserve(ReserveRequest {
                     account: acct(ACCOUNTS[a]),
-                    key: KEYS[k].to_owned(),
+                    key: KEYS[k].into(),
                     fingerprint: rng.below(2),
-                    charges,
+                    charges: charges.into(),
                     ttl_secs: 1 + rng.below(30),
                     idempotent: true,
                     now: t,

@@ -133,7 +133,8 @@ async fn main() {
                     price_per: 1,
                     allowance: None,
                     overage: true,
-                }],
+                }]
+                .into(),
                 ttl_secs: 300,
                 idempotent: false,
                 now: Timestamp::now(),
