@@ -86,47 +86,84 @@ static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request
 static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// What the layer remembers of the request to render its response.
+///
+/// Raw header values (reference-counted clones, not copies): they are parsed only when a
+/// problem is rendered, so a successful request pays for a few lookups and nothing else.
 #[derive(Debug, Default)]
 struct RequestFacts {
-    accepts_json: bool,
     grpc: bool,
-    request_id: Option<String>,
-    trace_id: Option<String>,
+    accepts_json: Accepts,
+    request_id: Option<HeaderValue>,
+    traceparent: Option<HeaderValue>,
 }
 
-impl RequestFacts {
-    fn read(headers: &HeaderMap) -> Self {
-        RequestFacts {
-            accepts_json: accepts_json(headers),
-            grpc: is_grpc(headers),
-            request_id: headers
-                .get(&X_REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .filter(|id| {
-                    !id.is_empty()
-                        && id.len() <= 128
-                        && id
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
-                })
-                .map(str::to_owned),
-            trace_id: headers
-                .get(&TRACEPARENT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(trace_id_from_traceparent),
+/// The `Accept` header, decided when a problem needs it.
+#[derive(Debug, Default)]
+enum Accepts {
+    /// No `Accept` header: anything goes.
+    #[default]
+    Anything,
+    /// One header, parsed when needed.
+    One(HeaderValue),
+    /// Several headers (rare), decided while they were at hand.
+    Decided(bool),
+}
+
+impl Accepts {
+    fn json(&self) -> bool {
+        match self {
+            Accepts::Anything => true,
+            Accepts::One(v) => accepts_json([v]),
+            Accepts::Decided(yes) => *yes,
         }
     }
 }
 
-/// Whether the `Accept` header allows a JSON answer (absent means anything goes).
-fn accepts_json(headers: &HeaderMap) -> bool {
-    let mut any = false;
-    for value in headers.get_all(ACCEPT) {
-        any = true;
+impl RequestFacts {
+    fn read(headers: &HeaderMap) -> Self {
+        let mut accept = headers.get_all(ACCEPT).iter();
+        let accepts_json = match (accept.next(), accept.next()) {
+            (None, _) => Accepts::Anything,
+            (Some(v), None) => Accepts::One(v.clone()),
+            (Some(_), Some(_)) => Accepts::Decided(accepts_json(headers.get_all(ACCEPT))),
+        };
+        RequestFacts {
+            grpc: is_grpc(headers),
+            accepts_json,
+            request_id: headers.get(&X_REQUEST_ID).cloned(),
+            traceparent: headers.get(&TRACEPARENT).cloned(),
+        }
+    }
+
+    /// The client's `X-Request-Id`, if it is a sane token to echo back.
+    fn request_id(&self) -> Option<&str> {
+        self.request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| {
+                !id.is_empty()
+                    && id.len() <= 128
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+            })
+    }
+
+    fn trace_id(&self) -> Option<String> {
+        self.traceparent
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id_from_traceparent)
+    }
+}
+
+/// Whether `Accept` headers allow a JSON answer (the caller handles an absent header).
+fn accepts_json<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> bool {
+    for value in values {
         let Ok(s) = value.to_str() else { continue };
         for range in s.split(',') {
             let mut parts = range.split(';');
-            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let media = parts.next().unwrap_or("").trim();
             let refused = parts.any(|p| {
                 let p = p.trim();
                 p.strip_prefix("q=").is_some_and(|q| {
@@ -137,16 +174,17 @@ fn accepts_json(headers: &HeaderMap) -> bool {
             if refused {
                 continue;
             }
-            if matches!(
-                media.as_str(),
-                "*/*" | "application/*" | "application/json" | PROBLEM_JSON
-            ) || media.ends_with("+json")
-            {
+            let is = |m: &str| media.eq_ignore_ascii_case(m);
+            if is("*/*") || is("application/*") || is("application/json") || is(PROBLEM_JSON) {
+                return true;
+            }
+            let suffix = media.len().checked_sub(5).and_then(|i| media.get(i..));
+            if suffix.is_some_and(|s| s.eq_ignore_ascii_case("+json")) {
                 return true;
             }
         }
     }
-    !any
+    false
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
@@ -235,12 +273,12 @@ fn render<B>(
             });
         if status.is_server_error() && !(is_json && is_problem(&res)) {
             // Never forward an inner 5xx body: it may carry internal error text.
-            if facts.accepts_json {
+            if facts.accepts_json.json() {
                 Some(ProblemDetails::for_status(status, config))
             } else {
                 return plain_status(res);
             }
-        } else if !is_json && facts.accepts_json {
+        } else if !is_json && facts.accepts_json.json() {
             Some(ProblemDetails::for_status(status, config))
         } else {
             None
@@ -264,16 +302,12 @@ fn render<B>(
 }
 
 fn add_request_facts(problem: &mut ProblemDetails, facts: &RequestFacts, config: &ProblemConfig) {
-    if let Some(id) = &facts.request_id {
+    if let Some(id) = facts.request_id() {
         problem.instance = Some(config.instance_uri(id));
-        problem
-            .members
-            .insert("request_id".into(), id.clone().into());
+        problem.members.insert("request_id".into(), id.into());
     }
-    if let Some(trace) = &facts.trace_id {
-        problem
-            .members
-            .insert("trace_id".into(), trace.clone().into());
+    if let Some(trace) = facts.trace_id() {
+        problem.members.insert("trace_id".into(), trace.into());
     }
 }
 
@@ -337,19 +371,27 @@ mod tests {
 
     #[test]
     fn accept_negotiation() {
+        let json = |h: &HeaderMap| RequestFacts::read(h).accepts_json.json();
         let mut h = HeaderMap::new();
-        assert!(accepts_json(&h));
+        assert!(json(&h));
         h.insert(ACCEPT, HeaderValue::from_static("text/html"));
-        assert!(!accepts_json(&h));
+        assert!(!json(&h));
         h.insert(
             ACCEPT,
             HeaderValue::from_static("text/html, application/json;q=0.5"),
         );
-        assert!(accepts_json(&h));
+        assert!(json(&h));
         h.insert(ACCEPT, HeaderValue::from_static("application/json;q=0"));
-        assert!(!accepts_json(&h));
+        assert!(!json(&h));
         h.insert(ACCEPT, HeaderValue::from_static("application/problem+json"));
-        assert!(accepts_json(&h));
+        assert!(json(&h));
+        h.insert(ACCEPT, HeaderValue::from_static("Application/Vnd.Api+JSON"));
+        assert!(json(&h));
+        h.insert(ACCEPT, HeaderValue::from_static("text/html"));
+        h.append(ACCEPT, HeaderValue::from_static("APPLICATION/JSON"));
+        assert!(json(&h), "any of several Accept headers");
+        h.insert(ACCEPT, HeaderValue::from_static("json"));
+        assert!(!json(&h), "too short for a +json suffix");
     }
 
     #[test]
