@@ -17,7 +17,7 @@ use crate::gate::log_denial;
 use crate::ledger::{Charge, PerCharge, Reservation};
 use crate::metering::body::Guard;
 use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody, StackText};
-use crate::problem::{denial_response, grpc_status};
+use crate::problem::{denial_response, grpc_status, is_grpc};
 use crate::time::Timestamp;
 
 /// The outcome of everything before the inner call.
@@ -29,7 +29,12 @@ pub(crate) enum Prepared<B> {
         ticket: Option<(Reservation, Arc<[Charge]>)>,
         replayed: bool,
     },
-    Refuse(Denial, Option<AccountId>),
+    Refuse {
+        denial: Denial,
+        account: Option<AccountId>,
+        /// Whether to answer in gRPC terms.
+        grpc: bool,
+    },
 }
 
 type PrepareFuture<B> = Pin<Box<dyn Future<Output = Prepared<B>> + Send>>;
@@ -66,14 +71,12 @@ pin_project! {
             inner: Option<S>,
             config: Arc<MeterConfig>,
             now: Timestamp,
-            grpc: bool,
         },
         Calling {
             #[pin]
             fut: S::Future,
             ticket: Option<Ticket>,
             replayed: bool,
-            grpc: bool,
         },
         Releasing {
             release: UnitFuture,
@@ -98,7 +101,6 @@ where
                 fut,
                 ticket: None,
                 replayed: false,
-                grpc: false,
             },
         }
     }
@@ -124,7 +126,6 @@ where
         inner: S,
         config: Arc<MeterConfig>,
         now: Timestamp,
-        grpc: bool,
     ) -> Self {
         ResponseFuture {
             state: State::Preparing {
@@ -132,7 +133,6 @@ where
                 inner: Some(inner),
                 config,
                 now,
-                grpc,
             },
         }
     }
@@ -144,7 +144,6 @@ fn after_prepare<S, ReqBody>(
     mut inner: S,
     config: &Arc<MeterConfig>,
     now: Timestamp,
-    grpc: bool,
 ) -> State<S, ReqBody>
 where
     S: Service<Request<RequestBody<ReqBody>>>,
@@ -174,10 +173,13 @@ where
                 fut: inner.call(req),
                 ticket,
                 replayed,
-                grpc,
             }
         }
-        Prepared::Refuse(denial, account) => {
+        Prepared::Refuse {
+            denial,
+            account,
+            grpc,
+        } => {
             log_denial(account.as_ref(), &denial);
             State::Refused {
                 denial: Some(denial),
@@ -199,10 +201,9 @@ where
         inner: S,
         config: &Arc<MeterConfig>,
         now: Timestamp,
-        grpc: bool,
     ) -> Self {
         ResponseFuture {
-            state: after_prepare(prepared, inner, config, now, grpc),
+            state: after_prepare(prepared, inner, config, now),
         }
     }
 }
@@ -222,19 +223,17 @@ where
                     inner,
                     config,
                     now,
-                    grpc,
                 } => {
                     let prepared = ready!(prepare.as_mut().poll(cx));
                     let Some(inner) = inner.take() else {
                         panic!("metering future polled after completion");
                     };
-                    after_prepare(prepared, inner, config, *now, *grpc)
+                    after_prepare(prepared, inner, config, *now)
                 }
                 StateProj::Calling {
                     fut,
                     ticket,
                     replayed,
-                    grpc,
                 } => {
                     let mut res = ready!(fut.poll(cx))?;
                     let Some(mut ticket) = ticket.take() else {
@@ -249,10 +248,10 @@ where
                     let status = res.status();
                     let config = ticket.guard.config();
                     // A gRPC error travels in a 200: a trailers-only answer has its non-zero
-                    // `grpc-status` in the head.
-                    let grpc_error = *grpc
-                        && !config.bill_grpc_errors
-                        && grpc_status(res.headers()).is_some_and(|code| code != 0);
+                    // `grpc-status` in the head. (A gRPC answer says so in its content type.)
+                    let grpc = !config.bill_grpc_errors && is_grpc(res.headers());
+                    let grpc_error =
+                        grpc && grpc_status(res.headers()).is_some_and(|code| code != 0);
                     let billable = !(status.is_server_error()
                         || (status.is_client_error() && !config.bill_client_errors)
                         || grpc_error);
@@ -286,7 +285,7 @@ where
                             _ => None,
                         };
                         ticket.guard.responded(known, scanner);
-                        if *grpc && !config.bill_grpc_errors {
+                        if grpc {
                             ticket.guard.release_on_grpc_error();
                         }
                         add_headers(&mut parts.headers, &ticket);

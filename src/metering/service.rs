@@ -2,6 +2,7 @@ use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::hash::BuildHasher;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -203,15 +204,14 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let config = self.config.clone();
+        let config = &self.config;
         let now = config.clock.now();
-        let grpc = is_grpc(req.headers());
         let ext = req.extensions();
         if ext.get::<PublicRoute>().is_some() {
             return ResponseFuture::unmetered(self.inner.call(req.map(RequestBody::passthrough)));
         }
-        let entitlement = match (ext.get::<Entitlement>(), ext.get::<AccountId>()) {
-            (Some(e), _) => e.clone(),
+        let payer = match (ext.get::<Entitlement>(), ext.get::<AccountId>()) {
+            (Some(_), _) => Payer::InRequest,
             _ if ext.get::<FailedOpen>().is_some() => {
                 tracing::warn!(
                     target: "tower_402::metering",
@@ -221,34 +221,38 @@ where
                     self.inner.call(req.map(RequestBody::passthrough)),
                 );
             }
-            (None, Some(a)) => Entitlement::new(a.clone()),
+            (None, Some(a)) => Payer::Account(Entitlement::new(a.clone())),
             (None, None) => {
                 tracing::error!(
                     target: "tower_402::metering",
                     "no Entitlement or AccountId in the request: is PaymentGateLayer in front of MeteringLayer?"
                 );
-                return ResponseFuture::refused(
-                    Denial::Unavailable {
-                        retry_after_secs: config.retry_after_secs,
-                    },
-                    config,
-                    now,
-                    grpc,
-                );
+                let denial = Denial::Unavailable {
+                    retry_after_secs: config.retry_after_secs,
+                };
+                let grpc = is_grpc(req.headers());
+                return ResponseFuture::refused(denial, config.clone(), now, grpc);
             }
         };
         let idem = match idempotency_key(req.headers()) {
             Ok(k) => k.map(idempotent_key),
             Err(denial) => {
-                crate::gate::log_denial(Some(&entitlement.account), &denial);
-                return ResponseFuture::refused(denial, config, now, grpc);
+                let account = match &payer {
+                    Payer::Account(e) => Some(&e.account),
+                    Payer::InRequest => ext.get::<Entitlement>().map(|e| &e.account),
+                };
+                crate::gate::log_denial(account, &denial);
+                let grpc = is_grpc(req.headers());
+                return ResponseFuture::refused(denial, config.clone(), now, grpc);
             }
         };
         // Keep the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
+        let config = &self.config;
         // With an in-process ledger and no body to read, preparing needs no I/O: run it here,
-        // with no future to allocate. Nothing in it waits on that path, so one poll finishes it.
+        // with no future to allocate and nothing cloned. Nothing in it waits on that path, so
+        // one poll finishes it.
         let (parts, body) = req.into_parts();
         let needs_body = config
             .pricing
@@ -256,13 +260,7 @@ where
             .is_some_and(|p| p.needs_body(&parts));
         if !needs_body && config.ledger.now_or_later().is_some() {
             let fut = std::pin::pin!(prepare(
-                config.clone(),
-                parts,
-                body,
-                needs_body,
-                entitlement,
-                idem,
-                now
+                &**config, parts, body, needs_body, payer, idem, now
             ));
             let prepared = match fut.poll(&mut Context::from_waker(crate::gate::noop_waker())) {
                 Poll::Ready(p) => p,
@@ -271,69 +269,92 @@ where
                         target: "tower_402::metering",
                         "an in-process ledger did not answer at once; refusing the request"
                     );
-                    Prepared::Refuse(
-                        Denial::Unavailable {
+                    Prepared::Refuse {
+                        denial: Denial::Unavailable {
                             retry_after_secs: config.retry_after_secs,
                         },
-                        None,
-                    )
+                        account: None,
+                        grpc: false,
+                    }
                 }
             };
-            return ResponseFuture::prepared(prepared, inner, &config, now, grpc);
+            return ResponseFuture::prepared(prepared, inner, config, now);
         }
-        let prepare = prepare(
-            config.clone(),
-            parts,
-            body,
-            needs_body,
-            entitlement,
-            idem,
-            now,
-        );
-        ResponseFuture::preparing(Box::pin(prepare), inner, config, now, grpc)
+        let prepare = prepare(config.clone(), parts, body, needs_body, payer, idem, now);
+        ResponseFuture::preparing(Box::pin(prepare), inner, config.clone(), now)
     }
 }
 
+/// Who pays for a request being prepared.
+enum Payer {
+    /// The gate's [`Entitlement`], read where it is, in the request extensions.
+    InRequest,
+    /// Made here from a bare [`AccountId`] an earlier layer put in the extensions.
+    Account(Entitlement),
+}
+
 /// Everything before the inner call: read the body if the pricing needs it, estimate,
-/// reserve.
-async fn prepare<B>(
-    config: Arc<MeterConfig>,
+/// reserve. Generic over an owned or a borrowed configuration, like the gate's check: run
+/// once in place without I/O, boxed when the ledger or the body needs waiting for.
+async fn prepare<B, C>(
+    config: C,
     parts: http::request::Parts,
     body: B,
     needs_body: bool,
-    entitlement: Entitlement,
+    payer: Payer,
     idem: Option<ReservationKey>,
     now: Timestamp,
 ) -> Prepared<B>
 where
     B: Body<Data = Bytes> + Send + 'static,
+    C: Deref<Target = MeterConfig>,
 {
-    let account = entitlement.account.clone();
+    let refuse = |denial: Denial, account: &AccountId, headers: &HeaderMap| Prepared::Refuse {
+        denial,
+        account: Some(account.clone()),
+        // Read only for a refusal: an allowed request never needs it.
+        grpc: is_grpc(headers),
+    };
+    let own;
+    let entitlement = match payer {
+        Payer::Account(e) => {
+            own = e;
+            &own
+        }
+        Payer::InRequest => match parts.extensions.get::<Entitlement>() {
+            Some(e) => e,
+            None => {
+                return Prepared::Refuse {
+                    denial: Denial::Unavailable {
+                        retry_after_secs: config.retry_after_secs,
+                    },
+                    account: None,
+                    grpc: is_grpc(&parts.headers),
+                }
+            }
+        },
+    };
     let (body, peeked) = if needs_body {
         match peek(body, config.max_body).await {
             Ok((bytes, rest)) => (RequestBody::peeked(bytes.clone(), rest), Some(bytes)),
             Err(PeekError::TooLarge) => {
-                return Prepared::Refuse(
-                    Denial::Custom(Box::new(crate::decision::CustomDenial::new(
-                        http::StatusCode::PAYLOAD_TOO_LARGE,
-                        "REQUEST_TOO_LARGE",
-                        "Request too large",
-                        format!(
-                            "The request body is larger than the {} bytes this API prices.",
-                            config.max_body
-                        ),
-                    ))),
-                    Some(account),
-                )
+                let denial = Denial::Custom(Box::new(crate::decision::CustomDenial::new(
+                    http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "REQUEST_TOO_LARGE",
+                    "Request too large",
+                    format!(
+                        "The request body is larger than the {} bytes this API prices.",
+                        config.max_body
+                    ),
+                )));
+                return refuse(denial, &entitlement.account, &parts.headers);
             }
             Err(PeekError::Body(_)) => {
-                return Prepared::Refuse(
-                    Denial::BadRequest {
-                        code: "INVALID_REQUEST",
-                        detail: "The request body could not be read.".into(),
-                    },
-                    Some(account),
-                )
+                let denial = Denial::BadRequest {
+                    code: "INVALID_REQUEST",
+                    detail: "The request body could not be read.".into(),
+                };
+                return refuse(denial, &entitlement.account, &parts.headers);
             }
         }
     } else {
@@ -345,16 +366,15 @@ where
         Some(pricing) => match pricing.estimate(&PricingRequest {
             parts: &parts,
             body: peeked.as_deref(),
-            entitlement: &entitlement,
+            entitlement,
         }) {
             Ok(c) => Cow::Owned(c),
-            Err(denial) => return Prepared::Refuse(denial, Some(account)),
+            Err(denial) => return refuse(denial, &entitlement.account, &parts.headers),
         },
     };
-    let req = Request::from_parts(parts, body);
     if costs.is_empty() {
         return Prepared::Call {
-            req,
+            req: Request::from_parts(parts, body),
             ticket: None,
             replayed: false,
         };
@@ -376,9 +396,9 @@ where
         })
         .collect();
     let mut fp = Fnv::new();
-    fp.write(req.method().as_str().as_bytes())
-        .write(req.uri().path().as_bytes())
-        .write(req.uri().query().unwrap_or("").as_bytes());
+    fp.write(parts.method.as_str().as_bytes())
+        .write(parts.uri.path().as_bytes())
+        .write(parts.uri.query().unwrap_or("").as_bytes());
     for c in charges.iter() {
         fp.write(c.meter.as_str().as_bytes())
             .write(&c.units.to_le_bytes())
@@ -391,7 +411,7 @@ where
     let idempotent = idem.is_some();
     let key = idem.unwrap_or_else(unique_key);
     let request = ReserveRequest {
-        account: account.clone(),
+        account: entitlement.account.clone(),
         key,
         fingerprint: fp.finish(),
         charges,
@@ -403,30 +423,23 @@ where
         Some(ledger) => ledger.reserve(&request),
         None => bounded(config.timeout, config.ledger.reserve(&request)).await,
     };
-    let refuse = |denial: Denial| Prepared::Refuse(denial, Some(account.clone()));
-    match outcome {
-        Ok(ReserveOutcome::Reserved(reservation)) => Prepared::Call {
-            req,
-            ticket: Some((reservation, request.charges)),
-            replayed: false,
-        },
+    // Taken apart, not cloned: the guard gets the charges.
+    let ReserveRequest {
+        account, charges, ..
+    } = request;
+    let outcome = match outcome {
+        Ok(ReserveOutcome::Reserved(reservation)) => Ok((Some((reservation, charges)), false)),
         Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => {
             tracing::info!(
                 target: "tower_402::metering",
                 account = account.as_str(),
                 "idempotent retry of a settled request; not charged again"
             );
-            Prepared::Call {
-                req,
-                ticket: None,
-                replayed: true,
-            }
+            Ok((None, true))
         }
-        Ok(ReserveOutcome::Replayed(_)) => {
-            refuse(Denial::IdempotencyConflict { in_progress: true })
-        }
-        Ok(ReserveOutcome::Denied(denial)) => refuse(denial),
-        Err(LedgerError::KeyConflict) => refuse(Denial::IdempotencyConflict { in_progress: false }),
+        Ok(ReserveOutcome::Replayed(_)) => Err(Denial::IdempotencyConflict { in_progress: true }),
+        Ok(ReserveOutcome::Denied(denial)) => Err(denial),
+        Err(LedgerError::KeyConflict) => Err(Denial::IdempotencyConflict { in_progress: false }),
         Err(e) if is_outage(&e) && config.failure == FailureMode::Open => {
             tracing::warn!(
                 target: "tower_402::metering",
@@ -434,11 +447,7 @@ where
                 error = %e,
                 "ledger unreachable; failing open, request served unmetered"
             );
-            Prepared::Call {
-                req,
-                ticket: None,
-                replayed: false,
-            }
+            Ok((None, false))
         }
         Err(e) => {
             tracing::error!(
@@ -447,10 +456,18 @@ where
                 error = %e,
                 "reservation failed; failing closed"
             );
-            refuse(Denial::Unavailable {
+            Err(Denial::Unavailable {
                 retry_after_secs: config.retry_after_secs,
             })
         }
+    };
+    match outcome {
+        Ok((ticket, replayed)) => Prepared::Call {
+            req: Request::from_parts(parts, body),
+            ticket,
+            replayed,
+        },
+        Err(denial) => refuse(denial, &account, &parts.headers),
     }
 }
 
