@@ -80,10 +80,8 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let requirement = self
-            .config
-            .requirement(req.method(), req.uri().path())
-            .clone();
+        // Borrowed: cloning the route's `Arc` would write to a counter every worker shares.
+        let requirement = self.config.requirement(req.method(), req.uri().path());
         if requirement.public {
             let mut req = req;
             req.extensions_mut().insert(PublicRoute);
@@ -114,7 +112,7 @@ where
         // First without I/O: with in-process stores the whole check finishes here, with no
         // future to allocate. The check only reads, so trying it costs nothing else.
         let sync = {
-            let fut = std::pin::pin!(check(&*self.config, &*requirement, &identity, now, true));
+            let fut = std::pin::pin!(check(&*self.config, &**requirement, &identity, now, true));
             match fut.poll(&mut Context::from_waker(noop_waker())) {
                 Poll::Ready(Checked::NeedsAsync) | Poll::Pending => None,
                 Poll::Ready(checked) => Some(checked),
@@ -123,7 +121,13 @@ where
         if let Some(checked) = sync {
             return ResponseFuture::checked(checked, inner, req, &self.config, now);
         }
-        let check = check(self.config.clone(), requirement, identity, now, false);
+        let check = check(
+            self.config.clone(),
+            requirement.clone(),
+            identity,
+            now,
+            false,
+        );
         ResponseFuture::checking(Box::pin(check), inner, req, self.config.clone(), now)
     }
 }
@@ -266,7 +270,7 @@ where
         }
         return Checked::Deny(Denial::SubscriptionPending { plan: None }, Some(account));
     };
-    let Some(plan) = config.catalog.get(sub.plan.as_str()).cloned() else {
+    let Some(plan) = config.catalog.get(sub.plan.as_str()) else {
         tracing::error!(
             target: "tower_402::gate",
             account = account.as_str(),
@@ -282,12 +286,14 @@ where
     };
     let mut entitlement = Entitlement {
         account,
-        subscription: Some(sub.clone()),
+        subscription: None,
         plan: Some(plan.clone()),
         cost: requirement.cost.clone(),
         available: None,
         warnings: Vec::new(),
     };
+    // Moved in, not cloned; the decision reads it from there.
+    let sub = &**entitlement.subscription.insert(sub);
     if requirement.identify_only {
         return Checked::Allow(entitlement);
     }
@@ -333,8 +339,8 @@ where
         &*requirement
     };
     let decision = decide(&DecisionInput {
-        subscription: &sub,
-        plan: &plan,
+        subscription: sub,
+        plan,
         catalog: &config.catalog,
         requirement: requirement_for_decision,
         available,

@@ -395,25 +395,31 @@ where
             },
         })
         .collect();
-    let mut fp = Fnv::new();
-    fp.write(parts.method.as_str().as_bytes())
-        .write(parts.uri.path().as_bytes())
-        .write(parts.uri.query().unwrap_or("").as_bytes());
-    for c in charges.iter() {
-        fp.write(c.meter.as_str().as_bytes())
-            .write(&c.units.to_le_bytes())
-            .write(&c.unit_price.get().to_le_bytes())
-            .write(&c.price_per.to_le_bytes());
-    }
-    if let Some(body) = &peeked {
-        fp.write(body);
-    }
-    let idempotent = idem.is_some();
-    let key = idem.unwrap_or_else(unique_key);
+    // The fingerprint tells a retry from a different request reusing its key; a key unique
+    // to this request never comes back, so it needs none.
+    let (key, fingerprint, idempotent) = match idem {
+        Some(key) => {
+            let mut fp = Fnv::new();
+            fp.write(parts.method.as_str().as_bytes())
+                .write(parts.uri.path().as_bytes())
+                .write(parts.uri.query().unwrap_or("").as_bytes());
+            for c in charges.iter() {
+                fp.write(c.meter.as_str().as_bytes())
+                    .write(&c.units.to_le_bytes())
+                    .write(&c.unit_price.get().to_le_bytes())
+                    .write(&c.price_per.to_le_bytes());
+            }
+            if let Some(body) = &peeked {
+                fp.write(body);
+            }
+            (key, fp.finish(), true)
+        }
+        None => (unique_key(), 0, false),
+    };
     let request = ReserveRequest {
         account: entitlement.account.clone(),
         key,
-        fingerprint: fp.finish(),
+        fingerprint,
         charges,
         ttl_secs: config.ttl_secs,
         idempotent,

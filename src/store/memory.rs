@@ -69,10 +69,14 @@ impl MemoryLedger {
 
     fn with<T>(&self, account: &AccountId, f: impl FnOnce(&mut AccountBook) -> T) -> T {
         let mut shard = self.shard(account);
-        let retention = self.retention_secs;
+        // A lookup first: `entry` would take (and drop) a reference to the account id on every
+        // operation, a counter that every worker thread serving this account writes to.
+        if let Some(book) = shard.get_mut(account) {
+            return f(book);
+        }
         let book = shard
             .entry(account.clone())
-            .or_insert_with(|| AccountBook::with_retention(retention));
+            .or_insert_with(|| AccountBook::with_retention(self.retention_secs));
         f(book)
     }
 
