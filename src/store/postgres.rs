@@ -67,13 +67,14 @@ use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::account::AccountId;
 use crate::credits::Credits;
@@ -393,6 +394,85 @@ struct Need<'a> {
 pub struct PostgresLedger {
     pool: Pool,
     config: PostgresConfig,
+    sql: Arc<LedgerSql>,
+}
+
+/// The statements of the ledger's operations, built once from the configured table names.
+/// Each connection prepares them once (deadpool's statement cache), so running one costs a
+/// single round trip instead of a Parse/Describe round trip plus an execute round trip.
+struct LedgerSql {
+    lock: String,
+    load_reservations: String,
+    load_allowances: String,
+    load_deposit: String,
+    update_balance: String,
+    delete_reservation: String,
+    upsert_reservation: String,
+    delete_allowance: String,
+    upsert_allowance: String,
+    delete_deposit: String,
+    upsert_deposit: String,
+}
+
+impl LedgerSql {
+    fn new(config: &PostgresConfig) -> Self {
+        let bal = config.table("balances");
+        let res = config.table("reservations");
+        let allow = config.table("allowances");
+        let dep = config.table("deposits");
+        LedgerSql {
+            lock: format!(
+                "INSERT INTO {bal} (account) VALUES ($1) \
+                 ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account \
+                 RETURNING available, held, settled, deposited"
+            ),
+            load_reservations: format!(
+                "SELECT key, state, fingerprint, credits, allowance_units, charges, \
+                 settlement, expires_at, touched_at FROM {res} WHERE account = $1 \
+                 AND ((state = 'open' AND expires_at <= $2) OR key = $3)"
+            ),
+            load_allowances: format!(
+                "SELECT meter, window_start, used, held, resets_at FROM {allow} \
+                 WHERE account = $1 AND (meter, window_start) IN \
+                 (SELECT * FROM unnest($2::text[], $3::bigint[]))"
+            ),
+            load_deposit: format!("SELECT amount, at FROM {dep} WHERE account = $1 AND key = $2"),
+            update_balance: format!(
+                "UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5 \
+                 WHERE account = $1"
+            ),
+            delete_reservation: format!("DELETE FROM {res} WHERE account = $1 AND key = $2"),
+            upsert_reservation: format!(
+                "INSERT INTO {res} (account, key, state, fingerprint, credits, \
+                 allowance_units, charges, settlement, expires_at, touched_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (account, key) DO UPDATE SET state = $3, fingerprint = $4, \
+                 credits = $5, allowance_units = $6, charges = $7, settlement = $8, \
+                 expires_at = $9, touched_at = $10"
+            ),
+            delete_allowance: format!(
+                "DELETE FROM {allow} WHERE account = $1 AND meter = $2 AND window_start = $3"
+            ),
+            upsert_allowance: format!(
+                "INSERT INTO {allow} (account, meter, window_start, used, held, resets_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (account, meter, window_start) \
+                 DO UPDATE SET used = $4, held = $5, resets_at = $6"
+            ),
+            delete_deposit: format!("DELETE FROM {dep} WHERE account = $1 AND key = $2"),
+            // A key forgotten after the retention time may still have its old row (the sweep
+            // deletes it later): replace it. The account's row lock makes this exclusive.
+            upsert_deposit: format!(
+                "INSERT INTO {dep} (account, key, amount, at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (account, key) DO UPDATE SET amount = $3, at = $4"
+            ),
+        }
+    }
+}
+
+/// The connection's prepared statement for `sql`, preparing it on first use.
+async fn prepared(tx: &Transaction<'_>, sql: &str) -> Result<Statement, StoreError> {
+    tx.prepare_cached(sql).await.map_err(pg_error)
 }
 
 impl fmt::Debug for PostgresLedger {
@@ -406,7 +486,8 @@ impl fmt::Debug for PostgresLedger {
 impl PostgresLedger {
     /// A ledger on `pool` (usually [`PostgresConfig::pool`]) with the tables of `config`.
     pub fn new(pool: Pool, config: PostgresConfig) -> Self {
-        PostgresLedger { pool, config }
+        let sql = Arc::new(LedgerSql::new(&config));
+        PostgresLedger { pool, config, sql }
     }
 
     /// Creates the schema and tables if missing (idempotent, transactional).
@@ -557,22 +638,10 @@ impl PostgresLedger {
         now: Timestamp,
         need: &Need<'_>,
     ) -> Result<Parts, StoreError> {
-        let bal = self.config.table("balances");
-        let res = self.config.table("reservations");
-        let allow = self.config.table("allowances");
-        let dep = self.config.table("deposits");
+        let sql = &self.sql;
         let acct = account.as_str();
-        let row = tx
-            .query_one(
-                &format!(
-                    "INSERT INTO {bal} (account) VALUES ($1) \
-                     ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account \
-                     RETURNING available, held, settled, deposited"
-                ),
-                &[&acct],
-            )
-            .await
-            .map_err(pg_error)?;
+        let lock = prepared(tx, &sql.lock).await?;
+        let row = tx.query_one(&lock, &[&acct]).await.map_err(pg_error)?;
         let mut parts = Parts {
             balance: Balance {
                 available: Credits::new(from_sql(row.get(0))?),
@@ -582,13 +651,10 @@ impl PostgresLedger {
             },
             ..Parts::default()
         };
+        let load_reservations = prepared(tx, &sql.load_reservations).await?;
         let rows = tx
             .query(
-                &format!(
-                    "SELECT key, state, fingerprint, credits, allowance_units, charges, \
-                     settlement, expires_at, touched_at FROM {res} WHERE account = $1 \
-                     AND ((state = 'open' AND expires_at <= $2) OR key = $3)"
-                ),
+                &load_reservations,
                 &[&acct, &ts_to_sql(now), &need.reservation],
             )
             .await
@@ -604,19 +670,13 @@ impl PostgresLedger {
             parts.reservations.insert(key, rec);
         }
         if !windows.is_empty() {
-            let (meters, starts): (Vec<String>, Vec<i64>) = windows
+            let (meters, starts): (Vec<&str>, Vec<i64>) = windows
                 .iter()
-                .map(|(m, s)| (m.as_str().to_owned(), ts_to_sql(*s)))
+                .map(|(m, s)| (m.as_str(), ts_to_sql(*s)))
                 .unzip();
+            let load_allowances = prepared(tx, &sql.load_allowances).await?;
             let rows = tx
-                .query(
-                    &format!(
-                        "SELECT meter, window_start, used, held, resets_at FROM {allow} \
-                         WHERE account = $1 AND (meter, window_start) IN \
-                         (SELECT * FROM unnest($2::text[], $3::bigint[]))"
-                    ),
-                    &[&acct, &meters, &starts],
-                )
+                .query(&load_allowances, &[&acct, &meters, &starts])
                 .await
                 .map_err(pg_error)?;
             for row in &rows {
@@ -635,11 +695,9 @@ impl PostgresLedger {
             }
         }
         if let Some(key) = need.deposit {
+            let load_deposit = prepared(tx, &sql.load_deposit).await?;
             let row = tx
-                .query_opt(
-                    &format!("SELECT amount, at FROM {dep} WHERE account = $1 AND key = $2"),
-                    &[&acct, &key],
-                )
+                .query_opt(&load_deposit, &[&acct, &key])
                 .await
                 .map_err(pg_error)?;
             if let Some(row) = row {
@@ -662,18 +720,13 @@ impl PostgresLedger {
         before: &Parts,
         after: &Parts,
     ) -> Result<(), LedgerError> {
-        let bal = self.config.table("balances");
-        let res = self.config.table("reservations");
-        let allow = self.config.table("allowances");
-        let dep = self.config.table("deposits");
+        let sql = &self.sql;
         let acct = account.as_str();
         let b = &after.balance;
         if *b != before.balance {
+            let update_balance = prepared(tx, &sql.update_balance).await?;
             tx.execute(
-                &format!(
-                    "UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5 \
-                     WHERE account = $1"
-                ),
+                &update_balance,
                 &[
                     &acct,
                     &u64_to_sql(b.available.get())?,
@@ -687,12 +740,10 @@ impl PostgresLedger {
         }
         for key in before.reservations.keys() {
             if !after.reservations.contains_key(key) {
-                tx.execute(
-                    &format!("DELETE FROM {res} WHERE account = $1 AND key = $2"),
-                    &[&acct, key],
-                )
-                .await
-                .map_err(pg_error)?;
+                let delete_reservation = prepared(tx, &sql.delete_reservation).await?;
+                tx.execute(&delete_reservation, &[&acct, key])
+                    .await
+                    .map_err(pg_error)?;
             }
         }
         for (key, rec) in &after.reservations {
@@ -707,15 +758,9 @@ impl PostgresLedger {
                 .map(serde_json::to_value)
                 .transpose()
                 .map_err(StoreError::corrupt)?;
+            let upsert_reservation = prepared(tx, &sql.upsert_reservation).await?;
             tx.execute(
-                &format!(
-                    "INSERT INTO {res} (account, key, state, fingerprint, credits, \
-                     allowance_units, charges, settlement, expires_at, touched_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                     ON CONFLICT (account, key) DO UPDATE SET state = $3, fingerprint = $4, \
-                     credits = $5, allowance_units = $6, charges = $7, settlement = $8, \
-                     expires_at = $9, touched_at = $10"
-                ),
+                &upsert_reservation,
                 &[
                     &acct,
                     key,
@@ -734,11 +779,9 @@ impl PostgresLedger {
         }
         for (meter, start) in before.allowances.keys() {
             if !after.allowances.contains_key(&(meter.clone(), *start)) {
+                let delete_allowance = prepared(tx, &sql.delete_allowance).await?;
                 tx.execute(
-                    &format!(
-                        "DELETE FROM {allow} WHERE account = $1 AND meter = $2 \
-                         AND window_start = $3"
-                    ),
+                    &delete_allowance,
                     &[&acct, &meter.as_str(), &ts_to_sql(*start)],
                 )
                 .await
@@ -749,13 +792,9 @@ impl PostgresLedger {
             if before.allowances.get(&(meter.clone(), *start)) == Some(c) {
                 continue;
             }
+            let upsert_allowance = prepared(tx, &sql.upsert_allowance).await?;
             tx.execute(
-                &format!(
-                    "INSERT INTO {allow} (account, meter, window_start, used, held, resets_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (account, meter, window_start) \
-                     DO UPDATE SET used = $4, held = $5, resets_at = $6"
-                ),
+                &upsert_allowance,
                 &[
                     &acct,
                     &meter.as_str(),
@@ -770,25 +809,19 @@ impl PostgresLedger {
         }
         for key in before.deposits.keys() {
             if !after.deposits.contains_key(key) {
-                tx.execute(
-                    &format!("DELETE FROM {dep} WHERE account = $1 AND key = $2"),
-                    &[&acct, key],
-                )
-                .await
-                .map_err(pg_error)?;
+                let delete_deposit = prepared(tx, &sql.delete_deposit).await?;
+                tx.execute(&delete_deposit, &[&acct, key])
+                    .await
+                    .map_err(pg_error)?;
             }
         }
         for (key, (amount, at)) in &after.deposits {
             if before.deposits.get(key) == Some(&(*amount, *at)) {
                 continue;
             }
-            // A key forgotten after the retention time may still have its old row (the sweep
-            // deletes it later): replace it. The account's row lock makes this exclusive.
+            let upsert_deposit = prepared(tx, &sql.upsert_deposit).await?;
             tx.execute(
-                &format!(
-                    "INSERT INTO {dep} (account, key, amount, at) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (account, key) DO UPDATE SET amount = $3, at = $4"
-                ),
+                &upsert_deposit,
                 &[&acct, key, &u64_to_sql(amount.get())?, &ts_to_sql(*at)],
             )
             .await
@@ -912,6 +945,36 @@ impl Ledger for PostgresLedger {
 pub struct PostgresPlanStore {
     pool: Pool,
     config: PostgresConfig,
+    sql: Arc<PlanSql>,
+}
+
+/// The plan store's statements, built once from the configured table name (prepared once per
+/// connection, like [`LedgerSql`]).
+struct PlanSql {
+    get: String,
+    put: String,
+}
+
+impl PlanSql {
+    fn new(config: &PostgresConfig) -> Self {
+        let subs = config.table("subscriptions");
+        PlanSql {
+            get: format!(
+                "SELECT plan, status, current_period_start, current_period_end, \
+                 trial_end, canceled_at, ended_at, past_due_since, grace_until \
+                 FROM {subs} WHERE account = $1"
+            ),
+            put: format!(
+                "INSERT INTO {subs} (account, plan, status, current_period_start, \
+                 current_period_end, trial_end, canceled_at, ended_at, past_due_since, \
+                 grace_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (account) DO UPDATE SET plan = $2, status = $3, \
+                 current_period_start = $4, current_period_end = $5, trial_end = $6, \
+                 canceled_at = $7, ended_at = $8, past_due_since = $9, \
+                 grace_until = $10, updated_at = now()"
+            ),
+        }
+    }
 }
 
 impl fmt::Debug for PostgresPlanStore {
@@ -925,7 +988,8 @@ impl fmt::Debug for PostgresPlanStore {
 impl PostgresPlanStore {
     /// A plan store on `pool` with the tables of `config`.
     pub fn new(pool: Pool, config: PostgresConfig) -> Self {
-        PostgresPlanStore { pool, config }
+        let sql = Arc::new(PlanSql::new(&config));
+        PostgresPlanStore { pool, config, sql }
     }
 
     /// Creates the schema and tables if missing (the same migration as
@@ -948,18 +1012,14 @@ fn ts_col(row: &Row, i: usize) -> Result<Option<Timestamp>, StoreError> {
 #[async_trait]
 impl PlanStore for PostgresPlanStore {
     async fn subscription(&self, account: &AccountId) -> Result<Option<Subscription>, StoreError> {
-        let subs = self.config.table("subscriptions");
         timed(self.config.op_timeout, async {
             let client = self.pool.get().await.map_err(pool_error)?;
+            let get = client
+                .prepare_cached(&self.sql.get)
+                .await
+                .map_err(pg_error)?;
             let row = client
-                .query_opt(
-                    &format!(
-                        "SELECT plan, status, current_period_start, current_period_end, \
-                         trial_end, canceled_at, ended_at, past_due_since, grace_until \
-                         FROM {subs} WHERE account = $1"
-                    ),
-                    &[&account.as_str()],
-                )
+                .query_opt(&get, &[&account.as_str()])
                 .await
                 .map_err(pg_error)?;
             let Some(row) = row else { return Ok(None) };
@@ -983,20 +1043,15 @@ impl PlanStore for PostgresPlanStore {
     }
 
     async fn put_subscription(&self, s: Subscription) -> Result<(), StoreError> {
-        let subs = self.config.table("subscriptions");
         timed(self.config.op_timeout, async {
             let client = self.pool.get().await.map_err(pool_error)?;
+            let put = client
+                .prepare_cached(&self.sql.put)
+                .await
+                .map_err(pg_error)?;
             client
                 .execute(
-                    &format!(
-                        "INSERT INTO {subs} (account, plan, status, current_period_start, \
-                         current_period_end, trial_end, canceled_at, ended_at, past_due_since, \
-                         grace_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                         ON CONFLICT (account) DO UPDATE SET plan = $2, status = $3, \
-                         current_period_start = $4, current_period_end = $5, trial_end = $6, \
-                         canceled_at = $7, ended_at = $8, past_due_since = $9, \
-                         grace_until = $10, updated_at = now()"
-                    ),
+                    &put,
                     &[
                         &s.account.as_str(),
                         &s.plan.as_str(),
