@@ -74,6 +74,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::account::AccountId;
@@ -405,13 +406,7 @@ struct LedgerSql {
     load_reservations: String,
     load_allowances: String,
     load_deposit: String,
-    update_balance: String,
-    delete_reservation: String,
-    upsert_reservation: String,
-    delete_allowance: String,
-    upsert_allowance: String,
-    delete_deposit: String,
-    upsert_deposit: String,
+    write: String,
 }
 
 impl LedgerSql {
@@ -437,34 +432,46 @@ impl LedgerSql {
                  (SELECT * FROM unnest($2::text[], $3::bigint[]))"
             ),
             load_deposit: format!("SELECT amount, at FROM {dep} WHERE account = $1 AND key = $2"),
-            update_balance: format!(
-                "UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5 \
-                 WHERE account = $1"
-            ),
-            delete_reservation: format!("DELETE FROM {res} WHERE account = $1 AND key = $2"),
-            upsert_reservation: format!(
-                "INSERT INTO {res} (account, key, state, fingerprint, credits, \
-                 allowance_units, charges, settlement, expires_at, touched_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (account, key) DO UPDATE SET state = $3, fingerprint = $4, \
-                 credits = $5, allowance_units = $6, charges = $7, settlement = $8, \
-                 expires_at = $9, touched_at = $10"
-            ),
-            delete_allowance: format!(
-                "DELETE FROM {allow} WHERE account = $1 AND meter = $2 AND window_start = $3"
-            ),
-            upsert_allowance: format!(
-                "INSERT INTO {allow} (account, meter, window_start, used, held, resets_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (account, meter, window_start) \
-                 DO UPDATE SET used = $4, held = $5, resets_at = $6"
-            ),
-            delete_deposit: format!("DELETE FROM {dep} WHERE account = $1 AND key = $2"),
-            // A key forgotten after the retention time may still have its old row (the sweep
-            // deletes it later): replace it. The account's row lock makes this exclusive.
-            upsert_deposit: format!(
-                "INSERT INTO {dep} (account, key, amount, at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (account, key) DO UPDATE SET amount = $3, at = $4"
+            // Every write of an operation in one statement, each table's rows passed as
+            // column arrays (empty when nothing changed there). Rows deleted and rows
+            // upserted are disjoint, so no row is touched twice. A deposit key forgotten after
+            // the retention time may still have its old row (the sweep deletes it later): the
+            // upsert replaces it. The account's row lock makes all of this exclusive.
+            write: format!(
+                "WITH balance AS ( \
+                     UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5 \
+                      WHERE account = $1 AND $6::boolean \
+                 ), reservations_gone AS ( \
+                     DELETE FROM {res} WHERE account = $1 AND key = ANY($7::text[]) \
+                 ), reservations AS ( \
+                     INSERT INTO {res} (account, key, state, fingerprint, credits, \
+                         allowance_units, charges, settlement, expires_at, touched_at) \
+                     SELECT $1::text, * FROM unnest($8::text[], $9::text[], $10::bigint[], \
+                         $11::bigint[], $12::jsonb[], $13::jsonb[], $14::jsonb[], \
+                         $15::bigint[], $16::bigint[]) \
+                     ON CONFLICT (account, key) DO UPDATE SET state = EXCLUDED.state, \
+                         fingerprint = EXCLUDED.fingerprint, credits = EXCLUDED.credits, \
+                         allowance_units = EXCLUDED.allowance_units, \
+                         charges = EXCLUDED.charges, settlement = EXCLUDED.settlement, \
+                         expires_at = EXCLUDED.expires_at, touched_at = EXCLUDED.touched_at \
+                 ), allowances_gone AS ( \
+                     DELETE FROM {allow} WHERE account = $1 AND (meter, window_start) IN \
+                         (SELECT * FROM unnest($17::text[], $18::bigint[])) \
+                 ), allowances AS ( \
+                     INSERT INTO {allow} (account, meter, window_start, used, held, resets_at) \
+                     SELECT $1::text, * FROM unnest($19::text[], $20::bigint[], \
+                         $21::bigint[], $22::bigint[], $23::bigint[]) \
+                     ON CONFLICT (account, meter, window_start) DO UPDATE \
+                         SET used = EXCLUDED.used, held = EXCLUDED.held, \
+                         resets_at = EXCLUDED.resets_at \
+                 ), deposits_gone AS ( \
+                     DELETE FROM {dep} WHERE account = $1 AND key = ANY($24::text[]) \
+                 ), deposits AS ( \
+                     INSERT INTO {dep} (account, key, amount, at) \
+                     SELECT $1::text, * FROM unnest($25::text[], $26::bigint[], $27::bigint[]) \
+                     ON CONFLICT (account, key) DO UPDATE \
+                         SET amount = EXCLUDED.amount, at = EXCLUDED.at \
+                 ) SELECT 1"
             ),
         }
     }
@@ -720,114 +727,172 @@ impl PostgresLedger {
         before: &Parts,
         after: &Parts,
     ) -> Result<(), LedgerError> {
-        let sql = &self.sql;
-        let acct = account.as_str();
-        let b = &after.balance;
-        if *b != before.balance {
-            let update_balance = prepared(tx, &sql.update_balance).await?;
-            tx.execute(
-                &update_balance,
-                &[
-                    &acct,
-                    &u64_to_sql(b.available.get())?,
-                    &u64_to_sql(b.held.get())?,
-                    &u64_to_sql(b.settled.get())?,
-                    &u64_to_sql(b.deposited.get())?,
-                ],
-            )
+        let changes = Changes::between(before, after)?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let write = prepared(tx, &self.sql.write).await?;
+        tx.execute(&write, &changes.params(&account.as_str()))
             .await
             .map_err(pg_error)?;
+        Ok(())
+    }
+}
+
+/// What an operation changed, as the parameters of the write statement: the balance if it
+/// changed, then per table the keys of the rows to delete and the columns of the rows to
+/// insert or update.
+#[derive(Default)]
+struct Changes<'a> {
+    balance_changed: bool,
+    balance: [i64; 4],
+    reservations_gone: Vec<&'a str>,
+    reservations: ReservationColumns<'a>,
+    allowances_gone: (Vec<&'a str>, Vec<i64>),
+    allowances: AllowanceColumns<'a>,
+    deposits_gone: Vec<&'a str>,
+    deposits: (Vec<&'a str>, Vec<i64>, Vec<i64>),
+}
+
+#[derive(Default)]
+struct ReservationColumns<'a> {
+    key: Vec<&'a str>,
+    state: Vec<&'static str>,
+    fingerprint: Vec<i64>,
+    credits: Vec<i64>,
+    allowance_units: Vec<serde_json::Value>,
+    charges: Vec<serde_json::Value>,
+    settlement: Vec<Option<serde_json::Value>>,
+    expires_at: Vec<i64>,
+    touched_at: Vec<i64>,
+}
+
+#[derive(Default)]
+struct AllowanceColumns<'a> {
+    meter: Vec<&'a str>,
+    window_start: Vec<i64>,
+    used: Vec<i64>,
+    held: Vec<i64>,
+    resets_at: Vec<i64>,
+}
+
+impl<'a> Changes<'a> {
+    fn between(before: &'a Parts, after: &'a Parts) -> Result<Self, LedgerError> {
+        let mut c = Changes::default();
+        let b = &after.balance;
+        if *b != before.balance {
+            c.balance_changed = true;
+            c.balance = [
+                u64_to_sql(b.available.get())?,
+                u64_to_sql(b.held.get())?,
+                u64_to_sql(b.settled.get())?,
+                u64_to_sql(b.deposited.get())?,
+            ];
         }
         for key in before.reservations.keys() {
             if !after.reservations.contains_key(key) {
-                let delete_reservation = prepared(tx, &sql.delete_reservation).await?;
-                tx.execute(&delete_reservation, &[&acct, key])
-                    .await
-                    .map_err(pg_error)?;
+                c.reservations_gone.push(key);
             }
         }
         for (key, rec) in &after.reservations {
             if before.reservations.get(key) == Some(rec) {
                 continue;
             }
-            let units = serde_json::to_value(&rec.allowance_units).map_err(StoreError::corrupt)?;
-            let charges = serde_json::to_value(&rec.charges).map_err(StoreError::corrupt)?;
-            let settlement = rec
-                .settlement
-                .as_ref()
-                .map(serde_json::to_value)
-                .transpose()
-                .map_err(StoreError::corrupt)?;
-            let upsert_reservation = prepared(tx, &sql.upsert_reservation).await?;
-            tx.execute(
-                &upsert_reservation,
-                &[
-                    &acct,
-                    key,
-                    &state_name(rec.state),
-                    &i64::from_be_bytes(rec.fingerprint.to_be_bytes()),
-                    &u64_to_sql(rec.credits.get())?,
-                    &units,
-                    &charges,
-                    &settlement,
-                    &ts_to_sql(rec.expires_at),
-                    &ts_to_sql(rec.touched_at),
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
+            let r = &mut c.reservations;
+            r.key.push(key);
+            r.state.push(state_name(rec.state));
+            r.fingerprint
+                .push(i64::from_be_bytes(rec.fingerprint.to_be_bytes()));
+            r.credits.push(u64_to_sql(rec.credits.get())?);
+            r.allowance_units
+                .push(serde_json::to_value(&rec.allowance_units).map_err(StoreError::corrupt)?);
+            r.charges
+                .push(serde_json::to_value(&rec.charges).map_err(StoreError::corrupt)?);
+            r.settlement.push(
+                rec.settlement
+                    .as_ref()
+                    .map(serde_json::to_value)
+                    .transpose()
+                    .map_err(StoreError::corrupt)?,
+            );
+            r.expires_at.push(ts_to_sql(rec.expires_at));
+            r.touched_at.push(ts_to_sql(rec.touched_at));
         }
         for (meter, start) in before.allowances.keys() {
             if !after.allowances.contains_key(&(meter.clone(), *start)) {
-                let delete_allowance = prepared(tx, &sql.delete_allowance).await?;
-                tx.execute(
-                    &delete_allowance,
-                    &[&acct, &meter.as_str(), &ts_to_sql(*start)],
-                )
-                .await
-                .map_err(pg_error)?;
+                c.allowances_gone.0.push(meter.as_str());
+                c.allowances_gone.1.push(ts_to_sql(*start));
             }
         }
-        for ((meter, start), c) in &after.allowances {
-            if before.allowances.get(&(meter.clone(), *start)) == Some(c) {
+        for ((meter, start), counter) in &after.allowances {
+            if before.allowances.get(&(meter.clone(), *start)) == Some(counter) {
                 continue;
             }
-            let upsert_allowance = prepared(tx, &sql.upsert_allowance).await?;
-            tx.execute(
-                &upsert_allowance,
-                &[
-                    &acct,
-                    &meter.as_str(),
-                    &ts_to_sql(*start),
-                    &u64_to_sql(c.used)?,
-                    &u64_to_sql(c.held)?,
-                    &ts_to_sql(c.resets_at),
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
+            let a = &mut c.allowances;
+            a.meter.push(meter.as_str());
+            a.window_start.push(ts_to_sql(*start));
+            a.used.push(u64_to_sql(counter.used)?);
+            a.held.push(u64_to_sql(counter.held)?);
+            a.resets_at.push(ts_to_sql(counter.resets_at));
         }
         for key in before.deposits.keys() {
             if !after.deposits.contains_key(key) {
-                let delete_deposit = prepared(tx, &sql.delete_deposit).await?;
-                tx.execute(&delete_deposit, &[&acct, key])
-                    .await
-                    .map_err(pg_error)?;
+                c.deposits_gone.push(key);
             }
         }
         for (key, (amount, at)) in &after.deposits {
             if before.deposits.get(key) == Some(&(*amount, *at)) {
                 continue;
             }
-            let upsert_deposit = prepared(tx, &sql.upsert_deposit).await?;
-            tx.execute(
-                &upsert_deposit,
-                &[&acct, key, &u64_to_sql(amount.get())?, &ts_to_sql(*at)],
-            )
-            .await
-            .map_err(pg_error)?;
+            c.deposits.0.push(key);
+            c.deposits.1.push(u64_to_sql(amount.get())?);
+            c.deposits.2.push(ts_to_sql(*at));
         }
-        Ok(())
+        Ok(c)
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.balance_changed
+            && self.reservations_gone.is_empty()
+            && self.reservations.key.is_empty()
+            && self.allowances_gone.0.is_empty()
+            && self.allowances.meter.is_empty()
+            && self.deposits_gone.is_empty()
+            && self.deposits.0.is_empty()
+    }
+
+    /// The parameters of [`LedgerSql::write`], in order.
+    fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 27] {
+        let (b, r, a) = (&self.balance, &self.reservations, &self.allowances);
+        [
+            account,
+            &b[0],
+            &b[1],
+            &b[2],
+            &b[3],
+            &self.balance_changed,
+            &self.reservations_gone,
+            &r.key,
+            &r.state,
+            &r.fingerprint,
+            &r.credits,
+            &r.allowance_units,
+            &r.charges,
+            &r.settlement,
+            &r.expires_at,
+            &r.touched_at,
+            &self.allowances_gone.0,
+            &self.allowances_gone.1,
+            &a.meter,
+            &a.window_start,
+            &a.used,
+            &a.held,
+            &a.resets_at,
+            &self.deposits_gone,
+            &self.deposits.0,
+            &self.deposits.1,
+            &self.deposits.2,
+        ]
     }
 }
 
