@@ -63,7 +63,6 @@
 //! # }
 //! ```
 
-use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
@@ -74,6 +73,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
+use futures_util::future::try_join;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, Statement};
 
@@ -403,9 +403,7 @@ pub struct PostgresLedger {
 /// single round trip instead of a Parse/Describe round trip plus an execute round trip.
 struct LedgerSql {
     lock: String,
-    load_reservations: String,
-    load_allowances: String,
-    load_deposit: String,
+    load: String,
     write: String,
 }
 
@@ -421,17 +419,36 @@ impl LedgerSql {
                  ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account \
                  RETURNING available, held, settled, deposited"
             ),
-            load_reservations: format!(
-                "SELECT key, state, fingerprint, credits, allowance_units, charges, \
-                 settlement, expires_at, touched_at FROM {res} WHERE account = $1 \
-                 AND ((state = 'open' AND expires_at <= $2) OR key = $3)"
+            // Everything an operation reads besides the balance, as one row per record,
+            // tagged by its kind (see `add_rows`): the reservation under its key and the
+            // due open ones ('r'); the allowance counters of the windows the request names
+            // and of the charges of those reservations ('a'); the deposit under its key
+            // ('d'). Sent right behind `lock` on the same connection, so it runs once the
+            // lock is held, with a snapshot taken then.
+            load: format!(
+                "WITH r AS ( \
+                     SELECT key, state, fingerprint, credits, expires_at, touched_at, \
+                            allowance_units, charges, settlement \
+                       FROM {res} \
+                      WHERE account = $1 AND ((state = 'open' AND expires_at <= $2) OR key = $3) \
+                 ), w (meter, window_start) AS ( \
+                     SELECT * FROM unnest($4::text[], $5::bigint[]) \
+                     UNION \
+                     SELECT c ->> 'meter', (c -> 'allowance' ->> 'start')::bigint \
+                       FROM r, jsonb_array_elements(r.charges) AS c \
+                      WHERE jsonb_typeof(c -> 'allowance') = 'object' \
+                 ) \
+                 SELECT 'r', key, state, fingerprint, credits, expires_at, touched_at, \
+                        allowance_units, charges, settlement FROM r \
+                 UNION ALL \
+                 SELECT 'a', a.meter, NULL, a.window_start, a.used, a.held, a.resets_at, \
+                        NULL, NULL, NULL \
+                   FROM {allow} a JOIN w ON a.meter = w.meter AND a.window_start = w.window_start \
+                  WHERE a.account = $1 \
+                 UNION ALL \
+                 SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL \
+                   FROM {dep} WHERE account = $1 AND key = $6"
             ),
-            load_allowances: format!(
-                "SELECT meter, window_start, used, held, resets_at FROM {allow} \
-                 WHERE account = $1 AND (meter, window_start) IN \
-                 (SELECT * FROM unnest($2::text[], $3::bigint[]))"
-            ),
-            load_deposit: format!("SELECT amount, at FROM {dep} WHERE account = $1 AND key = $2"),
             // Every write of an operation in one statement, each table's rows passed as
             // column arrays (empty when nothing changed there). Rows deleted and rows
             // upserted are disjoint, so no row is touched twice. A deposit key forgotten after
@@ -638,6 +655,7 @@ impl PostgresLedger {
         timed(self.config.op_timeout, run).await?
     }
 
+    /// Locks the account's row and loads what `need` names, in one round trip.
     async fn load(
         &self,
         tx: &Transaction<'_>,
@@ -645,78 +663,42 @@ impl PostgresLedger {
         now: Timestamp,
         need: &Need<'_>,
     ) -> Result<Parts, StoreError> {
-        let sql = &self.sql;
         let acct = account.as_str();
-        let lock = prepared(tx, &sql.lock).await?;
-        let row = tx.query_one(&lock, &[&acct]).await.map_err(pg_error)?;
+        let (meters, starts): (Vec<&str>, Vec<i64>) = need
+            .allowances
+            .iter()
+            .map(|(m, s)| (m.as_str(), ts_to_sql(*s)))
+            .unzip();
+        // Both prepared before either is sent: the pipeline below relies on their order.
+        let lock = prepared(tx, &self.sql.lock).await?;
+        let load = prepared(tx, &self.sql.load).await?;
+        // Pipelined: tokio-postgres sends a query on its future's first poll and `try_join`
+        // polls in argument order, so `lock` goes out first and `load` right behind it
+        // without waiting for its answer. The server runs them in that order; under read
+        // committed, `load` takes its snapshot when it starts, after the lock is granted,
+        // so it sees everything the lock's previous holder committed. (One statement
+        // doing both would read from a snapshot taken before waiting for the lock.)
+        let (balance, rows) = try_join(
+            tx.query_one(&lock, &[&acct]),
+            tx.query(
+                &load,
+                &[
+                    &acct,
+                    &ts_to_sql(now),
+                    &need.reservation,
+                    &meters,
+                    &starts,
+                    &need.deposit,
+                ],
+            ),
+        )
+        .await
+        .map_err(pg_error)?;
         let mut parts = Parts {
-            balance: Balance {
-                available: Credits::new(from_sql(row.get(0))?),
-                held: Credits::new(from_sql(row.get(1))?),
-                settled: Credits::new(from_sql(row.get(2))?),
-                deposited: Credits::new(from_sql(row.get(3))?),
-            },
+            balance: balance_from_row(&balance, 0)?,
             ..Parts::default()
         };
-        let load_reservations = prepared(tx, &sql.load_reservations).await?;
-        let rows = tx
-            .query(
-                &load_reservations,
-                &[&acct, &ts_to_sql(now), &need.reservation],
-            )
-            .await
-            .map_err(pg_error)?;
-        let mut windows: HashSet<(Meter, Timestamp)> = need.allowances.iter().cloned().collect();
-        for row in &rows {
-            let (key, rec) = record_from_row(row)?;
-            for c in &rec.charges {
-                if let Some(w) = c.allowance {
-                    windows.insert((c.meter.clone(), w.start));
-                }
-            }
-            parts.reservations.insert(key, rec);
-        }
-        if !windows.is_empty() {
-            let (meters, starts): (Vec<&str>, Vec<i64>) = windows
-                .iter()
-                .map(|(m, s)| (m.as_str(), ts_to_sql(*s)))
-                .unzip();
-            let load_allowances = prepared(tx, &sql.load_allowances).await?;
-            let rows = tx
-                .query(&load_allowances, &[&acct, &meters, &starts])
-                .await
-                .map_err(pg_error)?;
-            for row in &rows {
-                let meter: String = row.get(0);
-                parts.allowances.insert(
-                    (
-                        Meter::new(meter),
-                        Timestamp::from_unix(from_sql(row.get(1))?),
-                    ),
-                    Counter {
-                        used: from_sql(row.get(2))?,
-                        held: from_sql(row.get(3))?,
-                        resets_at: Timestamp::from_unix(from_sql(row.get(4))?),
-                    },
-                );
-            }
-        }
-        if let Some(key) = need.deposit {
-            let load_deposit = prepared(tx, &sql.load_deposit).await?;
-            let row = tx
-                .query_opt(&load_deposit, &[&acct, &key])
-                .await
-                .map_err(pg_error)?;
-            if let Some(row) = row {
-                parts.deposits.insert(
-                    key.to_owned(),
-                    (
-                        Credits::new(from_sql(row.get(0))?),
-                        Timestamp::from_unix(from_sql(row.get(1))?),
-                    ),
-                );
-            }
-        }
+        add_rows(&mut parts, &rows)?;
         Ok(parts)
     }
 
@@ -896,21 +878,61 @@ impl<'a> Changes<'a> {
     }
 }
 
-fn record_from_row(row: &Row) -> Result<(String, Record), StoreError> {
-    let key: String = row.get(0);
-    let state: String = row.get(1);
-    let fingerprint: i64 = row.get(2);
-    let units: serde_json::Value = row.get(4);
-    let charges: serde_json::Value = row.get(5);
-    let settlement: Option<serde_json::Value> = row.get(6);
-    let rec = Record {
+fn balance_from_row(row: &Row, first: usize) -> Result<Balance, StoreError> {
+    Ok(Balance {
+        available: Credits::new(from_sql(row.get(first))?),
+        held: Credits::new(from_sql(row.get(first + 1))?),
+        settled: Credits::new(from_sql(row.get(first + 2))?),
+        deposited: Credits::new(from_sql(row.get(first + 3))?),
+    })
+}
+
+/// Adds the rows of [`LedgerSql::load`] to `parts`. Columns: the kind, a key, a state, four
+/// integers, three JSON values; which of them a kind uses is in the statement.
+fn add_rows(parts: &mut Parts, rows: &[Row]) -> Result<(), StoreError> {
+    for row in rows {
+        let kind: &str = row.get(0);
+        let key: String = row.get(1);
+        match kind {
+            "r" => {
+                let rec = record_from_row(row)?;
+                parts.reservations.insert(key, rec);
+            }
+            "a" => {
+                parts.allowances.insert(
+                    (Meter::new(key), Timestamp::from_unix(from_sql(row.get(3))?)),
+                    Counter {
+                        used: from_sql(row.get(4))?,
+                        held: from_sql(row.get(5))?,
+                        resets_at: Timestamp::from_unix(from_sql(row.get(6))?),
+                    },
+                );
+            }
+            "d" => {
+                let amount = Credits::new(from_sql(row.get(3))?);
+                let at = Timestamp::from_unix(from_sql(row.get(4))?);
+                parts.deposits.insert(key, (amount, at));
+            }
+            _ => return Err(corrupt("unknown row kind in the ledger load")),
+        }
+    }
+    Ok(())
+}
+
+fn record_from_row(row: &Row) -> Result<Record, StoreError> {
+    let state: &str = row.get(2);
+    let fingerprint: i64 = row.get(3);
+    let units: serde_json::Value = row.get(7);
+    let charges: serde_json::Value = row.get(8);
+    let settlement: Option<serde_json::Value> = row.get(9);
+    Ok(Record {
         fingerprint: u64::from_be_bytes(fingerprint.to_be_bytes()),
         charges: serde_json::from_value(charges).map_err(StoreError::corrupt)?,
-        credits: Credits::new(from_sql(row.get(3))?),
+        credits: Credits::new(from_sql(row.get(4))?),
         allowance_units: serde_json::from_value(units).map_err(StoreError::corrupt)?,
-        expires_at: Timestamp::from_unix(from_sql(row.get(7))?),
-        state: state_from(&state)?,
-        touched_at: Timestamp::from_unix(from_sql(row.get(8))?),
+        expires_at: Timestamp::from_unix(from_sql(row.get(5))?),
+        state: state_from(state)?,
+        touched_at: Timestamp::from_unix(from_sql(row.get(6))?),
         settlement: settlement
             .map(serde_json::from_value)
             .transpose()
@@ -918,8 +940,7 @@ fn record_from_row(row: &Row) -> Result<(String, Record), StoreError> {
         // Rows are kept for the retention time whatever their key (and deleted by the next
         // operation or `sweep` after it): the table has no column for it.
         retain: true,
-    };
-    Ok((key, rec))
+    })
 }
 
 #[async_trait]
@@ -1160,5 +1181,27 @@ mod tests {
             assert!(c.clone().schema(bad).is_err(), "{bad:?}");
         }
         assert!(c.table_prefix("p\"").is_err());
+    }
+
+    /// `LedgerSql::load` finds the allowance windows of loaded reservations in their stored
+    /// charges at `c ->> 'meter'` and `c -> 'allowance' ->> 'start'`: keep the JSON that way.
+    #[test]
+    fn stored_charges_have_the_paths_the_load_reads() {
+        use crate::plan::AllowanceWindow;
+        let charge = crate::ledger::Charge {
+            meter: Meter::new("calls"),
+            units: 2,
+            unit_price: Credits::new(3),
+            price_per: 1,
+            allowance: Some(AllowanceWindow {
+                limit: 10,
+                start: Timestamp::from_unix(60),
+                resets_at: Timestamp::from_unix(120),
+            }),
+            overage: true,
+        };
+        let json = serde_json::to_value(vec![charge]).expect("charges serialize");
+        assert_eq!(json[0]["meter"], serde_json::json!("calls"));
+        assert_eq!(json[0]["allowance"]["start"], serde_json::json!(60));
     }
 }
