@@ -18,13 +18,22 @@
 //! `CHECK (deposited = available + held + settled)` and non-negativity checks, so a bug would
 //! abort the transaction rather than store a wrong balance.
 //!
+//! An operation takes two round trips: `BEGIN`, the lock and the load are pipelined on the
+//! connection, then the write (one statement whatever changed) and `COMMIT`. The lock is held
+//! for one round trip plus the commit. An operation that changes nothing (a denial, a replay)
+//! rolls back instead. `balance` and `allowance_usage` first read the account without the
+//! lock, in one statement (one consistent snapshot); only when the book would change (a due
+//! reservation to expire, old records to forget) do they run again under the lock.
+//!
 //! Idempotency records are rows keyed by `(account, key)` (primary keys, so a key exists at
 //! most once). Expired reservations are released by the next operation on their account; the
 //! optional [`PostgresLedger::sweep`] does the same for accounts nobody touches and deletes
 //! records older than the retention time, a bounded number per call.
 //!
 //! If an operation times out or its connection drops before the commit, the transaction is
-//! rolled back: nothing is half-applied. Whether a commit that raced a lost connection landed
+//! rolled back: nothing is half-applied. (A connection whose operation did not finish is
+//! closed, not returned to the pool, so it never carries an open transaction to the next
+//! operation.) Whether a commit that raced a lost connection landed
 //! cannot be known, so the ledger never retries on its own; `reserve` and `deposit` are
 //! idempotent by key, so the caller may retry them with the same key safely.
 //!
@@ -71,11 +80,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
-use futures_util::future::try_join;
+use futures_util::future::{try_join, try_join3};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row, Statement};
+use tokio_postgres::{NoTls, Row};
 
 use crate::account::AccountId;
 use crate::credits::Credits;
@@ -390,6 +399,33 @@ struct Need<'a> {
     deposit: Option<&'a str>,
 }
 
+impl Need<'_> {
+    /// The allowance windows, as the meter and start columns of the load statement.
+    fn windows(&self) -> (Vec<&str>, Vec<i64>) {
+        self.allowances
+            .iter()
+            .map(|(m, s)| (m.as_str(), ts_to_sql(*s)))
+            .unzip()
+    }
+
+    /// The parameters of [`LedgerSql::load`] and [`LedgerSql::peek`], in order.
+    fn params<'p>(
+        &'p self,
+        account: &'p &'p str,
+        now: &'p i64,
+        windows: &'p (Vec<&'p str>, Vec<i64>),
+    ) -> [&'p (dyn ToSql + Sync); 6] {
+        [
+            account,
+            now,
+            &self.reservation,
+            &windows.0,
+            &windows.1,
+            &self.deposit,
+        ]
+    }
+}
+
 /// The PostgreSQL ledger. Clones share the pool.
 #[derive(Clone)]
 pub struct PostgresLedger {
@@ -404,6 +440,7 @@ pub struct PostgresLedger {
 struct LedgerSql {
     lock: String,
     load: String,
+    peek: String,
     write: String,
 }
 
@@ -413,41 +450,49 @@ impl LedgerSql {
         let res = config.table("reservations");
         let allow = config.table("allowances");
         let dep = config.table("deposits");
+        // Everything an operation reads besides the balance, as one row per record,
+        // tagged by its kind (see `add_rows`): the reservation under its key and the
+        // due open ones ('r'); the allowance counters of the windows the request names
+        // and of the charges of those reservations ('a'); the deposit under its key
+        // ('d'). Sent right behind `lock` on the same connection, so it runs once the
+        // lock is held, with a snapshot taken then.
+        let load = format!(
+            "WITH r AS ( \
+                 SELECT key, state, fingerprint, credits, expires_at, touched_at, \
+                        allowance_units, charges, settlement \
+                   FROM {res} \
+                  WHERE account = $1 AND ((state = 'open' AND expires_at <= $2) OR key = $3) \
+             ), w (meter, window_start) AS ( \
+                 SELECT * FROM unnest($4::text[], $5::bigint[]) \
+                 UNION \
+                 SELECT c ->> 'meter', (c -> 'allowance' ->> 'start')::bigint \
+                   FROM r, jsonb_array_elements(r.charges) AS c \
+                  WHERE jsonb_typeof(c -> 'allowance') = 'object' \
+             ) \
+             SELECT 'r', key, state, fingerprint, credits, expires_at, touched_at, \
+                    allowance_units, charges, settlement FROM r \
+             UNION ALL \
+             SELECT 'a', a.meter, NULL, a.window_start, a.used, a.held, a.resets_at, \
+                    NULL, NULL, NULL \
+               FROM {allow} a JOIN w ON a.meter = w.meter AND a.window_start = w.window_start \
+              WHERE a.account = $1 \
+             UNION ALL \
+             SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL \
+               FROM {dep} WHERE account = $1 AND key = $6"
+        );
+        // The same plus the balance row ('b'), for a read on one snapshot without the lock.
+        let peek = format!(
+            "{load} UNION ALL \
+             SELECT 'b', account, NULL, available, held, settled, deposited, NULL, NULL, NULL \
+               FROM {bal} WHERE account = $1"
+        );
         LedgerSql {
+            load,
+            peek,
             lock: format!(
                 "INSERT INTO {bal} (account) VALUES ($1) \
                  ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account \
                  RETURNING available, held, settled, deposited"
-            ),
-            // Everything an operation reads besides the balance, as one row per record,
-            // tagged by its kind (see `add_rows`): the reservation under its key and the
-            // due open ones ('r'); the allowance counters of the windows the request names
-            // and of the charges of those reservations ('a'); the deposit under its key
-            // ('d'). Sent right behind `lock` on the same connection, so it runs once the
-            // lock is held, with a snapshot taken then.
-            load: format!(
-                "WITH r AS ( \
-                     SELECT key, state, fingerprint, credits, expires_at, touched_at, \
-                            allowance_units, charges, settlement \
-                       FROM {res} \
-                      WHERE account = $1 AND ((state = 'open' AND expires_at <= $2) OR key = $3) \
-                 ), w (meter, window_start) AS ( \
-                     SELECT * FROM unnest($4::text[], $5::bigint[]) \
-                     UNION \
-                     SELECT c ->> 'meter', (c -> 'allowance' ->> 'start')::bigint \
-                       FROM r, jsonb_array_elements(r.charges) AS c \
-                      WHERE jsonb_typeof(c -> 'allowance') = 'object' \
-                 ) \
-                 SELECT 'r', key, state, fingerprint, credits, expires_at, touched_at, \
-                        allowance_units, charges, settlement FROM r \
-                 UNION ALL \
-                 SELECT 'a', a.meter, NULL, a.window_start, a.used, a.held, a.resets_at, \
-                        NULL, NULL, NULL \
-                   FROM {allow} a JOIN w ON a.meter = w.meter AND a.window_start = w.window_start \
-                  WHERE a.account = $1 \
-                 UNION ALL \
-                 SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL \
-                   FROM {dep} WHERE account = $1 AND key = $6"
             ),
             // Every write of an operation in one statement, each table's rows passed as
             // column arrays (empty when nothing changed there). Rows deleted and rows
@@ -492,11 +537,6 @@ impl LedgerSql {
             ),
         }
     }
-}
-
-/// The connection's prepared statement for `sql`, preparing it on first use.
-async fn prepared(tx: &Transaction<'_>, sql: &str) -> Result<Statement, StoreError> {
-    tx.prepare_cached(sql).await.map_err(pg_error)
 }
 
 impl fmt::Debug for PostgresLedger {
@@ -632,92 +672,156 @@ impl PostgresLedger {
         need: Need<'_>,
         op: impl FnOnce(&mut AccountBook) -> Result<T, LedgerError> + Send,
     ) -> Result<T, LedgerError> {
+        timed(self.config.op_timeout, self.locked(account, now, &need, op)).await?
+    }
+
+    /// Runs a read (`op` changes nothing unless records are due to expire or be forgotten)
+    /// without the lock when it can: on one consistent snapshot of the account, which is as
+    /// good as reading under the lock at that instant. Only if the book would change does it
+    /// run again under the lock, like any other operation.
+    async fn read_book<T>(
+        &self,
+        account: &AccountId,
+        now: Timestamp,
+        need: Need<'_>,
+        op: impl Fn(&mut AccountBook) -> Result<T, LedgerError> + Send + Sync,
+    ) -> Result<T, LedgerError> {
         let run = async {
-            let mut client = self.pool.get().await.map_err(pool_error)?;
-            let tx = client.transaction().await.map_err(pg_error)?;
-            let loaded = self.load(&tx, account, now, &need).await?;
-            let mut book = AccountBook::from_parts(self.config.retention_secs, loaded.clone());
-            let out = match op(&mut book) {
-                Ok(out) => out,
-                // Nothing to write; dropping the transaction rolls it back.
-                Err(e) => return Ok(Err(e)),
-            };
-            let after = book.into_parts();
-            if let Err(e) = self.store(&tx, account, &loaded, &after).await {
-                return match e {
-                    LedgerError::Store(e) => Err(e),
-                    other => Ok(Err(other)),
-                };
+            if let Some(out) = self.peek(account, now, &need, &op).await? {
+                return Ok(out);
             }
-            tx.commit().await.map_err(pg_error)?;
-            Ok(Ok(out))
+            self.locked(account, now, &need, &op).await
         };
         timed(self.config.op_timeout, run).await?
     }
 
-    /// Locks the account's row and loads what `need` names, in one round trip.
-    async fn load(
+    /// `op` on a snapshot read in one statement, without a transaction; `None` if it would
+    /// change the book.
+    async fn peek<T>(
         &self,
-        tx: &Transaction<'_>,
         account: &AccountId,
         now: Timestamp,
         need: &Need<'_>,
-    ) -> Result<Parts, StoreError> {
+        op: impl FnOnce(&mut AccountBook) -> Result<T, LedgerError>,
+    ) -> Result<Option<Result<T, LedgerError>>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let peek = client
+            .prepare_cached(&self.sql.peek)
+            .await
+            .map_err(pg_error)?;
         let acct = account.as_str();
-        let (meters, starts): (Vec<&str>, Vec<i64>) = need
-            .allowances
-            .iter()
-            .map(|(m, s)| (m.as_str(), ts_to_sql(*s)))
-            .unzip();
-        // Both prepared before either is sent: the pipeline below relies on their order.
-        let lock = prepared(tx, &self.sql.lock).await?;
-        let load = prepared(tx, &self.sql.load).await?;
-        // Pipelined: tokio-postgres sends a query on its future's first poll and `try_join`
-        // polls in argument order, so `lock` goes out first and `load` right behind it
-        // without waiting for its answer. The server runs them in that order; under read
-        // committed, `load` takes its snapshot when it starts, after the lock is granted,
-        // so it sees everything the lock's previous holder committed. (One statement
-        // doing both would read from a snapshot taken before waiting for the lock.)
-        let (balance, rows) = try_join(
-            tx.query_one(&lock, &[&acct]),
-            tx.query(
-                &load,
-                &[
-                    &acct,
-                    &ts_to_sql(now),
-                    &need.reservation,
-                    &meters,
-                    &starts,
-                    &need.deposit,
-                ],
-            ),
+        let windows = need.windows();
+        let rows = client
+            .query(&peek, &need.params(&acct, &ts_to_sql(now), &windows))
+            .await
+            .map_err(pg_error)?;
+        // An account without a row has a zero balance, as the lock would create it.
+        let mut parts = Parts::default();
+        add_rows(&mut parts, &rows)?;
+        let mut book = AccountBook::from_parts(self.config.retention_secs, parts.clone());
+        let out = op(&mut book);
+        let after = book.into_parts();
+        match Changes::between(&parts, &after) {
+            Ok(c) if c.is_empty() => Ok(Some(out)),
+            Ok(_) => Ok(None),
+            Err(LedgerError::Store(e)) => Err(e),
+            Err(e) => Ok(Some(Err(e))),
+        }
+    }
+
+    /// `op` in a transaction holding the account's row lock, in two round trips: BEGIN, the
+    /// lock and the load pipelined; then the write and COMMIT pipelined (or a ROLLBACK when
+    /// nothing changed, which spares the commit's WAL flush). The lock is held for one round
+    /// trip plus the commit.
+    async fn locked<T>(
+        &self,
+        account: &AccountId,
+        now: Timestamp,
+        need: &Need<'_>,
+        op: impl FnOnce(&mut AccountBook) -> Result<T, LedgerError>,
+    ) -> Result<Result<T, LedgerError>, StoreError> {
+        let sql = &self.sql;
+        let tx = OpenTx(Some(self.pool.get().await.map_err(pool_error)?));
+        let client = tx.client();
+        // All prepared before anything is sent: the pipelines below rely on their order.
+        let lock = client.prepare_cached(&sql.lock).await.map_err(pg_error)?;
+        let load = client.prepare_cached(&sql.load).await.map_err(pg_error)?;
+        let write = client.prepare_cached(&sql.write).await.map_err(pg_error)?;
+        let acct = account.as_str();
+        let windows = need.windows();
+        // Pipelined: tokio-postgres sends a query on its future's first poll and `try_join3`
+        // polls in argument order, so BEGIN, `lock` and `load` go out in that order without
+        // waiting for answers, and the server runs them in that order. Under read committed,
+        // `load` takes its snapshot when it starts, after the lock is granted, so it sees
+        // everything the lock's previous holder committed. (One statement doing both would
+        // read from a snapshot taken before waiting for the lock.)
+        let (_, balance, rows) = try_join3(
+            client.batch_execute("BEGIN"),
+            client.query_one(&lock, &[&acct]),
+            client.query(&load, &need.params(&acct, &ts_to_sql(now), &windows)),
         )
         .await
         .map_err(pg_error)?;
-        let mut parts = Parts {
+        let mut loaded = Parts {
             balance: balance_from_row(&balance, 0)?,
             ..Parts::default()
         };
-        add_rows(&mut parts, &rows)?;
-        Ok(parts)
+        add_rows(&mut loaded, &rows)?;
+        let mut book = AccountBook::from_parts(self.config.retention_secs, loaded.clone());
+        let out = op(&mut book);
+        let after = book.into_parts();
+        let changes = match (&out, Changes::between(&loaded, &after)) {
+            (Ok(_), Ok(c)) if !c.is_empty() => c,
+            // A refused operation or one that changed nothing: nothing to write.
+            (_, Ok(_)) => {
+                client.batch_execute("ROLLBACK").await.map_err(pg_error)?;
+                tx.close();
+                return Ok(out);
+            }
+            (_, Err(LedgerError::Store(e))) => return Err(e),
+            (_, Err(e)) => return Ok(Err(e)),
+        };
+        // Pipelined the same way: the write, then COMMIT. Should the write fail, the server
+        // has aborted the transaction and turns the COMMIT into a rollback; `try_join`
+        // reports the write's error. If the write never went out (an encoding error on
+        // its first poll), `try_join` returns before polling COMMIT and `tx` closes the
+        // connection: the transaction is rolled back either way.
+        try_join(
+            client.execute(&write, &changes.params(&acct)),
+            client.batch_execute("COMMIT"),
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.close();
+        Ok(out)
+    }
+}
+
+/// A pooled connection inside a transaction. [`OpenTx::close`] hands it back to the pool
+/// once the transaction has ended (committed or rolled back). Dropped without that (an
+/// error, the operation's timeout, a caller dropping the future), it takes the connection
+/// out of the pool and closes it, so the server rolls the transaction back: a connection
+/// never goes back to the pool inside a transaction.
+struct OpenTx(Option<Object>);
+
+impl OpenTx {
+    fn client(&self) -> &Object {
+        self.0
+            .as_ref()
+            .expect("an open transaction has its connection")
     }
 
-    async fn store(
-        &self,
-        tx: &Transaction<'_>,
-        account: &AccountId,
-        before: &Parts,
-        after: &Parts,
-    ) -> Result<(), LedgerError> {
-        let changes = Changes::between(before, after)?;
-        if changes.is_empty() {
-            return Ok(());
+    fn close(mut self) {
+        // Back to the pool.
+        drop(self.0.take());
+    }
+}
+
+impl Drop for OpenTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
         }
-        let write = prepared(tx, &self.sql.write).await?;
-        tx.execute(&write, &changes.params(&account.as_str()))
-            .await
-            .map_err(pg_error)?;
-        Ok(())
     }
 }
 
@@ -908,6 +1012,7 @@ fn add_rows(parts: &mut Parts, rows: &[Row]) -> Result<(), StoreError> {
                     },
                 );
             }
+            "b" => parts.balance = balance_from_row(row, 3)?,
             "d" => {
                 let amount = Credits::new(from_sql(row.get(3))?);
                 let at = Timestamp::from_unix(from_sql(row.get(4))?);
@@ -1004,7 +1109,7 @@ impl Ledger for PostgresLedger {
     }
 
     async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
-        self.with_book(account, now, Need::default(), |b| Ok(b.balance(now)))
+        self.read_book(account, now, Need::default(), |b| Ok(b.balance(now)))
             .await
     }
 
@@ -1019,7 +1124,7 @@ impl Ledger for PostgresLedger {
             allowances: vec![(meter.clone(), window_start)],
             ..Need::default()
         };
-        self.with_book(account, now, need, |b| {
+        self.read_book(account, now, need, |b| {
             Ok(b.allowance_usage(meter, window_start, now))
         })
         .await
