@@ -18,13 +18,22 @@
 //! `CHECK (deposited = available + held + settled)` and non-negativity checks, so a bug would
 //! abort the transaction rather than store a wrong balance.
 //!
+//! An operation takes two round trips: `BEGIN`, the lock and the load are pipelined on the
+//! connection, then the write (one statement whatever changed) and `COMMIT`. The lock is held
+//! for one round trip plus the commit. An operation that changes nothing (a denial, a replay)
+//! rolls back instead. `balance` and `allowance_usage` first read the account without the
+//! lock, in one statement (one consistent snapshot); only when the book would change (a due
+//! reservation to expire, old records to forget) do they run again under the lock.
+//!
 //! Idempotency records are rows keyed by `(account, key)` (primary keys, so a key exists at
 //! most once). Expired reservations are released by the next operation on their account; the
 //! optional [`PostgresLedger::sweep`] does the same for accounts nobody touches and deletes
 //! records older than the retention time, a bounded number per call.
 //!
 //! If an operation times out or its connection drops before the commit, the transaction is
-//! rolled back: nothing is half-applied. Whether a commit that raced a lost connection landed
+//! rolled back: nothing is half-applied. (A connection whose operation did not finish is
+//! closed, not returned to the pool, so it never carries an open transaction to the next
+//! operation.) Whether a commit that raced a lost connection landed
 //! cannot be known, so the ledger never retries on its own; `reserve` and `deposit` are
 //! idempotent by key, so the caller may retry them with the same key safely.
 //!
@@ -63,16 +72,18 @@
 //! # }
 //! ```
 
-use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
+use futures_util::future::{try_join, try_join3};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use crate::account::AccountId;
@@ -388,11 +399,144 @@ struct Need<'a> {
     deposit: Option<&'a str>,
 }
 
+impl Need<'_> {
+    /// The allowance windows, as the meter and start columns of the load statement.
+    fn windows(&self) -> (Vec<&str>, Vec<i64>) {
+        self.allowances
+            .iter()
+            .map(|(m, s)| (m.as_str(), ts_to_sql(*s)))
+            .unzip()
+    }
+
+    /// The parameters of [`LedgerSql::load`] and [`LedgerSql::peek`], in order.
+    fn params<'p>(
+        &'p self,
+        account: &'p &'p str,
+        now: &'p i64,
+        windows: &'p (Vec<&'p str>, Vec<i64>),
+    ) -> [&'p (dyn ToSql + Sync); 6] {
+        [
+            account,
+            now,
+            &self.reservation,
+            &windows.0,
+            &windows.1,
+            &self.deposit,
+        ]
+    }
+}
+
 /// The PostgreSQL ledger. Clones share the pool.
 #[derive(Clone)]
 pub struct PostgresLedger {
     pool: Pool,
     config: PostgresConfig,
+    sql: Arc<LedgerSql>,
+}
+
+/// The statements of the ledger's operations, built once from the configured table names.
+/// Each connection prepares them once (deadpool's statement cache), so running one costs a
+/// single round trip instead of a Parse/Describe round trip plus an execute round trip.
+struct LedgerSql {
+    lock: String,
+    load: String,
+    peek: String,
+    write: String,
+}
+
+impl LedgerSql {
+    fn new(config: &PostgresConfig) -> Self {
+        let bal = config.table("balances");
+        let res = config.table("reservations");
+        let allow = config.table("allowances");
+        let dep = config.table("deposits");
+        // Everything an operation reads besides the balance, as one row per record,
+        // tagged by its kind (see `add_rows`): the reservation under its key and the
+        // due open ones ('r'); the allowance counters of the windows the request names
+        // and of the charges of those reservations ('a'); the deposit under its key
+        // ('d'). Sent right behind `lock` on the same connection, so it runs once the
+        // lock is held, with a snapshot taken then.
+        let load = format!(
+            "WITH r AS ( \
+                 SELECT key, state, fingerprint, credits, expires_at, touched_at, \
+                        allowance_units, charges, settlement \
+                   FROM {res} \
+                  WHERE account = $1 AND ((state = 'open' AND expires_at <= $2) OR key = $3) \
+             ), w (meter, window_start) AS ( \
+                 SELECT * FROM unnest($4::text[], $5::bigint[]) \
+                 UNION \
+                 SELECT c ->> 'meter', (c -> 'allowance' ->> 'start')::bigint \
+                   FROM r, jsonb_array_elements(r.charges) AS c \
+                  WHERE jsonb_typeof(c -> 'allowance') = 'object' \
+             ) \
+             SELECT 'r', key, state, fingerprint, credits, expires_at, touched_at, \
+                    allowance_units, charges, settlement FROM r \
+             UNION ALL \
+             SELECT 'a', a.meter, NULL, a.window_start, a.used, a.held, a.resets_at, \
+                    NULL, NULL, NULL \
+               FROM {allow} a JOIN w ON a.meter = w.meter AND a.window_start = w.window_start \
+              WHERE a.account = $1 \
+             UNION ALL \
+             SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL \
+               FROM {dep} WHERE account = $1 AND key = $6"
+        );
+        // The same plus the balance row ('b'), for a read on one snapshot without the lock.
+        let peek = format!(
+            "{load} UNION ALL \
+             SELECT 'b', account, NULL, available, held, settled, deposited, NULL, NULL, NULL \
+               FROM {bal} WHERE account = $1"
+        );
+        LedgerSql {
+            load,
+            peek,
+            lock: format!(
+                "INSERT INTO {bal} (account) VALUES ($1) \
+                 ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account \
+                 RETURNING available, held, settled, deposited"
+            ),
+            // Every write of an operation in one statement, each table's rows passed as
+            // column arrays (empty when nothing changed there). Rows deleted and rows
+            // upserted are disjoint, so no row is touched twice. A deposit key forgotten after
+            // the retention time may still have its old row (the sweep deletes it later): the
+            // upsert replaces it. The account's row lock makes all of this exclusive.
+            write: format!(
+                "WITH balance AS ( \
+                     UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5 \
+                      WHERE account = $1 AND $6::boolean \
+                 ), reservations_gone AS ( \
+                     DELETE FROM {res} WHERE account = $1 AND key = ANY($7::text[]) \
+                 ), reservations AS ( \
+                     INSERT INTO {res} (account, key, state, fingerprint, credits, \
+                         allowance_units, charges, settlement, expires_at, touched_at) \
+                     SELECT $1::text, * FROM unnest($8::text[], $9::text[], $10::bigint[], \
+                         $11::bigint[], $12::jsonb[], $13::jsonb[], $14::jsonb[], \
+                         $15::bigint[], $16::bigint[]) \
+                     ON CONFLICT (account, key) DO UPDATE SET state = EXCLUDED.state, \
+                         fingerprint = EXCLUDED.fingerprint, credits = EXCLUDED.credits, \
+                         allowance_units = EXCLUDED.allowance_units, \
+                         charges = EXCLUDED.charges, settlement = EXCLUDED.settlement, \
+                         expires_at = EXCLUDED.expires_at, touched_at = EXCLUDED.touched_at \
+                 ), allowances_gone AS ( \
+                     DELETE FROM {allow} WHERE account = $1 AND (meter, window_start) IN \
+                         (SELECT * FROM unnest($17::text[], $18::bigint[])) \
+                 ), allowances AS ( \
+                     INSERT INTO {allow} (account, meter, window_start, used, held, resets_at) \
+                     SELECT $1::text, * FROM unnest($19::text[], $20::bigint[], \
+                         $21::bigint[], $22::bigint[], $23::bigint[]) \
+                     ON CONFLICT (account, meter, window_start) DO UPDATE \
+                         SET used = EXCLUDED.used, held = EXCLUDED.held, \
+                         resets_at = EXCLUDED.resets_at \
+                 ), deposits_gone AS ( \
+                     DELETE FROM {dep} WHERE account = $1 AND key = ANY($24::text[]) \
+                 ), deposits AS ( \
+                     INSERT INTO {dep} (account, key, amount, at) \
+                     SELECT $1::text, * FROM unnest($25::text[], $26::bigint[], $27::bigint[]) \
+                     ON CONFLICT (account, key) DO UPDATE \
+                         SET amount = EXCLUDED.amount, at = EXCLUDED.at \
+                 ) SELECT 1"
+            ),
+        }
+    }
 }
 
 impl fmt::Debug for PostgresLedger {
@@ -406,7 +550,8 @@ impl fmt::Debug for PostgresLedger {
 impl PostgresLedger {
     /// A ledger on `pool` (usually [`PostgresConfig::pool`]) with the tables of `config`.
     pub fn new(pool: Pool, config: PostgresConfig) -> Self {
-        PostgresLedger { pool, config }
+        let sql = Arc::new(LedgerSql::new(&config));
+        PostgresLedger { pool, config, sql }
     }
 
     /// Creates the schema and tables if missing (idempotent, transactional).
@@ -527,292 +672,372 @@ impl PostgresLedger {
         need: Need<'_>,
         op: impl FnOnce(&mut AccountBook) -> Result<T, LedgerError> + Send,
     ) -> Result<T, LedgerError> {
+        timed(self.config.op_timeout, self.locked(account, now, &need, op)).await?
+    }
+
+    /// Runs a read (`op` changes nothing unless records are due to expire or be forgotten)
+    /// without the lock when it can: on one consistent snapshot of the account, which is as
+    /// good as reading under the lock at that instant. Only if the book would change does it
+    /// run again under the lock, like any other operation.
+    async fn read_book<T>(
+        &self,
+        account: &AccountId,
+        now: Timestamp,
+        need: Need<'_>,
+        op: impl Fn(&mut AccountBook) -> Result<T, LedgerError> + Send + Sync,
+    ) -> Result<T, LedgerError> {
         let run = async {
-            let mut client = self.pool.get().await.map_err(pool_error)?;
-            let tx = client.transaction().await.map_err(pg_error)?;
-            let loaded = self.load(&tx, account, now, &need).await?;
-            let mut book = AccountBook::from_parts(self.config.retention_secs, loaded.clone());
-            let out = match op(&mut book) {
-                Ok(out) => out,
-                // Nothing to write; dropping the transaction rolls it back.
-                Err(e) => return Ok(Err(e)),
-            };
-            let after = book.into_parts();
-            if let Err(e) = self.store(&tx, account, &loaded, &after).await {
-                return match e {
-                    LedgerError::Store(e) => Err(e),
-                    other => Ok(Err(other)),
-                };
+            if let Some(out) = self.peek(account, now, &need, &op).await? {
+                return Ok(out);
             }
-            tx.commit().await.map_err(pg_error)?;
-            Ok(Ok(out))
+            self.locked(account, now, &need, &op).await
         };
         timed(self.config.op_timeout, run).await?
     }
 
-    async fn load(
+    /// `op` on a snapshot read in one statement, without a transaction; `None` if it would
+    /// change the book.
+    async fn peek<T>(
         &self,
-        tx: &Transaction<'_>,
         account: &AccountId,
         now: Timestamp,
         need: &Need<'_>,
-    ) -> Result<Parts, StoreError> {
-        let bal = self.config.table("balances");
-        let res = self.config.table("reservations");
-        let allow = self.config.table("allowances");
-        let dep = self.config.table("deposits");
+        op: impl FnOnce(&mut AccountBook) -> Result<T, LedgerError>,
+    ) -> Result<Option<Result<T, LedgerError>>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let peek = client
+            .prepare_cached(&self.sql.peek)
+            .await
+            .map_err(pg_error)?;
         let acct = account.as_str();
-        let row = tx
-            .query_one(
-                &format!(
-                    "INSERT INTO {bal} (account) VALUES ($1) \
-                     ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account \
-                     RETURNING available, held, settled, deposited"
-                ),
-                &[&acct],
-            )
+        let windows = need.windows();
+        let rows = client
+            .query(&peek, &need.params(&acct, &ts_to_sql(now), &windows))
             .await
             .map_err(pg_error)?;
-        let mut parts = Parts {
-            balance: Balance {
-                available: Credits::new(from_sql(row.get(0))?),
-                held: Credits::new(from_sql(row.get(1))?),
-                settled: Credits::new(from_sql(row.get(2))?),
-                deposited: Credits::new(from_sql(row.get(3))?),
-            },
-            ..Parts::default()
-        };
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT key, state, fingerprint, credits, allowance_units, charges, \
-                     settlement, expires_at, touched_at FROM {res} WHERE account = $1 \
-                     AND ((state = 'open' AND expires_at <= $2) OR key = $3)"
-                ),
-                &[&acct, &ts_to_sql(now), &need.reservation],
-            )
-            .await
-            .map_err(pg_error)?;
-        let mut windows: HashSet<(Meter, Timestamp)> = need.allowances.iter().cloned().collect();
-        for row in &rows {
-            let (key, rec) = record_from_row(row)?;
-            for c in rec.charges.iter() {
-                if let Some(w) = c.allowance {
-                    windows.insert((c.meter.clone(), w.start));
-                }
-            }
-            parts.reservations.insert(key.into(), rec);
+        // An account without a row has a zero balance, as the lock would create it.
+        let mut parts = Parts::default();
+        add_rows(&mut parts, &rows)?;
+        let mut book = AccountBook::from_parts(self.config.retention_secs, parts.clone());
+        let out = op(&mut book);
+        let after = book.into_parts();
+        match Changes::between(&parts, &after) {
+            Ok(c) if c.is_empty() => Ok(Some(out)),
+            Ok(_) => Ok(None),
+            Err(LedgerError::Store(e)) => Err(e),
+            Err(e) => Ok(Some(Err(e))),
         }
-        if !windows.is_empty() {
-            let (meters, starts): (Vec<String>, Vec<i64>) = windows
-                .iter()
-                .map(|(m, s)| (m.as_str().to_owned(), ts_to_sql(*s)))
-                .unzip();
-            let rows = tx
-                .query(
-                    &format!(
-                        "SELECT meter, window_start, used, held, resets_at FROM {allow} \
-                         WHERE account = $1 AND (meter, window_start) IN \
-                         (SELECT * FROM unnest($2::text[], $3::bigint[]))"
-                    ),
-                    &[&acct, &meters, &starts],
-                )
-                .await
-                .map_err(pg_error)?;
-            for row in &rows {
-                let meter: String = row.get(0);
-                parts.allowances.insert(
-                    (
-                        Meter::new(meter),
-                        Timestamp::from_unix(from_sql(row.get(1))?),
-                    ),
-                    Counter {
-                        used: from_sql(row.get(2))?,
-                        held: from_sql(row.get(3))?,
-                        resets_at: Timestamp::from_unix(from_sql(row.get(4))?),
-                    },
-                );
-            }
-        }
-        if let Some(key) = need.deposit {
-            let row = tx
-                .query_opt(
-                    &format!("SELECT amount, at FROM {dep} WHERE account = $1 AND key = $2"),
-                    &[&acct, &key],
-                )
-                .await
-                .map_err(pg_error)?;
-            if let Some(row) = row {
-                parts.deposits.insert(
-                    key.to_owned(),
-                    (
-                        Credits::new(from_sql(row.get(0))?),
-                        Timestamp::from_unix(from_sql(row.get(1))?),
-                    ),
-                );
-            }
-        }
-        Ok(parts)
     }
 
-    async fn store(
+    /// `op` in a transaction holding the account's row lock, in two round trips: BEGIN, the
+    /// lock and the load pipelined; then the write and COMMIT pipelined (or a ROLLBACK when
+    /// nothing changed, which spares the commit's WAL flush). The lock is held for one round
+    /// trip plus the commit.
+    async fn locked<T>(
         &self,
-        tx: &Transaction<'_>,
         account: &AccountId,
-        before: &Parts,
-        after: &Parts,
-    ) -> Result<(), LedgerError> {
-        let bal = self.config.table("balances");
-        let res = self.config.table("reservations");
-        let allow = self.config.table("allowances");
-        let dep = self.config.table("deposits");
+        now: Timestamp,
+        need: &Need<'_>,
+        op: impl FnOnce(&mut AccountBook) -> Result<T, LedgerError>,
+    ) -> Result<Result<T, LedgerError>, StoreError> {
+        let sql = &self.sql;
+        let tx = OpenTx(Some(self.pool.get().await.map_err(pool_error)?));
+        let client = tx.client();
+        // All prepared before anything is sent: the pipelines below rely on their order.
+        let lock = client.prepare_cached(&sql.lock).await.map_err(pg_error)?;
+        let load = client.prepare_cached(&sql.load).await.map_err(pg_error)?;
+        let write = client.prepare_cached(&sql.write).await.map_err(pg_error)?;
         let acct = account.as_str();
+        let windows = need.windows();
+        // Pipelined: tokio-postgres sends a query on its future's first poll and `try_join3`
+        // polls in argument order, so BEGIN, `lock` and `load` go out in that order without
+        // waiting for answers, and the server runs them in that order. Under read committed,
+        // `load` takes its snapshot when it starts, after the lock is granted, so it sees
+        // everything the lock's previous holder committed. (One statement doing both would
+        // read from a snapshot taken before waiting for the lock.)
+        let (_, balance, rows) = try_join3(
+            client.batch_execute("BEGIN"),
+            client.query_one(&lock, &[&acct]),
+            client.query(&load, &need.params(&acct, &ts_to_sql(now), &windows)),
+        )
+        .await
+        .map_err(pg_error)?;
+        let mut loaded = Parts {
+            balance: balance_from_row(&balance, 0)?,
+            ..Parts::default()
+        };
+        add_rows(&mut loaded, &rows)?;
+        let mut book = AccountBook::from_parts(self.config.retention_secs, loaded.clone());
+        let out = op(&mut book);
+        let after = book.into_parts();
+        let changes = match (&out, Changes::between(&loaded, &after)) {
+            (Ok(_), Ok(c)) if !c.is_empty() => c,
+            // A refused operation or one that changed nothing: nothing to write.
+            (_, Ok(_)) => {
+                client.batch_execute("ROLLBACK").await.map_err(pg_error)?;
+                tx.close();
+                return Ok(out);
+            }
+            (_, Err(LedgerError::Store(e))) => return Err(e),
+            (_, Err(e)) => return Ok(Err(e)),
+        };
+        // Pipelined the same way: the write, then COMMIT. Should the write fail, the server
+        // has aborted the transaction and turns the COMMIT into a rollback; `try_join`
+        // reports the write's error. If the write never went out (an encoding error on
+        // its first poll), `try_join` returns before polling COMMIT and `tx` closes the
+        // connection: the transaction is rolled back either way.
+        try_join(
+            client.execute(&write, &changes.params(&acct)),
+            client.batch_execute("COMMIT"),
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.close();
+        Ok(out)
+    }
+}
+
+/// A pooled connection inside a transaction. [`OpenTx::close`] hands it back to the pool
+/// once the transaction has ended (committed or rolled back). Dropped without that (an
+/// error, the operation's timeout, a caller dropping the future), it takes the connection
+/// out of the pool and closes it, so the server rolls the transaction back: a connection
+/// never goes back to the pool inside a transaction.
+struct OpenTx(Option<Object>);
+
+impl OpenTx {
+    fn client(&self) -> &Object {
+        self.0
+            .as_ref()
+            .expect("an open transaction has its connection")
+    }
+
+    fn close(mut self) {
+        // Back to the pool.
+        drop(self.0.take());
+    }
+}
+
+impl Drop for OpenTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+/// What an operation changed, as the parameters of the write statement: the balance if it
+/// changed, then per table the keys of the rows to delete and the columns of the rows to
+/// insert or update.
+#[derive(Default)]
+struct Changes<'a> {
+    balance_changed: bool,
+    balance: [i64; 4],
+    reservations_gone: Vec<&'a str>,
+    reservations: ReservationColumns<'a>,
+    allowances_gone: (Vec<&'a str>, Vec<i64>),
+    allowances: AllowanceColumns<'a>,
+    deposits_gone: Vec<&'a str>,
+    deposits: (Vec<&'a str>, Vec<i64>, Vec<i64>),
+}
+
+#[derive(Default)]
+struct ReservationColumns<'a> {
+    key: Vec<&'a str>,
+    state: Vec<&'static str>,
+    fingerprint: Vec<i64>,
+    credits: Vec<i64>,
+    allowance_units: Vec<serde_json::Value>,
+    charges: Vec<serde_json::Value>,
+    settlement: Vec<Option<serde_json::Value>>,
+    expires_at: Vec<i64>,
+    touched_at: Vec<i64>,
+}
+
+#[derive(Default)]
+struct AllowanceColumns<'a> {
+    meter: Vec<&'a str>,
+    window_start: Vec<i64>,
+    used: Vec<i64>,
+    held: Vec<i64>,
+    resets_at: Vec<i64>,
+}
+
+impl<'a> Changes<'a> {
+    fn between(before: &'a Parts, after: &'a Parts) -> Result<Self, LedgerError> {
+        let mut c = Changes::default();
         let b = &after.balance;
         if *b != before.balance {
-            tx.execute(
-                &format!(
-                    "UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5 \
-                     WHERE account = $1"
-                ),
-                &[
-                    &acct,
-                    &u64_to_sql(b.available.get())?,
-                    &u64_to_sql(b.held.get())?,
-                    &u64_to_sql(b.settled.get())?,
-                    &u64_to_sql(b.deposited.get())?,
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
+            c.balance_changed = true;
+            c.balance = [
+                u64_to_sql(b.available.get())?,
+                u64_to_sql(b.held.get())?,
+                u64_to_sql(b.settled.get())?,
+                u64_to_sql(b.deposited.get())?,
+            ];
         }
         for key in before.reservations.keys() {
             if !after.reservations.contains_key(key) {
-                tx.execute(
-                    &format!("DELETE FROM {res} WHERE account = $1 AND key = $2"),
-                    &[&acct, &key.as_str()],
-                )
-                .await
-                .map_err(pg_error)?;
+                c.reservations_gone.push(key);
             }
         }
         for (key, rec) in &after.reservations {
             if before.reservations.get(key) == Some(rec) {
                 continue;
             }
-            let units = serde_json::to_value(&rec.allowance_units).map_err(StoreError::corrupt)?;
-            let charges = serde_json::to_value(&rec.charges).map_err(StoreError::corrupt)?;
-            let settlement = rec
-                .settlement
-                .as_ref()
-                .map(serde_json::to_value)
-                .transpose()
-                .map_err(StoreError::corrupt)?;
-            tx.execute(
-                &format!(
-                    "INSERT INTO {res} (account, key, state, fingerprint, credits, \
-                     allowance_units, charges, settlement, expires_at, touched_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                     ON CONFLICT (account, key) DO UPDATE SET state = $3, fingerprint = $4, \
-                     credits = $5, allowance_units = $6, charges = $7, settlement = $8, \
-                     expires_at = $9, touched_at = $10"
-                ),
-                &[
-                    &acct,
-                    &key.as_str(),
-                    &state_name(rec.state),
-                    &i64::from_be_bytes(rec.fingerprint.to_be_bytes()),
-                    &u64_to_sql(rec.credits.get())?,
-                    &units,
-                    &charges,
-                    &settlement,
-                    &ts_to_sql(rec.expires_at),
-                    &ts_to_sql(rec.touched_at),
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
+            let r = &mut c.reservations;
+            r.key.push(key);
+            r.state.push(state_name(rec.state));
+            r.fingerprint
+                .push(i64::from_be_bytes(rec.fingerprint.to_be_bytes()));
+            r.credits.push(u64_to_sql(rec.credits.get())?);
+            r.allowance_units
+                .push(serde_json::to_value(&rec.allowance_units).map_err(StoreError::corrupt)?);
+            r.charges
+                .push(serde_json::to_value(&rec.charges).map_err(StoreError::corrupt)?);
+            r.settlement.push(
+                rec.settlement
+                    .as_ref()
+                    .map(serde_json::to_value)
+                    .transpose()
+                    .map_err(StoreError::corrupt)?,
+            );
+            r.expires_at.push(ts_to_sql(rec.expires_at));
+            r.touched_at.push(ts_to_sql(rec.touched_at));
         }
         for (meter, start) in before.allowances.keys() {
             if !after.allowances.contains_key(&(meter.clone(), *start)) {
-                tx.execute(
-                    &format!(
-                        "DELETE FROM {allow} WHERE account = $1 AND meter = $2 \
-                         AND window_start = $3"
-                    ),
-                    &[&acct, &meter.as_str(), &ts_to_sql(*start)],
-                )
-                .await
-                .map_err(pg_error)?;
+                c.allowances_gone.0.push(meter.as_str());
+                c.allowances_gone.1.push(ts_to_sql(*start));
             }
         }
-        for ((meter, start), c) in &after.allowances {
-            if before.allowances.get(&(meter.clone(), *start)) == Some(c) {
+        for ((meter, start), counter) in &after.allowances {
+            if before.allowances.get(&(meter.clone(), *start)) == Some(counter) {
                 continue;
             }
-            tx.execute(
-                &format!(
-                    "INSERT INTO {allow} (account, meter, window_start, used, held, resets_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (account, meter, window_start) \
-                     DO UPDATE SET used = $4, held = $5, resets_at = $6"
-                ),
-                &[
-                    &acct,
-                    &meter.as_str(),
-                    &ts_to_sql(*start),
-                    &u64_to_sql(c.used)?,
-                    &u64_to_sql(c.held)?,
-                    &ts_to_sql(c.resets_at),
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
+            let a = &mut c.allowances;
+            a.meter.push(meter.as_str());
+            a.window_start.push(ts_to_sql(*start));
+            a.used.push(u64_to_sql(counter.used)?);
+            a.held.push(u64_to_sql(counter.held)?);
+            a.resets_at.push(ts_to_sql(counter.resets_at));
         }
         for key in before.deposits.keys() {
             if !after.deposits.contains_key(key) {
-                tx.execute(
-                    &format!("DELETE FROM {dep} WHERE account = $1 AND key = $2"),
-                    &[&acct, &key.as_str()],
-                )
-                .await
-                .map_err(pg_error)?;
+                c.deposits_gone.push(key);
             }
         }
         for (key, (amount, at)) in &after.deposits {
             if before.deposits.get(key) == Some(&(*amount, *at)) {
                 continue;
             }
-            // A key forgotten after the retention time may still have its old row (the sweep
-            // deletes it later): replace it. The account's row lock makes this exclusive.
-            tx.execute(
-                &format!(
-                    "INSERT INTO {dep} (account, key, amount, at) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (account, key) DO UPDATE SET amount = $3, at = $4"
-                ),
-                &[&acct, key, &u64_to_sql(amount.get())?, &ts_to_sql(*at)],
-            )
-            .await
-            .map_err(pg_error)?;
+            c.deposits.0.push(key);
+            c.deposits.1.push(u64_to_sql(amount.get())?);
+            c.deposits.2.push(ts_to_sql(*at));
         }
-        Ok(())
+        Ok(c)
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.balance_changed
+            && self.reservations_gone.is_empty()
+            && self.reservations.key.is_empty()
+            && self.allowances_gone.0.is_empty()
+            && self.allowances.meter.is_empty()
+            && self.deposits_gone.is_empty()
+            && self.deposits.0.is_empty()
+    }
+
+    /// The parameters of [`LedgerSql::write`], in order.
+    fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 27] {
+        let (b, r, a) = (&self.balance, &self.reservations, &self.allowances);
+        [
+            account,
+            &b[0],
+            &b[1],
+            &b[2],
+            &b[3],
+            &self.balance_changed,
+            &self.reservations_gone,
+            &r.key,
+            &r.state,
+            &r.fingerprint,
+            &r.credits,
+            &r.allowance_units,
+            &r.charges,
+            &r.settlement,
+            &r.expires_at,
+            &r.touched_at,
+            &self.allowances_gone.0,
+            &self.allowances_gone.1,
+            &a.meter,
+            &a.window_start,
+            &a.used,
+            &a.held,
+            &a.resets_at,
+            &self.deposits_gone,
+            &self.deposits.0,
+            &self.deposits.1,
+            &self.deposits.2,
+        ]
     }
 }
 
-fn record_from_row(row: &Row) -> Result<(String, Record), StoreError> {
-    let key: String = row.get(0);
-    let state: String = row.get(1);
-    let fingerprint: i64 = row.get(2);
-    let units: serde_json::Value = row.get(4);
-    let charges: serde_json::Value = row.get(5);
-    let settlement: Option<serde_json::Value> = row.get(6);
-    let rec = Record {
+fn balance_from_row(row: &Row, first: usize) -> Result<Balance, StoreError> {
+    Ok(Balance {
+        available: Credits::new(from_sql(row.get(first))?),
+        held: Credits::new(from_sql(row.get(first + 1))?),
+        settled: Credits::new(from_sql(row.get(first + 2))?),
+        deposited: Credits::new(from_sql(row.get(first + 3))?),
+    })
+}
+
+/// Adds the rows of [`LedgerSql::load`] to `parts`. Columns: the kind, a key, a state, four
+/// integers, three JSON values; which of them a kind uses is in the statement.
+fn add_rows(parts: &mut Parts, rows: &[Row]) -> Result<(), StoreError> {
+    for row in rows {
+        let kind: &str = row.get(0);
+        let key: String = row.get(1);
+        match kind {
+            "r" => {
+                let rec = record_from_row(row)?;
+                parts.reservations.insert(key.into(), rec);
+            }
+            "a" => {
+                parts.allowances.insert(
+                    (Meter::new(key), Timestamp::from_unix(from_sql(row.get(3))?)),
+                    Counter {
+                        used: from_sql(row.get(4))?,
+                        held: from_sql(row.get(5))?,
+                        resets_at: Timestamp::from_unix(from_sql(row.get(6))?),
+                    },
+                );
+            }
+            "b" => parts.balance = balance_from_row(row, 3)?,
+            "d" => {
+                let amount = Credits::new(from_sql(row.get(3))?);
+                let at = Timestamp::from_unix(from_sql(row.get(4))?);
+                parts.deposits.insert(key, (amount, at));
+            }
+            _ => return Err(corrupt("unknown row kind in the ledger load")),
+        }
+    }
+    Ok(())
+}
+
+fn record_from_row(row: &Row) -> Result<Record, StoreError> {
+    let state: &str = row.get(2);
+    let fingerprint: i64 = row.get(3);
+    let units: serde_json::Value = row.get(7);
+    let charges: serde_json::Value = row.get(8);
+    let settlement: Option<serde_json::Value> = row.get(9);
+    Ok(Record {
         fingerprint: u64::from_be_bytes(fingerprint.to_be_bytes()),
         charges: serde_json::from_value(charges).map_err(StoreError::corrupt)?,
-        credits: Credits::new(from_sql(row.get(3))?),
+        credits: Credits::new(from_sql(row.get(4))?),
         allowance_units: serde_json::from_value(units).map_err(StoreError::corrupt)?,
-        expires_at: Timestamp::from_unix(from_sql(row.get(7))?),
-        state: state_from(&state)?,
-        touched_at: Timestamp::from_unix(from_sql(row.get(8))?),
+        expires_at: Timestamp::from_unix(from_sql(row.get(5))?),
+        state: state_from(state)?,
+        touched_at: Timestamp::from_unix(from_sql(row.get(6))?),
         settlement: settlement
             .map(serde_json::from_value)
             .transpose()
@@ -820,8 +1045,7 @@ fn record_from_row(row: &Row) -> Result<(String, Record), StoreError> {
         // Rows are kept for the retention time whatever their key (and deleted by the next
         // operation or `sweep` after it): the table has no column for it.
         retain: true,
-    };
-    Ok((key, rec))
+    })
 }
 
 #[async_trait]
@@ -885,7 +1109,7 @@ impl Ledger for PostgresLedger {
     }
 
     async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
-        self.with_book(account, now, Need::default(), |b| Ok(b.balance(now)))
+        self.read_book(account, now, Need::default(), |b| Ok(b.balance(now)))
             .await
     }
 
@@ -900,7 +1124,7 @@ impl Ledger for PostgresLedger {
             allowances: vec![(meter.clone(), window_start)],
             ..Need::default()
         };
-        self.with_book(account, now, need, |b| {
+        self.read_book(account, now, need, |b| {
             Ok(b.allowance_usage(meter, window_start, now))
         })
         .await
@@ -912,6 +1136,36 @@ impl Ledger for PostgresLedger {
 pub struct PostgresPlanStore {
     pool: Pool,
     config: PostgresConfig,
+    sql: Arc<PlanSql>,
+}
+
+/// The plan store's statements, built once from the configured table name (prepared once per
+/// connection, like [`LedgerSql`]).
+struct PlanSql {
+    get: String,
+    put: String,
+}
+
+impl PlanSql {
+    fn new(config: &PostgresConfig) -> Self {
+        let subs = config.table("subscriptions");
+        PlanSql {
+            get: format!(
+                "SELECT plan, status, current_period_start, current_period_end, \
+                 trial_end, canceled_at, ended_at, past_due_since, grace_until \
+                 FROM {subs} WHERE account = $1"
+            ),
+            put: format!(
+                "INSERT INTO {subs} (account, plan, status, current_period_start, \
+                 current_period_end, trial_end, canceled_at, ended_at, past_due_since, \
+                 grace_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (account) DO UPDATE SET plan = $2, status = $3, \
+                 current_period_start = $4, current_period_end = $5, trial_end = $6, \
+                 canceled_at = $7, ended_at = $8, past_due_since = $9, \
+                 grace_until = $10, updated_at = now()"
+            ),
+        }
+    }
 }
 
 impl fmt::Debug for PostgresPlanStore {
@@ -925,7 +1179,8 @@ impl fmt::Debug for PostgresPlanStore {
 impl PostgresPlanStore {
     /// A plan store on `pool` with the tables of `config`.
     pub fn new(pool: Pool, config: PostgresConfig) -> Self {
-        PostgresPlanStore { pool, config }
+        let sql = Arc::new(PlanSql::new(&config));
+        PostgresPlanStore { pool, config, sql }
     }
 
     /// Creates the schema and tables if missing (the same migration as
@@ -948,18 +1203,14 @@ fn ts_col(row: &Row, i: usize) -> Result<Option<Timestamp>, StoreError> {
 #[async_trait]
 impl PlanStore for PostgresPlanStore {
     async fn subscription(&self, account: &AccountId) -> Result<Option<Subscription>, StoreError> {
-        let subs = self.config.table("subscriptions");
         timed(self.config.op_timeout, async {
             let client = self.pool.get().await.map_err(pool_error)?;
+            let get = client
+                .prepare_cached(&self.sql.get)
+                .await
+                .map_err(pg_error)?;
             let row = client
-                .query_opt(
-                    &format!(
-                        "SELECT plan, status, current_period_start, current_period_end, \
-                         trial_end, canceled_at, ended_at, past_due_since, grace_until \
-                         FROM {subs} WHERE account = $1"
-                    ),
-                    &[&account.as_str()],
-                )
+                .query_opt(&get, &[&account.as_str()])
                 .await
                 .map_err(pg_error)?;
             let Some(row) = row else { return Ok(None) };
@@ -983,20 +1234,15 @@ impl PlanStore for PostgresPlanStore {
     }
 
     async fn put_subscription(&self, s: Subscription) -> Result<(), StoreError> {
-        let subs = self.config.table("subscriptions");
         timed(self.config.op_timeout, async {
             let client = self.pool.get().await.map_err(pool_error)?;
+            let put = client
+                .prepare_cached(&self.sql.put)
+                .await
+                .map_err(pg_error)?;
             client
                 .execute(
-                    &format!(
-                        "INSERT INTO {subs} (account, plan, status, current_period_start, \
-                         current_period_end, trial_end, canceled_at, ended_at, past_due_since, \
-                         grace_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                         ON CONFLICT (account) DO UPDATE SET plan = $2, status = $3, \
-                         current_period_start = $4, current_period_end = $5, trial_end = $6, \
-                         canceled_at = $7, ended_at = $8, past_due_since = $9, \
-                         grace_until = $10, updated_at = now()"
-                    ),
+                    &put,
                     &[
                         &s.account.as_str(),
                         &s.plan.as_str(),
@@ -1040,5 +1286,27 @@ mod tests {
             assert!(c.clone().schema(bad).is_err(), "{bad:?}");
         }
         assert!(c.table_prefix("p\"").is_err());
+    }
+
+    /// `LedgerSql::load` finds the allowance windows of loaded reservations in their stored
+    /// charges at `c ->> 'meter'` and `c -> 'allowance' ->> 'start'`: keep the JSON that way.
+    #[test]
+    fn stored_charges_have_the_paths_the_load_reads() {
+        use crate::plan::AllowanceWindow;
+        let charge = crate::ledger::Charge {
+            meter: Meter::new("calls"),
+            units: 2,
+            unit_price: Credits::new(3),
+            price_per: 1,
+            allowance: Some(AllowanceWindow {
+                limit: 10,
+                start: Timestamp::from_unix(60),
+                resets_at: Timestamp::from_unix(120),
+            }),
+            overage: true,
+        };
+        let json = serde_json::to_value(vec![charge]).expect("charges serialize");
+        assert_eq!(json[0]["meter"], serde_json::json!("calls"));
+        assert_eq!(json[0]["allowance"]["start"], serde_json::json!(60));
     }
 }
