@@ -210,8 +210,8 @@ pub struct ReserveRequest {
     pub ttl_secs: u64,
     /// Whether `key` is a client's idempotency key. Then the reservation is remembered for
     /// the retention time after it ends, so a retry is recognized (charged once). Otherwise
-    /// the key is unique to one request and can never come back: the in-memory ledger
-    /// forgets the reservation as soon as it is settled or released, keeping memory flat.
+    /// the key is unique to one request and can never come back: every backend forgets the
+    /// reservation as soon as it is settled or released, keeping storage flat.
     pub idempotent: bool,
     /// The current time.
     pub now: Timestamp,

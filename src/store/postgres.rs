@@ -26,7 +26,9 @@
 //! reservation to expire, old records to forget) do they run again under the lock.
 //!
 //! Idempotency records are rows keyed by `(account, key)` (primary keys, so a key exists at
-//! most once). Expired reservations are released by the next operation on their account; the
+//! most once). A reservation made without an idempotency key
+//! ([`ReserveRequest::idempotent`](crate::ledger::ReserveRequest::idempotent) false) has its
+//! row deleted when it is settled or released, as the in-memory ledger forgets it. Expired reservations are released by the next operation on their account; the
 //! optional [`PostgresLedger::sweep`] does the same for accounts nobody touches and deletes
 //! records older than the retention time, a bounded number per call.
 //!
@@ -276,6 +278,10 @@ CREATE TABLE IF NOT EXISTS {res} (
     touched_at      bigint NOT NULL,
     PRIMARY KEY (account, key)
 );
+-- Whether a finished reservation is kept for the retention time (made under an idempotency
+-- key) or deleted when settled or released (a key unique to one request). Rows from before
+-- the column existed are kept, as they always were.
+ALTER TABLE {res} ADD COLUMN IF NOT EXISTS retain boolean NOT NULL DEFAULT true;
 CREATE INDEX IF NOT EXISTS "{p}reservations_due" ON {res} (expires_at) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS "{p}reservations_done" ON {res} (touched_at) WHERE state <> 'open';
 CREATE TABLE IF NOT EXISTS {allow} (
@@ -459,7 +465,7 @@ impl LedgerSql {
         let load = format!(
             "WITH r AS ( \
                  SELECT key, state, fingerprint, credits, expires_at, touched_at, \
-                        allowance_units, charges, settlement \
+                        allowance_units, charges, settlement, retain \
                    FROM {res} \
                   WHERE account = $1 AND ((state = 'open' AND expires_at <= $2) OR key = $3) \
              ), w (meter, window_start) AS ( \
@@ -470,20 +476,21 @@ impl LedgerSql {
                   WHERE jsonb_typeof(c -> 'allowance') = 'object' \
              ) \
              SELECT 'r', key, state, fingerprint, credits, expires_at, touched_at, \
-                    allowance_units, charges, settlement FROM r \
+                    allowance_units, charges, settlement, retain FROM r \
              UNION ALL \
              SELECT 'a', a.meter, NULL, a.window_start, a.used, a.held, a.resets_at, \
-                    NULL, NULL, NULL \
+                    NULL, NULL, NULL, NULL \
                FROM {allow} a JOIN w ON a.meter = w.meter AND a.window_start = w.window_start \
               WHERE a.account = $1 \
              UNION ALL \
-             SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL \
+             SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL, NULL \
                FROM {dep} WHERE account = $1 AND key = $6"
         );
         // The same plus the balance row ('b'), for a read on one snapshot without the lock.
         let peek = format!(
             "{load} UNION ALL \
-             SELECT 'b', account, NULL, available, held, settled, deposited, NULL, NULL, NULL \
+             SELECT 'b', account, NULL, available, held, settled, deposited, NULL, NULL, NULL, \
+                    NULL \
                FROM {bal} WHERE account = $1"
         );
         LedgerSql {
@@ -507,15 +514,16 @@ impl LedgerSql {
                      DELETE FROM {res} WHERE account = $1 AND key = ANY($7::text[]) \
                  ), reservations AS ( \
                      INSERT INTO {res} (account, key, state, fingerprint, credits, \
-                         allowance_units, charges, settlement, expires_at, touched_at) \
+                         allowance_units, charges, settlement, expires_at, touched_at, retain) \
                      SELECT $1::text, * FROM unnest($8::text[], $9::text[], $10::bigint[], \
                          $11::bigint[], $12::jsonb[], $13::jsonb[], $14::jsonb[], \
-                         $15::bigint[], $16::bigint[]) \
+                         $15::bigint[], $16::bigint[], $28::boolean[]) \
                      ON CONFLICT (account, key) DO UPDATE SET state = EXCLUDED.state, \
                          fingerprint = EXCLUDED.fingerprint, credits = EXCLUDED.credits, \
                          allowance_units = EXCLUDED.allowance_units, \
                          charges = EXCLUDED.charges, settlement = EXCLUDED.settlement, \
-                         expires_at = EXCLUDED.expires_at, touched_at = EXCLUDED.touched_at \
+                         expires_at = EXCLUDED.expires_at, touched_at = EXCLUDED.touched_at, \
+                         retain = EXCLUDED.retain \
                  ), allowances_gone AS ( \
                      DELETE FROM {allow} WHERE account = $1 AND (meter, window_start) IN \
                          (SELECT * FROM unnest($17::text[], $18::bigint[])) \
@@ -851,6 +859,7 @@ struct ReservationColumns<'a> {
     settlement: Vec<Option<serde_json::Value>>,
     expires_at: Vec<i64>,
     touched_at: Vec<i64>,
+    retain: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -903,6 +912,7 @@ impl<'a> Changes<'a> {
             );
             r.expires_at.push(ts_to_sql(rec.expires_at));
             r.touched_at.push(ts_to_sql(rec.touched_at));
+            r.retain.push(rec.retain);
         }
         for (meter, start) in before.allowances.keys() {
             if !after.allowances.contains_key(&(meter.clone(), *start)) {
@@ -948,7 +958,7 @@ impl<'a> Changes<'a> {
     }
 
     /// The parameters of [`LedgerSql::write`], in order.
-    fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 27] {
+    fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 28] {
         let (b, r, a) = (&self.balance, &self.reservations, &self.allowances);
         [
             account,
@@ -978,6 +988,7 @@ impl<'a> Changes<'a> {
             &self.deposits.0,
             &self.deposits.1,
             &self.deposits.2,
+            &r.retain,
         ]
     }
 }
@@ -1042,9 +1053,7 @@ fn record_from_row(row: &Row) -> Result<Record, StoreError> {
             .map(serde_json::from_value)
             .transpose()
             .map_err(StoreError::corrupt)?,
-        // Rows are kept for the retention time whatever their key (and deleted by the next
-        // operation or `sweep` after it): the table has no column for it.
-        retain: true,
+        retain: row.get(10),
     })
 }
 

@@ -18,7 +18,10 @@
 //! - **Idempotency records** live as long as the retention time (default
 //!   [`DEFAULT_RETENTION_SECS`]) measured in the ledger's `now`, exactly as in the book; Redis
 //!   key TTLs (in wall-clock time, never shorter than a day) only collect the garbage of
-//!   accounts nobody touches again. Balances never expire.
+//!   accounts nobody touches again. A reservation made without an idempotency key
+//!   ([`ReserveRequest::idempotent`] false) is deleted when it is settled or released, as in
+//!   the book, so a busy API does not keep a record per request for a day. Balances never
+//!   expire.
 //! - **Amounts.** Redis Lua computes with doubles, exact for integers up to 2^53 − 1. So every
 //!   amount is kept at or below [`Credits::MAX_EXACT`]: deposits beyond it and totals that
 //!   would pass it are refused with [`LedgerError::AmountOutOfRange`] (as on every backend),
@@ -352,9 +355,12 @@ end
 "#;
 
 /// ARGV: 4 key, 5 fingerprint, 6 expires_at, 7 ttl, 8 n, then 9 per charge: meter, units,
-/// price, price per, overage, has allowance, limit, window start, resets at.
+/// price, price per, overage, has allowance, limit, window start, resets at; then whether
+/// the key is an idempotency key (`1`: keep the record for the retention time once finished;
+/// `0`: a key unique to one request, forgotten when settled or released).
 const RESERVE: &str = r#"
 local key, fp, ex, ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local keep = ARGV[9 + n * 9] or '1'
 local ch = {}
 for i = 1, n do
   local b = 8 + (i - 1) * 9
@@ -398,7 +404,7 @@ for i = 1, n do
   end
 end
 redis.call('DEL', rk)
-local f = {'fp', fp, 'st', 'o', 'cr', s(credits), 'ex', s(ex), 'tt', s(NOW), 'n', s(n)}
+local f = {'fp', fp, 'st', 'o', 'cr', s(credits), 'ex', s(ex), 'tt', s(NOW), 'n', s(n), 'k', keep}
 for i = 1, n do
   local c = ch[i]
   local j = tostring(i)
@@ -488,9 +494,12 @@ for j, p in ipairs(short) do
   f[#f + 1] = 'skm' .. j; f[#f + 1] = p[1]; f[#f + 1] = 'sku' .. j; f[#f + 1] = s(p[2])
 end
 redis.call('HSET', rk, unpack(f))
-redis.call('EXPIRE', rk, s(GC))
 redis.call('ZREM', B .. ':open', key)
-return done(settlement_reply('settled', hgetall(rk)))
+local reply = settlement_reply('settled', hgetall(rk))
+-- A key unique to one request never comes back: forget it now (records written before
+-- the flag existed have none and are kept, as they always were).
+if rec.k == '0' then redis.call('DEL', rk) else redis.call('EXPIRE', rk, s(GC)) end
+return done(reply)
 "#;
 
 /// ARGV: 4 key.
@@ -502,8 +511,12 @@ if not rec then return done({'unknown'}) end
 if rec.st == 's' then return done({'already_settled'}) end
 if rec.st ~= 'o' then return done({'ok'}) end
 release_units(rec)
-redis.call('HSET', rk, 'st', 'r', 'tt', s(NOW))
-redis.call('EXPIRE', rk, s(GC))
+if rec.k == '0' then
+  redis.call('DEL', rk)
+else
+  redis.call('HSET', rk, 'st', 'r', 'tt', s(NOW))
+  redis.call('EXPIRE', rk, s(GC))
+end
 redis.call('ZREM', B .. ':open', key)
 local cr = tonumber(rec.cr)
 bal.held = math.max(bal.held - cr, 0)
@@ -587,6 +600,7 @@ fn reserve_args(req: &ReserveRequest) -> Result<Vec<String>, LedgerError> {
             resets.to_string(),
         ]);
     }
+    args.push(if req.idempotent { "1" } else { "0" }.to_owned());
     Ok(args)
 }
 

@@ -489,6 +489,44 @@ pub async fn retention(l: &impl Ledger) {
     assert!(d.applied, "deposit key forgotten after retention");
 }
 
+/// A reservation made without an idempotency key (its key unique to one request) is
+/// forgotten once it is settled or released: nothing keeps it for the retention time, and
+/// the key, should it ever come back, starts a new reservation. Made under an idempotency
+/// key, the same sequence is recognized as a retry.
+pub async fn unique_keys_are_forgotten(l: &impl Ledger) {
+    let a = acct("once");
+    l.deposit(&a, Credits::new(10), "d", at(0)).await.unwrap();
+    for (key, idempotent) in [("u1", false), ("i1", true)] {
+        let mut req = request("once", key, vec![paid("req", 1, 1)], at(1));
+        req.idempotent = idempotent;
+        reserved(l.reserve(&req).await.unwrap());
+        l.settle(&id("once", key), &[], OverEstimate::DrawBalance, at(2))
+            .await
+            .unwrap();
+        req.now = at(3);
+        match l.reserve(&req).await.unwrap() {
+            ReserveOutcome::Reserved(_) => assert!(!idempotent, "a retry reserved again"),
+            ReserveOutcome::Replayed(Replay::Completed(_)) => {
+                assert!(idempotent, "a unique key was kept after settling")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut req = request("once", "u2", vec![paid("req", 1, 1)], at(4));
+    req.idempotent = false;
+    reserved(l.reserve(&req).await.unwrap());
+    l.release(&id("once", "u2"), at(5)).await.unwrap();
+    assert!(
+        matches!(
+            l.settle(&id("once", "u2"), &[], OverEstimate::DrawBalance, at(6))
+                .await,
+            Err(LedgerError::UnknownReservation)
+        ),
+        "a released unique key is forgotten"
+    );
+    conserved(l, "once", at(6)).await;
+}
+
 /// Operations of the random sequence.
 #[derive(Debug, Clone)]
 enum Op {
@@ -554,7 +592,8 @@ fn random_ops(seed: u64, n: usize) -> Vec<(Timestamp, Op)> {
                     fingerprint: rng.below(2),
                     charges: charges.into(),
                     ttl_secs: 1 + rng.below(30),
-                    idempotent: true,
+                    // Most keys are idempotency keys; the others are forgotten once finished.
+                    idempotent: rng.below(4) != 0,
                     now: t,
                 })
             }
@@ -684,6 +723,7 @@ macro_rules! conformance_tests {
         conformance_tests!(@one $ledger, expiry, expiry);
         conformance_tests!(@one $ledger, allowances, allowances);
         conformance_tests!(@one $ledger, retention, retention);
+        conformance_tests!(@one $ledger, unique_keys_are_forgotten, unique_keys_are_forgotten);
 
         #[tokio::test]
         async fn matches_the_book_on_random_sequences() {
