@@ -38,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-modes=(bare layers governor redis postgres)
+modes=(bare layers layers-once governor redis redis-once postgres postgres-once)
 declare -A port
 i=0
 for m in "${modes[@]}"; do
@@ -107,7 +107,8 @@ bare = statistics.median(r for r, _, _ in rows["bare"])
 print()
 print(f"| server | req/s (median) | p99 µs (median) | ratio to bare | non-2xx |")
 print(f"|---|---:|---:|---:|---:|")
-for m in ["bare", "layers", "governor", "nginx", "redis", "postgres"]:
+for m in ["bare", "layers", "layers-once", "governor", "nginx", "redis", "redis-once",
+          "postgres", "postgres-once"]:
     if m not in rows: continue
     rps = statistics.median(r for r, _, _ in rows[m])
     p99 = statistics.median(p for _, p, _ in rows[m])
@@ -123,7 +124,7 @@ key=${line%% *}; argv=${line#* }
 # shellcheck disable=SC2086
 redis-benchmark -h 127.0.0.1 -p 6379 -q -n 200000 -c "$CONNECTIONS" -r 1000000000 \
   EVALSHA "$sha" 1 "$key" $argv | tr '\r' '\n' | tail -1
-echo "(one tower-402 request runs two scripts: reserve and settle; plus a balance read by the gate)"
+echo "(one tower-402 request runs two scripts, reserve and settle, plus the gate's balance read unless -once)"
 redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'loadtest:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 DEL >/dev/null
 
 echo

@@ -219,6 +219,12 @@ impl Decision {
 
 /// Decides whether to serve a request. Pure: see the [module docs](self).
 pub fn decide(input: &DecisionInput<'_>) -> Decision {
+    decide_with(input, true)
+}
+
+/// [`decide`], optionally without step 3 (allowance and credit): for a gate that leaves that
+/// check to the metering layer's reservation, or has no ledger to read balances from.
+pub(crate) fn decide_with(input: &DecisionInput<'_>, check_cost: bool) -> Decision {
     let sub = input.subscription;
     let plan = input.plan;
     let now = input.now;
@@ -283,7 +289,7 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
     }
 
     // 3. allowance, then credit
-    if let Some(cost) = &req.cost {
+    if let Some(cost) = req.cost.as_ref().filter(|_| check_cost) {
         let charge = cost.charge(plan, now);
         match charge.split(cost.units, input.allowance_taken) {
             Ok(split) if split.credits > input.available => {

@@ -134,7 +134,7 @@ pub use account::{AccountId, ApiKey, IdentityResolver, StaticKeys};
 pub use credits::Credits;
 pub use decision::Denial;
 pub use error::{LedgerError, StoreError};
-pub use gate::{Entitlement, FailureMode, PaymentGateLayer};
+pub use gate::{Entitlement, FailureMode, GateAndMeteringLayer, PaymentGateLayer};
 pub use ledger::Ledger;
 pub use metering::{MeteringLayer, ReportedUsage};
 pub use problem::ProblemDetailsLayer;

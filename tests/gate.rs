@@ -137,3 +137,137 @@ async fn custom_denials_render_like_built_in_ones() {
     assert_eq!(doc["title"], "Department budget exhausted");
     assert_eq!(doc["budget_resets_at"], "2027-01-01T00:00:00Z");
 }
+
+/// A ledger that counts the gate's reads (balance and allowance usage) and otherwise is the
+/// in-memory ledger, without its synchronous fast path (so every call goes through here).
+#[derive(Clone)]
+struct CountingLedger {
+    inner: MemoryLedger,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingLedger {
+    fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Ledger for CountingLedger {
+    async fn reserve(
+        &self,
+        req: &tower_402::ledger::ReserveRequest,
+    ) -> Result<tower_402::ledger::ReserveOutcome, LedgerError> {
+        self.inner.reserve(req).await
+    }
+    async fn settle(
+        &self,
+        id: &tower_402::ledger::ReservationId,
+        usage: &[tower_402::ledger::Usage],
+        policy: tower_402::ledger::OverEstimate,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Settlement, LedgerError> {
+        self.inner.settle(id, usage, policy, now).await
+    }
+    async fn release(
+        &self,
+        id: &tower_402::ledger::ReservationId,
+        now: Timestamp,
+    ) -> Result<(), LedgerError> {
+        self.inner.release(id, now).await
+    }
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Deposit, LedgerError> {
+        self.inner.deposit(account, amount, key, now).await
+    }
+    async fn balance(
+        &self,
+        account: &AccountId,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Balance, LedgerError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.balance(account, now).await
+    }
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &tower_402::plan::Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::AllowanceUsage, LedgerError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .allowance_usage(account, meter, window_start, now)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn and_metering_checks_credit_once_at_the_reservation() {
+    use tower_402::decision::Cost;
+    let ledger = CountingLedger {
+        inner: MemoryLedger::new(),
+        reads: Default::default(),
+    };
+    let now = Timestamp::now();
+    ledger
+        .deposit(&"acme".into(), Credits::new(2), "seed", now)
+        .await
+        .unwrap();
+    let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
+    let cost = Requirement::new().cost(Cost::new("requests", 1, Credits::new(1)));
+    let gate = || {
+        PaymentGateLayer::new(keys(), plans.clone(), catalog())
+            .ledger(ledger.clone())
+            .default_requirement(cost.clone())
+    };
+    let available = Router::new().route(
+        "/",
+        get(|e: axum::Extension<Entitlement>| async move {
+            format!("{:?}", e.available.map(Credits::get))
+        }),
+    );
+    let key = [("x-api-key", "sk_live_TOPSECRET")];
+
+    // Stacked separately: the gate reads the balance, then the reservation checks again.
+    let stacked = available.clone().layer(
+        ServiceBuilder::new()
+            .layer(ProblemDetailsLayer::default())
+            .layer(gate())
+            .layer(MeteringLayer::new(ledger.clone())),
+    );
+    let a = send(&stacked, request(Method::GET, "/", &key, "")).await;
+    assert_eq!(
+        (a.status, a.body.as_ref()),
+        (StatusCode::OK, &b"Some(2)"[..])
+    );
+    assert_eq!(ledger.reads(), 1);
+
+    // Composed: no read by the gate; the reservation still charges and still refuses.
+    let once = available.layer(
+        ServiceBuilder::new()
+            .layer(ProblemDetailsLayer::default())
+            .layer(gate().and_metering(MeteringLayer::new(ledger.clone()))),
+    );
+    let a = send(&once, request(Method::GET, "/", &key, "")).await;
+    assert_eq!((a.status, a.body.as_ref()), (StatusCode::OK, &b"None"[..]));
+    assert_eq!(ledger.reads(), 1, "the gate read the ledger");
+    let broke = send(&once, request(Method::GET, "/", &key, "")).await;
+    let p = broke.problem(402, "INSUFFICIENT_CREDITS");
+    assert_eq!(
+        (p["balance"].as_u64(), p["required"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(ledger.reads(), 1);
+    let b = ledger
+        .inner
+        .balance(&"acme".into(), Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!((b.available, b.settled), (Credits::ZERO, Credits::new(2)));
+}

@@ -12,7 +12,8 @@
 //! 3. loads the subscription from the [`PlanStore`](crate::plan::PlanStore) and its plan from
 //!    the [`Catalog`](crate::plan::Catalog);
 //! 4. reads the balance and allowance used from the [`Ledger`](crate::Ledger) when the route
-//!    has a cost;
+//!    has a cost (unless the metering layer checks them, see
+//!    [`and_metering`](PaymentGateLayer::and_metering));
 //! 5. calls the pure [`decide`](crate::decision::decide).
 //!
 //! A refusal is answered right away with a problem document (see [`problem`](crate::problem)).
@@ -60,7 +61,7 @@ mod service;
 
 pub use entitlement::{Entitlement, FailedOpen, PublicRoute};
 pub use future::ResponseFuture;
-pub use layer::{FailureMode, PaymentGateLayer};
+pub use layer::{FailureMode, GateAndMeteringLayer, PaymentGateLayer};
 pub use service::PaymentGate;
 
 pub(crate) use layer::GateConfig;

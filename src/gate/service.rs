@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use crate::account::{AccountId, ApiKey, CredentialError};
 use crate::backend::bounded;
-use crate::decision::{decide, AuthFailure, Decision, DecisionInput, Denial, Requirement};
+use crate::decision::{decide_with, AuthFailure, Decision, DecisionInput, Denial, Requirement};
 use crate::error::{LedgerError, StoreError};
 use crate::gate::future::{Checked, ResponseFuture};
 use crate::gate::{Entitlement, FailureMode, GateConfig, PaymentGateLayer, PublicRoute};
@@ -299,7 +299,13 @@ where
     }
     let mut available = crate::Credits::ZERO;
     let mut allowance_taken = 0;
-    if let (Some(cost), Some(ledger)) = (&requirement.cost, &config.ledger) {
+    // Without a ledger, or when the metering layer's reservation makes the same check
+    // (`PaymentGateLayer::and_metering`), the gate does not read balances.
+    let ledger = config
+        .ledger
+        .as_ref()
+        .filter(|_| !config.credit_at_reservation);
+    if let (Some(cost), Some(ledger)) = (&requirement.cost, ledger) {
         let account = &entitlement.account;
         let sync = ledger.now_or_later();
         let balance: Result<_, LedgerError> = now_or_later!(
@@ -327,28 +333,20 @@ where
         }
         entitlement.available = Some(available);
     }
-    let cost_for_decision;
-    let requirement_for_decision = if config.ledger.is_none() {
-        // Without a ledger the gate cannot see balances; the metering layer will.
-        cost_for_decision = Requirement {
-            cost: None,
-            ..(*requirement).clone()
-        };
-        &cost_for_decision
-    } else {
-        &*requirement
-    };
-    let decision = decide(&DecisionInput {
-        subscription: sub,
-        plan,
-        catalog: &config.catalog,
-        requirement: requirement_for_decision,
-        available,
-        allowance_taken,
-        grace_secs: config.grace_secs,
-        soft_limit_percent: config.soft_limit_percent,
-        now,
-    });
+    let decision = decide_with(
+        &DecisionInput {
+            subscription: sub,
+            plan,
+            catalog: &config.catalog,
+            requirement: &requirement,
+            available,
+            allowance_taken,
+            grace_secs: config.grace_secs,
+            soft_limit_percent: config.soft_limit_percent,
+            now,
+        },
+        ledger.is_some(),
+    );
     match decision {
         Decision::Allow(warnings) => {
             for w in &warnings {

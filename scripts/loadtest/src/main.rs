@@ -1,14 +1,16 @@
 //! The servers `scripts/load.sh` compares, one binary:
 //!
 //! ```text
-//! loadtest serve <mode> <port>     mode: bare | layers | governor | redis | postgres
+//! loadtest serve <mode> <port>     mode: bare | layers | governor | redis | postgres, and
+//!                                  layers-once | redis-once | postgres-once (`and_metering`)
 //! loadtest redis-prepare <file>    seeds the Redis bench account, writes the reserve script
 //!                                  to <file>, prints its KEYS[1] and ARGV for redis-benchmark
 //! loadtest postgres-prepare        seeds the PostgreSQL bench account (schema `loadtest`)
 //! ```
 //!
 //! Every mode serves `GET /v1/forecast` → `sunny`. `layers`, `redis` and `postgres` put the
-//! three tower-402 layers in front of it (1 credit per call, key `k`); `governor` puts
+//! three tower-402 layers in front of it (1 credit per call, key `k`; the `-once` modes compose
+//! the gate and the metering layer with `and_metering`, checking credit once); `governor` puts
 //! `tower_governor` (a limit never reached) in front instead.
 
 use std::sync::Arc;
@@ -38,7 +40,9 @@ fn bare() -> Router {
     Router::new().route("/v1/forecast", get(|| async { "sunny" }))
 }
 
-async fn layered(ledger: impl Ledger + Clone) -> Router {
+/// The three layers on `ledger`; with `once`, the gate and the metering layer composed by
+/// `and_metering`, so the credit is checked once, by the reservation.
+async fn layered(ledger: impl Ledger + Clone, once: bool) -> Router {
     ledger
         .deposit(&ACCOUNT.into(), Credits::new(SEED), "loadtest-seed", Timestamp::now())
         .await
@@ -52,11 +56,19 @@ async fn layered(ledger: impl Ledger + Clone) -> Router {
     let gate = PaymentGateLayer::new(StaticKeys::new().with_key("k", ACCOUNT), plans, catalog)
         .ledger(ledger.clone())
         .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
+    let metering = MeteringLayer::new(ledger);
+    if once {
+        return bare().layer(
+            ServiceBuilder::new()
+                .layer(ProblemDetailsLayer::default())
+                .layer(gate.and_metering(metering)),
+        );
+    }
     bare().layer(
         ServiceBuilder::new()
             .layer(ProblemDetailsLayer::default())
             .layer(gate)
-            .layer(MeteringLayer::new(ledger)),
+            .layer(metering),
     )
 }
 
@@ -98,10 +110,13 @@ async fn main() {
             let port: u16 = args.get(3).and_then(|p| p.parse().ok()).expect("port");
             let app = match mode.as_str() {
                 "bare" => bare(),
-                "layers" => layered(MemoryLedger::new()).await,
+                "layers" => layered(MemoryLedger::new(), false).await,
+                "layers-once" => layered(MemoryLedger::new(), true).await,
                 "governor" => governed(),
-                "redis" => layered(redis_ledger()).await,
-                "postgres" => layered(postgres_ledger().await).await,
+                "redis" => layered(redis_ledger(), false).await,
+                "redis-once" => layered(redis_ledger(), true).await,
+                "postgres" => layered(postgres_ledger().await, false).await,
+                "postgres-once" => layered(postgres_ledger().await, true).await,
                 other => panic!("unknown mode {other}"),
             };
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -173,7 +188,7 @@ async fn main() {
                 .expect("seed");
         }
         _ => {
-            eprintln!("usage: loadtest serve <bare|layers|governor|redis|postgres> <port> | redis-prepare <file> | postgres-prepare");
+            eprintln!("usage: loadtest serve <bare|layers|layers-once|governor|redis|redis-once|postgres|postgres-once> <port> | redis-prepare <file> | postgres-prepare");
             std::process::exit(2);
         }
     }
