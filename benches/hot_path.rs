@@ -75,15 +75,7 @@ fn bench_layers(c: &mut Criterion) {
 
     // The same request and response through no layer: what the figures below include anyway.
     let bare = ServiceBuilder::new().service(tower::service_fn(handler));
-    c.bench_function("baseline/no_layers", |b| {
-        b.to_async(&rt).iter(|| {
-            let svc = bare;
-            async move {
-                let res = svc.oneshot(request()).await.unwrap();
-                res.into_body().collect().await.unwrap()
-            }
-        })
-    });
+    served(c, &rt, "baseline/no_layers", bare, request);
 
     let gate_only = ServiceBuilder::new()
         .layer(gate.clone())
@@ -95,16 +87,44 @@ fn bench_layers(c: &mut Criterion) {
         })
     });
 
+    let once = ServiceBuilder::new()
+        .layer(ProblemDetailsLayer::default())
+        .layer(
+            gate.clone()
+                .and_metering(MeteringLayer::new(ledger.clone()).clock(ManualClock::new(NOW))),
+        )
+        .service(tower::service_fn(handler));
     let full = ServiceBuilder::new()
         .layer(ProblemDetailsLayer::default())
         .layer(gate)
         .layer(MeteringLayer::new(ledger).clock(ManualClock::new(NOW)))
         .service(tower::service_fn(handler));
-    c.bench_function("gate_metering/reserve_settle", |b| {
-        b.to_async(&rt).iter(|| {
-            let svc = full.clone();
+    served(c, &rt, "gate_metering/reserve_settle", full, request);
+    // The same, composed with `and_metering`: the gate leaves the credit check to the
+    // reservation.
+    served(c, &rt, "gate_metering/and_metering", once, request);
+}
+
+/// One request through `svc` and its whole response body (where the settlement happens) per
+/// iteration.
+fn served<S, B>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    svc: S,
+    request: impl Fn() -> Request<Empty<Bytes>>,
+) where
+    S: tower::Service<Request<Empty<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    c.bench_function(name, |b| {
+        b.to_async(rt).iter(|| {
+            let svc = svc.clone();
+            let req = request();
             async move {
-                let res = svc.oneshot(request()).await.unwrap();
+                let res = svc.oneshot(req).await.unwrap();
                 res.into_body().collect().await.unwrap()
             }
         })
