@@ -24,6 +24,8 @@ fn url() -> String {
 /// unreachable.
 async fn config() -> Option<PostgresConfig> {
     let url = url();
+    static CLEANED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    CLEANED.get_or_init(drop_stale_schemas).await;
     let schema = conformance::unique("t");
     let config = PostgresConfig::new(&url)
         .expect("url")
@@ -60,6 +62,32 @@ async fn admin() -> tokio_postgres::Client {
         .expect("admin connection");
     tokio::spawn(conn);
     client
+}
+
+/// Drops the schemas earlier test runs left behind (each test migrates its own).
+async fn drop_stale_schemas() {
+    let Ok((client, conn)) = tokio_postgres::connect(&url(), NoTls).await else {
+        return; // unreachable: `config` says so
+    };
+    tokio::spawn(conn);
+    let Ok(rows) = client
+        .query(
+            "SELECT schema_name::text FROM information_schema.schemata \
+             WHERE schema_name LIKE 't\\_%'",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    for row in rows {
+        let schema: String = row.get(0);
+        if conformance::stale(&schema, "t") {
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .await;
+        }
+    }
 }
 
 async fn drop_schema(config: &PostgresConfig, schema: &str) {

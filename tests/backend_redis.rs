@@ -20,6 +20,8 @@ fn url() -> String {
 /// A config with a fresh prefix, or `None` (after saying so) when Redis is unreachable.
 async fn config() -> Option<RedisConfig> {
     let url = url();
+    static CLEANED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    CLEANED.get_or_init(delete_stale_keys).await;
     let config = match RedisConfig::new(&url) {
         Ok(c) => c.prefix(format!("tower402test:{}:", conformance::unique("r"))),
         Err(e) => {
@@ -34,6 +36,34 @@ async fn config() -> Option<RedisConfig> {
             conformance::skip("Redis", &url, &e);
             None
         }
+    }
+}
+
+/// Deletes the keys earlier test runs left behind (each test has its own key prefix,
+/// `tower402test:r_<pid>_…:`).
+async fn delete_stale_keys() {
+    let Ok(client) = redis::Client::open(url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return; // unreachable: `config` says so
+    };
+    let Ok(keys) = redis::cmd("KEYS")
+        .arg("tower402test:*")
+        .query_async::<Vec<String>>(&mut conn)
+        .await
+    else {
+        return;
+    };
+    let stale: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            k.strip_prefix("tower402test:")
+                .is_some_and(|rest| conformance::stale(rest, "r"))
+        })
+        .collect();
+    for chunk in stale.chunks(500) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
     }
 }
 

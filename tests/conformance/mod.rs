@@ -29,6 +29,23 @@ pub fn unique(tag: &str) -> String {
     )
 }
 
+/// Whether `name` was made by [`unique`] with `tag` in a test process that has ended, so
+/// its schema or keys are left over and may be deleted. (Linux: the process is looked up in
+/// `/proc`; elsewhere nothing is ever stale.)
+pub fn stale(name: &str, tag: &str) -> bool {
+    let Some(pid) = name
+        .strip_prefix(tag)
+        .and_then(|rest| rest.strip_prefix('_'))
+        .and_then(|rest| rest.split('_').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    pid != std::process::id()
+        && std::path::Path::new("/proc/self").exists()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Whether tests must fail (instead of skip) when a backend is unreachable.
 pub fn required() -> bool {
     std::env::var("TOWER402_REQUIRE_BACKENDS").is_ok_and(|v| v == "1")
