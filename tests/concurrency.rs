@@ -12,30 +12,34 @@ use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Period, Plan, Subscription};
 use tower_402::*;
 
-fn app(ledger: MemoryLedger, plans: MemoryPlanStore, clock: ManualClock) -> Router {
+/// The three layers, stacked or (`once`) composed with `and_metering`, where only the
+/// reservation checks the credit.
+fn app(ledger: MemoryLedger, plans: MemoryPlanStore, clock: ManualClock, once: bool) -> Router {
     let catalog = Catalog::new()
         .with_plan(Plan::new("basic", "Basic", 1).overage(true))
         .with_plan(Plan::new("free", "Free", 0).allowance("requests", 100, Period::Day));
     let keys = StaticKeys::new()
         .with_key("k-basic", "racer")
         .with_key("k-free", "freeloader");
-    Router::new()
-        .route("/work", get(|| async { "done" }))
-        .layer(
+    let gate = PaymentGateLayer::new(keys, plans, catalog)
+        .ledger(ledger.clone())
+        .clock(clock.clone())
+        .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
+    let metering = MeteringLayer::new(ledger).clock(clock);
+    let router = Router::new().route("/work", get(|| async { "done" }));
+    if once {
+        return router.layer(
             ServiceBuilder::new()
                 .layer(ProblemDetailsLayer::default())
-                .layer(
-                    PaymentGateLayer::new(keys, plans, catalog)
-                        .ledger(ledger.clone())
-                        .clock(clock.clone())
-                        .default_requirement(Requirement::new().cost(Cost::new(
-                            "requests",
-                            1,
-                            Credits::new(1),
-                        ))),
-                )
-                .layer(MeteringLayer::new(ledger).clock(clock)),
-        )
+                .layer(gate.and_metering(metering)),
+        );
+    }
+    router.layer(
+        ServiceBuilder::new()
+            .layer(ProblemDetailsLayer::default())
+            .layer(gate)
+            .layer(metering),
+    )
 }
 
 async fn race(app: Router, key: &'static str, n: usize) -> (usize, usize, usize) {
@@ -66,37 +70,42 @@ async fn race(app: Router, key: &'static str, n: usize) -> (usize, usize, usize)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_requests_against_a_hundred_credits() {
-    let clock = ManualClock::new(Timestamp::from_utc(2026, 11, 24, 0, 0, 0).unwrap());
-    let ledger = MemoryLedger::new();
-    let plans = MemoryPlanStore::new().with(Subscription::active("racer", "basic"));
-    let racer = AccountId::new("racer");
-    ledger
-        .deposit(&racer, Credits::new(100), "seed", clock.now())
-        .await
-        .unwrap();
-    let (ok, denied, other) =
-        race(app(ledger.clone(), plans, clock.clone()), "k-basic", 1000).await;
-    assert_eq!((ok, denied, other), (100, 900, 0));
-    let b = ledger.balance(&racer, clock.now()).await.unwrap();
-    assert_eq!(b.available, Credits::ZERO);
-    assert_eq!(b.held, Credits::ZERO);
-    assert_eq!(b.settled, Credits::new(100));
-    assert_eq!(b.deposited, Credits::new(100));
-    assert_eq!(ledger.open_reservations(&racer, clock.now()), 0);
+    for once in [false, true] {
+        let clock = ManualClock::new(Timestamp::from_utc(2026, 11, 24, 0, 0, 0).unwrap());
+        let ledger = MemoryLedger::new();
+        let plans = MemoryPlanStore::new().with(Subscription::active("racer", "basic"));
+        let racer = AccountId::new("racer");
+        ledger
+            .deposit(&racer, Credits::new(100), "seed", clock.now())
+            .await
+            .unwrap();
+        let app = app(ledger.clone(), plans, clock.clone(), once);
+        let (ok, denied, other) = race(app, "k-basic", 1000).await;
+        assert_eq!((ok, denied, other), (100, 900, 0), "and_metering: {once}");
+        let b = ledger.balance(&racer, clock.now()).await.unwrap();
+        assert_eq!(b.available, Credits::ZERO);
+        assert_eq!(b.held, Credits::ZERO);
+        assert_eq!(b.settled, Credits::new(100));
+        assert_eq!(b.deposited, Credits::new(100));
+        assert_eq!(ledger.open_reservations(&racer, clock.now()), 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_requests_against_an_allowance_of_a_hundred() {
-    let clock = ManualClock::new(Timestamp::from_utc(2026, 11, 24, 0, 0, 0).unwrap());
-    let ledger = MemoryLedger::new();
-    let plans = MemoryPlanStore::new().with(Subscription::active("freeloader", "free"));
-    let (ok, denied, other) = race(app(ledger.clone(), plans, clock.clone()), "k-free", 1000).await;
-    assert_eq!((ok, denied, other), (100, 900, 0));
-    let who = AccountId::new("freeloader");
-    let window = Period::Day.window(clock.now()).0;
-    let usage = ledger
-        .allowance_usage(&who, &"requests".into(), window, clock.now())
-        .await
-        .unwrap();
-    assert_eq!((usage.used, usage.held), (100, 0));
+    for once in [false, true] {
+        let clock = ManualClock::new(Timestamp::from_utc(2026, 11, 24, 0, 0, 0).unwrap());
+        let ledger = MemoryLedger::new();
+        let plans = MemoryPlanStore::new().with(Subscription::active("freeloader", "free"));
+        let app = app(ledger.clone(), plans, clock.clone(), once);
+        let (ok, denied, other) = race(app, "k-free", 1000).await;
+        assert_eq!((ok, denied, other), (100, 900, 0), "and_metering: {once}");
+        let who = AccountId::new("freeloader");
+        let window = Period::Day.window(clock.now()).0;
+        let usage = ledger
+            .allowance_usage(&who, &"requests".into(), window, clock.now())
+            .await
+            .unwrap();
+        assert_eq!((usage.used, usage.held), (100, 0));
+    }
 }
