@@ -40,7 +40,7 @@ async fn config() -> Option<RedisConfig> {
 }
 
 /// Deletes the keys earlier test runs left behind (each test has its own key prefix,
-/// `tower402test:r_<pid>_…:`).
+/// `tower402test:r_<pid>_<n>_<created>_…:`), with `SCAN` so a shared Redis is not blocked.
 async fn delete_stale_keys() {
     let Ok(client) = redis::Client::open(url()) else {
         return;
@@ -48,22 +48,33 @@ async fn delete_stale_keys() {
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
         return; // unreachable: `config` says so
     };
-    let Ok(keys) = redis::cmd("KEYS")
-        .arg("tower402test:*")
-        .query_async::<Vec<String>>(&mut conn)
-        .await
-    else {
-        return;
-    };
-    let stale: Vec<&String> = keys
-        .iter()
-        .filter(|k| {
-            k.strip_prefix("tower402test:")
-                .is_some_and(|rest| conformance::stale(rest, "r"))
-        })
-        .collect();
-    for chunk in stale.chunks(500) {
-        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+    let mut cursor = 0u64;
+    loop {
+        let Ok((next, keys)) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("tower402test:*")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async::<(u64, Vec<String>)>(&mut conn)
+            .await
+        else {
+            return;
+        };
+        let stale: Vec<&String> = keys
+            .iter()
+            .filter(|k| {
+                k.strip_prefix("tower402test:")
+                    .is_some_and(|rest| conformance::stale(rest, "r"))
+            })
+            .collect();
+        if !stale.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(stale).query_async(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }
 
@@ -216,4 +227,53 @@ async fn a_paused_server_times_out_and_a_retry_applies_once() {
         ledger.balance(&a, now).await.unwrap().available,
         Credits::new(17)
     );
+}
+
+/// A reservation record written before the scripts stored whether its key is an
+/// idempotency key has no `k` field: it is kept after settling, as it always was, so a retry
+/// under its key is still recognized.
+#[tokio::test]
+async fn records_from_before_the_keep_flag_are_kept() {
+    if config().await.is_none() {
+        return;
+    }
+    let prefix = format!("tower402test:{}:", conformance::unique("r"));
+    let ledger = RedisLedger::new(&RedisConfig::new(&url()).expect("url").prefix(&prefix));
+    let a = conformance::acct("old");
+    ledger
+        .deposit(&a, Credits::new(10), "d", conformance::at(0))
+        .await
+        .unwrap();
+    let mut req = conformance::request(
+        "old",
+        "u1",
+        vec![conformance::paid("req", 1, 1)],
+        conformance::at(1),
+    );
+    req.idempotent = false;
+    assert!(matches!(
+        ledger.reserve(&req).await.unwrap(),
+        tower_402::ledger::ReserveOutcome::Reserved(_)
+    ));
+    let removed: i64 = redis::cmd("HDEL")
+        .arg(format!("{prefix}{{3:old}}:r:u1"))
+        .arg("k")
+        .query_async(&mut admin().await)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the record carries the flag");
+    ledger
+        .settle(
+            &conformance::id("old", "u1"),
+            &[],
+            tower_402::ledger::OverEstimate::DrawBalance,
+            conformance::at(2),
+        )
+        .await
+        .unwrap();
+    req.now = conformance::at(3);
+    assert!(matches!(
+        ledger.reserve(&req).await.unwrap(),
+        tower_402::ledger::ReserveOutcome::Replayed(tower_402::ledger::Replay::Completed(_))
+    ));
 }

@@ -375,3 +375,36 @@ async fn absurd_reported_usage_is_charged_the_estimate() {
         "the estimate, not 5,000 × 2 credits"
     );
 }
+
+/// A gRPC call answered with a trailers-only error that carries no `content-type` (a
+/// hand-built or middleware answer) is still a gRPC error: released, not billed.
+#[tokio::test]
+async fn a_grpc_error_without_a_content_type_is_not_billed() {
+    let ledger = MemoryLedger::new();
+    ledger
+        .deposit(&"acme".into(), Credits::new(10), "seed", START)
+        .await
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(MeteringLayer::new(ledger.clone()).clock(ManualClock::new(START)))
+        .service(tower::service_fn(|_req: http::Request<_>| async {
+            let mut res = http::Response::new(http_body_util::Empty::<Bytes>::new());
+            res.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static("14"));
+            Ok::<_, std::convert::Infallible>(res)
+        }));
+    let mut req = http::Request::post("/weather.Forecast/Get")
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(Entitlement::new("acme".into()).with_cost(Cost::new(
+            "requests",
+            1,
+            Credits::new(1),
+        )));
+    let res = svc.oneshot(req).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    let b = ledger.balance(&"acme".into(), START).await.unwrap();
+    assert_eq!((b.available, b.settled), (Credits::new(10), Credits::ZERO));
+}

@@ -227,13 +227,22 @@ impl PaymentGateLayer {
     /// the metering layer's reservation checks the same thing again, atomically. Composed
     /// with this method the gate skips its reads and leaves that refusal to the reservation:
     /// one ledger operation fewer per request (a round trip on Redis or PostgreSQL, a lock on
-    /// the in-memory ledger). Callers see the same answers, `402 INSUFFICIENT_CREDITS` and
-    /// `429 QUOTA_EXCEEDED`, now from the metering layer, before the handler runs.
+    /// the in-memory ledger). Callers see the same refusals, `402 INSUFFICIENT_CREDITS` and
+    /// `402 QUOTA_EXCEEDED`, now from the metering layer, before the handler runs.
     ///
-    /// What the gate's reads gave and this mode does not: [`Entitlement::available`] is
-    /// `None`, and there is no `x-payment-warning: soft-limit` (the gate needs the allowance
-    /// used to warn). Status and entitlement checks are unchanged. Because the metering
-    /// layer is part of this one layer, the credit check cannot be left out by mistake.
+    /// What changes with it:
+    ///
+    /// - What is checked is what the metering layer reserves: the route's cost, or, with a
+    ///   [`pricing`](MeteringLayer::pricing) rule, its estimate (so a rule that prices a
+    ///   request at nothing lets it through, and a rule that reads the body reads it before
+    ///   refusing). Stacked separately, the gate checks the route's cost as well.
+    /// - A ledger outage is handled by the metering layer's
+    ///   [`failure_mode`](MeteringLayer::failure_mode), not the gate's.
+    /// - [`Entitlement::available`] is `None`, and there is no
+    ///   `x-payment-warning: soft-limit` (the gate needs the allowance used to warn).
+    ///
+    /// Status and entitlement checks are unchanged. Because the metering layer is part of this
+    /// one layer, a route with a cost is never served without a reservation.
     ///
     /// [`Entitlement::available`]: crate::Entitlement::available
     ///

@@ -32,8 +32,6 @@ pub(crate) enum Prepared<B> {
     Refuse {
         denial: Denial,
         account: Option<AccountId>,
-        /// Whether to answer in gRPC terms.
-        grpc: bool,
     },
 }
 
@@ -71,12 +69,15 @@ pin_project! {
             inner: Option<S>,
             config: Arc<MeterConfig>,
             now: Timestamp,
+            grpc: bool,
         },
         Calling {
             #[pin]
             fut: S::Future,
             ticket: Option<Ticket>,
             replayed: bool,
+            // The request was a gRPC call.
+            grpc: bool,
         },
         Releasing {
             release: UnitFuture,
@@ -101,6 +102,7 @@ where
                 fut,
                 ticket: None,
                 replayed: false,
+                grpc: false,
             },
         }
     }
@@ -126,6 +128,7 @@ where
         inner: S,
         config: Arc<MeterConfig>,
         now: Timestamp,
+        grpc: bool,
     ) -> Self {
         ResponseFuture {
             state: State::Preparing {
@@ -133,6 +136,7 @@ where
                 inner: Some(inner),
                 config,
                 now,
+                grpc,
             },
         }
     }
@@ -144,6 +148,7 @@ fn after_prepare<S, ReqBody>(
     mut inner: S,
     config: &Arc<MeterConfig>,
     now: Timestamp,
+    grpc: bool,
 ) -> State<S, ReqBody>
 where
     S: Service<Request<RequestBody<ReqBody>>>,
@@ -173,13 +178,10 @@ where
                 fut: inner.call(req),
                 ticket,
                 replayed,
+                grpc,
             }
         }
-        Prepared::Refuse {
-            denial,
-            account,
-            grpc,
-        } => {
+        Prepared::Refuse { denial, account } => {
             log_denial(account.as_ref(), &denial);
             State::Refused {
                 denial: Some(denial),
@@ -201,9 +203,10 @@ where
         inner: S,
         config: &Arc<MeterConfig>,
         now: Timestamp,
+        grpc: bool,
     ) -> Self {
         ResponseFuture {
-            state: after_prepare(prepared, inner, config, now),
+            state: after_prepare(prepared, inner, config, now, grpc),
         }
     }
 }
@@ -223,17 +226,19 @@ where
                     inner,
                     config,
                     now,
+                    grpc,
                 } => {
                     let prepared = ready!(prepare.as_mut().poll(cx));
                     let Some(inner) = inner.take() else {
                         panic!("metering future polled after completion");
                     };
-                    after_prepare(prepared, inner, config, *now)
+                    after_prepare(prepared, inner, config, *now, *grpc)
                 }
                 StateProj::Calling {
                     fut,
                     ticket,
                     replayed,
+                    grpc,
                 } => {
                     let mut res = ready!(fut.poll(cx))?;
                     let Some(mut ticket) = ticket.take() else {
@@ -248,8 +253,8 @@ where
                     let status = res.status();
                     let config = ticket.guard.config();
                     // A gRPC error travels in a 200: a trailers-only answer has its non-zero
-                    // `grpc-status` in the head. (A gRPC answer says so in its content type.)
-                    let grpc = !config.bill_grpc_errors && is_grpc(res.headers());
+                    // `grpc-status` in the head. A gRPC call, or a response in gRPC terms.
+                    let grpc = !config.bill_grpc_errors && (*grpc || is_grpc(res.headers()));
                     let grpc_error =
                         grpc && grpc_status(res.headers()).is_some_and(|code| code != 0);
                     let billable = !(status.is_server_error()

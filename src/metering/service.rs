@@ -206,6 +206,8 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
         let now = config.clock.now();
+        // A gRPC request gets gRPC answers, and its errors are not billed.
+        let grpc = is_grpc(req.headers());
         let ext = req.extensions();
         if ext.get::<PublicRoute>().is_some() {
             return ResponseFuture::unmetered(self.inner.call(req.map(RequestBody::passthrough)));
@@ -230,7 +232,6 @@ where
                 let denial = Denial::Unavailable {
                     retry_after_secs: config.retry_after_secs,
                 };
-                let grpc = is_grpc(req.headers());
                 return ResponseFuture::refused(denial, config.clone(), now, grpc);
             }
         };
@@ -242,7 +243,6 @@ where
                     Payer::InRequest => ext.get::<Entitlement>().map(|e| &e.account),
                 };
                 crate::gate::log_denial(account, &denial);
-                let grpc = is_grpc(req.headers());
                 return ResponseFuture::refused(denial, config.clone(), now, grpc);
             }
         };
@@ -274,14 +274,13 @@ where
                             retry_after_secs: config.retry_after_secs,
                         },
                         account: None,
-                        grpc: false,
                     }
                 }
             };
-            return ResponseFuture::prepared(prepared, inner, config, now);
+            return ResponseFuture::prepared(prepared, inner, config, now, grpc);
         }
         let prepare = prepare(config.clone(), parts, body, needs_body, payer, idem, now);
-        ResponseFuture::preparing(Box::pin(prepare), inner, config.clone(), now)
+        ResponseFuture::preparing(Box::pin(prepare), inner, config.clone(), now, grpc)
     }
 }
 
@@ -309,11 +308,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     C: Deref<Target = MeterConfig>,
 {
-    let refuse = |denial: Denial, account: &AccountId, headers: &HeaderMap| Prepared::Refuse {
+    let refuse = |denial: Denial, account: &AccountId| Prepared::Refuse {
         denial,
         account: Some(account.clone()),
-        // Read only for a refusal: an allowed request never needs it.
-        grpc: is_grpc(headers),
     };
     let own;
     let entitlement = match payer {
@@ -329,7 +326,6 @@ where
                         retry_after_secs: config.retry_after_secs,
                     },
                     account: None,
-                    grpc: is_grpc(&parts.headers),
                 }
             }
         },
@@ -347,14 +343,14 @@ where
                         config.max_body
                     ),
                 )));
-                return refuse(denial, &entitlement.account, &parts.headers);
+                return refuse(denial, &entitlement.account);
             }
             Err(PeekError::Body(_)) => {
                 let denial = Denial::BadRequest {
                     code: "INVALID_REQUEST",
                     detail: "The request body could not be read.".into(),
                 };
-                return refuse(denial, &entitlement.account, &parts.headers);
+                return refuse(denial, &entitlement.account);
             }
         }
     } else {
@@ -369,7 +365,7 @@ where
             entitlement,
         }) {
             Ok(c) => Cow::Owned(c),
-            Err(denial) => return refuse(denial, &entitlement.account, &parts.headers),
+            Err(denial) => return refuse(denial, &entitlement.account),
         },
     };
     if costs.is_empty() {
@@ -473,7 +469,7 @@ where
             ticket,
             replayed,
         },
-        Err(denial) => refuse(denial, &account, &parts.headers),
+        Err(denial) => refuse(denial, &account),
     }
 }
 

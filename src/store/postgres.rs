@@ -21,7 +21,9 @@
 //! An operation takes two round trips: `BEGIN`, the lock and the load are pipelined on the
 //! connection, then the write (one statement whatever changed) and `COMMIT`. The lock is held
 //! for one round trip plus the commit. An operation that changes nothing (a denial, a replay)
-//! rolls back instead. `balance` and `allowance_usage` first read the account without the
+//! rolls back instead. The transaction's `lock_timeout` and `statement_timeout` are the
+//! operation's timeout, so a request that gave up leaves no server process waiting on the
+//! lock. `balance` and `allowance_usage` first read the account without the
 //! lock, in one statement (one consistent snapshot); only when the book would change (a due
 //! reservation to expire, old records to forget) do they run again under the lock.
 //!
@@ -280,8 +282,15 @@ CREATE TABLE IF NOT EXISTS {res} (
 );
 -- Whether a finished reservation is kept for the retention time (made under an idempotency
 -- key) or deleted when settled or released (a key unique to one request). Rows from before
--- the column existed are kept, as they always were.
-ALTER TABLE {res} ADD COLUMN IF NOT EXISTS retain boolean NOT NULL DEFAULT true;
+-- the column existed are kept, as they always were. Altered only when missing: ALTER TABLE
+-- locks the table even when it has nothing to do.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = '{schema}' AND table_name = '{p}reservations'
+                   AND column_name = 'retain') THEN
+    ALTER TABLE {res} ADD COLUMN retain boolean NOT NULL DEFAULT true;
+  END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS "{p}reservations_due" ON {res} (expires_at) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS "{p}reservations_done" ON {res} (touched_at) WHERE state <> 'open';
 CREATE TABLE IF NOT EXISTS {allow} (
@@ -444,6 +453,10 @@ pub struct PostgresLedger {
 /// Each connection prepares them once (deadpool's statement cache), so running one costs a
 /// single round trip instead of a Parse/Describe round trip plus an execute round trip.
 struct LedgerSql {
+    /// `BEGIN`, with the operation's timeout as the transaction's lock and statement
+    /// timeouts: an operation that gave up (and closed its connection) must not leave a server
+    /// process waiting on the row lock, which it would otherwise do until it got it.
+    begin: String,
     lock: String,
     load: String,
     peek: String,
@@ -493,7 +506,12 @@ impl LedgerSql {
                     NULL \
                FROM {bal} WHERE account = $1"
         );
+        let timeout_ms = config.op_timeout.as_millis().max(1);
         LedgerSql {
+            begin: format!(
+                "BEGIN; SET LOCAL lock_timeout = {timeout_ms}; \
+                 SET LOCAL statement_timeout = {timeout_ms}"
+            ),
             load,
             peek,
             lock: format!(
@@ -764,7 +782,7 @@ impl PostgresLedger {
         // everything the lock's previous holder committed. (One statement doing both would
         // read from a snapshot taken before waiting for the lock.)
         let (_, balance, rows) = try_join3(
-            client.batch_execute("BEGIN"),
+            client.batch_execute(&sql.begin),
             client.query_one(&lock, &[&acct]),
             client.query(&load, &need.params(&acct, &ts_to_sql(now), &windows)),
         )

@@ -15,35 +15,39 @@ use tower_402::ledger::*;
 use tower_402::plan::{AllowanceWindow, Meter, PlanStore, Subscription, SubscriptionStatus};
 use tower_402::{AccountId, Credits, Denial, LedgerError, Timestamp};
 
-/// A name unique to this process and call, for key prefixes and schemas.
+/// A name unique to this process and call, for key prefixes and schemas:
+/// `<tag>_<pid>_<n>_<unix seconds>_<nanos>`.
 pub fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+        .unwrap_or_default();
     format!(
-        "{tag}_{}_{}_{}",
+        "{tag}_{}_{}_{}_{}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst),
-        nanos % 100_000
+        now.as_secs(),
+        now.subsec_nanos() % 100_000
     )
 }
 
-/// Whether `name` was made by [`unique`] with `tag` in a test process that has ended, so
-/// its schema or keys are left over and may be deleted. (Linux: the process is looked up in
-/// `/proc`; elsewhere nothing is ever stale.)
+/// Whether `name`, made by [`unique`] with `tag`, is more than six hours old, so its schema
+/// or keys are left over from an earlier run and may be deleted. Age, not whether the
+/// process still runs: the servers may be shared with test runs on other hosts. (A name in
+/// the older format, without its creation time, counts as old.)
 pub fn stale(name: &str, tag: &str) -> bool {
-    let Some(pid) = name
+    let Some(created) = name
         .strip_prefix(tag)
         .and_then(|rest| rest.strip_prefix('_'))
-        .and_then(|rest| rest.split('_').next())
-        .and_then(|pid| pid.parse::<u32>().ok())
+        .and_then(|rest| rest.split(['_', ':']).nth(2))
+        .and_then(|secs| secs.parse::<u64>().ok())
     else {
         return false;
     };
-    pid != std::process::id()
-        && std::path::Path::new("/proc/self").exists()
-        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    created.saturating_add(6 * 3600) < now
 }
 
 /// Whether tests must fail (instead of skip) when a backend is unreachable.
