@@ -291,53 +291,18 @@ async fn a_locked_account_times_out_and_nothing_is_half_applied() {
     drop_schema(&config, &schema_of(&config)).await;
 }
 
-/// A row from before the `retain` column existed has it set to true by `migrate()`: it is
-/// kept after settling, as it always was, so a retry under its key is still recognized.
+/// A row from before the `retain` column existed has it set to true by `migrate()`.
 #[tokio::test]
 async fn rows_from_before_the_retain_column_are_kept() {
     let Some(config) = config().await else { return };
     let ledger = PostgresLedger::new(config.pool().unwrap(), config.clone());
-    let a = conformance::acct("old");
-    ledger
-        .deposit(&a, Credits::new(10), "d", conformance::at(0))
-        .await
-        .unwrap();
-    let mut req = conformance::request(
-        "old",
-        "u1",
-        vec![conformance::paid("req", 1, 1)],
-        conformance::at(1),
+    let update = format!(
+        "UPDATE \"{}\".tower402_reservations SET retain = true WHERE key = 'u1'",
+        schema_of(&config)
     );
-    req.idempotent = false;
-    assert!(matches!(
-        ledger.reserve(&req).await.unwrap(),
-        tower_402::ledger::ReserveOutcome::Reserved(_)
-    ));
-    // What `ADD COLUMN … DEFAULT true` gives the rows that were already there.
-    let schema = schema_of(&config);
-    let n = admin()
-        .await
-        .execute(
-            &format!(
-                "UPDATE \"{schema}\".tower402_reservations SET retain = true WHERE key = 'u1'"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
-    ledger
-        .settle(
-            &conformance::id("old", "u1"),
-            &[],
-            tower_402::ledger::OverEstimate::DrawBalance,
-            conformance::at(2),
-        )
-        .await
-        .unwrap();
-    req.now = conformance::at(3);
-    assert!(matches!(
-        ledger.reserve(&req).await.unwrap(),
-        tower_402::ledger::ReserveOutcome::Replayed(tower_402::ledger::Replay::Completed(_))
-    ));
+    conformance::records_from_before_the_flag_are_kept(&ledger, async {
+        // What `ADD COLUMN … DEFAULT true` gives the rows that were already there.
+        assert_eq!(admin().await.execute(&update, &[]).await.unwrap(), 1);
+    })
+    .await;
 }

@@ -230,8 +230,7 @@ async fn a_paused_server_times_out_and_a_retry_applies_once() {
 }
 
 /// A reservation record written before the scripts stored whether its key is an
-/// idempotency key has no `k` field: it is kept after settling, as it always was, so a retry
-/// under its key is still recognized.
+/// idempotency key has no `k` field.
 #[tokio::test]
 async fn records_from_before_the_keep_flag_are_kept() {
     if config().await.is_none() {
@@ -239,41 +238,15 @@ async fn records_from_before_the_keep_flag_are_kept() {
     }
     let prefix = format!("tower402test:{}:", conformance::unique("r"));
     let ledger = RedisLedger::new(&RedisConfig::new(&url()).expect("url").prefix(&prefix));
-    let a = conformance::acct("old");
-    ledger
-        .deposit(&a, Credits::new(10), "d", conformance::at(0))
-        .await
-        .unwrap();
-    let mut req = conformance::request(
-        "old",
-        "u1",
-        vec![conformance::paid("req", 1, 1)],
-        conformance::at(1),
-    );
-    req.idempotent = false;
-    assert!(matches!(
-        ledger.reserve(&req).await.unwrap(),
-        tower_402::ledger::ReserveOutcome::Reserved(_)
-    ));
-    let removed: i64 = redis::cmd("HDEL")
-        .arg(format!("{prefix}{{3:old}}:r:u1"))
-        .arg("k")
-        .query_async(&mut admin().await)
-        .await
-        .unwrap();
-    assert_eq!(removed, 1, "the record carries the flag");
-    ledger
-        .settle(
-            &conformance::id("old", "u1"),
-            &[],
-            tower_402::ledger::OverEstimate::DrawBalance,
-            conformance::at(2),
-        )
-        .await
-        .unwrap();
-    req.now = conformance::at(3);
-    assert!(matches!(
-        ledger.reserve(&req).await.unwrap(),
-        tower_402::ledger::ReserveOutcome::Replayed(tower_402::ledger::Replay::Completed(_))
-    ));
+    let record = format!("{prefix}{{3:old}}:r:u1");
+    conformance::records_from_before_the_flag_are_kept(&ledger, async {
+        let removed: i64 = redis::cmd("HDEL")
+            .arg(&record)
+            .arg("k")
+            .query_async(&mut admin().await)
+            .await
+            .unwrap();
+        assert_eq!(removed, 1, "the record carries the flag");
+    })
+    .await;
 }

@@ -548,6 +548,30 @@ pub async fn unique_keys_are_forgotten(l: &impl Ledger) {
     conserved(l, "once", at(6)).await;
 }
 
+/// A record written before backends stored whether its key is an idempotency key is kept
+/// after settling, as it always was, so a retry under its key is still recognized.
+/// `mark_old` makes the record of account `old`, key `u1` look like one.
+pub async fn records_from_before_the_flag_are_kept<F>(l: &impl Ledger, mark_old: F)
+where
+    F: std::future::Future<Output = ()>,
+{
+    l.deposit(&acct("old"), Credits::new(10), "d", at(0))
+        .await
+        .unwrap();
+    let mut req = request("old", "u1", vec![paid("req", 1, 1)], at(1));
+    req.idempotent = false;
+    reserved(l.reserve(&req).await.unwrap());
+    mark_old.await;
+    l.settle(&id("old", "u1"), &[], OverEstimate::DrawBalance, at(2))
+        .await
+        .unwrap();
+    req.now = at(3);
+    assert!(matches!(
+        l.reserve(&req).await.unwrap(),
+        ReserveOutcome::Replayed(Replay::Completed(_))
+    ));
+}
+
 /// Operations of the random sequence.
 #[derive(Debug, Clone)]
 enum Op {
