@@ -22,8 +22,8 @@
 //! connection, then the write (one statement whatever changed) and `COMMIT`. The lock is held
 //! for one round trip plus the commit. An operation that changes nothing (a denial, a replay)
 //! rolls back instead. The transaction's `lock_timeout` and `statement_timeout` are the
-//! operation's timeout, so a request that gave up leaves no server process waiting on the
-//! lock. `balance` and `allowance_usage` first read the account without the
+//! operation's timeout plus a second, so a request that gave up leaves no server process
+//! waiting on the lock. `balance` and `allowance_usage` first read the account without the
 //! lock, in one statement (one consistent snapshot); only when the book would change (a due
 //! reservation to expire, old records to forget) do they run again under the lock.
 //!
@@ -349,7 +349,15 @@ async fn migrate(pool: &Pool, config: &PostgresConfig) -> Result<(), StoreError>
 }
 
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Unavailable(Box::new(e))
+    use tokio_postgres::error::SqlState;
+    // The server gave up waiting (our `lock_timeout` / `statement_timeout`): a timeout, as
+    // when the client's own timer fires first.
+    match e.code() {
+        Some(c) if *c == SqlState::QUERY_CANCELED || *c == SqlState::LOCK_NOT_AVAILABLE => {
+            StoreError::Timeout
+        }
+        _ => StoreError::Unavailable(Box::new(e)),
+    }
 }
 
 fn pool_error(e: PoolError) -> StoreError {
@@ -506,7 +514,9 @@ impl LedgerSql {
                     NULL \
                FROM {bal} WHERE account = $1"
         );
-        let timeout_ms = config.op_timeout.as_millis().max(1);
+        // A little longer than the client's own timer, which normally fires first: this is
+        // the backstop for a server process the client has stopped waiting for.
+        let timeout_ms = config.op_timeout.as_millis().saturating_add(1000);
         LedgerSql {
             begin: format!(
                 "BEGIN; SET LOCAL lock_timeout = {timeout_ms}; \
