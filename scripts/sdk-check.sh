@@ -18,7 +18,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev
 fi
 cargo build -q --example llm_proxy
 log=$(mktemp)
-PORT=0 target/debug/examples/llm_proxy >"$log" 2>/dev/null &
+PORT=0 "${CARGO_TARGET_DIR:-target}/debug/examples/llm_proxy" >"$log" 2>/dev/null &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
 url=""
