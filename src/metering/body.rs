@@ -224,27 +224,23 @@ enum Outcome {
 
 async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>, action: Action) {
     let now = config.clock.now();
-    let outcome = match &action {
-        Action::Release => Outcome::Released(
+    // This path allocates its future anyway: the estimate is simply a usage list here.
+    let usage = match action {
+        Action::Release => None,
+        Action::Settle(usage) => Some(usage),
+        Action::SettleEstimate => Some(estimate(&charges)),
+    };
+    let outcome = match usage {
+        None => Outcome::Released(
             bounded::<_, LedgerError>(config.timeout, config.ledger.release(&id, now)).await,
         ),
-        Action::Settle(usage) => Outcome::Settled(
+        Some(usage) => Outcome::Settled(
             bounded::<_, LedgerError>(
                 config.timeout,
-                config.ledger.settle(&id, usage, config.over_estimate, now),
+                config.ledger.settle(&id, &usage, config.over_estimate, now),
             )
             .await,
         ),
-        Action::SettleEstimate => {
-            let usage = estimate(&charges);
-            Outcome::Settled(
-                bounded::<_, LedgerError>(
-                    config.timeout,
-                    config.ledger.settle(&id, &usage, config.over_estimate, now),
-                )
-                .await,
-            )
-        }
     };
     report(&config, &id, &charges, outcome);
 }

@@ -249,7 +249,6 @@ where
         // Keep the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let config = &self.config;
         // With an in-process ledger and no body to read, preparing needs no I/O: run it here,
         // with no future to allocate and nothing cloned. Nothing in it waits on that path, so
         // one poll finishes it.
