@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Load test: the same route served bare, behind tower-402's three layers (in-memory, Redis,
-# PostgreSQL), behind tower_governor, and behind an nginx reverse proxy, each under the same
-# wrk load on loopback, in alternating rounds. Prints medians of requests/s and p99 latency
+# PostgreSQL), behind tower_governor, behind a hand-written minimal paid-API check (the
+# "floor": what any implementation must at least do), and behind an nginx reverse proxy, each
+# under the same wrk load on loopback, in alternating rounds. Prints medians of requests/s and p99 latency
 # and the ratio to the bare app, then the Redis and PostgreSQL ceilings measured with
 # redis-benchmark (the ledger's own reserve script) and pgbench (the same conditional debit).
 #
@@ -38,7 +39,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-modes=(bare layers layers-once governor redis redis-once postgres postgres-once)
+modes=(bare layers layers-once governor floor redis redis-once postgres postgres-once)
 declare -A port
 i=0
 for m in "${modes[@]}"; do
@@ -46,7 +47,7 @@ for m in "${modes[@]}"; do
   "$bin" serve "$m" "${port[$m]}" >"$work/$m.log" 2>&1 &
   pids+=($!)
 done
-port[nginx]=$((BASE_PORT + 9))
+port[nginx]=$((BASE_PORT + i + 1))
 cat >"$work/nginx.conf" <<CONF
 worker_processes 1;
 daemon off;
@@ -107,7 +108,7 @@ bare = statistics.median(r for r, _, _ in rows["bare"])
 print()
 print(f"| server | req/s (median) | p99 µs (median) | ratio to bare | non-2xx |")
 print(f"|---|---:|---:|---:|---:|")
-for m in ["bare", "layers", "layers-once", "governor", "nginx", "redis", "redis-once",
+for m in ["bare", "layers", "layers-once", "governor", "floor", "nginx", "redis", "redis-once",
           "postgres", "postgres-once"]:
     if m not in rows: continue
     rps = statistics.median(r for r, _, _ in rows[m])

@@ -11,7 +11,11 @@
 //! Every mode serves `GET /v1/forecast` → `sunny`. `layers`, `redis` and `postgres` put the
 //! three tower-402 layers in front of it (1 credit per call, key `k`; the `-once` modes compose
 //! the gate and the metering layer with `and_metering`, checking credit once); `governor` puts
-//! `tower_governor` (a limit never reached) in front instead.
+//! `tower_governor` (a limit never reached) in front instead. `floor` puts a hand-written
+//! layer in front: the least any in-process paid-API check does (find the key's account, check
+//! its plan, debit one credit under a lock, refund a failed response, say what is left in a
+//! header), with no reservation record, no idempotency, no problem documents and no logs. It is
+//! not a product; it says how close to the bare app any implementation of the check can get.
 
 use std::sync::Arc;
 
@@ -86,6 +90,146 @@ fn governed() -> Router {
     bare().layer(GovernorLayer::new(Arc::new(config)))
 }
 
+mod floor {
+    //! The hand-written floor: see the crate docs.
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::task::{Context, Poll};
+
+    use axum::body::Body;
+    use axum::http::{HeaderValue, Request, Response, StatusCode};
+    use axum::Router;
+
+    #[derive(Default)]
+    struct State {
+        keys: HashMap<String, Arc<str>>,
+        plans: RwLock<HashMap<Arc<str>, bool>>,
+        balances: Mutex<HashMap<Arc<str>, u64>>,
+    }
+
+    #[derive(Clone)]
+    struct Layer(Arc<State>);
+
+    impl<S> tower::Layer<S> for Layer {
+        type Service = Floor<S>;
+        fn layer(&self, inner: S) -> Floor<S> {
+            Floor { inner, state: self.0.clone() }
+        }
+    }
+
+    #[derive(Clone)]
+    pub struct Floor<S> {
+        inner: S,
+        state: Arc<State>,
+    }
+
+    fn refuse(status: StatusCode) -> Response<Body> {
+        let mut res = Response::new(Body::empty());
+        *res.status_mut() = status;
+        res
+    }
+
+    impl<S> tower::Service<Request<Body>> for Floor<S>
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+        S::Future: Send,
+    {
+        type Response = Response<Body>;
+        type Error = S::Error;
+        type Future = Charged<S::Future>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, req: Request<Body>) -> Self::Future {
+            let state = &self.state;
+            let key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok());
+            let Some(account) = key.and_then(|k| state.keys.get(k)) else {
+                return Charged::Refused { res: Some(refuse(StatusCode::UNAUTHORIZED)) };
+            };
+            if !state.plans.read().unwrap().get(account).copied().unwrap_or(false) {
+                return Charged::Refused { res: Some(refuse(StatusCode::PAYMENT_REQUIRED)) };
+            }
+            let left = {
+                let mut balances = state.balances.lock().unwrap();
+                match balances.get_mut(account) {
+                    Some(b) if *b >= 1 => {
+                        *b -= 1;
+                        *b
+                    }
+                    _ => {
+                        return Charged::Refused {
+                            res: Some(refuse(StatusCode::PAYMENT_REQUIRED)),
+                        }
+                    }
+                }
+            };
+            Charged::Served {
+                fut: self.inner.call(req),
+                state: state.clone(),
+                account: account.clone(),
+                left,
+            }
+        }
+    }
+
+    pin_project_lite::pin_project! {
+        #[project = ChargedProj]
+        pub enum Charged<F> {
+            Refused { res: Option<Response<Body>> },
+            Served {
+                #[pin]
+                fut: F,
+                state: Arc<State>,
+                account: Arc<str>,
+                left: u64,
+            },
+        }
+    }
+
+    impl<F, E> std::future::Future for Charged<F>
+    where
+        F: std::future::Future<Output = Result<Response<Body>, E>>,
+    {
+        type Output = Result<Response<Body>, E>;
+        fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let (fut, state, account, left) = match self.project() {
+                ChargedProj::Refused { res } => {
+                    return Poll::Ready(Ok(res.take().expect("polled after completion")))
+                }
+                ChargedProj::Served { fut, state, account, left } => (fut, state, account, left),
+            };
+            let mut res = match std::task::ready!(fut.poll(cx)) {
+                Ok(res) => res,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            let mut left = *left;
+            if !res.status().is_success() {
+                let mut balances = state.balances.lock().unwrap();
+                if let Some(b) = balances.get_mut(&**account) {
+                    *b += 1;
+                    left = *b;
+                }
+            }
+            let mut buf = itoa::Buffer::new();
+            if let Ok(v) = HeaderValue::from_str(buf.format(left)) {
+                res.headers_mut().insert("x-credits-remaining", v);
+            }
+            Poll::Ready(Ok(res))
+        }
+    }
+
+    pub fn router() -> Router {
+        let mut state = State::default();
+        let account: Arc<str> = super::ACCOUNT.into();
+        state.keys.insert("k".into(), account.clone());
+        state.plans.get_mut().unwrap().insert(account.clone(), true);
+        state.balances.get_mut().unwrap().insert(account, super::SEED);
+        super::bare().layer(Layer(Arc::new(state)))
+    }
+}
+
 async fn postgres_ledger() -> PostgresLedger {
     let config = PostgresConfig::new(&postgres_url())
         .expect("postgres url")
@@ -113,6 +257,7 @@ async fn main() {
                 "layers" => layered(MemoryLedger::new(), false).await,
                 "layers-once" => layered(MemoryLedger::new(), true).await,
                 "governor" => governed(),
+                "floor" => floor::router(),
                 "redis" => layered(redis_ledger(), false).await,
                 "redis-once" => layered(redis_ledger(), true).await,
                 "postgres" => layered(postgres_ledger().await, false).await,
@@ -188,7 +333,7 @@ async fn main() {
                 .expect("seed");
         }
         _ => {
-            eprintln!("usage: loadtest serve <bare|layers|layers-once|governor|redis|redis-once|postgres|postgres-once> <port> | redis-prepare <file> | postgres-prepare");
+            eprintln!("usage: loadtest serve <bare|layers|layers-once|governor|floor|redis|redis-once|postgres|postgres-once> <port> | redis-prepare <file> | postgres-prepare");
             std::process::exit(2);
         }
     }
