@@ -306,3 +306,188 @@ async fn rows_from_before_the_retain_column_are_kept() {
     })
     .await;
 }
+
+/// Operations queued on a busy account share one transaction. One whose result cannot be
+/// stored (an allowance count beyond PostgreSQL's `bigint`) fails alone: the batch runs again
+/// one operation per transaction, and the others succeed.
+#[tokio::test(flavor = "current_thread")]
+async fn a_busy_account_shares_transactions_and_a_bad_operation_fails_alone() {
+    use conformance::{paid, request, window};
+    use tower_402::ledger::ReserveOutcome;
+    let Some(ledger) = ledger().await else { return };
+    let now = Timestamp::now();
+    ledger
+        .deposit(&"busy".into(), Credits::new(100), "seed", now)
+        .await
+        .unwrap();
+
+    // All polled once before the account's transaction task first runs (one thread): they
+    // are queued together.
+    let start = ledger.transaction_counts();
+    let good = |k: usize| request("busy", &format!("g{k}"), vec![paid("calls", 1, 1)], now);
+    let requests: Vec<_> = (0..20).map(good).collect();
+    let outcomes = futures_util::future::join_all(requests.iter().map(|r| ledger.reserve(r))).await;
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, Ok(ReserveOutcome::Reserved(_)))));
+    let counts = ledger.transaction_counts();
+    assert_eq!(counts.transactions - start.transactions, 1, "{counts:?}");
+    assert_eq!(counts.operations - start.operations, 20);
+
+    let mut huge = paid("tokens", (1 << 63) + 1, 1);
+    huge.allowance = Some(window(now, u64::MAX));
+    let bad = request("busy", "bad", vec![huge], now);
+    let start = ledger.transaction_counts();
+    let (g20, g21) = (good(20), good(21));
+    let (before, bad, after) = tokio::join!(
+        ledger.reserve(&g20),
+        ledger.reserve(&bad),
+        ledger.reserve(&g21),
+    );
+    assert!(
+        matches!(before, Ok(ReserveOutcome::Reserved(_))),
+        "{before:?}"
+    );
+    assert!(
+        matches!(after, Ok(ReserveOutcome::Reserved(_))),
+        "{after:?}"
+    );
+    assert!(matches!(bad, Err(LedgerError::AmountOutOfRange)), "{bad:?}");
+    let counts = ledger.transaction_counts();
+    // The batch of three, then each alone.
+    assert_eq!(counts.transactions - start.transactions, 4, "{counts:?}");
+    let b = conformance::conserved(&ledger, "busy", now).await;
+    assert_eq!((b.available, b.held), (Credits::new(78), Credits::new(22)));
+}
+
+/// An operation whose caller stopped waiting before its transaction began is not run.
+#[tokio::test(flavor = "current_thread")]
+async fn an_abandoned_operation_is_not_run() {
+    use conformance::{id, paid, request};
+    use std::task::Poll;
+    let Some(ledger) = ledger().await else { return };
+    let now = Timestamp::now();
+    ledger
+        .deposit(&"gone".into(), Credits::new(10), "seed", now)
+        .await
+        .unwrap();
+    let abandoned = request("gone", "abandoned", vec![paid("calls", 4, 1)], now);
+    let mut first = ledger.reserve(&abandoned);
+    // Queued by its first poll; its transaction cannot have begun (one thread, not yielded).
+    std::future::poll_fn(|cx| {
+        assert!(first.as_mut().poll(cx).is_pending());
+        Poll::Ready(())
+    })
+    .await;
+    drop(first);
+    let kept = request("gone", "kept", vec![paid("calls", 1, 1)], now);
+    ledger.reserve(&kept).await.unwrap();
+    let b = conformance::conserved(&ledger, "gone", now).await;
+    assert_eq!((b.available, b.held), (Credits::new(9), Credits::new(1)));
+    assert!(matches!(
+        ledger.release(&id("gone", "abandoned"), now).await,
+        Err(LedgerError::UnknownReservation)
+    ));
+}
+
+/// Operations whose callers stopped waiting take no place in a transaction.
+#[tokio::test(flavor = "current_thread")]
+async fn abandoned_operations_cost_no_transaction() {
+    use conformance::{paid, request};
+    use std::task::Poll;
+    let Some(ledger) = ledger().await else { return };
+    let now = Timestamp::now();
+    ledger
+        .deposit(&"many".into(), Credits::new(1000), "seed", now)
+        .await
+        .unwrap();
+    let start = ledger.transaction_counts();
+    let requests: Vec<_> = (0..200)
+        .map(|k| request("many", &format!("k{k}"), vec![paid("calls", 1, 1)], now))
+        .collect();
+    let mut queued: Vec<_> = requests.iter().map(|r| ledger.reserve(r)).collect();
+    std::future::poll_fn(|cx| {
+        for f in &mut queued {
+            assert!(f.as_mut().poll(cx).is_pending());
+        }
+        Poll::Ready(())
+    })
+    .await;
+    drop(queued);
+    let live = request("many", "live", vec![paid("calls", 1, 1)], now);
+    ledger.reserve(&live).await.unwrap();
+    let counts = ledger.transaction_counts();
+    assert_eq!(counts.transactions - start.transactions, 1, "{counts:?}");
+    assert_eq!(counts.operations - start.operations, 1, "{counts:?}");
+    let b = conformance::conserved(&ledger, "many", now).await;
+    assert_eq!(b.held, Credits::new(1));
+}
+
+/// Data the server refuses from one operation (a NUL in a deposit key) fails that operation
+/// only, not the others sharing its transaction.
+#[tokio::test(flavor = "current_thread")]
+async fn data_the_server_refuses_fails_only_its_operation() {
+    use conformance::{paid, request};
+    use tower_402::ledger::ReserveOutcome;
+    let Some(ledger) = ledger().await else { return };
+    let now = Timestamp::now();
+    let account = "nul".into();
+    ledger
+        .deposit(&account, Credits::new(10), "seed", now)
+        .await
+        .unwrap();
+    let good = request("nul", "good", vec![paid("calls", 1, 1)], now);
+    let (reserved, refused) = tokio::join!(
+        ledger.reserve(&good),
+        ledger.deposit(&account, Credits::new(1), "bad\0key", now),
+    );
+    assert!(
+        matches!(reserved, Ok(ReserveOutcome::Reserved(_))),
+        "{reserved:?}"
+    );
+    assert!(matches!(refused, Err(LedgerError::Store(_))), "{refused:?}");
+    let b = conformance::conserved(&ledger, "nul", now).await;
+    assert_eq!((b.available, b.held), (Credits::new(9), Credits::new(1)));
+}
+
+/// An account's transaction task that never ran (its runtime shut down first) leaves no queue
+/// behind: the account keeps working on another runtime.
+#[test]
+fn a_transaction_task_that_never_ran_leaves_no_queue() {
+    use conformance::{paid, request};
+    use std::task::Poll;
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let Some(ledger) = first.block_on(async {
+        let config = config().await?.op_timeout(Duration::from_secs(5));
+        Some(PostgresLedger::new(config.pool().ok()?, config))
+    }) else {
+        return;
+    };
+    let now = Timestamp::now();
+    first.block_on(async {
+        ledger
+            .deposit(&"orphan".into(), Credits::new(10), "seed", now)
+            .await
+            .unwrap();
+        let r = request("orphan", "a", vec![paid("calls", 1, 1)], now);
+        let mut queued = ledger.reserve(&r);
+        std::future::poll_fn(|cx| {
+            assert!(queued.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+    });
+    drop(first);
+    runtime().block_on(async {
+        let r = request("orphan", "b", vec![paid("calls", 1, 1)], now);
+        ledger.reserve(&r).await.unwrap();
+        let b = conformance::conserved(&ledger, "orphan", now).await;
+        assert_eq!(b.held, Credits::new(1));
+    });
+}

@@ -20,6 +20,6 @@ pub mod redis;
 pub use cache::CachingPlanStore;
 pub use memory::{MemoryLedger, MemoryPlanStore};
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresConfig, PostgresLedger, PostgresPlanStore};
+pub use postgres::{PostgresConfig, PostgresLedger, PostgresPlanStore, TransactionCounts};
 #[cfg(feature = "redis")]
 pub use redis::{RedisConfig, RedisLedger, RedisPlanStore};

@@ -18,14 +18,36 @@
 //! `CHECK (deposited = available + held + settled)` and non-negativity checks, so a bug would
 //! abort the transaction rather than store a wrong balance.
 //!
-//! An operation takes two round trips: `BEGIN`, the lock and the load are pipelined on the
+//! A transaction takes two round trips: `BEGIN`, the lock and the load are pipelined on the
 //! connection, then the write (one statement whatever changed) and `COMMIT`. The lock is held
-//! for one round trip plus the commit. An operation that changes nothing (a denial, a replay)
+//! for one round trip plus the commit. A transaction that changes nothing (a denial, a replay)
 //! rolls back instead. The transaction's `lock_timeout` and `statement_timeout` are the
 //! operation's timeout plus a second, so a request that gave up leaves no server process
-//! waiting on the lock. `balance` and `allowance_usage` first read the account without the
+//! waiting on the lock. On a quiet account, `balance` and `allowance_usage` read without the
 //! lock, in one statement (one consistent snapshot); only when the book would change (a due
 //! reservation to expire, old records to forget) do they run again under the lock.
+//!
+//! # Busy accounts: one transaction for many operations
+//!
+//! The row lock makes an account's operations take turns, so one busy account is limited by
+//! how fast transactions on one row can follow each other (each holds the lock for a round
+//! trip and a WAL flush). A ledger therefore runs one transaction at a time per account, on a
+//! task of its own, and the operations (`reserve`, `settle`, `release`, `deposit`) that arrive
+//! meanwhile wait and then share the next transaction, up to 64 of them: loaded together,
+//! applied one after the other in arrival order on the same book, written in one statement
+//! and committed once. Each is answered only after that commit. This changes nothing of what
+//! an operation does, only how many share a commit; a quiet account runs one operation per
+//! transaction as before. `balance` and `allowance_usage` on a busy account join its next
+//! transaction too, instead of reading beside it.
+//!
+//! - Clones of a ledger share the queues; separate ledgers (other instances of a fleet) still
+//!   take turns on the row lock.
+//! - If the transaction fails, every operation in it gets the error and none is kept.
+//! - If a result cannot be stored (an amount beyond the table's range), the operations run
+//!   again one per transaction, so only that one fails.
+//! - An operation whose caller stopped waiting (its timeout, a dropped request) before its
+//!   transaction began is not run.
+//! - [`PostgresLedger::transaction_counts`] says how much sharing happens.
 //!
 //! Idempotency records are rows keyed by `(account, key)` (primary keys, so a key exists at
 //! most once). A reservation made without an idempotency key
@@ -37,8 +59,9 @@
 //! If an operation times out or its connection drops before the commit, the transaction is
 //! rolled back: nothing is half-applied. (A connection whose operation did not finish is
 //! closed, not returned to the pool, so it never carries an open transaction to the next
-//! operation.) Whether a commit that raced a lost connection landed
-//! cannot be known, so the ledger never retries on its own; `reserve` and `deposit` are
+//! operation.) An operation's timeout also counts the time it waited for its turn; one that
+//! gives up while its transaction is already under way may still be committed by it. Whether
+//! a commit that raced a lost connection landed cannot be known, so the ledger never retries on its own; `reserve` and `deposit` are
 //! idempotent by key, so the caller may retry them with the same key safely.
 //!
 //! The time an operation acts at is the `now` it is given: pass non-decreasing times (the
@@ -79,7 +102,8 @@
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -95,11 +119,12 @@ use crate::credits::Credits;
 use crate::error::{BoxError, LedgerError, StoreError};
 use crate::ledger::{
     AccountBook, AllowanceUsage, Balance, Counter, Deposit, Ledger, OverEstimate, Parts, Record,
-    ReservationId, ReserveOutcome, ReserveRequest, Settlement, State, Usage,
+    ReservationId, ReservationKey, ReserveOutcome, ReserveRequest, Settlement, State, Usage,
     DEFAULT_RETENTION_SECS,
 };
 use crate::plan::{Meter, PlanId, PlanStore, Subscription, SubscriptionStatus};
 use crate::time::Timestamp;
+use crate::FastMap;
 
 /// Where the tables live and how to reach the server: shared by [`PostgresLedger`] and
 /// [`PostgresPlanStore`].
@@ -414,12 +439,12 @@ fn state_from(s: &str) -> Result<State, StoreError> {
     })
 }
 
-/// What an operation needs loaded besides the buckets and the due reservations.
+/// What operations need loaded besides the buckets and the due reservations.
 #[derive(Default)]
 struct Need<'a> {
-    reservation: Option<&'a str>,
+    reservations: Vec<&'a str>,
     allowances: Vec<(Meter, Timestamp)>,
-    deposit: Option<&'a str>,
+    deposits: Vec<&'a str>,
 }
 
 impl Need<'_> {
@@ -441,11 +466,187 @@ impl Need<'_> {
         [
             account,
             now,
-            &self.reservation,
+            &self.reservations,
             &windows.0,
             &windows.1,
-            &self.deposit,
+            &self.deposits,
         ]
+    }
+}
+
+/// What one queued operation needs loaded (see [`Need`]).
+#[derive(Default)]
+struct OwnedNeed {
+    reservation: Option<ReservationKey>,
+    allowances: Vec<(Meter, Timestamp)>,
+    deposit: Option<String>,
+}
+
+/// Operations on one account wait here for the account's next transaction, so that a busy
+/// account takes its row lock, and flushes the WAL, once for many operations instead of once
+/// each. Operations on other accounts run in parallel, as before; other instances sharing
+/// the database still take turns on the row lock.
+#[derive(Clone, Default)]
+struct Queues(Arc<Mutex<FastMap<AccountId, Vec<Queued>>>>);
+
+/// The most operations one transaction runs.
+const MAX_BATCH: usize = 64;
+
+impl Queues {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<AccountId, Vec<Queued>>> {
+        // Nothing is left half-done under this lock: a poisoned one is safe to keep using.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `op`. True if the account had no transaction under way: the caller starts
+    /// [`PostgresLedger::drain`].
+    fn push(&self, account: &AccountId, op: Queued) -> bool {
+        let mut queues = self.lock();
+        if let Some(queue) = queues.get_mut(account) {
+            queue.push(op);
+            return false;
+        }
+        queues.insert(account.clone(), vec![op]);
+        true
+    }
+
+    /// The account's next operations, at most [`MAX_BATCH`]; `None`, and the account's
+    /// queue gone, when there are none.
+    fn next(&self, account: &AccountId) -> Option<Vec<Queued>> {
+        let mut queues = self.lock();
+        let queue = queues.get_mut(account)?;
+        // Operations whose callers stopped waiting take no place in a transaction.
+        queue.retain(|q| !q.op.abandoned());
+        if queue.is_empty() {
+            queues.remove(account);
+            return None;
+        }
+        if queue.len() <= MAX_BATCH {
+            return Some(std::mem::take(queue));
+        }
+        Some(queue.drain(..MAX_BATCH).collect())
+    }
+
+    /// Whether the account has a transaction under way: a read then joins the next one
+    /// rather than reading beside it.
+    fn busy(&self, account: &AccountId) -> bool {
+        self.lock().contains_key(account)
+    }
+
+    fn abandon(&self, account: &AccountId) {
+        self.lock().remove(account);
+    }
+}
+
+/// Drops an account's queue when dropped: see [`PostgresLedger::drain`].
+struct Abandon {
+    queues: Queues,
+    account: AccountId,
+    armed: bool,
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if self.armed {
+            self.queues.abandon(&self.account);
+        }
+    }
+}
+
+/// An operation waiting for its account's transaction.
+struct Queued {
+    need: OwnedNeed,
+    now: Timestamp,
+    op: Box<dyn Pending>,
+}
+
+/// A queued operation, whatever it answers.
+trait Pending: Send {
+    /// Whether its caller has stopped waiting.
+    fn abandoned(&self) -> bool;
+    /// Runs the operation on the book, unless its caller has stopped waiting.
+    fn apply(&mut self, book: &mut AccountBook);
+    /// Forgets the result of [`Pending::apply`], to run it again in another transaction.
+    fn reset(&mut self);
+    /// Answers once the transaction has ended: committed (or had nothing to write), or
+    /// failed, in which case nothing the operation did was kept.
+    fn answer(self: Box<Self>, ended: Result<(), &Arc<StoreError>>);
+    /// Answers that what the operation did could not be stored.
+    fn fail(self: Box<Self>, error: LedgerError);
+}
+
+struct Op<T, F> {
+    run: F,
+    out: Option<Result<T, LedgerError>>,
+    reply: tokio::sync::oneshot::Sender<Result<Result<T, LedgerError>, StoreError>>,
+}
+
+impl<T, F> Pending for Op<T, F>
+where
+    T: Send,
+    F: Fn(&mut AccountBook) -> Result<T, LedgerError> + Send,
+{
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn apply(&mut self, book: &mut AccountBook) {
+        if !self.abandoned() {
+            self.out = Some((self.run)(book));
+        }
+    }
+
+    fn reset(&mut self) {
+        self.out = None;
+    }
+
+    fn answer(self: Box<Self>, ended: Result<(), &Arc<StoreError>>) {
+        let answer = match (ended, self.out) {
+            (Ok(()), Some(out)) => Ok(out),
+            // Not run: its caller had stopped waiting.
+            (Ok(()), None) => return,
+            (Err(e), _) => Err(shared(e)),
+        };
+        // The caller may have stopped waiting since: then nobody needs the answer.
+        let _ = self.reply.send(answer);
+    }
+
+    fn fail(self: Box<Self>, error: LedgerError) {
+        let _ = self.reply.send(Ok(Err(error)));
+    }
+}
+
+/// Whether the server refused the data of a statement (SQLSTATE classes 22, data exception,
+/// and 23, integrity constraint violation): the fault of one operation's input, not of the
+/// connection or the server.
+fn refused_data(e: &StoreError) -> bool {
+    let StoreError::Unavailable(source) = e else {
+        return false;
+    };
+    source
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::code)
+        .is_some_and(|code| matches!(code.code().get(..2), Some("22" | "23")))
+}
+
+/// The error of a transaction, for each of its operations.
+fn shared(e: &Arc<StoreError>) -> StoreError {
+    #[derive(Debug)]
+    struct Shared(Arc<StoreError>);
+    impl fmt::Display for Shared {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt::Display::fmt(&self.0, f)
+        }
+    }
+    impl std::error::Error for Shared {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            std::error::Error::source(&*self.0)
+        }
+    }
+    match **e {
+        StoreError::Timeout => StoreError::Timeout,
+        StoreError::Unavailable(_) => StoreError::Unavailable(Box::new(Shared(e.clone()))),
+        StoreError::Corrupt(_) => StoreError::Corrupt(Box::new(Shared(e.clone()))),
     }
 }
 
@@ -455,6 +656,21 @@ pub struct PostgresLedger {
     pool: Pool,
     config: PostgresConfig,
     sql: Arc<LedgerSql>,
+    queues: Queues,
+    counts: Arc<[AtomicU64; 2]>,
+}
+
+/// How many transactions a [`PostgresLedger`] and its clones have run for `reserve`,
+/// `settle`, `release` and `deposit` (and for `balance` and `allowance_usage` on a busy
+/// account), and how many of those operations they carried: on a busy account one
+/// transaction carries many (see the module docs). For metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransactionCounts {
+    /// Transactions run, committed or not.
+    pub transactions: u64,
+    /// Operations they carried; an operation run again alone after its batch failed to
+    /// store counts twice.
+    pub operations: u64,
 }
 
 /// The statements of the ledger's operations, built once from the configured table names.
@@ -477,10 +693,10 @@ impl LedgerSql {
         let res = config.table("reservations");
         let allow = config.table("allowances");
         let dep = config.table("deposits");
-        // Everything an operation reads besides the balance, as one row per record,
-        // tagged by its kind (see `add_rows`): the reservation under its key and the
-        // due open ones ('r'); the allowance counters of the windows the request names
-        // and of the charges of those reservations ('a'); the deposit under its key
+        // Everything the operations of a transaction read besides the balance, as one row
+        // per record, tagged by its kind (see `add_rows`): the reservations under their keys
+        // and the due open ones ('r'); the allowance counters of the windows the requests
+        // name and of the charges of those reservations ('a'); the deposits under their keys
         // ('d'). Sent right behind `lock` on the same connection, so it runs once the
         // lock is held, with a snapshot taken then.
         let load = format!(
@@ -488,7 +704,8 @@ impl LedgerSql {
                  SELECT key, state, fingerprint, credits, expires_at, touched_at, \
                         allowance_units, charges, settlement, retain \
                    FROM {res} \
-                  WHERE account = $1 AND ((state = 'open' AND expires_at <= $2) OR key = $3) \
+                  WHERE account = $1 \
+                    AND ((state = 'open' AND expires_at <= $2) OR key = ANY($3::text[])) \
              ), w (meter, window_start) AS ( \
                  SELECT * FROM unnest($4::text[], $5::bigint[]) \
                  UNION \
@@ -505,7 +722,7 @@ impl LedgerSql {
               WHERE a.account = $1 \
              UNION ALL \
              SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL, NULL \
-               FROM {dep} WHERE account = $1 AND key = $6"
+               FROM {dep} WHERE account = $1 AND key = ANY($6::text[])"
         );
         // The same plus the balance row ('b'), for a read on one snapshot without the lock.
         let peek = format!(
@@ -587,7 +804,13 @@ impl PostgresLedger {
     /// A ledger on `pool` (usually [`PostgresConfig::pool`]) with the tables of `config`.
     pub fn new(pool: Pool, config: PostgresConfig) -> Self {
         let sql = Arc::new(LedgerSql::new(&config));
-        PostgresLedger { pool, config, sql }
+        PostgresLedger {
+            pool,
+            config,
+            sql,
+            queues: Queues::default(),
+            counts: Arc::default(),
+        }
     }
 
     /// Creates the schema and tables if missing (idempotent, transactional).
@@ -598,6 +821,15 @@ impl PostgresLedger {
     /// The pool, e.g. to share it with a [`PostgresPlanStore`].
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// The transactions run so far for this ledger's operations, and the operations they
+    /// carried.
+    pub fn transaction_counts(&self) -> TransactionCounts {
+        TransactionCounts {
+            transactions: self.counts[0].load(Ordering::Relaxed),
+            operations: self.counts[1].load(Ordering::Relaxed),
+        }
     }
 
     /// Releases the due reservations of up to `limit` accounts and deletes up to `limit`
@@ -700,15 +932,155 @@ impl PostgresLedger {
         Ok(from_sql(n)?)
     }
 
-    /// Runs `op` on the account's book inside one transaction holding the account's row lock.
-    async fn with_book<T>(
+    /// Runs `op` on the account's book inside a transaction holding the account's row lock:
+    /// the next one of its account, together with the operations queued with it.
+    async fn with_book<T, F>(
         &self,
         account: &AccountId,
         now: Timestamp,
-        need: Need<'_>,
-        op: impl FnOnce(&mut AccountBook) -> Result<T, LedgerError> + Send,
-    ) -> Result<T, LedgerError> {
-        timed(self.config.op_timeout, self.locked(account, now, &need, op)).await?
+        need: OwnedNeed,
+        op: F,
+    ) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut AccountBook) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let queued = Queued {
+            need,
+            now,
+            op: Box::new(Op {
+                run: op,
+                out: None,
+                reply,
+            }),
+        };
+        if self.queues.push(account, queued) {
+            // The account had no transaction under way: start them. On a task of its own, so
+            // a caller that stops waiting cannot abandon the operations queued behind it.
+            let abandon = Abandon {
+                queues: self.queues.clone(),
+                account: account.clone(),
+                armed: true,
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(self.clone().drain(abandon))),
+                // Dropping `abandon` drops the queue: its callers get an error.
+                Err(_) => {
+                    drop(abandon);
+                    return Err(
+                        StoreError::unavailable("no Tokio runtime to run the ledger on").into(),
+                    );
+                }
+            }
+        }
+        let answer = async {
+            answer.await.unwrap_or_else(|_| {
+                Err(StoreError::unavailable(
+                    "the account's transaction ended without answering",
+                ))
+            })
+        };
+        timed(self.config.op_timeout, answer).await?
+    }
+
+    /// Runs the account's queued operations, a transaction at a time, until none is left.
+    /// Made before the task is spawned, `abandon` goes wherever the task goes: should it end
+    /// early or never run (a panic, a runtime shutting down), the account's queue goes with
+    /// it, its callers get an error, and the next operation starts anew.
+    async fn drain(self, mut abandon: Abandon) {
+        while let Some(batch) = self.queues.next(&abandon.account) {
+            self.run_batch(&abandon.account, batch).await;
+        }
+        // `next` removed the queue when it found it empty.
+        abandon.armed = false;
+    }
+
+    /// One transaction for `batch`, and its answers. Should a result be impossible to store
+    /// (an amount beyond the table's range, data the server refuses), the operations run
+    /// again one per transaction, so that only the one at fault fails.
+    async fn run_batch(&self, account: &AccountId, batch: Vec<Queued>) {
+        let n = batch.len();
+        let mut needs = Vec::with_capacity(n);
+        let mut ops = Vec::with_capacity(n);
+        for q in batch {
+            needs.push((q.need, q.now));
+            ops.push(q.op);
+        }
+        let result = self.transaction(account, &needs, &mut ops).await;
+        if n > 1 {
+            tracing::debug!(
+                target: "tower_402::store::postgres",
+                account = account.as_str(),
+                operations = n,
+                "operations batched in one transaction"
+            );
+        }
+        match result {
+            Ok(Ok(())) => ops.into_iter().for_each(|op| op.answer(Ok(()))),
+            Err(e) if n == 1 || !refused_data(&e) => {
+                let e = Arc::new(e);
+                ops.into_iter().for_each(|op| op.answer(Err(&e)));
+            }
+            Ok(Err(e)) if n == 1 => {
+                if let Some(op) = ops.pop() {
+                    op.fail(e);
+                }
+            }
+            // Something one of them did cannot be stored, or the server refused the data:
+            // run each alone, so that only the one at fault fails.
+            Ok(Err(_)) | Err(_) => {
+                for (mut op, need) in ops.into_iter().zip(&needs) {
+                    op.reset();
+                    let alone = std::slice::from_ref(need);
+                    match self
+                        .transaction(account, alone, std::slice::from_mut(&mut op))
+                        .await
+                    {
+                        Ok(Ok(())) => op.answer(Ok(())),
+                        Ok(Err(e)) => op.fail(e),
+                        Err(e) => op.answer(Err(&Arc::new(e))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction running `ops` in order; `Ok(Err)` if what they did cannot be stored.
+    async fn transaction(
+        &self,
+        account: &AccountId,
+        needs: &[(OwnedNeed, Timestamp)],
+        ops: &mut [Box<dyn Pending>],
+    ) -> Result<Result<(), LedgerError>, StoreError> {
+        // Due reservations are loaded as of the latest `now`: a superset of what each
+        // operation, at its own time, expires.
+        let now = needs.iter().map(|(_, at)| *at).max().unwrap_or_default();
+        let need = Need {
+            reservations: needs
+                .iter()
+                .filter_map(|(n, _)| n.reservation.as_deref())
+                .collect(),
+            allowances: needs
+                .iter()
+                .flat_map(|(n, _)| n.allowances.iter().cloned())
+                .collect(),
+            deposits: needs
+                .iter()
+                .filter_map(|(n, _)| n.deposit.as_deref())
+                .collect(),
+        };
+        self.counts[0].fetch_add(1, Ordering::Relaxed);
+        self.counts[1].fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let run = |book: &mut AccountBook| {
+            ops.iter_mut().for_each(|op| op.apply(book));
+            Ok(())
+        };
+        timed(
+            self.config.op_timeout,
+            self.locked(account, now, &need, run),
+        )
+        .await
     }
 
     /// Runs a read (`op` changes nothing unless records are due to expire or be forgotten)
@@ -1088,8 +1460,8 @@ fn record_from_row(row: &Row) -> Result<Record, StoreError> {
 #[async_trait]
 impl Ledger for PostgresLedger {
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
-        let need = Need {
-            reservation: Some(&req.key),
+        let need = OwnedNeed {
+            reservation: Some(req.key.clone()),
             allowances: req
                 .charges
                 .iter()
@@ -1097,7 +1469,8 @@ impl Ledger for PostgresLedger {
                 .collect(),
             deposit: None,
         };
-        self.with_book(&req.account, req.now, need, |b| b.reserve(req))
+        let owned = req.clone();
+        self.with_book(&req.account, req.now, need, move |b| b.reserve(&owned))
             .await
     }
 
@@ -1108,22 +1481,25 @@ impl Ledger for PostgresLedger {
         policy: OverEstimate,
         now: Timestamp,
     ) -> Result<Settlement, LedgerError> {
-        let need = Need {
-            reservation: Some(&id.key),
-            ..Need::default()
+        let key = id.key.clone();
+        let need = OwnedNeed {
+            reservation: Some(key.clone()),
+            ..OwnedNeed::default()
         };
-        self.with_book(&id.account, now, need, |b| {
-            b.settle(&id.key, usage, policy, now)
+        let usage = usage.to_vec();
+        self.with_book(&id.account, now, need, move |b| {
+            b.settle(&key, &usage, policy, now)
         })
         .await
     }
 
     async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
-        let need = Need {
-            reservation: Some(&id.key),
-            ..Need::default()
+        let key = id.key.clone();
+        let need = OwnedNeed {
+            reservation: Some(key.clone()),
+            ..OwnedNeed::default()
         };
-        self.with_book(&id.account, now, need, |b| b.release(&id.key, now))
+        self.with_book(&id.account, now, need, move |b| b.release(&key, now))
             .await
     }
 
@@ -1137,15 +1513,22 @@ impl Ledger for PostgresLedger {
         if amount.is_zero() || amount > Credits::MAX_EXACT {
             return Err(LedgerError::AmountOutOfRange);
         }
-        let need = Need {
-            deposit: Some(key),
-            ..Need::default()
+        let key = key.to_owned();
+        let need = OwnedNeed {
+            deposit: Some(key.clone()),
+            ..OwnedNeed::default()
         };
-        self.with_book(account, now, need, |b| b.deposit(amount, key, now))
+        self.with_book(account, now, need, move |b| b.deposit(amount, &key, now))
             .await
     }
 
     async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
+        if self.queues.busy(account) {
+            let read = move |b: &mut AccountBook| Ok(b.balance(now));
+            return self
+                .with_book(account, now, OwnedNeed::default(), read)
+                .await;
+        }
         self.read_book(account, now, Need::default(), |b| Ok(b.balance(now)))
             .await
     }
@@ -1157,6 +1540,15 @@ impl Ledger for PostgresLedger {
         window_start: Timestamp,
         now: Timestamp,
     ) -> Result<AllowanceUsage, LedgerError> {
+        if self.queues.busy(account) {
+            let need = OwnedNeed {
+                allowances: vec![(meter.clone(), window_start)],
+                ..OwnedNeed::default()
+            };
+            let meter = meter.clone();
+            let read = move |b: &mut AccountBook| Ok(b.allowance_usage(&meter, window_start, now));
+            return self.with_book(account, now, need, read).await;
+        }
         let need = Need {
             allowances: vec![(meter.clone(), window_start)],
             ..Need::default()
