@@ -40,12 +40,12 @@ cleanup() {
 trap cleanup EXIT
 
 modes=(bare layers layers-once governor floor redis redis-once postgres postgres-once)
-declare -A port
+declare -A port pid_of
 i=0
 for m in "${modes[@]}"; do
   i=$((i + 1)); port[$m]=$((BASE_PORT + i))
   "$bin" serve "$m" "${port[$m]}" >"$work/$m.log" 2>&1 &
-  pids+=($!)
+  pids+=($!); pid_of[$m]=$!
 done
 port[nginx]=$((BASE_PORT + i + 1))
 cat >"$work/nginx.conf" <<CONF
@@ -89,6 +89,9 @@ echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS wrk-threads=
 for r in $(seq 1 "$ROUNDS"); do
   for m in "${modes[@]}"; do
     out="$work/wrk-$m-$r.txt"
+    if [[ -n ${pid_of[$m]:-} ]] && ! kill -0 "${pid_of[$m]}" 2>/dev/null; then
+      echo "server $m exited; its output:" >&2; cat "$work/$m.log" >&2; exit 1
+    fi
     # This machine's PostgreSQL runs with autovacuum off: vacuum the bench tables before a
     # round, as autovacuum would, so that it does not measure the dead rows of the last one.
     case $m in

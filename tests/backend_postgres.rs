@@ -307,6 +307,28 @@ async fn rows_from_before_the_retain_column_are_kept() {
     .await;
 }
 
+/// A fresh ledger with `credits` deposited to `account`, and the time it was done at.
+async fn funded(account: &str, credits: u64) -> Option<(PostgresLedger, Timestamp)> {
+    let ledger = ledger().await?;
+    let now = Timestamp::now();
+    ledger
+        .deposit(&account.into(), Credits::new(credits), "seed", now)
+        .await
+        .unwrap();
+    Some((ledger, now))
+}
+
+/// Polls each of `queued` once (which queues its operation) and checks none has finished.
+async fn poll_once<F: std::future::Future + Unpin>(queued: &mut [F]) {
+    std::future::poll_fn(|cx| {
+        for f in queued.iter_mut() {
+            assert!(std::pin::Pin::new(&mut *f).poll(cx).is_pending());
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
 /// Operations queued on a busy account share one transaction. One whose result cannot be
 /// stored (an allowance count beyond PostgreSQL's `bigint`) fails alone: the batch runs again
 /// one operation per transaction, and the others succeed.
@@ -314,12 +336,9 @@ async fn rows_from_before_the_retain_column_are_kept() {
 async fn a_busy_account_shares_transactions_and_a_bad_operation_fails_alone() {
     use conformance::{paid, request, window};
     use tower_402::ledger::ReserveOutcome;
-    let Some(ledger) = ledger().await else { return };
-    let now = Timestamp::now();
-    ledger
-        .deposit(&"busy".into(), Credits::new(100), "seed", now)
-        .await
-        .unwrap();
+    let Some((ledger, now)) = funded("busy", 100).await else {
+        return;
+    };
 
     // All polled once before the account's transaction task first runs (one thread): they
     // are queued together.
@@ -364,22 +383,12 @@ async fn a_busy_account_shares_transactions_and_a_bad_operation_fails_alone() {
 #[tokio::test(flavor = "current_thread")]
 async fn an_abandoned_operation_is_not_run() {
     use conformance::{id, paid, request};
-    use std::task::Poll;
-    let Some(ledger) = ledger().await else { return };
-    let now = Timestamp::now();
-    ledger
-        .deposit(&"gone".into(), Credits::new(10), "seed", now)
-        .await
-        .unwrap();
+    let Some((ledger, now)) = funded("gone", 10).await else {
+        return;
+    };
     let abandoned = request("gone", "abandoned", vec![paid("calls", 4, 1)], now);
-    let mut first = ledger.reserve(&abandoned);
     // Queued by its first poll; its transaction cannot have begun (one thread, not yielded).
-    std::future::poll_fn(|cx| {
-        assert!(first.as_mut().poll(cx).is_pending());
-        Poll::Ready(())
-    })
-    .await;
-    drop(first);
+    poll_once(&mut [ledger.reserve(&abandoned)]).await;
     let kept = request("gone", "kept", vec![paid("calls", 1, 1)], now);
     ledger.reserve(&kept).await.unwrap();
     let b = conformance::conserved(&ledger, "gone", now).await;
@@ -394,25 +403,15 @@ async fn an_abandoned_operation_is_not_run() {
 #[tokio::test(flavor = "current_thread")]
 async fn abandoned_operations_cost_no_transaction() {
     use conformance::{paid, request};
-    use std::task::Poll;
-    let Some(ledger) = ledger().await else { return };
-    let now = Timestamp::now();
-    ledger
-        .deposit(&"many".into(), Credits::new(1000), "seed", now)
-        .await
-        .unwrap();
+    let Some((ledger, now)) = funded("many", 1000).await else {
+        return;
+    };
     let start = ledger.transaction_counts();
     let requests: Vec<_> = (0..200)
         .map(|k| request("many", &format!("k{k}"), vec![paid("calls", 1, 1)], now))
         .collect();
     let mut queued: Vec<_> = requests.iter().map(|r| ledger.reserve(r)).collect();
-    std::future::poll_fn(|cx| {
-        for f in &mut queued {
-            assert!(f.as_mut().poll(cx).is_pending());
-        }
-        Poll::Ready(())
-    })
-    .await;
+    poll_once(&mut queued).await;
     drop(queued);
     let live = request("many", "live", vec![paid("calls", 1, 1)], now);
     ledger.reserve(&live).await.unwrap();
@@ -429,13 +428,10 @@ async fn abandoned_operations_cost_no_transaction() {
 async fn data_the_server_refuses_fails_only_its_operation() {
     use conformance::{paid, request};
     use tower_402::ledger::ReserveOutcome;
-    let Some(ledger) = ledger().await else { return };
-    let now = Timestamp::now();
+    let Some((ledger, now)) = funded("nul", 10).await else {
+        return;
+    };
     let account = "nul".into();
-    ledger
-        .deposit(&account, Credits::new(10), "seed", now)
-        .await
-        .unwrap();
     let good = request("nul", "good", vec![paid("calls", 1, 1)], now);
     let (reserved, refused) = tokio::join!(
         ledger.reserve(&good),
@@ -455,7 +451,6 @@ async fn data_the_server_refuses_fails_only_its_operation() {
 #[test]
 fn a_transaction_task_that_never_ran_leaves_no_queue() {
     use conformance::{paid, request};
-    use std::task::Poll;
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -476,12 +471,7 @@ fn a_transaction_task_that_never_ran_leaves_no_queue() {
             .await
             .unwrap();
         let r = request("orphan", "a", vec![paid("calls", 1, 1)], now);
-        let mut queued = ledger.reserve(&r);
-        std::future::poll_fn(|cx| {
-            assert!(queued.as_mut().poll(cx).is_pending());
-            Poll::Ready(())
-        })
-        .await;
+        poll_once(&mut [ledger.reserve(&r)]).await;
     });
     drop(first);
     runtime().block_on(async {

@@ -49,6 +49,10 @@
 //!   transaction began is not run.
 //! - [`PostgresLedger::transaction_counts`] says how much sharing happens.
 //!
+//! Every metered request inserts and deletes a reservation row: keep autovacuum on (the
+//! server's default), or the reservations table fills with dead rows and every operation
+//! slows down.
+//!
 //! Idempotency records are rows keyed by `(account, key)` (primary keys, so a key exists at
 //! most once). A reservation made without an idempotency key
 //! ([`ReserveRequest::idempotent`](crate::ledger::ReserveRequest::idempotent) false) has its
