@@ -1,8 +1,10 @@
 //! The servers `scripts/load.sh` compares, one binary:
 //!
 //! ```text
-//! loadtest serve <mode> <port>     mode: bare | layers | governor | redis | postgres, and
-//!                                  layers-once | redis-once | postgres-once (`and_metering`)
+//! loadtest serve <mode> <port>     mode: bare | layers | governor | floor | redis | postgres,
+//!                                  layers-once | redis-once | postgres-once (`and_metering`),
+//!                                  and for ablation (one layer or two alone, in memory):
+//!                                  problem-only | gate-only | no-problem | once-no-problem
 //! loadtest redis-prepare <file>    seeds the Redis bench account, writes the reserve script
 //!                                  to <file>, prints its KEYS[1] and ARGV for redis-benchmark
 //! loadtest postgres-prepare        seeds the PostgreSQL bench account (schema `loadtest`)
@@ -44,9 +46,23 @@ fn bare() -> Router {
     Router::new().route("/v1/forecast", get(|| async { "sunny" }))
 }
 
-/// The three layers on `ledger`; with `once`, the gate and the metering layer composed by
-/// `and_metering`, so the credit is checked once, by the reservation.
-async fn layered(ledger: impl Ledger + Clone, once: bool) -> Router {
+/// Which of tower-402's layers a server puts in front of the route.
+#[derive(Clone, Copy, PartialEq)]
+enum Stack {
+    /// Problem layer, gate, metering.
+    Full,
+    /// Problem layer, then the gate and the metering layer composed by `and_metering`, so the
+    /// credit is checked once, by the reservation.
+    Once,
+    /// For the ablation lines (`load.sh` does not run them): one layer, or two, alone.
+    ProblemOnly,
+    GateOnly,
+    NoProblem,
+    OnceNoProblem,
+}
+
+/// tower-402's layers on `ledger`, as `stack` says.
+async fn layered(ledger: impl Ledger + Clone, stack: Stack) -> Router {
     ledger
         .deposit(&ACCOUNT.into(), Credits::new(SEED), "loadtest-seed", Timestamp::now())
         .await
@@ -61,19 +77,24 @@ async fn layered(ledger: impl Ledger + Clone, once: bool) -> Router {
         .ledger(ledger.clone())
         .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
     let metering = MeteringLayer::new(ledger);
-    if once {
-        return bare().layer(
+    let problem = ProblemDetailsLayer::default();
+    match stack {
+        Stack::Full => bare().layer(
             ServiceBuilder::new()
-                .layer(ProblemDetailsLayer::default())
+                .layer(problem)
+                .layer(gate)
+                .layer(metering),
+        ),
+        Stack::Once => bare().layer(
+            ServiceBuilder::new()
+                .layer(problem)
                 .layer(gate.and_metering(metering)),
-        );
+        ),
+        Stack::ProblemOnly => bare().layer(problem),
+        Stack::GateOnly => bare().layer(gate),
+        Stack::NoProblem => bare().layer(ServiceBuilder::new().layer(gate).layer(metering)),
+        Stack::OnceNoProblem => bare().layer(gate.and_metering(metering)),
     }
-    bare().layer(
-        ServiceBuilder::new()
-            .layer(ProblemDetailsLayer::default())
-            .layer(gate)
-            .layer(metering),
-    )
 }
 
 fn governed() -> Router {
@@ -254,14 +275,18 @@ async fn main() {
             let port: u16 = args.get(3).and_then(|p| p.parse().ok()).expect("port");
             let app = match mode.as_str() {
                 "bare" => bare(),
-                "layers" => layered(MemoryLedger::new(), false).await,
-                "layers-once" => layered(MemoryLedger::new(), true).await,
+                "layers" => layered(MemoryLedger::new(), Stack::Full).await,
+                "layers-once" => layered(MemoryLedger::new(), Stack::Once).await,
+                "problem-only" => layered(MemoryLedger::new(), Stack::ProblemOnly).await,
+                "gate-only" => layered(MemoryLedger::new(), Stack::GateOnly).await,
+                "no-problem" => layered(MemoryLedger::new(), Stack::NoProblem).await,
+                "once-no-problem" => layered(MemoryLedger::new(), Stack::OnceNoProblem).await,
                 "governor" => governed(),
                 "floor" => floor::router(),
-                "redis" => layered(redis_ledger(), false).await,
-                "redis-once" => layered(redis_ledger(), true).await,
-                "postgres" => layered(postgres_ledger().await, false).await,
-                "postgres-once" => layered(postgres_ledger().await, true).await,
+                "redis" => layered(redis_ledger(), Stack::Full).await,
+                "redis-once" => layered(redis_ledger(), Stack::Once).await,
+                "postgres" => layered(postgres_ledger().await, Stack::Full).await,
+                "postgres-once" => layered(postgres_ledger().await, Stack::Once).await,
                 other => panic!("unknown mode {other}"),
             };
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -333,7 +358,7 @@ async fn main() {
                 .expect("seed");
         }
         _ => {
-            eprintln!("usage: loadtest serve <bare|layers|layers-once|governor|floor|redis|redis-once|postgres|postgres-once> <port> | redis-prepare <file> | postgres-prepare");
+            eprintln!("usage: loadtest serve <bare|layers|layers-once|problem-only|gate-only|no-problem|once-no-problem|governor|floor|redis|redis-once|postgres|postgres-once> <port> | redis-prepare <file> | postgres-prepare");
             std::process::exit(2);
         }
     }
