@@ -64,7 +64,12 @@ enum Stack {
 /// tower-402's layers on `ledger`, as `stack` says.
 async fn layered(ledger: impl Ledger + Clone, stack: Stack) -> Router {
     ledger
-        .deposit(&ACCOUNT.into(), Credits::new(SEED), "loadtest-seed", Timestamp::now())
+        .deposit(
+            &ACCOUNT.into(),
+            Credits::new(SEED),
+            "loadtest-seed",
+            Timestamp::now(),
+        )
         .await
         .expect("seed the bench account");
     let plans = MemoryPlanStore::new();
@@ -134,7 +139,10 @@ mod floor {
     impl<S> tower::Layer<S> for Layer {
         type Service = Floor<S>;
         fn layer(&self, inner: S) -> Floor<S> {
-            Floor { inner, state: self.0.clone() }
+            Floor {
+                inner,
+                state: self.0.clone(),
+            }
         }
     }
 
@@ -167,10 +175,21 @@ mod floor {
             let state = &self.state;
             let key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok());
             let Some(account) = key.and_then(|k| state.keys.get(k)) else {
-                return Charged::Refused { res: Some(refuse(StatusCode::UNAUTHORIZED)) };
+                return Charged::Refused {
+                    res: Some(refuse(StatusCode::UNAUTHORIZED)),
+                };
             };
-            if !state.plans.read().unwrap().get(account).copied().unwrap_or(false) {
-                return Charged::Refused { res: Some(refuse(StatusCode::PAYMENT_REQUIRED)) };
+            if !state
+                .plans
+                .read()
+                .unwrap()
+                .get(account)
+                .copied()
+                .unwrap_or(false)
+            {
+                return Charged::Refused {
+                    res: Some(refuse(StatusCode::PAYMENT_REQUIRED)),
+                };
             }
             let left = {
                 let mut balances = state.balances.lock().unwrap();
@@ -219,7 +238,12 @@ mod floor {
                 ChargedProj::Refused { res } => {
                     return Poll::Ready(Ok(res.take().expect("polled after completion")))
                 }
-                ChargedProj::Served { fut, state, account, left } => (fut, state, account, left),
+                ChargedProj::Served {
+                    fut,
+                    state,
+                    account,
+                    left,
+                } => (fut, state, account, left),
             };
             let mut res = match std::task::ready!(fut.poll(cx)) {
                 Ok(res) => res,
@@ -246,7 +270,11 @@ mod floor {
         let account: Arc<str> = super::ACCOUNT.into();
         state.keys.insert("k".into(), account.clone());
         state.plans.get_mut().unwrap().insert(account.clone(), true);
-        state.balances.get_mut().unwrap().insert(account, super::SEED);
+        state
+            .balances
+            .get_mut()
+            .unwrap()
+            .insert(account, super::SEED);
         super::bare().layer(Layer(Arc::new(state)))
     }
 }
@@ -263,7 +291,11 @@ async fn postgres_ledger() -> PostgresLedger {
 }
 
 fn redis_ledger() -> RedisLedger {
-    RedisLedger::new(&RedisConfig::new(&redis_url()).expect("redis url").prefix("loadtest:"))
+    RedisLedger::new(
+        &RedisConfig::new(&redis_url())
+            .expect("redis url")
+            .prefix("loadtest:"),
+    )
 }
 
 #[tokio::main]
@@ -304,7 +336,12 @@ async fn main() {
             let file = args.get(2).expect("script file");
             let ledger = redis_ledger();
             ledger
-                .deposit(&ACCOUNT.into(), Credits::new(SEED), "loadtest-seed", Timestamp::now())
+                .deposit(
+                    &ACCOUNT.into(),
+                    Credits::new(SEED),
+                    "loadtest-seed",
+                    Timestamp::now(),
+                )
                 .await
                 .expect("seed");
             let req = ReserveRequest {
@@ -340,7 +377,9 @@ async fn main() {
                 let l = ledger.clone();
                 tasks.push(tokio::spawn(async move {
                     for _ in 0..200 {
-                        l.balance(&ACCOUNT.into(), Timestamp::now()).await.expect("balance");
+                        l.balance(&ACCOUNT.into(), Timestamp::now())
+                            .await
+                            .expect("balance");
                     }
                 }));
             }
@@ -353,7 +392,12 @@ async fn main() {
         Some("postgres-prepare") => {
             let ledger = postgres_ledger().await;
             ledger
-                .deposit(&ACCOUNT.into(), Credits::new(SEED), "loadtest-seed", Timestamp::now())
+                .deposit(
+                    &ACCOUNT.into(),
+                    Credits::new(SEED),
+                    "loadtest-seed",
+                    Timestamp::now(),
+                )
                 .await
                 .expect("seed");
         }
