@@ -43,8 +43,9 @@
 //! - Clones of a ledger share the queues; separate ledgers (other instances of a fleet) still
 //!   take turns on the row lock.
 //! - If the transaction fails, every operation in it gets the error and none is kept.
-//! - If a result cannot be stored (an amount beyond the table's range), the operations run
-//!   again one per transaction, so only that one fails.
+//! - If a result cannot be stored (an amount beyond the table's range) or the server refuses
+//!   an operation's data (SQLSTATE classes 22 and 23), the operations run again one per
+//!   transaction, so only that one fails.
 //! - An operation whose caller stopped waiting (its timeout, a dropped request) before its
 //!   transaction began is not run.
 //! - [`PostgresLedger::transaction_counts`] says how much sharing happens.
@@ -65,8 +66,9 @@
 //! closed, not returned to the pool, so it never carries an open transaction to the next
 //! operation.) An operation's timeout also counts the time it waited for its turn; one that
 //! gives up while its transaction is already under way may still be committed by it. Whether
-//! a commit that raced a lost connection landed cannot be known, so the ledger never retries on its own; `reserve` and `deposit` are
-//! idempotent by key, so the caller may retry them with the same key safely.
+//! a commit that raced a lost connection landed cannot be known, so the ledger never retries
+//! on its own; `reserve` and `deposit` are idempotent by key, so the caller may retry them
+//! with the same key safely.
 //!
 //! The time an operation acts at is the `now` it is given: pass non-decreasing times (the
 //! layers pass their clock's time).
@@ -444,14 +446,28 @@ fn state_from(s: &str) -> Result<State, StoreError> {
 }
 
 /// What operations need loaded besides the buckets and the due reservations.
-#[derive(Default)]
 struct Need<'a> {
     reservations: Vec<&'a str>,
     allowances: Vec<(Meter, Timestamp)>,
     deposits: Vec<&'a str>,
 }
 
-impl Need<'_> {
+impl<'a> Need<'a> {
+    /// What all of `needs` need.
+    fn of(needs: impl Iterator<Item = &'a OwnedNeed> + Clone) -> Self {
+        Need {
+            reservations: needs
+                .clone()
+                .filter_map(|n| n.reservation.as_deref())
+                .collect(),
+            allowances: needs
+                .clone()
+                .flat_map(|n| n.allowances.iter().cloned())
+                .collect(),
+            deposits: needs.filter_map(|n| n.deposit.as_deref()).collect(),
+        }
+    }
+
     /// The allowance windows, as the meter and start columns of the load statement.
     fn windows(&self) -> (Vec<&str>, Vec<i64>) {
         self.allowances
@@ -661,7 +677,14 @@ pub struct PostgresLedger {
     config: PostgresConfig,
     sql: Arc<LedgerSql>,
     queues: Queues,
-    counts: Arc<[AtomicU64; 2]>,
+    counts: Arc<Counts>,
+}
+
+/// The atomics behind [`TransactionCounts`].
+#[derive(Default)]
+struct Counts {
+    transactions: AtomicU64,
+    operations: AtomicU64,
 }
 
 /// How many transactions a [`PostgresLedger`] and its clones have run for `reserve`,
@@ -831,8 +854,8 @@ impl PostgresLedger {
     /// carried.
     pub fn transaction_counts(&self) -> TransactionCounts {
         TransactionCounts {
-            transactions: self.counts[0].load(Ordering::Relaxed),
-            operations: self.counts[1].load(Ordering::Relaxed),
+            transactions: self.counts.transactions.load(Ordering::Relaxed),
+            operations: self.counts.operations.load(Ordering::Relaxed),
         }
     }
 
@@ -1060,22 +1083,10 @@ impl PostgresLedger {
         // Due reservations are loaded as of the latest `now`: a superset of what each
         // operation, at its own time, expires.
         let now = needs.iter().map(|(_, at)| *at).max().unwrap_or_default();
-        let need = Need {
-            reservations: needs
-                .iter()
-                .filter_map(|(n, _)| n.reservation.as_deref())
-                .collect(),
-            allowances: needs
-                .iter()
-                .flat_map(|(n, _)| n.allowances.iter().cloned())
-                .collect(),
-            deposits: needs
-                .iter()
-                .filter_map(|(n, _)| n.deposit.as_deref())
-                .collect(),
-        };
-        self.counts[0].fetch_add(1, Ordering::Relaxed);
-        self.counts[1].fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let need = Need::of(needs.iter().map(|(n, _)| n));
+        self.counts.transactions.fetch_add(1, Ordering::Relaxed);
+        let carried = ops.len() as u64;
+        self.counts.operations.fetch_add(carried, Ordering::Relaxed);
         let run = |book: &mut AccountBook| {
             ops.iter_mut().for_each(|op| op.apply(book));
             Ok(())
@@ -1087,17 +1098,26 @@ impl PostgresLedger {
         .await
     }
 
-    /// Runs a read (`op` changes nothing unless records are due to expire or be forgotten)
-    /// without the lock when it can: on one consistent snapshot of the account, which is as
-    /// good as reading under the lock at that instant. Only if the book would change does it
-    /// run again under the lock, like any other operation.
-    async fn read_book<T>(
+    /// Runs a read (`op` changes nothing unless records are due to expire or be forgotten).
+    /// On a busy account it joins the account's next transaction. Otherwise it reads without
+    /// the lock: on one consistent snapshot of the account, which is as good as reading under
+    /// the lock at that instant. Only if the book would change does it run again under the
+    /// lock, like any other operation.
+    async fn read_book<T, F>(
         &self,
         account: &AccountId,
         now: Timestamp,
-        need: Need<'_>,
-        op: impl Fn(&mut AccountBook) -> Result<T, LedgerError> + Send + Sync,
-    ) -> Result<T, LedgerError> {
+        need: OwnedNeed,
+        op: F,
+    ) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut AccountBook) -> Result<T, LedgerError> + Send + Sync + 'static,
+    {
+        if self.queues.busy(account) {
+            return self.with_book(account, now, need, op).await;
+        }
+        let need = Need::of(std::iter::once(&need));
         let run = async {
             if let Some(out) = self.peek(account, now, &need, &op).await? {
                 return Ok(out);
@@ -1527,14 +1547,10 @@ impl Ledger for PostgresLedger {
     }
 
     async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
-        if self.queues.busy(account) {
-            let read = move |b: &mut AccountBook| Ok(b.balance(now));
-            return self
-                .with_book(account, now, OwnedNeed::default(), read)
-                .await;
-        }
-        self.read_book(account, now, Need::default(), |b| Ok(b.balance(now)))
-            .await
+        self.read_book(account, now, OwnedNeed::default(), move |b| {
+            Ok(b.balance(now))
+        })
+        .await
     }
 
     async fn allowance_usage(
@@ -1544,21 +1560,13 @@ impl Ledger for PostgresLedger {
         window_start: Timestamp,
         now: Timestamp,
     ) -> Result<AllowanceUsage, LedgerError> {
-        if self.queues.busy(account) {
-            let need = OwnedNeed {
-                allowances: vec![(meter.clone(), window_start)],
-                ..OwnedNeed::default()
-            };
-            let meter = meter.clone();
-            let read = move |b: &mut AccountBook| Ok(b.allowance_usage(&meter, window_start, now));
-            return self.with_book(account, now, need, read).await;
-        }
-        let need = Need {
+        let need = OwnedNeed {
             allowances: vec![(meter.clone(), window_start)],
-            ..Need::default()
+            ..OwnedNeed::default()
         };
-        self.read_book(account, now, need, |b| {
-            Ok(b.allowance_usage(meter, window_start, now))
+        let meter = meter.clone();
+        self.read_book(account, now, need, move |b| {
+            Ok(b.allowance_usage(&meter, window_start, now))
         })
         .await
     }
