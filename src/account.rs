@@ -34,6 +34,7 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
+use crate::in_process::InProcessResolver;
 
 /// Who pays: an opaque account identifier.
 ///
@@ -95,18 +96,7 @@ impl ApiKey {
     /// Validates a key: 1 to [`MAX_API_KEY_LEN`] bytes of visible ASCII (no spaces, no control
     /// characters).
     pub fn parse(key: &str) -> Result<Self, CredentialError> {
-        if key.is_empty() {
-            return Err(CredentialError::Malformed("empty API key"));
-        }
-        if key.len() > MAX_API_KEY_LEN {
-            return Err(CredentialError::Malformed("API key too long"));
-        }
-        if !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(CredentialError::Malformed(
-                "API key contains characters outside visible ASCII",
-            ));
-        }
-        Ok(ApiKey(key.into()))
+        validate(key).map(|k| ApiKey(k.into()))
     }
 
     /// Reads the key from `x-api-key`, or else from `Authorization: Bearer <key>`.
@@ -115,50 +105,76 @@ impl ApiKey {
     /// malformed (not UTF-8, another auth scheme, an empty or oversized key, two different keys)
     /// is an error: guessing would be worse.
     pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, CredentialError> {
-        let mut found: Option<ApiKey> = None;
-        let mut x_api_key = headers.get_all(&X_API_KEY).iter();
-        if let Some(value) = x_api_key.next() {
-            if x_api_key.next().is_some() {
-                return Err(CredentialError::Malformed("more than one x-api-key header"));
-            }
-            let s = value
-                .to_str()
-                .map_err(|_| CredentialError::Malformed("x-api-key is not visible ASCII"))?;
-            found = Some(ApiKey::parse(s.trim())?);
-        }
-        let mut auth = headers.get_all(http::header::AUTHORIZATION).iter();
-        if let Some(value) = auth.next() {
-            if auth.next().is_some() {
-                return Err(CredentialError::Malformed(
-                    "more than one Authorization header",
-                ));
-            }
-            let s = value
-                .to_str()
-                .map_err(|_| CredentialError::Malformed("Authorization is not visible ASCII"))?;
-            let (scheme, rest) = s.trim().split_once(' ').unwrap_or((s.trim(), ""));
-            if !scheme.eq_ignore_ascii_case("bearer") {
-                return Err(CredentialError::Malformed(
-                    "Authorization scheme must be Bearer",
-                ));
-            }
-            let key = ApiKey::parse(rest.trim())?;
-            match &found {
-                Some(k) if *k != key => {
-                    return Err(CredentialError::Malformed(
-                        "x-api-key and Authorization carry different keys",
-                    ))
-                }
-                _ => found = Some(key),
-            }
-        }
-        Ok(found)
+        Ok(key_in_headers(headers)?.map(|k| ApiKey(k.into())))
+    }
+
+    /// A key [`key_in_headers`] already validated.
+    pub(crate) fn validated(key: &str) -> Self {
+        ApiKey(key.into())
     }
 
     /// The secret itself. Do not log it.
     pub fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// Checks a key: 1 to [`MAX_API_KEY_LEN`] bytes of visible ASCII.
+fn validate(key: &str) -> Result<&str, CredentialError> {
+    if key.is_empty() {
+        return Err(CredentialError::Malformed("empty API key"));
+    }
+    if key.len() > MAX_API_KEY_LEN {
+        return Err(CredentialError::Malformed("API key too long"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(CredentialError::Malformed(
+            "API key contains characters outside visible ASCII",
+        ));
+    }
+    Ok(key)
+}
+
+/// [`ApiKey::from_headers`] without the copy: the validated key, borrowed from the headers.
+pub(crate) fn key_in_headers(headers: &HeaderMap) -> Result<Option<&str>, CredentialError> {
+    let mut found: Option<&str> = None;
+    let mut x_api_key = headers.get_all(&X_API_KEY).iter();
+    if let Some(value) = x_api_key.next() {
+        if x_api_key.next().is_some() {
+            return Err(CredentialError::Malformed("more than one x-api-key header"));
+        }
+        let s = value
+            .to_str()
+            .map_err(|_| CredentialError::Malformed("x-api-key is not visible ASCII"))?;
+        found = Some(validate(s.trim())?);
+    }
+    let mut auth = headers.get_all(http::header::AUTHORIZATION).iter();
+    if let Some(value) = auth.next() {
+        if auth.next().is_some() {
+            return Err(CredentialError::Malformed(
+                "more than one Authorization header",
+            ));
+        }
+        let s = value
+            .to_str()
+            .map_err(|_| CredentialError::Malformed("Authorization is not visible ASCII"))?;
+        let (scheme, rest) = s.trim().split_once(' ').unwrap_or((s.trim(), ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(CredentialError::Malformed(
+                "Authorization scheme must be Bearer",
+            ));
+        }
+        let key = validate(rest.trim())?;
+        match &found {
+            Some(k) if *k != key => {
+                return Err(CredentialError::Malformed(
+                    "x-api-key and Authorization carry different keys",
+                ))
+            }
+            _ => found = Some(key),
+        }
+    }
+    Ok(found)
 }
 
 impl fmt::Debug for ApiKey {
@@ -189,11 +205,9 @@ pub trait IdentityResolver: Send + Sync + 'static {
     /// Looks the key up.
     async fn resolve(&self, key: &ApiKey) -> Result<Option<AccountId>, StoreError>;
 
-    /// The same answer without a future, for resolvers that need no I/O (a table in
-    /// memory). The gate tries this first and only calls [`resolve`](Self::resolve) on
-    /// `None`, the default. Saves a boxed future per request.
-    fn resolve_now(&self, key: &ApiKey) -> Option<Result<Option<AccountId>, StoreError>> {
-        let _ = key;
+    /// The resolver's [in-process fast path](crate::in_process), if it needs no I/O (a table
+    /// in memory): `None` (the default) has the gate call [`resolve`](Self::resolve).
+    fn in_process(&self) -> Option<&dyn InProcessResolver> {
         None
     }
 }
@@ -204,8 +218,8 @@ impl<T: IdentityResolver + ?Sized> IdentityResolver for Arc<T> {
         (**self).resolve(key).await
     }
 
-    fn resolve_now(&self, key: &ApiKey) -> Option<Result<Option<AccountId>, StoreError>> {
-        (**self).resolve_now(key)
+    fn in_process(&self) -> Option<&dyn InProcessResolver> {
+        (**self).in_process()
     }
 }
 
@@ -218,8 +232,17 @@ where
         Ok(self(key))
     }
 
-    fn resolve_now(&self, key: &ApiKey) -> Option<Result<Option<AccountId>, StoreError>> {
-        Some(Ok(self(key)))
+    fn in_process(&self) -> Option<&dyn InProcessResolver> {
+        Some(self)
+    }
+}
+
+impl<F> InProcessResolver for F
+where
+    F: Fn(&ApiKey) -> Option<AccountId> + Send + Sync + 'static,
+{
+    fn resolve(&self, key: &str) -> Result<Option<AccountId>, StoreError> {
+        Ok(self(&ApiKey(key.into())))
     }
 }
 
@@ -275,8 +298,14 @@ impl IdentityResolver for StaticKeys {
         Ok(self.keys.get(key.expose()).cloned())
     }
 
-    fn resolve_now(&self, key: &ApiKey) -> Option<Result<Option<AccountId>, StoreError>> {
-        Some(Ok(self.keys.get(key.expose()).cloned()))
+    fn in_process(&self) -> Option<&dyn InProcessResolver> {
+        Some(self)
+    }
+}
+
+impl InProcessResolver for StaticKeys {
+    fn resolve(&self, key: &str) -> Result<Option<AccountId>, StoreError> {
+        Ok(self.keys.get(key).cloned())
     }
 }
 

@@ -1,4 +1,4 @@
-//! Shared plumbing for calls to stores: timeouts and failure logging.
+//! Shared plumbing for calls to stores: timeouts, outages and the [`FailureMode`].
 
 use std::future::{poll_fn, Future};
 use std::task::Poll;
@@ -33,4 +33,15 @@ where
 /// Whether a ledger error means the backend is unreachable (as opposed to a logic error).
 pub(crate) fn is_outage(err: &LedgerError) -> bool {
     matches!(err, LedgerError::Store(_))
+}
+
+/// What to do when a store cannot be reached or times out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureMode {
+    /// Refuse with 503 and `Retry-After`. The default: unpaid work is never done by accident.
+    #[default]
+    Closed,
+    /// Serve the request anyway and log a warning: availability over revenue.
+    Open,
 }

@@ -10,7 +10,7 @@
 //! 3. **allowance, then credit** for the route's fixed cost, if it has one.
 //!
 //! ```
-//! use tower_402::decision::{decide, Cost, Decision, DecisionInput, Requirement};
+//! use tower_402::decision::{decide, Balances, Cost, Decision, DecisionInput, Requirement};
 //! use tower_402::plan::{Catalog, Plan, Period, Subscription};
 //! use tower_402::{Credits, Timestamp};
 //!
@@ -24,8 +24,7 @@
 //!     plan: catalog.get("free").unwrap(),
 //!     catalog: &catalog,
 //!     requirement: &requirement,
-//!     available: Credits::ZERO,
-//!     allowance_taken: 5,
+//!     balances: Some(Balances { available: Credits::ZERO, allowance_taken: 5 }),
 //!     grace_secs: 0,
 //!     soft_limit_percent: None,
 //!     now: Timestamp::from_unix(1_800_000_000),
@@ -33,16 +32,14 @@
 //! assert_eq!(decision.denial().unwrap().code(), "QUOTA_EXCEEDED");
 //! ```
 
-use std::borrow::Cow;
-
-use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 use crate::credits::Credits;
-use crate::ledger::Charge;
-use crate::plan::{Catalog, Meter, Plan, PlanId, Subscription, SubscriptionStatus};
+use crate::plan::{Catalog, Meter, Plan, Subscription, SubscriptionStatus};
 use crate::time::Timestamp;
+
+pub use crate::charge::Cost;
+pub use crate::denial::{AuthFailure, CustomDenial, Denial};
 
 /// What a route demands of the caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,55 +103,6 @@ impl Requirement {
     }
 }
 
-/// A fixed cost: `units` of `meter`, each `unit_price` credits beyond the plan's allowance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cost {
-    /// What is counted.
-    pub meter: Meter,
-    /// Units per request.
-    pub units: u64,
-    /// Credits per `price_per` units when paid from credit.
-    pub unit_price: Credits,
-    /// How many units `unit_price` buys (default 1).
-    #[serde(default = "one")]
-    pub price_per: u64,
-}
-
-fn one() -> u64 {
-    1
-}
-
-impl Cost {
-    /// `units` of `meter` at `unit_price` each.
-    pub fn new(meter: impl AsRef<str>, units: u64, unit_price: Credits) -> Self {
-        Cost {
-            meter: Meter::new(meter),
-            units,
-            unit_price,
-            price_per: 1,
-        }
-    }
-
-    /// Prices per `n` units instead of per unit: `Cost::new("tokens", 500, Credits::new(150))
-    /// .per(1_000_000)` is 500 tokens at 150 credits per million, rounded up to whole credits.
-    pub fn per(mut self, n: u64) -> Self {
-        self.price_per = n.max(1);
-        self
-    }
-
-    /// The ledger charge for this cost under `plan` at `now`.
-    pub fn charge(&self, plan: &Plan, now: Timestamp) -> Charge {
-        Charge {
-            meter: self.meter.clone(),
-            units: self.units,
-            unit_price: self.unit_price,
-            price_per: self.price_per,
-            allowance: plan.allowance_for(&self.meter).map(|a| a.window(now)),
-            overage: plan.overage,
-        }
-    }
-}
-
 /// Everything [`decide`] looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct DecisionInput<'a> {
@@ -166,16 +114,24 @@ pub struct DecisionInput<'a> {
     pub catalog: &'a Catalog,
     /// What the route demands.
     pub requirement: &'a Requirement,
-    /// Credit available to the account.
-    pub available: Credits,
-    /// Allowance units of the cost's meter already used or held in the current window.
-    pub allowance_taken: u64,
+    /// What the account can pay with, when it is known. `None` skips step 3: the layers leave
+    /// allowance and credit to the ledger's reservation, which checks them atomically, once.
+    pub balances: Option<Balances>,
     /// Default grace period for `past_due`, when the plan sets none.
     pub grace_secs: u64,
     /// Warn when an allowance is this many percent used.
     pub soft_limit_percent: Option<u8>,
     /// The current time.
     pub now: Timestamp,
+}
+
+/// What an account can pay with, for step 3 of [`decide`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Balances {
+    /// Credit available to the account.
+    pub available: Credits,
+    /// Allowance units of the cost's meter already used or held in the current window.
+    pub allowance_taken: u64,
 }
 
 /// A condition worth telling the caller about on a request that is served.
@@ -219,12 +175,6 @@ impl Decision {
 
 /// Decides whether to serve a request. Pure: see the [module docs](self).
 pub fn decide(input: &DecisionInput<'_>) -> Decision {
-    decide_with(input, true)
-}
-
-/// [`decide`], optionally without step 3 (allowance and credit): for a gate that leaves that
-/// check to the metering layer's reservation, or has no ledger to read balances from.
-pub(crate) fn decide_with(input: &DecisionInput<'_>, check_cost: bool) -> Decision {
     let sub = input.subscription;
     let plan = input.plan;
     let now = input.now;
@@ -289,18 +239,18 @@ pub(crate) fn decide_with(input: &DecisionInput<'_>, check_cost: bool) -> Decisi
     }
 
     // 3. allowance, then credit
-    if let Some(cost) = req.cost.as_ref().filter(|_| check_cost) {
+    if let (Some(cost), Some(balances)) = (&req.cost, input.balances) {
         let charge = cost.charge(plan, now);
-        match charge.split(cost.units, input.allowance_taken) {
-            Ok(split) if split.credits > input.available => {
+        match charge.split(cost.units, balances.allowance_taken) {
+            Ok(split) if split.credits > balances.available => {
                 return Decision::Deny(Denial::InsufficientCredits {
-                    balance: input.available,
+                    balance: balances.available,
                     required: split.credits,
                 })
             }
             Ok(split) => {
                 if let (Some(w), Some(pct)) = (charge.allowance, input.soft_limit_percent) {
-                    let used = input.allowance_taken.saturating_add(split.allowance_units);
+                    let used = balances.allowance_taken.saturating_add(split.allowance_units);
                     if w.limit > 0
                         && split.allowance_units > 0
                         && u128::from(used) * 100 >= u128::from(w.limit) * u128::from(pct)
@@ -315,7 +265,7 @@ pub(crate) fn decide_with(input: &DecisionInput<'_>, check_cost: bool) -> Decisi
             }
             Err(Denial::InsufficientCredits { required, .. }) => {
                 return Decision::Deny(Denial::InsufficientCredits {
-                    balance: input.available,
+                    balance: balances.available,
                     required,
                 })
             }
@@ -323,221 +273,6 @@ pub(crate) fn decide_with(input: &DecisionInput<'_>, check_cost: bool) -> Decisi
         }
     }
     Decision::Allow(warnings)
-}
-
-/// Why an unauthenticated request was refused. All three answer 401 with the same code; none
-/// says anything about whether an account exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum AuthFailure {
-    /// No credential was sent.
-    Missing,
-    /// The credential is not one we know.
-    Unknown,
-    /// The credential could not be read (the text says why, never what it was).
-    Malformed(&'static str),
-}
-
-/// An application-defined refusal, rendered like the built-in ones.
-///
-/// ```
-/// use http::StatusCode;
-/// use tower_402::decision::CustomDenial;
-///
-/// let denial = CustomDenial::new(
-///     StatusCode::PAYMENT_REQUIRED,
-///     "BUDGET_EXHAUSTED",
-///     "Department budget exhausted",
-///     "the research department has spent its Q3 budget",
-/// )
-/// .member("budget_resets_at", "2026-10-01T00:00:00Z");
-/// assert_eq!(denial.code, "BUDGET_EXHAUSTED");
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CustomDenial {
-    /// The HTTP status (402 when money would fix it).
-    pub status: StatusCode,
-    /// Stable machine code, SCREAMING_SNAKE_CASE.
-    pub code: Cow<'static, str>,
-    /// Fixed title for this code.
-    pub title: Cow<'static, str>,
-    /// This occurrence, for humans.
-    pub detail: String,
-    /// Extension members.
-    pub members: Map<String, Value>,
-}
-
-impl CustomDenial {
-    /// A custom denial with no extra members.
-    pub fn new(
-        status: StatusCode,
-        code: impl Into<Cow<'static, str>>,
-        title: impl Into<Cow<'static, str>>,
-        detail: impl Into<String>,
-    ) -> Self {
-        CustomDenial {
-            status,
-            code: code.into(),
-            title: title.into(),
-            detail: detail.into(),
-            members: Map::new(),
-        }
-    }
-
-    /// Adds an extension member.
-    pub fn member(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
-        self.members.insert(name.into(), value.into());
-        self
-    }
-}
-
-/// A typed reason a request is refused, with a stable machine [`code`](Denial::code) and an
-/// HTTP [`status`](Denial::status).
-///
-/// Denials are normal outcomes, not errors. They render as RFC 9457 problem documents (see
-/// [`problem`](crate::problem)).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Denial {
-    /// 401 `UNAUTHENTICATED`.
-    Unauthenticated(AuthFailure),
-    /// 402 `INSUFFICIENT_CREDITS`: balance below the cost of this request.
-    InsufficientCredits {
-        /// Credit available.
-        balance: Credits,
-        /// Credit this request needs.
-        required: Credits,
-    },
-    /// 402 `QUOTA_EXCEEDED`: the plan's allowance is used up and it has no paid overage.
-    QuotaExceeded {
-        /// Which meter.
-        meter: Meter,
-        /// Units included per period.
-        limit: u64,
-        /// Units used or held this period.
-        used: u64,
-        /// When the allowance resets.
-        resets_at: Option<Timestamp>,
-        /// Length of the allowance period, in seconds.
-        window_secs: Option<u64>,
-    },
-    /// 402 `PLAN_UPGRADE_REQUIRED`: a higher tier or a missing feature.
-    PlanUpgradeRequired {
-        /// The caller's plan.
-        current_plan: PlanId,
-        /// The cheapest plan that would do, if the catalog has one.
-        required_plan: Option<PlanId>,
-        /// The feature that is missing, if that is the reason.
-        required_feature: Option<String>,
-    },
-    /// 402 `SUBSCRIPTION_EXPIRED`: canceled or ended.
-    SubscriptionExpired {
-        /// The plan it was on.
-        plan: PlanId,
-        /// When it ended.
-        ended_at: Option<Timestamp>,
-    },
-    /// 402 `SUBSCRIPTION_PAST_DUE`: renewal failed and the grace period is over.
-    SubscriptionPastDue {
-        /// When the grace period ended.
-        grace_until: Option<Timestamp>,
-    },
-    /// 402 `TRIAL_EXPIRED`: the trial ended without a paid plan.
-    TrialExpired {
-        /// When the trial ended.
-        trial_ended_at: Option<Timestamp>,
-    },
-    /// 402 `SUBSCRIPTION_PENDING`: not active yet (awaiting first payment), paused, or no
-    /// subscription on file.
-    SubscriptionPending {
-        /// The plan, if there is a subscription.
-        plan: Option<PlanId>,
-    },
-    /// 402 `PAYMENT_DECLINED`: a direct charge failed at the processor.
-    PaymentDeclined {
-        /// The processor's decline code (`card_declined`, `insufficient_funds`).
-        decline_code: String,
-    },
-    /// 400 with a code naming the bad input (`INVALID_IDEMPOTENCY_KEY`, `INVALID_REQUEST`).
-    BadRequest {
-        /// Stable code.
-        code: &'static str,
-        /// What is wrong, without echoing secrets.
-        detail: Cow<'static, str>,
-    },
-    /// 409 `IDEMPOTENCY_KEY_REUSED` (`in_progress == false`: the key was used for another
-    /// request) or `IDEMPOTENCY_KEY_IN_USE` (the first request with this key is still running).
-    IdempotencyConflict {
-        /// Whether the earlier request is still running.
-        in_progress: bool,
-    },
-    /// 503 `SERVICE_UNAVAILABLE`: the ledger or plan store cannot be reached.
-    Unavailable {
-        /// Seconds after which a retry may succeed.
-        retry_after_secs: u64,
-    },
-    /// An application-defined refusal.
-    Custom(Box<CustomDenial>),
-}
-
-impl Denial {
-    /// The stable machine code.
-    pub fn code(&self) -> &str {
-        match self {
-            Denial::Unauthenticated(_) => "UNAUTHENTICATED",
-            Denial::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
-            Denial::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
-            Denial::PlanUpgradeRequired { .. } => "PLAN_UPGRADE_REQUIRED",
-            Denial::SubscriptionExpired { .. } => "SUBSCRIPTION_EXPIRED",
-            Denial::SubscriptionPastDue { .. } => "SUBSCRIPTION_PAST_DUE",
-            Denial::TrialExpired { .. } => "TRIAL_EXPIRED",
-            Denial::SubscriptionPending { .. } => "SUBSCRIPTION_PENDING",
-            Denial::PaymentDeclined { .. } => "PAYMENT_DECLINED",
-            Denial::BadRequest { code, .. } => code,
-            Denial::IdempotencyConflict { in_progress: false } => "IDEMPOTENCY_KEY_REUSED",
-            Denial::IdempotencyConflict { in_progress: true } => "IDEMPOTENCY_KEY_IN_USE",
-            Denial::Unavailable { .. } => "SERVICE_UNAVAILABLE",
-            Denial::Custom(c) => &c.code,
-        }
-    }
-
-    /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Denial::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            Denial::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            Denial::IdempotencyConflict { .. } => StatusCode::CONFLICT,
-            Denial::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Denial::Custom(c) => c.status,
-            _ => StatusCode::PAYMENT_REQUIRED,
-        }
-    }
-
-    /// The fixed title of this kind of problem.
-    pub fn title(&self) -> Cow<'static, str> {
-        Cow::Borrowed(match self {
-            Denial::Unauthenticated(_) => "Authentication required",
-            Denial::InsufficientCredits { .. } => "Insufficient credits",
-            Denial::QuotaExceeded { .. } => "Quota exceeded",
-            Denial::PlanUpgradeRequired { .. } => "Plan upgrade required",
-            Denial::SubscriptionExpired { .. } => "Subscription expired",
-            Denial::SubscriptionPastDue { .. } => "Subscription past due",
-            Denial::TrialExpired { .. } => "Trial expired",
-            Denial::SubscriptionPending { .. } => "Subscription pending",
-            Denial::PaymentDeclined { .. } => "Payment declined",
-            Denial::BadRequest { .. } => "Bad request",
-            Denial::IdempotencyConflict { in_progress: false } => "Idempotency key reused",
-            Denial::IdempotencyConflict { in_progress: true } => "Request already in progress",
-            Denial::Unavailable { .. } => "Service unavailable",
-            Denial::Custom(c) => return c.title.clone(),
-        })
-    }
-
-    /// Whether this is a business condition about payment (as opposed to identity, bad input
-    /// or an outage).
-    pub fn is_payment_required(&self) -> bool {
-        self.status() == StatusCode::PAYMENT_REQUIRED
-    }
 }
 
 #[cfg(test)]
@@ -601,8 +336,10 @@ mod tests {
                 plan: &plan,
                 catalog: &catalog,
                 requirement: &self.requirement,
-                available: Credits::new(self.available),
-                allowance_taken: self.taken,
+                balances: Some(Balances {
+                    available: Credits::new(self.available),
+                    allowance_taken: self.taken,
+                }),
                 grace_secs: 3 * DAY,
                 soft_limit_percent: Some(80),
                 now: NOW,

@@ -112,11 +112,16 @@
 
 pub mod account;
 mod backend;
+pub mod billing;
 pub mod body;
+mod charge;
 pub mod credits;
 pub mod decision;
+mod denial;
+mod entitlement;
 pub mod error;
 pub mod gate;
+pub mod in_process;
 pub mod ledger;
 pub mod metering;
 pub mod plan;
@@ -134,10 +139,15 @@ pub mod time;
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 pub use account::{AccountId, ApiKey, IdentityResolver, StaticKeys};
+pub use backend::FailureMode;
+pub use billing::{Billing, BillingLayer};
 pub use credits::Credits;
 pub use decision::Denial;
+#[cfg(feature = "axum")]
+pub use entitlement::MissingEntitlement;
+pub use entitlement::Entitlement;
 pub use error::{LedgerError, StoreError};
-pub use gate::{Entitlement, FailureMode, GateAndMeteringLayer, PaymentGateLayer};
+pub use gate::PaymentGateLayer;
 pub use ledger::Ledger;
 pub use metering::{MeteringLayer, ReportedUsage};
 pub use problem::ProblemDetailsLayer;

@@ -3,25 +3,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::{HeaderValue, Request, Response};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::account::AccountId;
-use crate::body::ResponseBody;
-use crate::decision::{Denial, Warning};
-use crate::gate::service::log_denial;
-use crate::gate::{Entitlement, FailedOpen, GateConfig};
+use crate::denial::{log_denial, Denial};
+use crate::entitlement::Admission;
+use crate::gate::check::Checked;
+use crate::gate::GateConfig;
+use crate::metering::{self, MeteredBody, Metering, RequestBody};
 use crate::problem::{denial_response, is_grpc};
 use crate::time::Timestamp;
-
-pub(crate) enum Checked {
-    Allow(Entitlement),
-    FailOpen(Option<AccountId>),
-    Deny(Denial, Option<AccountId>),
-    /// Only from a check run without I/O: a store needs a round trip, run the async check.
-    NeedsAsync,
-}
 
 type CheckFuture = Pin<Box<dyn Future<Output = Checked> + Send>>;
 
@@ -29,7 +23,7 @@ pin_project! {
     /// Response future of [`PaymentGate`](crate::gate::PaymentGate).
     pub struct ResponseFuture<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
         #[pin]
         state: State<S, ReqBody>,
@@ -40,18 +34,17 @@ pin_project! {
     #[project = StateProj]
     enum State<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
         Checking {
             check: CheckFuture,
-            pending: Option<(S, Request<ReqBody>)>,
+            pending: Option<(Metering<S>, Request<ReqBody>)>,
             config: Arc<GateConfig>,
             now: Timestamp,
         },
-        Calling {
+        Metered {
             #[pin]
-            fut: S::Future,
-            warnings: Vec<Warning>,
+            fut: metering::ResponseFuture<S, ReqBody>,
         },
         Refused {
             denial: Option<Denial>,
@@ -64,11 +57,12 @@ pin_project! {
 
 impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<RequestBody<ReqBody>>> + Clone + Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
 {
-    pub(crate) fn call(fut: S::Future, warnings: Vec<Warning>) -> Self {
+    pub(crate) fn metered(fut: metering::ResponseFuture<S, ReqBody>) -> Self {
         ResponseFuture {
-            state: State::Calling { fut, warnings },
+            state: State::Metered { fut },
         }
     }
 
@@ -90,7 +84,7 @@ where
 
     pub(crate) fn checking(
         check: CheckFuture,
-        inner: S,
+        inner: Metering<S>,
         req: Request<ReqBody>,
         config: Arc<GateConfig>,
         now: Timestamp,
@@ -104,86 +98,61 @@ where
             },
         }
     }
-}
 
-fn warning_header(w: &Warning) -> Option<HeaderValue> {
-    let text = match w {
-        Warning::GracePeriod { until } => format!("past-due; grace-until=\"{until}\""),
-        Warning::SoftLimit { meter, used, limit } => {
-            let meter = crate::problem::sf_key(meter.as_str());
-            format!("soft-limit; meter=\"{meter}\"; used={used}; limit={limit}")
-        }
-    };
-    HeaderValue::try_from(text).ok()
-}
-
-/// What follows a finished check: call the inner service, or refuse.
-fn return_state<S, ReqBody>(
-    checked: Checked,
-    mut inner: S,
-    mut req: Request<ReqBody>,
-    config: &Arc<GateConfig>,
-    now: Timestamp,
-) -> State<S, ReqBody>
-where
-    S: Service<Request<ReqBody>>,
-{
-    match checked {
-        Checked::Allow(entitlement) => {
-            let warnings = entitlement.warnings.clone();
-            req.extensions_mut().insert(entitlement);
-            State::Calling {
-                fut: inner.call(req),
-                warnings,
-            }
-        }
-        Checked::FailOpen(account) => {
-            if let Some(a) = account {
-                req.extensions_mut().insert(a);
-            }
-            req.extensions_mut().insert(FailedOpen);
-            State::Calling {
-                fut: inner.call(req),
-                warnings: Vec::new(),
-            }
-        }
-        Checked::Deny(denial, account) => {
-            log_denial(account.as_ref(), &denial);
-            State::Refused {
-                denial: Some(denial),
-                config: config.clone(),
-                now,
-                // Read only for a refusal: an allowed request never needs it.
-                grpc: is_grpc(req.headers()),
-            }
-        }
-        Checked::NeedsAsync => unreachable!("only a check run without I/O answers NeedsAsync"),
-    }
-}
-
-impl<S, ReqBody> ResponseFuture<S, ReqBody>
-where
-    S: Service<Request<ReqBody>>,
-{
     /// A check that finished without I/O.
     pub(crate) fn checked(
         checked: Checked,
-        inner: S,
+        inner: &mut Metering<S>,
         req: Request<ReqBody>,
         config: &Arc<GateConfig>,
         now: Timestamp,
     ) -> Self {
         ResponseFuture {
-            state: return_state(checked, inner, req, config, now),
+            state: after_check(checked, inner, req, config, now),
         }
+    }
+}
+
+/// What follows a finished check: hand the request to the metering layer, or refuse.
+fn after_check<S, ReqBody>(
+    checked: Checked,
+    inner: &mut Metering<S>,
+    req: Request<ReqBody>,
+    config: &Arc<GateConfig>,
+    now: Timestamp,
+) -> State<S, ReqBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>> + Clone + Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+{
+    let admission = match checked {
+        Checked::Allow(entitlement, charge) => Admission::Entitled(entitlement, charge),
+        Checked::FailOpen => Admission::FailedOpen,
+        Checked::Deny(denial, account) => {
+            log_denial(account.as_ref(), &denial);
+            return State::Refused {
+                denial: Some(denial),
+                config: config.clone(),
+                now,
+                // Read only for a refusal: an allowed request never needs it.
+                grpc: is_grpc(req.headers()),
+            };
+        }
+    };
+    State::Metered {
+        fut: inner.call_admitted(req, admission, now),
     }
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
 {
-    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+    type Output = Result<Response<MeteredBody<ResBody>>, S::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
@@ -196,20 +165,12 @@ where
                     now,
                 } => {
                     let checked = ready!(check.as_mut().poll(cx));
-                    let Some((inner, req)) = pending.take() else {
+                    let Some((mut inner, req)) = pending.take() else {
                         panic!("gate future polled after completion");
                     };
-                    return_state(checked, inner, req, config, *now)
+                    after_check(checked, &mut inner, req, config, *now)
                 }
-                StateProj::Calling { fut, warnings } => {
-                    let mut res = ready!(fut.poll(cx))?;
-                    for w in warnings.iter() {
-                        if let Some(v) = warning_header(w) {
-                            res.headers_mut().append("x-payment-warning", v);
-                        }
-                    }
-                    return Poll::Ready(Ok(res.map(ResponseBody::inner)));
-                }
+                StateProj::Metered { fut } => return fut.poll(cx),
                 StateProj::Refused {
                     denial,
                     config,
@@ -220,7 +181,7 @@ where
                         panic!("gate future polled after completion");
                     };
                     let res = denial_response(denial, &config.problems, *now, *grpc);
-                    return Poll::Ready(Ok(res));
+                    return Poll::Ready(Ok(res.map(MeteredBody::plain)));
                 }
             };
             this.state.set(next);

@@ -4,7 +4,8 @@ use std::sync::Arc;
 use crate::FastMap;
 
 use crate::credits::Credits;
-use crate::decision::Denial;
+use crate::charge::Charge;
+use crate::denial::Denial;
 use crate::error::LedgerError;
 use crate::ledger::types::*;
 use crate::ledger::PerCharge;
@@ -301,55 +302,16 @@ impl AccountBook {
                 State::Released | State::Expired => {}
             }
         }
-        let mut credits = Credits::ZERO;
-        let mut allowance_units = PerCharge::with_capacity(req.charges.len());
-        for charge in req.charges.iter() {
-            let split = match charge.split(charge.units, self.taken(charge)) {
-                Ok(s) => s,
-                Err(Denial::InsufficientCredits { required, .. }) => {
-                    return Ok(ReserveOutcome::Denied(Denial::InsufficientCredits {
-                        balance: self.available,
-                        required,
-                    }))
-                }
-                Err(d) => return Ok(ReserveOutcome::Denied(d)),
-            };
-            credits = credits
-                .checked_add(split.credits)
-                .filter(|c| *c <= Credits::MAX_EXACT)
-                .ok_or(LedgerError::AmountOutOfRange)?;
-            allowance_units.push(split.allowance_units);
-        }
-        if credits > self.available {
-            return Ok(ReserveOutcome::Denied(Denial::InsufficientCredits {
-                balance: self.available,
-                required: credits,
-            }));
-        }
-        // Checked above: credits <= available, and held + credits <= deposited.
-        self.available = self.available.saturating_sub(credits);
-        self.held = self
-            .held
-            .checked_add(credits)
-            .ok_or(LedgerError::AmountOutOfRange)?;
-        let mut allowance_left = PerCharge::with_capacity(req.charges.len());
-        for (charge, units) in req.charges.iter().zip(&allowance_units) {
-            match charge.allowance {
-                Some(w) => {
-                    let c = self
-                        .allowances
-                        .entry((charge.meter.clone(), w.start))
-                        .or_insert(Counter {
-                            resets_at: w.resets_at,
-                            ..Counter::default()
-                        });
-                    c.held = c.held.saturating_add(*units);
-                    allowance_left
-                        .push(Some(w.limit.saturating_sub(c.used.saturating_add(c.held))));
-                }
-                None => allowance_left.push(None),
-            }
-        }
+        let taken = match self.take(&req.charges)? {
+            Ok(t) => t,
+            Err(denial) => return Ok(ReserveOutcome::Denied(denial)),
+        };
+        let Hold {
+            credits,
+            allowance_units,
+            available_after,
+            allowance_left,
+        } = taken;
         let expires_at = req.now.plus_secs(req.ttl_secs);
         self.open.insert((expires_at, req.key.clone()));
         self.reservations.insert(
@@ -371,9 +333,107 @@ impl AccountBook {
             credits,
             allowance_units,
             expires_at,
+            available_after,
+            allowance_left,
+        }))
+    }
+
+    /// Moves what `charges` need from `available` (and the allowances) into `held`, or says
+    /// why not. No record is made: the caller owns the hold. Shared by [`reserve`] and
+    /// [`hold`].
+    ///
+    /// [`reserve`]: Self::reserve
+    /// [`hold`]: Self::hold
+    fn take(&mut self, charges: &[Charge]) -> Result<Result<Hold, Denial>, LedgerError> {
+        let mut credits = Credits::ZERO;
+        let mut allowance_units = PerCharge::with_capacity(charges.len());
+        for charge in charges {
+            let split = match charge.split(charge.units, self.taken(charge)) {
+                Ok(s) => s,
+                Err(Denial::InsufficientCredits { required, .. }) => {
+                    return Ok(Err(Denial::InsufficientCredits {
+                        balance: self.available,
+                        required,
+                    }))
+                }
+                Err(d) => return Ok(Err(d)),
+            };
+            credits = credits
+                .checked_add(split.credits)
+                .filter(|c| *c <= Credits::MAX_EXACT)
+                .ok_or(LedgerError::AmountOutOfRange)?;
+            allowance_units.push(split.allowance_units);
+        }
+        if credits > self.available {
+            return Ok(Err(Denial::InsufficientCredits {
+                balance: self.available,
+                required: credits,
+            }));
+        }
+        // Checked above: credits <= available, and held + credits <= deposited.
+        self.available = self.available.saturating_sub(credits);
+        self.held = self
+            .held
+            .checked_add(credits)
+            .ok_or(LedgerError::AmountOutOfRange)?;
+        let mut allowance_left = PerCharge::with_capacity(charges.len());
+        for (charge, units) in charges.iter().zip(&allowance_units) {
+            match charge.allowance {
+                Some(w) => {
+                    let c = self
+                        .allowances
+                        .entry((charge.meter.clone(), w.start))
+                        .or_insert(Counter {
+                            resets_at: w.resets_at,
+                            ..Counter::default()
+                        });
+                    c.held = c.held.saturating_add(*units);
+                    allowance_left
+                        .push(Some(w.limit.saturating_sub(c.used.saturating_add(c.held))));
+                }
+                None => allowance_left.push(None),
+            }
+        }
+        Ok(Ok(Hold {
+            credits,
+            allowance_units,
             available_after: self.available,
             allowance_left,
         }))
+    }
+
+    /// Holds `charges` for one request without a keyed record: the in-process fast path for
+    /// requests without an `Idempotency-Key`, whose hold lives exactly as long as the
+    /// request's guard (the book dies with the process, so there is nothing to expire or to
+    /// recognize a retry by). Finish it with [`settle_hold`](Self::settle_hold) or
+    /// [`release_hold`](Self::release_hold), exactly once, with the same charges.
+    pub fn hold(
+        &mut self,
+        charges: &[Charge],
+        now: Timestamp,
+    ) -> Result<Result<Hold, Denial>, LedgerError> {
+        self.expire(now);
+        self.take(charges)
+    }
+
+    /// Charges `usage` against a [`hold`](Self::hold) and ends it: the same arithmetic as
+    /// [`settle`](Self::settle) on an open reservation.
+    pub fn settle_hold(
+        &mut self,
+        hold: &Hold,
+        charges: &[Charge],
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Settlement {
+        self.expire(now);
+        self.charge_usage(charges, hold.credits, &hold.allowance_units, usage, policy, true)
+    }
+
+    /// Gives a [`hold`](Self::hold) back.
+    pub fn release_hold(&mut self, hold: &Hold, charges: &[Charge], now: Timestamp) {
+        self.expire(now);
+        self.give_back(charges, hold.credits, &hold.allowance_units);
     }
 
     /// Charges actual usage. See [`Ledger::settle`](crate::Ledger::settle).
@@ -403,18 +463,46 @@ impl AccountBook {
                 return Err(LedgerError::AlreadyReleased);
             }
         };
-        let held_credits = if was_open { rec.credits } else { Credits::ZERO };
+        let settlement = if was_open {
+            self.charge_usage(
+                &rec.charges,
+                rec.credits,
+                &rec.allowance_units,
+                usage,
+                policy,
+                true,
+            )
+        } else {
+            self.charge_usage(&rec.charges, Credits::ZERO, &[], usage, policy, false)
+        };
+        rec.state = State::Settled;
+        rec.touched_at = now;
+        if rec.retain {
+            rec.settlement = Some(settlement.clone());
+        }
+        self.finish(key, rec, now);
+        Ok(settlement)
+    }
+
+    /// The arithmetic of a settlement: gives back what was held (`held_credits`, and
+    /// `held_units` per charge), then charges `usage`. `was_open` is false for a hold that
+    /// lapsed and held nothing.
+    fn charge_usage(
+        &mut self,
+        charges: &[Charge],
+        held_credits: Credits,
+        held_units: &[u64],
+        usage: &[Usage],
+        policy: OverEstimate,
+        was_open: bool,
+    ) -> Settlement {
         // Give the allowance holds back, then consume what was used.
         let mut cost = Credits::ZERO;
-        let mut consumed = PerCharge::with_capacity(rec.charges.len());
-        let mut used_after = PerCharge::with_capacity(rec.charges.len());
+        let mut consumed = PerCharge::with_capacity(charges.len());
+        let mut used_after = PerCharge::with_capacity(charges.len());
         let mut unit_shortfall = Vec::new();
-        for (i, charge) in rec.charges.iter().enumerate() {
-            let held = &if was_open {
-                rec.allowance_units.get(i).copied().unwrap_or(0)
-            } else {
-                0
-            };
+        for (i, charge) in charges.iter().enumerate() {
+            let held = &held_units.get(i).copied().unwrap_or(0);
             let units = usage
                 .iter()
                 .filter(|u| u.meter == charge.meter)
@@ -471,7 +559,7 @@ impl AccountBook {
             .saturating_sub(from_available);
         let charged = from_hold.checked_add(from_available).unwrap_or(from_hold);
         self.settled = self.settled.checked_add(charged).unwrap_or(self.settled);
-        let settlement = Settlement {
+        Settlement {
             charged,
             allowance_units: consumed,
             shortfall: Shortfall {
@@ -484,14 +572,20 @@ impl AccountBook {
                 .checked_add(self.held)
                 .unwrap_or(self.available),
             allowance_used_after: used_after,
-        };
-        rec.state = State::Settled;
-        rec.touched_at = now;
-        if rec.retain {
-            rec.settlement = Some(settlement.clone());
         }
-        self.finish(key, rec, now);
-        Ok(settlement)
+    }
+
+    /// Gives back `credits` and the allowance `units` per charge that a hold took.
+    fn give_back(&mut self, charges: &[Charge], credits: Credits, units: &[u64]) {
+        for (charge, units) in charges.iter().zip(units) {
+            if let Some(w) = charge.allowance {
+                if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
+                    c.held = c.held.saturating_sub(*units);
+                }
+            }
+        }
+        self.held = self.held.saturating_sub(credits);
+        self.available = self.available.checked_add(credits).unwrap_or(self.available);
     }
 
     /// Gives a hold back. See [`Ledger::release`](crate::Ledger::release).
@@ -514,18 +608,7 @@ impl AccountBook {
         }
         rec.state = State::Released;
         rec.touched_at = now;
-        for (charge, units) in rec.charges.iter().zip(&rec.allowance_units) {
-            if let Some(w) = charge.allowance {
-                if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
-                    c.held = c.held.saturating_sub(*units);
-                }
-            }
-        }
-        self.held = self.held.saturating_sub(rec.credits);
-        self.available = self
-            .available
-            .checked_add(rec.credits)
-            .unwrap_or(self.available);
+        self.give_back(&rec.charges, rec.credits, &rec.allowance_units);
         self.finish(key, rec, now);
         Ok(())
     }

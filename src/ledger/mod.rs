@@ -30,17 +30,14 @@
 //! Amounts above [`Credits::MAX_EXACT`](crate::Credits::MAX_EXACT) are refused with
 //! [`LedgerError::AmountOutOfRange`] on every backend.
 //!
-//! # Async traits, and the synchronous fast path
+//! # Async traits, and the in-process fast path
 //!
 //! The traits use `async-trait`: one boxed future per call, which keeps `dyn Ledger`
 //! possible (the layers store `Arc<dyn Ledger>`, so one layer type serves every backend) and
 //! costs nothing that matters next to a network round trip. For stores that need no I/O the
-//! boxing would be most of the cost, so each trait has a provided synchronous fast path that
-//! such stores implement: [`Ledger::now_or_later`] (returning a [`SyncLedger`]),
-//! [`PlanStore::subscription_now`](crate::plan::PlanStore::subscription_now) and
-//! [`IdentityResolver::resolve_now`](crate::IdentityResolver::resolve_now). The layers try
-//! the fast path first; with the in-memory stores a request allocates no future for its gate
-//! check, reservation or settlement. Native `async fn` in traits would avoid the boxes too,
+//! boxing would be most of the cost, so each store trait has one provided method,
+//! `in_process()`, that such stores implement to expose a synchronous twin; see
+//! [`in_process`](crate::in_process). Native `async fn` in traits would avoid the boxes too,
 //! but their futures cannot be named or boxed behind `dyn`, which is why they are not used.
 //!
 //! # Implementing your own
@@ -110,8 +107,10 @@ pub use per_charge::PerCharge;
 
 #[cfg(feature = "postgres")]
 pub(crate) use book::{Counter, Parts, Record, State};
+pub use crate::charge::Charge;
+pub use crate::in_process::InProcessLedger;
 pub use types::{
-    AllowanceUsage, Balance, Charge, Deposit, OverEstimate, Replay, Reservation, ReservationId,
+    AllowanceUsage, Balance, Deposit, Hold, OverEstimate, Replay, Reservation, ReservationId,
     ReservationKey, ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,
 };
 
@@ -166,40 +165,11 @@ pub trait Ledger: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<AllowanceUsage, LedgerError>;
 
-    /// The synchronous fast path of a ledger that needs no I/O (the in-memory one): `Some`
-    /// with the operation's result, or `None` (the default) to have the layers call the async
-    /// method. It must apply the operation exactly as the async method would. It saves a
-    /// boxed future per ledger operation on the hot path.
-    fn now_or_later(&self) -> Option<&dyn SyncLedger> {
+    /// The ledger's [in-process fast path](crate::in_process), if it needs no I/O (the
+    /// in-memory one): `None` (the default) has the layers call the async methods.
+    fn in_process(&self) -> Option<&dyn InProcessLedger> {
         None
     }
-}
-
-/// Ledger operations without futures, for ledgers that need no I/O. See
-/// [`Ledger::now_or_later`].
-pub trait SyncLedger: Send + Sync {
-    /// [`Ledger::reserve`], synchronously.
-    fn reserve(&self, request: &ReserveRequest) -> Result<ReserveOutcome, LedgerError>;
-    /// [`Ledger::settle`], synchronously.
-    fn settle(
-        &self,
-        id: &ReservationId,
-        usage: &[Usage],
-        policy: OverEstimate,
-        now: Timestamp,
-    ) -> Result<Settlement, LedgerError>;
-    /// [`Ledger::release`], synchronously.
-    fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError>;
-    /// [`Ledger::balance`], synchronously.
-    fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError>;
-    /// [`Ledger::allowance_usage`], synchronously.
-    fn allowance_usage(
-        &self,
-        account: &AccountId,
-        meter: &Meter,
-        window_start: Timestamp,
-        now: Timestamp,
-    ) -> Result<AllowanceUsage, LedgerError>;
 }
 
 #[async_trait]
@@ -242,7 +212,7 @@ impl<T: Ledger + ?Sized> Ledger for Arc<T> {
             .allowance_usage(account, meter, window_start, now)
             .await
     }
-    fn now_or_later(&self) -> Option<&dyn SyncLedger> {
-        (**self).now_or_later()
+    fn in_process(&self) -> Option<&dyn InProcessLedger> {
+        (**self).in_process()
     }
 }

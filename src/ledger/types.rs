@@ -7,10 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::account::AccountId;
 use crate::credits::Credits;
-use crate::decision::Denial;
+use crate::charge::Charge;
+use crate::denial::Denial;
 use crate::error::LedgerError;
 use crate::ledger::PerCharge;
-use crate::plan::{AllowanceWindow, Meter};
+use crate::plan::Meter;
 use crate::time::Timestamp;
 
 /// A reservation's key within its account: `idem:` and the request's `Idempotency-Key`, or a
@@ -98,102 +99,6 @@ pub struct ReservationId {
     pub key: ReservationKey,
 }
 
-/// One meter's part of a reservation: how many units, at what price, against which allowance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Charge {
-    /// What is counted.
-    pub meter: Meter,
-    /// Units (the estimate when reserving).
-    pub units: u64,
-    /// Credits per `price_per` units beyond the allowance.
-    pub unit_price: Credits,
-    /// How many units `unit_price` buys (1 for a per-unit price, 1,000,000 for a price per
-    /// million tokens). The credit cost of `n` units is `ceil(n × unit_price / price_per)`.
-    #[serde(default = "one")]
-    pub price_per: u64,
-    /// The plan's allowance for this meter in the current window, if any.
-    pub allowance: Option<AllowanceWindow>,
-    /// Whether units beyond the allowance may be paid from credit.
-    pub overage: bool,
-}
-
-fn one() -> u64 {
-    1
-}
-
-/// The credit cost of `units` at `unit_price` per `price_per` units, rounded up; `None` if
-/// `units × unit_price` exceeds [`Credits::MAX_EXACT`] or `price_per` is zero. (The bound is
-/// on the product, not the quotient, so every backend, Redis's doubles included, computes
-/// the same thing exactly.)
-pub(crate) fn price(units: u64, unit_price: Credits, price_per: u64) -> Option<Credits> {
-    if price_per == 0 {
-        return None;
-    }
-    let total = u128::from(units) * u128::from(unit_price.get());
-    if total > u128::from(Credits::MAX_EXACT.get()) {
-        return None;
-    }
-    let credits = total.div_ceil(u128::from(price_per));
-    u64::try_from(credits)
-        .ok()
-        .map(Credits::new)
-        .filter(|c| *c <= Credits::MAX_EXACT)
-}
-
-/// How a charge's units split between allowance and credit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Split {
-    pub allowance_units: u64,
-    pub credits: Credits,
-}
-
-impl Charge {
-    /// Splits `units` given `taken` units of the allowance already used or held.
-    ///
-    /// `Err` carries the refusal: the allowance is used up and overage is not allowed (a meter
-    /// without allowance and without overage has an allowance of zero), or the price
-    /// overflows.
-    pub(crate) fn split(&self, units: u64, taken: u64) -> Result<Split, Denial> {
-        let limit = self.allowance.map_or(0, |a| a.limit);
-        let free = limit.saturating_sub(taken);
-        let allowance_units = units.min(free);
-        let rest = units - allowance_units;
-        if rest == 0 {
-            return Ok(Split {
-                allowance_units,
-                credits: Credits::ZERO,
-            });
-        }
-        if !self.overage {
-            if self.allowance.is_none() && self.unit_price.is_zero() {
-                // A free meter with no allowance: nothing to count against.
-                return Ok(Split {
-                    allowance_units,
-                    credits: Credits::ZERO,
-                });
-            }
-            return Err(Denial::QuotaExceeded {
-                meter: self.meter.clone(),
-                limit,
-                used: taken,
-                resets_at: self.allowance.map(|a| a.resets_at),
-                window_secs: self.allowance.map(|a| a.start.secs_until(a.resets_at)),
-            });
-        }
-        match price(rest, self.unit_price, self.price_per) {
-            Some(credits) => Ok(Split {
-                allowance_units,
-                credits,
-            }),
-            // Priced beyond anything a balance can hold; the caller fills in the balance.
-            _ => Err(Denial::InsufficientCredits {
-                balance: Credits::ZERO,
-                required: Credits::MAX_EXACT,
-            }),
-        }
-    }
-}
-
 /// What to hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReserveRequest {
@@ -249,6 +154,21 @@ pub struct Reservation {
     pub allowance_units: PerCharge<u64>,
     /// When it expires if not settled or released.
     pub expires_at: Timestamp,
+    /// `available` after the hold.
+    pub available_after: Credits,
+    /// Allowance left per charge after the hold (`None` for a meter without allowance).
+    pub allowance_left: PerCharge<Option<u64>>,
+}
+
+/// A hold without a keyed record, owned by the one request it was made for: what
+/// [`AccountBook::hold`](crate::ledger::AccountBook::hold) and the in-process ledgers' fast
+/// path answer (see [`InProcessLedger::hold`](crate::in_process::InProcessLedger::hold)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// Credits held.
+    pub credits: Credits,
+    /// Allowance units held, one per charge, in order.
+    pub allowance_units: PerCharge<u64>,
     /// `available` after the hold.
     pub available_after: Credits,
     /// Allowance left per charge after the hold (`None` for a meter without allowance).

@@ -3,20 +3,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use std::fmt::Write as _;
-
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::account::AccountId;
 use crate::body::ResponseBody;
 use crate::credits::Credits;
-use crate::decision::Denial;
-use crate::gate::log_denial;
-use crate::ledger::{Charge, PerCharge, Reservation};
-use crate::metering::body::Guard;
-use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody, StackText};
+use crate::decision::Warning;
+use crate::denial::{log_denial, Denial};
+use crate::ledger::PerCharge;
+use crate::metering::billable::billable;
+use crate::metering::guard::Guard;
+use crate::metering::headers::{add_headers, mark_replayed, add_warnings};
+use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody};
 use crate::problem::{denial_response, grpc_status, is_grpc};
 use crate::time::Timestamp;
 
@@ -26,8 +26,10 @@ use crate::time::Timestamp;
 pub(crate) enum Prepared<B> {
     Call {
         req: Request<RequestBody<B>>,
-        ticket: Option<(Reservation, Arc<[Charge]>)>,
+        ticket: Option<Ticket>,
         replayed: bool,
+        /// For `x-payment-warning` on the response.
+        warnings: Vec<Warning>,
     },
     Refuse {
         denial: Denial,
@@ -38,13 +40,15 @@ pub(crate) enum Prepared<B> {
 type PrepareFuture<B> = Pin<Box<dyn Future<Output = Prepared<B>> + Send>>;
 type UnitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// A reservation the request runs under.
-struct Ticket {
-    guard: Guard,
-    /// What the reservation left, for the response headers. Its id and the request's
-    /// charges live in the guard.
-    available_after: Credits,
-    allowance_left: PerCharge<Option<u64>>,
+/// A hold the request runs under.
+pub(crate) struct Ticket {
+    pub(crate) guard: Guard,
+    /// What the hold left, for the entitlement and the response headers. What is held and
+    /// the request's charges live in the guard.
+    pub(crate) available_after: Credits,
+    /// Allowance units this request took, per charge.
+    pub(crate) allowance_units: PerCharge<u64>,
+    pub(crate) allowance_left: PerCharge<Option<u64>>,
 }
 
 pin_project! {
@@ -76,6 +80,7 @@ pin_project! {
             fut: S::Future,
             ticket: Option<Ticket>,
             replayed: bool,
+            warnings: Vec<Warning>,
             // The request was a gRPC call.
             grpc: bool,
         },
@@ -102,6 +107,7 @@ where
                 fut,
                 ticket: None,
                 replayed: false,
+                warnings: Vec::new(),
                 grpc: false,
             },
         }
@@ -158,26 +164,15 @@ where
             req,
             ticket,
             replayed,
+            warnings,
         } => {
             // The guard exists before the call: a request cancelled from here on gives its
             // hold back.
-            let ticket = ticket.map(|(reservation, charges)| {
-                let Reservation {
-                    id,
-                    available_after,
-                    allowance_left,
-                    ..
-                } = reservation;
-                Ticket {
-                    guard: Guard::new(config.clone(), id, charges),
-                    available_after,
-                    allowance_left,
-                }
-            });
             State::Calling {
                 fut: inner.call(req),
                 ticket,
                 replayed,
+                warnings,
                 grpc,
             }
         }
@@ -238,33 +233,27 @@ where
                     fut,
                     ticket,
                     replayed,
+                    warnings,
                     grpc,
                 } => {
                     let mut res = ready!(fut.poll(cx))?;
+                    add_warnings(res.headers_mut(), warnings);
                     let Some(mut ticket) = ticket.take() else {
                         if *replayed {
-                            res.headers_mut()
-                                .insert(&IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+                            mark_replayed(res.headers_mut());
                         }
                         return Poll::Ready(Ok(
                             res.map(|b| MeteredBody::plain(ResponseBody::inner(b)))
                         ));
                     };
-                    let status = res.status();
                     let config = ticket.guard.config();
-                    // A gRPC error travels in a 200: a trailers-only answer has its non-zero
-                    // `grpc-status` in the head. A gRPC call, or a response in gRPC terms.
+                    // A gRPC call, or a response in gRPC terms: its errors travel in a 200.
                     let grpc = !config.bill_grpc_errors && (*grpc || is_grpc(res.headers()));
-                    let grpc_error =
-                        grpc && grpc_status(res.headers()).is_some_and(|code| code != 0);
-                    let billable = !(status.is_server_error()
-                        || (status.is_client_error() && !config.bill_client_errors)
-                        || grpc_error);
-                    if !billable {
+                    if !billable(config, res.status(), res.headers(), grpc) {
                         tracing::info!(
                             target: "tower_402::metering",
                             account = ticket.guard.account(),
-                            status = status.as_u16(),
+                            status = res.status().as_u16(),
                             grpc_status = grpc_status(res.headers()),
                             "non-billable response; releasing the reservation"
                         );
@@ -352,36 +341,5 @@ impl Ticket {
                     .fold(0u64, |acc, u| acc.saturating_add(u.units)),
             })
             .collect()
-    }
-}
-
-/// Parsed once: inserting by `&str` would copy a custom name on every response.
-static X_CREDITS_REMAINING: HeaderName = HeaderName::from_static("x-credits-remaining");
-static X_ALLOWANCE_REMAINING: HeaderName = HeaderName::from_static("x-allowance-remaining");
-static X_ALLOWANCE_RESET: HeaderName = HeaderName::from_static("x-allowance-reset");
-static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-/// A header value written once, from the stack (`HeaderValue::from(u64)` allocates twice).
-fn text_value(text: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(text).ok()
-}
-
-fn add_headers(h: &mut http::HeaderMap, ticket: &Ticket) {
-    let mut int = itoa::Buffer::new();
-    if let Some(v) = text_value(int.format(ticket.available_after.get())) {
-        h.insert(&X_CREDITS_REMAINING, v);
-    }
-    for (charge, left) in ticket.guard.charges().iter().zip(&ticket.allowance_left) {
-        if let (Some(left), Some(w)) = (left, charge.allowance) {
-            if let Some(v) = text_value(int.format(*left)) {
-                h.insert(&X_ALLOWANCE_REMAINING, v);
-            }
-            let mut reset = StackText::<32>::new();
-            if write!(reset, "{}", w.resets_at).is_ok() {
-                if let Some(v) = text_value(reset.as_str()) {
-                    h.insert(&X_ALLOWANCE_RESET, v);
-                }
-            }
-        }
     }
 }

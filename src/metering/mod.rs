@@ -113,8 +113,12 @@
 //!     .layer(MeteringLayer::new(ledger.clone()));
 //! ```
 
+mod billable;
 mod body;
 mod future;
+mod guard;
+mod headers;
+mod idempotency;
 mod layer;
 mod llm;
 mod pricing;
@@ -126,15 +130,19 @@ mod usage;
 
 pub use body::MeteredBody;
 pub use future::ResponseFuture;
+pub use idempotency::{idempotency_key, MAX_IDEMPOTENCY_KEY_LEN};
 pub use layer::{DisconnectPolicy, MeteringLayer, StreamErrorPolicy};
 pub use llm::{ModelPrice, OpenAiPricing, PriceTable};
 pub use pricing::{Pricing, PricingRequest};
 pub use request_body::RequestBody;
-pub use service::{idempotency_key, Metering, ReportedUsage, MAX_IDEMPOTENCY_KEY_LEN};
+pub use service::Metering;
 pub use threshold::{Crossing, Threshold, ThresholdEvent};
-pub use usage::{BodyBytes, HeaderUsage, OpenAiUsage, UsageError, UsageExtractor, UsageScanner};
+pub use usage::{
+    BodyBytes, HeaderUsage, OpenAiUsage, ReportedUsage, UsageError, UsageExtractor, UsageScanner,
+};
 
 pub(crate) use layer::MeterConfig;
+pub(crate) use threshold::Thresholds;
 
 /// Text assembled on the stack: formatting a key or a header value this way writes it to the
 /// heap once, into its final home, instead of growing a `String` and copying it.

@@ -1,30 +1,31 @@
-use std::borrow::Cow;
-use std::collections::hash_map::RandomState;
-use std::future::Future;
-use std::hash::BuildHasher;
-use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::Request;
 use http_body::Body;
 use tower_service::Service;
 
 use crate::account::AccountId;
-use crate::backend::{bounded, is_outage};
-use crate::decision::{Cost, Denial};
+use crate::backend::{bounded, is_outage, FailureMode};
+use crate::denial::{log_denial, Denial};
+use crate::entitlement::{Admission, Entitlement};
 use crate::error::LedgerError;
-use crate::gate::{Entitlement, FailedOpen, FailureMode, PublicRoute};
-use crate::ledger::{Charge, Replay, ReservationKey, ReserveOutcome, ReserveRequest, Usage};
-use crate::metering::future::{Prepared, ResponseFuture};
+use crate::ledger::{Replay, ReserveOutcome, ReserveRequest};
+use crate::metering::future::{Prepared, ResponseFuture, Ticket};
+use crate::metering::guard::{Charges, Guard, Held};
+use crate::metering::idempotency::{fingerprint, idempotency_key, idempotent_key, unique_key};
+use crate::metering::pricing::price;
 use crate::metering::request_body::{peek, PeekError};
-use crate::metering::{MeterConfig, MeteringLayer, PricingRequest, RequestBody, StackText};
+use crate::metering::{MeterConfig, MeteringLayer, RequestBody};
 use crate::problem::is_grpc;
 use crate::time::Timestamp;
 
 /// The service made by [`MeteringLayer`]. See the [module docs](crate::metering).
+///
+/// Not a `Service` on its own: the [gate](crate::gate::PaymentGate) of the same
+/// [`Billing`](crate::Billing) wraps it and hands it each request it admitted, with who pays
+/// and what the route costs. Metering without a gate, or outside it, does not compile.
 #[derive(Clone)]
 pub struct Metering<S> {
     pub(crate) inner: S,
@@ -48,7 +49,7 @@ impl<S> Metering<S> {
         }
     }
 
-    /// Returns `layer` itself: build the layer with [`MeteringLayer::new`].
+    /// Returns `layer` itself: take the layer from [`Billing::metering`](crate::Billing::metering).
     pub fn layer(layer: MeteringLayer) -> MeteringLayer {
         layer
     }
@@ -69,266 +70,142 @@ impl<S> Metering<S> {
     }
 }
 
-/// Usage the handler reports, in the response extensions; settled instead of the estimate.
-///
-/// Units of meters the request did not reserve are ignored (and logged).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReportedUsage(pub Vec<Usage>);
-
-impl ReportedUsage {
-    /// `units` of one meter.
-    pub fn units(meter: impl AsRef<str>, units: u64) -> Self {
-        ReportedUsage(vec![Usage::new(meter, units)])
-    }
-}
-
-/// Parsed once: a lookup by `&str` would parse the name on every request.
-static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
-
-/// The longest `Idempotency-Key` accepted.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
-
-/// Reads and validates the `Idempotency-Key` header.
-///
-/// `Ok(None)` when absent; `Ok(Some(key))` for 1 to 255 characters of visible ASCII (spaces
-/// allowed inside, surrounding quotes of the structured-field form removed); otherwise the
-/// `400 INVALID_IDEMPOTENCY_KEY` denial to answer with. Use it in your own handlers (a top-up
-/// endpoint) to validate keys exactly as the metering layer does.
-///
-/// ```
-/// use http::HeaderMap;
-/// use tower_402::metering::idempotency_key;
-///
-/// let mut headers = HeaderMap::new();
-/// headers.insert("idempotency-key", "order-42".parse().unwrap());
-/// assert_eq!(idempotency_key(&headers).unwrap(), Some("order-42"));
-/// headers.insert("idempotency-key", "".parse().unwrap());
-/// assert_eq!(idempotency_key(&headers).unwrap_err().code(), "INVALID_IDEMPOTENCY_KEY");
-/// ```
-pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
-    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    let bad = |detail: &'static str| Denial::BadRequest {
-        code: "INVALID_IDEMPOTENCY_KEY",
-        detail: detail.into(),
-    };
-    if values.next().is_some() {
-        return Err(bad("Send exactly one Idempotency-Key header."));
-    }
-    let raw = value
-        .to_str()
-        .map_err(|_| bad("The Idempotency-Key must be visible ASCII."))?;
-    // The IETF draft writes the key as a structured-field string: accept it quoted or bare.
-    let key = raw
-        .strip_prefix('"')
-        .and_then(|k| k.strip_suffix('"'))
-        .unwrap_or(raw);
-    if key.is_empty() {
-        return Err(bad("The Idempotency-Key is empty."));
-    }
-    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        return Err(bad("The Idempotency-Key is longer than 255 characters."));
-    }
-    if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-        return Err(bad("The Idempotency-Key must be visible ASCII."));
-    }
-    Ok(Some(key))
-}
-
-/// A stable 64-bit FNV-1a digest: the same on every instance and every Rust version, so a
-/// retry reaching another instance of a fleet has the same fingerprint.
-pub(crate) struct Fnv(u64);
-
-impl Fnv {
-    pub(crate) fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    pub(crate) fn write(&mut self, bytes: &[u8]) -> &mut Self {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-        // A separator so ("ab","c") and ("a","bc") differ.
-        self.0 ^= 0xff;
-        self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        self
-    }
-    pub(crate) fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// The reservation key for a request's `Idempotency-Key` (at most
-/// [`MAX_IDEMPOTENCY_KEY_LEN`] characters, so it fits the stack buffer).
-fn idempotent_key(key: &str) -> ReservationKey {
-    let mut text = StackText::<320>::new();
-    if text.push("idem:") && text.push(key) {
-        ReservationKey::from(text.as_str())
-    } else {
-        ReservationKey::from(format!("idem:{key}"))
-    }
-}
-
-/// A key unique to this request, for requests without an `Idempotency-Key`: a random
-/// per-process prefix (instances of a fleet share one ledger) and a counter.
-fn unique_key() -> ReservationKey {
-    static PREFIX: OnceLock<String> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| {
-        let nonce = RandomState::new().hash_one(std::process::id());
-        format!("req:{nonce:016x}:")
-    });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut text = StackText::<64>::new();
-    text.push(prefix);
-    text.push(itoa::Buffer::new().format(n));
-    ReservationKey::from(text.as_str())
-}
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Metering<S>
-where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
-        + Clone
-        + Send
-        + 'static,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-{
-    type Response = Response<crate::metering::MeteredBody<ResBody>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S, ReqBody>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+impl<S> Metering<S> {
+    /// Drives the inner service to readiness (the gate's `poll_ready`).
+    pub(crate) fn poll_ready<R>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
+    where
+        S: Service<R>,
+    {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    /// Meters one request the gate admitted: reserve, then call the inner service (which was
+    /// driven to readiness; a fresh clone is left in its place).
+    pub(crate) fn call_admitted<ReqBody>(
+        &mut self,
+        req: Request<ReqBody>,
+        admission: Admission,
+        now: Timestamp,
+    ) -> ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<RequestBody<ReqBody>>> + Clone + Send + 'static,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+    {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = &self.config;
-        let now = config.clock.now();
-        // A gRPC request gets gRPC answers, and its errors are not billed.
-        let grpc = is_grpc(req.headers());
-        let ext = req.extensions();
-        if ext.get::<PublicRoute>().is_some() {
-            return ResponseFuture::unmetered(self.inner.call(req.map(RequestBody::passthrough)));
-        }
-        let payer = match (ext.get::<Entitlement>(), ext.get::<AccountId>()) {
-            (Some(_), _) => Payer::InRequest,
-            _ if ext.get::<FailedOpen>().is_some() => {
+        let (entitlement, gate_charge) = match admission {
+            Admission::Public => {
+                return ResponseFuture::unmetered(inner.call(req.map(RequestBody::passthrough)))
+            }
+            Admission::FailedOpen => {
                 tracing::warn!(
                     target: "tower_402::metering",
                     "gate failed open; request served unmetered"
                 );
-                return ResponseFuture::unmetered(
-                    self.inner.call(req.map(RequestBody::passthrough)),
-                );
+                return ResponseFuture::unmetered(inner.call(req.map(RequestBody::passthrough)));
             }
-            (None, Some(a)) => Payer::Account(Entitlement::new(a.clone())),
-            (None, None) => {
-                tracing::error!(
-                    target: "tower_402::metering",
-                    "no Entitlement or AccountId in the request: is PaymentGateLayer in front of MeteringLayer?"
-                );
-                let denial = Denial::Unavailable {
-                    retry_after_secs: config.retry_after_secs,
-                };
-                return ResponseFuture::refused(denial, config.clone(), now, grpc);
-            }
+            Admission::Entitled(entitlement, charge) => (entitlement, charge),
         };
+        // A gRPC request gets gRPC answers, and its errors are not billed.
+        let grpc = is_grpc(req.headers());
         let idem = match idempotency_key(req.headers()) {
             Ok(k) => k.map(idempotent_key),
             Err(denial) => {
-                let account = match &payer {
-                    Payer::Account(e) => Some(&e.account),
-                    Payer::InRequest => ext.get::<Entitlement>().map(|e| &e.account),
-                };
-                crate::gate::log_denial(account, &denial);
+                log_denial(Some(&entitlement.account), &denial);
                 return ResponseFuture::refused(denial, config.clone(), now, grpc);
             }
         };
-        // Keep the service that was driven to readiness; leave a fresh clone in its place.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        // With an in-process ledger and no body to read, preparing needs no I/O: run it here,
-        // with no future to allocate and nothing cloned. Nothing in it waits on that path, so
-        // one poll finishes it.
         let (parts, body) = req.into_parts();
         let needs_body = config
             .pricing
             .as_ref()
             .is_some_and(|p| p.needs_body(&parts));
-        if !needs_body && config.ledger.now_or_later().is_some() {
-            let fut = std::pin::pin!(prepare(
-                &**config, parts, body, needs_body, payer, idem, now
-            ));
-            let prepared = match fut.poll(&mut Context::from_waker(crate::gate::noop_waker())) {
-                Poll::Ready(p) => p,
-                Poll::Pending => {
-                    tracing::error!(
-                        target: "tower_402::metering",
-                        "an in-process ledger did not answer at once; refusing the request"
-                    );
-                    Prepared::Refuse {
-                        denial: Denial::Unavailable {
-                            retry_after_secs: config.retry_after_secs,
-                        },
-                        account: None,
-                    }
-                }
-            };
+        let start = Start {
+            parts,
+            entitlement,
+            gate_charge,
+            idem,
+            now,
+        };
+        // With an in-process ledger and no body to read, preparing needs no I/O: it runs here,
+        // with no future to allocate.
+        if let Some(ledger) = config.ledger.in_process().filter(|_| !needs_body) {
+            let prepared = prepare_now(config, ledger, start, RequestBody::passthrough(body));
             return ResponseFuture::prepared(prepared, inner, config, now, grpc);
         }
-        let prepare = prepare(config.clone(), parts, body, needs_body, payer, idem, now);
+        let prepare = prepare_later(config.clone(), start, body, needs_body);
         ResponseFuture::preparing(Box::pin(prepare), inner, config.clone(), now, grpc)
     }
 }
 
-/// Who pays for a request being prepared.
-enum Payer {
-    /// The gate's [`Entitlement`], read where it is, in the request extensions.
-    InRequest,
-    /// Made here from a bare [`AccountId`] an earlier layer put in the extensions.
-    Account(Entitlement),
+/// A request the gate admitted, on its way to its reservation.
+pub(crate) struct Start {
+    parts: http::request::Parts,
+    entitlement: Entitlement,
+    gate_charge: Option<crate::charge::Charge>,
+    idem: Option<crate::ledger::ReservationKey>,
+    now: Timestamp,
 }
 
-/// Everything before the inner call: read the body if the pricing needs it, estimate,
-/// reserve. Generic over an owned or a borrowed configuration, like the gate's check: run
-/// once in place without I/O, boxed when the ledger or the body needs waiting for.
-async fn prepare<B, C>(
-    config: C,
-    parts: http::request::Parts,
+/// What the ledger step came to.
+enum Booked {
+    /// Held, by a record or an in-process hold.
+    Held(Ticket),
+    /// A retry of a request already settled under its key: not charged again.
+    Replayed,
+    /// The ledger is down and the layer fails open.
+    Unmetered,
+}
+
+/// Everything before the inner call, without I/O: price from the route's cost, hold in the
+/// in-process ledger.
+fn prepare_now<B>(
+    config: &Arc<MeterConfig>,
+    ledger: &dyn crate::in_process::InProcessLedger,
+    start: Start,
+    body: RequestBody<B>,
+) -> Prepared<B> {
+    let charges = match price(config, &start.parts, None, &start.entitlement, start.gate_charge.as_ref(), start.now) {
+        Ok(c) => c,
+        Err(denial) => return refuse(denial, &start.entitlement.account),
+    };
+    let Some(charges) = charges else {
+        return admitted(config, start, body, None);
+    };
+    let account = &start.entitlement.account;
+    let booked = match &start.idem {
+        // No key: a hold owned by the request's guard, no record (see `in_process`).
+        None => on_hold(
+            config,
+            account,
+            ledger.hold(account, charges.as_slice(), start.now),
+            charges,
+        ),
+        Some(key) => {
+            let request = reserve_request(config, &start, key.clone(), &charges, None);
+            on_reserve(config, account, ledger.reserve(&request), charges)
+        }
+    };
+    match booked {
+        Ok(booked) => admitted(config, start, body, Some(booked)),
+        Err(denial) => refuse(denial, account),
+    }
+}
+
+/// Everything before the inner call, when it may wait: read the body if the pricing needs it,
+/// estimate, reserve.
+async fn prepare_later<B>(
+    config: Arc<MeterConfig>,
+    start: Start,
     body: B,
     needs_body: bool,
-    payer: Payer,
-    idem: Option<ReservationKey>,
-    now: Timestamp,
 ) -> Prepared<B>
 where
     B: Body<Data = Bytes> + Send + 'static,
-    C: Deref<Target = MeterConfig>,
 {
-    let refuse = |denial: Denial, account: &AccountId| Prepared::Refuse {
-        denial,
-        account: Some(account.clone()),
-    };
-    let own;
-    let entitlement = match payer {
-        Payer::Account(e) => {
-            own = e;
-            &own
-        }
-        Payer::InRequest => match parts.extensions.get::<Entitlement>() {
-            Some(e) => e,
-            None => {
-                return Prepared::Refuse {
-                    denial: Denial::Unavailable {
-                        retry_after_secs: config.retry_after_secs,
-                    },
-                    account: None,
-                }
-            }
-        },
-    };
+    let config = &config;
+    let account = &start.entitlement.account;
     let (body, peeked) = if needs_body {
         match peek(body, config.max_body).await {
             Ok((bytes, rest)) => (RequestBody::peeked(bytes.clone(), rest), Some(bytes)),
@@ -342,172 +219,195 @@ where
                         config.max_body
                     ),
                 )));
-                return refuse(denial, &entitlement.account);
+                return refuse(denial, account);
             }
             Err(PeekError::Body(_)) => {
                 let denial = Denial::BadRequest {
                     code: "INVALID_REQUEST",
                     detail: "The request body could not be read.".into(),
                 };
-                return refuse(denial, &entitlement.account);
+                return refuse(denial, account);
             }
         }
     } else {
         (RequestBody::passthrough(body), None)
     };
-    // The default rule (the route's cost) needs no list of its own.
-    let costs: Cow<'_, [Cost]> = match &config.pricing {
-        None => Cow::Borrowed(entitlement.cost.as_slice()),
-        Some(pricing) => match pricing.estimate(&PricingRequest {
-            parts: &parts,
-            body: peeked.as_deref(),
-            entitlement,
-        }) {
-            Ok(c) => Cow::Owned(c),
-            Err(denial) => return refuse(denial, &entitlement.account),
-        },
+    let charges = match price(
+        config,
+        &start.parts,
+        peeked.as_deref(),
+        &start.entitlement,
+        start.gate_charge.as_ref(),
+        start.now,
+    ) {
+        Ok(c) => c,
+        Err(denial) => return refuse(denial, account),
     };
-    if costs.is_empty() {
-        return Prepared::Call {
-            req: Request::from_parts(parts, body),
-            ticket: None,
-            replayed: false,
-        };
-    }
-    // One allocation, shared by the ledger's record and the guard that settles it.
-    let charges: Arc<[Charge]> = costs
-        .iter()
-        .map(|cost| match &entitlement.plan {
-            Some(plan) => cost.charge(plan, now),
-            // No plan known: credit only.
-            None => Charge {
-                meter: cost.meter.clone(),
-                units: cost.units,
-                unit_price: cost.unit_price,
-                price_per: cost.price_per,
-                allowance: None,
-                overage: true,
-            },
-        })
-        .collect();
-    // The fingerprint tells a retry from a different request reusing its key; a key unique
-    // to this request never comes back, so it needs none.
-    let (key, fingerprint, idempotent) = match idem {
-        Some(key) => {
-            let mut fp = Fnv::new();
-            fp.write(parts.method.as_str().as_bytes())
-                .write(parts.uri.path().as_bytes())
-                .write(parts.uri.query().unwrap_or("").as_bytes());
-            for c in charges.iter() {
-                fp.write(c.meter.as_str().as_bytes())
-                    .write(&c.units.to_le_bytes())
-                    .write(&c.unit_price.get().to_le_bytes())
-                    .write(&c.price_per.to_le_bytes());
-            }
-            if let Some(body) = &peeked {
-                fp.write(body);
-            }
-            (key, fp.finish(), true)
+    let Some(charges) = charges else {
+        return admitted(config, start, body, None);
+    };
+    let booked = match (config.ledger.in_process(), &start.idem) {
+        (Some(ledger), None) => on_hold(
+            config,
+            account,
+            ledger.hold(account, charges.as_slice(), start.now),
+            charges,
+        ),
+        (in_process, key) => {
+            let key = key.clone().unwrap_or_else(unique_key);
+            let request = reserve_request(config, &start, key, &charges, peeked.as_deref());
+            let outcome = match in_process {
+                Some(ledger) => ledger.reserve(&request),
+                None => bounded(config.timeout, config.ledger.reserve(&request)).await,
+            };
+            on_reserve(config, account, outcome, charges)
         }
-        None => (unique_key(), 0, false),
     };
-    let request = ReserveRequest {
-        account: entitlement.account.clone(),
+    match booked {
+        Ok(booked) => admitted(config, start, body, Some(booked)),
+        Err(denial) => refuse(denial, account),
+    }
+}
+
+fn refuse<B>(denial: Denial, account: &AccountId) -> Prepared<B> {
+    Prepared::Refuse {
+        denial,
+        account: Some(account.clone()),
+    }
+}
+
+/// The reservation for `start` under `key`. Only a client's idempotency key needs a
+/// fingerprint: a key unique to this request never comes back.
+fn reserve_request(
+    config: &MeterConfig,
+    start: &Start,
+    key: crate::ledger::ReservationKey,
+    charges: &Charges,
+    body: Option<&[u8]>,
+) -> ReserveRequest {
+    let idempotent = start.idem.is_some();
+    ReserveRequest {
+        account: start.entitlement.account.clone(),
         key,
-        fingerprint,
-        charges,
+        fingerprint: if idempotent {
+            fingerprint(&start.parts, charges.as_slice(), body)
+        } else {
+            0
+        },
+        charges: charges.to_arc(),
         ttl_secs: config.ttl_secs,
         idempotent,
-        now,
-    };
-    let outcome = match config.ledger.now_or_later() {
-        Some(ledger) => ledger.reserve(&request),
-        None => bounded(config.timeout, config.ledger.reserve(&request)).await,
-    };
-    // Taken apart, not cloned: the guard gets the charges.
-    let ReserveRequest {
-        account, charges, ..
-    } = request;
-    let outcome = match outcome {
-        Ok(ReserveOutcome::Reserved(reservation)) => Ok((Some((reservation, charges)), false)),
+        now: start.now,
+    }
+}
+
+/// A ledger error: fail open (unmetered, logged) or closed (503).
+fn outage(config: &MeterConfig, account: &AccountId, e: &LedgerError) -> Result<Booked, Denial> {
+    if is_outage(e) && config.failure == FailureMode::Open {
+        tracing::warn!(
+            target: "tower_402::metering",
+            account = account.as_str(),
+            error = %e,
+            "ledger unreachable; failing open, request served unmetered"
+        );
+        return Ok(Booked::Unmetered);
+    }
+    tracing::error!(
+        target: "tower_402::metering",
+        account = account.as_str(),
+        error = %e,
+        "reservation failed; failing closed"
+    );
+    Err(Denial::Unavailable {
+        retry_after_secs: config.retry_after_secs,
+    })
+}
+
+/// What a keyed reservation answered.
+fn on_reserve(
+    config: &Arc<MeterConfig>,
+    account: &AccountId,
+    outcome: Result<ReserveOutcome, LedgerError>,
+    charges: Charges,
+) -> Result<Booked, Denial> {
+    match outcome {
+        Ok(ReserveOutcome::Reserved(r)) => Ok(Booked::Held(Ticket {
+            guard: Guard::new(config.clone(), Held::Reservation(r.id), charges),
+            available_after: r.available_after,
+            allowance_units: r.allowance_units,
+            allowance_left: r.allowance_left,
+        })),
         Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => {
             tracing::info!(
                 target: "tower_402::metering",
                 account = account.as_str(),
                 "idempotent retry of a settled request; not charged again"
             );
-            Ok((None, true))
+            Ok(Booked::Replayed)
         }
         Ok(ReserveOutcome::Replayed(_)) => Err(Denial::IdempotencyConflict { in_progress: true }),
         Ok(ReserveOutcome::Denied(denial)) => Err(denial),
         Err(LedgerError::KeyConflict) => Err(Denial::IdempotencyConflict { in_progress: false }),
-        Err(e) if is_outage(&e) && config.failure == FailureMode::Open => {
-            tracing::warn!(
-                target: "tower_402::metering",
-                account = account.as_str(),
-                error = %e,
-                "ledger unreachable; failing open, request served unmetered"
-            );
-            Ok((None, false))
-        }
-        Err(e) => {
-            tracing::error!(
-                target: "tower_402::metering",
-                account = account.as_str(),
-                error = %e,
-                "reservation failed; failing closed"
-            );
-            Err(Denial::Unavailable {
-                retry_after_secs: config.retry_after_secs,
-            })
-        }
-    };
-    match outcome {
-        Ok((ticket, replayed)) => Prepared::Call {
-            req: Request::from_parts(parts, body),
-            ticket,
-            replayed,
-        },
-        Err(denial) => refuse(denial, &account),
+        Err(e) => outage(config, account, &e),
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::HeaderValue;
-
-    #[test]
-    fn idempotency_keys() {
-        let mut h = HeaderMap::new();
-        assert_eq!(idempotency_key(&h), Ok(None));
-        h.insert("idempotency-key", HeaderValue::from_static("\"abc-1\""));
-        assert_eq!(idempotency_key(&h), Ok(Some("abc-1")));
-        for bad in [
-            HeaderValue::from_static(""),
-            HeaderValue::from_static("\"\""),
-            HeaderValue::from_bytes(&[b'k'; 256]).unwrap(),
-            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
-            HeaderValue::from_bytes(b"a\tb").unwrap(),
-        ] {
-            h.insert("idempotency-key", bad.clone());
-            assert!(idempotency_key(&h).is_err(), "{bad:?}");
+/// What an in-process hold answered.
+fn on_hold(
+    config: &Arc<MeterConfig>,
+    account: &AccountId,
+    outcome: Result<Result<crate::ledger::Hold, Denial>, LedgerError>,
+    charges: Charges,
+) -> Result<Booked, Denial> {
+    match outcome {
+        Ok(Ok(hold)) => {
+            let (available_after, allowance_units, allowance_left) = (
+                hold.available_after,
+                hold.allowance_units.clone(),
+                hold.allowance_left.clone(),
+            );
+            Ok(Booked::Held(Ticket {
+                guard: Guard::new(config.clone(), Held::Hold(account.clone(), hold), charges),
+                available_after,
+                allowance_units,
+                allowance_left,
+            }))
         }
-        h.insert("idempotency-key", HeaderValue::from_static("a"));
-        h.append("idempotency-key", HeaderValue::from_static("b"));
-        assert!(idempotency_key(&h).is_err());
+        Ok(Err(denial)) => Err(denial),
+        Err(e) => outage(config, account, &e),
     }
+}
 
-    #[test]
-    fn fnv_is_stable() {
-        assert_eq!(Fnv::new().write(b"GET").write(b"/v1").finish(), {
-            let mut f = Fnv::new();
-            f.write(b"GET").write(b"/v1");
-            f.finish()
-        });
-        assert_ne!(
-            Fnv::new().write(b"ab").write(b"c").finish(),
-            Fnv::new().write(b"a").write(b"bc").finish()
-        );
+/// The request goes on to the handler: its entitlement, now with what the reservation left
+/// and any soft-limit warning, goes into the request extensions (once).
+fn admitted<B>(
+    config: &MeterConfig,
+    start: Start,
+    body: RequestBody<B>,
+    booked: Option<Booked>,
+) -> Prepared<B> {
+    let Start {
+        mut parts,
+        mut entitlement,
+        ..
+    } = start;
+    let (ticket, replayed) = match booked {
+        None | Some(Booked::Unmetered) => (None, false),
+        Some(Booked::Replayed) => (None, true),
+        Some(Booked::Held(ticket)) => {
+            entitlement.available = Some(ticket.available_after);
+            if let Some(w) = crate::metering::headers::soft_limit(config, &ticket) {
+                entitlement.warnings.push(w);
+            }
+            (Some(ticket), false)
+        }
+    };
+    let warnings = entitlement.warnings.clone();
+    parts.extensions.insert(entitlement);
+    Prepared::Call {
+        req: Request::from_parts(parts, body),
+        ticket,
+        replayed,
+        warnings,
     }
 }

@@ -467,3 +467,16 @@ mod tests {
         assert!(matches!(s.finish(), Err(UsageError::Invalid(_))));
     }
 }
+
+/// Usage the handler reports, in the response extensions; settled instead of the estimate.
+///
+/// Units of meters the request did not reserve are ignored (and logged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedUsage(pub Vec<Usage>);
+
+impl ReportedUsage {
+    /// `units` of one meter.
+    pub fn units(meter: impl AsRef<str>, units: u64) -> Self {
+        ReportedUsage(vec![Usage::new(meter, units)])
+    }
+}

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 
 use crate::account::AccountId;
 use crate::error::StoreError;
+use crate::in_process::InProcessPlanStore;
 use crate::plan::Subscription;
 
 /// Where subscriptions live.
@@ -53,17 +54,10 @@ pub trait PlanStore: Send + Sync + 'static {
     /// Creates or replaces the account's subscription.
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError>;
 
-    /// The subscription without a future, when the store can answer without I/O (in memory,
-    /// or a cache hit). The gate tries this first and only calls
-    /// [`subscription`](Self::subscription) on `None`, the default.
-    ///
-    /// Shared (`Arc`), so a store that keeps its subscriptions in `Arc`s answers without
-    /// copying or allocating.
-    fn subscription_now(
-        &self,
-        account: &AccountId,
-    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
-        let _ = account;
+    /// The store's [in-process fast path](crate::in_process), if it needs no I/O (the
+    /// in-memory store): `None` (the default) has the gate call
+    /// [`subscription`](Self::subscription).
+    fn in_process(&self) -> Option<&dyn InProcessPlanStore> {
         None
     }
 }
@@ -78,10 +72,7 @@ impl<T: PlanStore + ?Sized> PlanStore for Arc<T> {
         (**self).put_subscription(subscription).await
     }
 
-    fn subscription_now(
-        &self,
-        account: &AccountId,
-    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
-        (**self).subscription_now(account)
+    fn in_process(&self) -> Option<&dyn InProcessPlanStore> {
+        (**self).in_process()
     }
 }

@@ -31,6 +31,11 @@ impl ProblemDetailsLayer {
             config: Arc::new(config),
         }
     }
+
+    /// A layer rendering with a configuration it shares with a [`Billing`](crate::Billing).
+    pub(crate) fn shared(config: Arc<ProblemConfig>) -> Self {
+        ProblemDetailsLayer { config }
+    }
 }
 
 impl<S> Layer<S> for ProblemDetailsLayer {

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use crate::account::AccountId;
 use crate::error::StoreError;
+use crate::in_process::InProcessPlanStore;
 use crate::plan::{PlanStore, Subscription};
 use crate::time::{Clock, SystemClock, Timestamp};
 
@@ -176,8 +177,15 @@ impl<S: PlanStore, C: Clock> PlanStore for CachingPlanStore<S, C> {
         written
     }
 
-    /// A fresh cache hit answers without a future (the gate's fast path); a miss is `None`.
-    fn subscription_now(
+    /// A fresh cache hit answers without a future (the gate's fast path); a miss takes the
+    /// async path.
+    fn in_process(&self) -> Option<&dyn InProcessPlanStore> {
+        Some(self)
+    }
+}
+
+impl<S: PlanStore, C: Clock> InProcessPlanStore for CachingPlanStore<S, C> {
+    fn subscription(
         &self,
         account: &AccountId,
     ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
@@ -368,14 +376,14 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            cache.subscription_now(&acme).is_none(),
+            InProcessPlanStore::subscription(&cache, &acme).is_none(),
             "a miss needs the store"
         );
         cache.subscription(&acme).await.unwrap();
-        let hit = cache.subscription_now(&acme).unwrap().unwrap().unwrap();
+        let hit = InProcessPlanStore::subscription(&cache, &acme).unwrap().unwrap().unwrap();
         assert_eq!(hit.plan.as_str(), "pro");
         clock.advance(30);
-        assert!(cache.subscription_now(&acme).is_none(), "expired");
+        assert!(InProcessPlanStore::subscription(&cache, &acme).is_none(), "expired");
         assert_eq!(reads(&inner), 1);
     }
 }

@@ -7,9 +7,12 @@ use async_trait::async_trait;
 use crate::account::AccountId;
 use crate::credits::Credits;
 use crate::error::{LedgerError, StoreError};
+use crate::charge::Charge;
+use crate::denial::Denial;
+use crate::in_process::{InProcessLedger, InProcessPlanStore};
 use crate::ledger::{
-    AccountBook, AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, ReservationId,
-    ReserveOutcome, ReserveRequest, Settlement, SyncLedger, Usage, DEFAULT_RETENTION_SECS,
+    AccountBook, AllowanceUsage, Balance, Deposit, Hold, Ledger, OverEstimate, ReservationId,
+    ReserveOutcome, ReserveRequest, Settlement, Usage, DEFAULT_RETENTION_SECS,
 };
 use crate::plan::{Meter, PlanStore, Subscription};
 use crate::time::Timestamp;
@@ -89,7 +92,7 @@ impl MemoryLedger {
     }
 }
 
-impl SyncLedger for MemoryLedger {
+impl InProcessLedger for MemoryLedger {
     fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
         self.with(&req.account, |b| b.reserve(req))
     }
@@ -121,17 +124,49 @@ impl SyncLedger for MemoryLedger {
     ) -> Result<AllowanceUsage, LedgerError> {
         Ok(self.with(account, |b| b.allowance_usage(meter, window_start, now)))
     }
+
+    fn hold(
+        &self,
+        account: &AccountId,
+        charges: &[Charge],
+        now: Timestamp,
+    ) -> Result<Result<Hold, Denial>, LedgerError> {
+        self.with(account, |b| b.hold(charges, now))
+    }
+
+    fn settle_hold(
+        &self,
+        account: &AccountId,
+        hold: &Hold,
+        charges: &[Charge],
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        Ok(self.with(account, |b| b.settle_hold(hold, charges, usage, policy, now)))
+    }
+
+    fn release_hold(
+        &self,
+        account: &AccountId,
+        hold: &Hold,
+        charges: &[Charge],
+        now: Timestamp,
+    ) -> Result<(), LedgerError> {
+        self.with(account, |b| b.release_hold(hold, charges, now));
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Ledger for MemoryLedger {
-    fn now_or_later(&self) -> Option<&dyn SyncLedger> {
+    fn in_process(&self) -> Option<&dyn InProcessLedger> {
         Some(self)
     }
 
-    // Each async method is its synchronous twin (SyncLedger), already answered.
+    // Each async method is its synchronous twin (InProcessLedger), already answered.
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
-        SyncLedger::reserve(self, req)
+        InProcessLedger::reserve(self, req)
     }
 
     async fn settle(
@@ -141,11 +176,11 @@ impl Ledger for MemoryLedger {
         policy: OverEstimate,
         now: Timestamp,
     ) -> Result<Settlement, LedgerError> {
-        SyncLedger::settle(self, id, usage, policy, now)
+        InProcessLedger::settle(self, id, usage, policy, now)
     }
 
     async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
-        SyncLedger::release(self, id, now)
+        InProcessLedger::release(self, id, now)
     }
 
     async fn deposit(
@@ -159,7 +194,7 @@ impl Ledger for MemoryLedger {
     }
 
     async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
-        SyncLedger::balance(self, account, now)
+        InProcessLedger::balance(self, account, now)
     }
 
     async fn allowance_usage(
@@ -169,7 +204,7 @@ impl Ledger for MemoryLedger {
         window_start: Timestamp,
         now: Timestamp,
     ) -> Result<AllowanceUsage, LedgerError> {
-        SyncLedger::allowance_usage(self, account, meter, window_start, now)
+        InProcessLedger::allowance_usage(self, account, meter, window_start, now)
     }
 }
 
@@ -223,7 +258,13 @@ impl PlanStore for MemoryPlanStore {
         Ok(())
     }
 
-    fn subscription_now(
+    fn in_process(&self) -> Option<&dyn InProcessPlanStore> {
+        Some(self)
+    }
+}
+
+impl InProcessPlanStore for MemoryPlanStore {
+    fn subscription(
         &self,
         account: &AccountId,
     ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {

@@ -80,7 +80,7 @@ use tokio::sync::OnceCell;
 
 use crate::account::AccountId;
 use crate::credits::Credits;
-use crate::decision::Denial;
+use crate::denial::Denial;
 use crate::error::{BoxError, LedgerError, StoreError};
 use crate::ledger::{
     AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, Replay, Reservation, ReservationId,

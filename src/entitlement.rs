@@ -1,8 +1,12 @@
+//! [`Entitlement`]: what the gate established about an allowed request, handed to the
+//! metering layer and to handlers.
+
 use std::sync::Arc;
 
 use crate::account::AccountId;
 use crate::credits::Credits;
-use crate::decision::{Cost, Warning};
+use crate::charge::{Charge, Cost};
+use crate::decision::Warning;
 use crate::plan::{Plan, Subscription};
 
 /// What the gate established about an allowed request, in the request extensions.
@@ -20,7 +24,8 @@ pub struct Entitlement {
     pub plan: Option<Arc<Plan>>,
     /// The route's fixed cost, which the metering layer reserves.
     pub cost: Option<Cost>,
-    /// Credit available when the gate checked, if it did.
+    /// Credit available after this request's hold, when the request reserved credit (set by
+    /// the metering layer before the handler runs).
     pub available: Option<Credits>,
     /// Conditions to tell the caller about.
     pub warnings: Vec<Warning>,
@@ -53,17 +58,6 @@ impl Entitlement {
     }
 }
 
-/// Marker in the request extensions: the gate let this request through because its route is
-/// public ([`Requirement::public`](crate::decision::Requirement::public)); the metering layer
-/// lets it pass unmetered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PublicRoute;
-
-/// Marker in the request extensions: the gate could not reach a store and let the request
-/// through because it is configured to fail open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FailedOpen;
-
 #[cfg(feature = "axum")]
 mod axum_impl {
     use axum_core::extract::FromRequestParts;
@@ -82,7 +76,7 @@ mod axum_impl {
         fn into_response(self) -> Response {
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "missing Entitlement: is PaymentGateLayer applied to this route?",
+                "missing Entitlement: is the Billing layer (or PaymentGateLayer over MeteringLayer) applied to this route?",
             )
                 .into_response()
         }
@@ -103,3 +97,17 @@ mod axum_impl {
 
 #[cfg(feature = "axum")]
 pub use axum_impl::MissingEntitlement;
+
+/// What the gate hands the metering layer along with a request it let through, by value.
+///
+/// Crate-private, and never in the request extensions: nothing outside the crate can make the
+/// metering layer skip a charge.
+pub(crate) enum Admission {
+    /// A public route: no credential, nothing to meter.
+    Public,
+    /// The gate could not reach a store and is configured to fail open (logged).
+    FailedOpen,
+    /// Who pays, and the route's cost as the gate priced it under their plan (`None` when a
+    /// pricing rule prices the request, or the route costs nothing).
+    Entitled(Entitlement, Option<Charge>),
+}

@@ -1,0 +1,394 @@
+//! The guard that owns a request's hold until it is settled or released, on every exit path.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::account::AccountId;
+use crate::backend::bounded;
+use crate::charge::Charge;
+use crate::error::LedgerError;
+use crate::in_process::InProcessLedger;
+use crate::ledger::{Hold, ReservationId, Settlement, Usage};
+use crate::metering::body::spawn_or_expire;
+use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
+use crate::metering::{MeterConfig, UsageError, UsageScanner};
+
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The charges of one request: the gate's one route cost (no allocation), or what a pricing
+/// rule estimated.
+#[derive(Debug, Clone)]
+pub(crate) enum Charges {
+    One(Charge),
+    Many(Arc<[Charge]>),
+}
+
+impl Charges {
+    pub(crate) fn as_slice(&self) -> &[Charge] {
+        match self {
+            Charges::One(c) => std::slice::from_ref(c),
+            Charges::Many(c) => c,
+        }
+    }
+
+    /// Shared, for a ledger's reservation record.
+    pub(crate) fn to_arc(&self) -> Arc<[Charge]> {
+        match self {
+            Charges::One(c) => Arc::from([c.clone()]),
+            Charges::Many(c) => c.clone(),
+        }
+    }
+}
+
+/// What the request holds in the ledger.
+pub(crate) enum Held {
+    /// A keyed reservation record (shared ledgers, and requests with an `Idempotency-Key`).
+    Reservation(ReservationId),
+    /// An in-process hold without a record, owned by this guard alone.
+    Hold(AccountId, Hold),
+}
+
+impl Held {
+    fn account(&self) -> &AccountId {
+        match self {
+            Held::Reservation(id) => &id.account,
+            Held::Hold(account, _) => account,
+        }
+    }
+}
+
+/// What must still happen to a reservation.
+pub(crate) enum Action {
+    Release,
+    Settle(Vec<Usage>),
+    /// Settle the estimate: the units reserved (built where it is settled, not allocated).
+    SettleEstimate,
+}
+
+/// Owns an open reservation until it is settled or released.
+///
+/// Dropped without being finished (a cancelled request, a body dropped mid-stream) it
+/// finishes the reservation on a spawned Tokio task; where there is no runtime, the
+/// reservation is left to expire (and says so in the log). A reservation is never leaked.
+pub(crate) struct Guard {
+    config: Arc<MeterConfig>,
+    held: Held,
+    charges: Charges,
+    known: Option<Vec<Usage>>,
+    scanner: Option<Box<dyn UsageScanner>>,
+    responded: bool,
+    release_on_grpc_error: bool,
+    grpc_failed: bool,
+    done: bool,
+}
+
+impl Guard {
+    /// Takes the hold and the request's charges over.
+    pub(crate) fn new(config: Arc<MeterConfig>, held: Held, charges: Charges) -> Self {
+        Guard {
+            config,
+            held,
+            charges,
+            known: None,
+            scanner: None,
+            responded: false,
+            release_on_grpc_error: false,
+            grpc_failed: false,
+            done: false,
+        }
+    }
+
+    /// The charges this request reserved.
+    pub(crate) fn charges(&self) -> &[Charge] {
+        self.charges.as_slice()
+    }
+
+    fn estimate(&self) -> Vec<Usage> {
+        estimate(self.charges.as_slice())
+    }
+
+    pub(crate) fn config(&self) -> &Arc<MeterConfig> {
+        &self.config
+    }
+
+    pub(crate) fn account(&self) -> &str {
+        self.held.account().as_str()
+    }
+
+    pub(crate) fn account_id(&self) -> &AccountId {
+        self.held.account()
+    }
+
+    /// The response head arrived: usage is either known now or read from the body.
+    pub(crate) fn responded(
+        &mut self,
+        known: Option<Vec<Usage>>,
+        scanner: Option<Box<dyn UsageScanner>>,
+    ) {
+        self.responded = true;
+        self.known = known;
+        self.scanner = scanner;
+    }
+
+    /// A gRPC call: a non-zero `grpc-status` in the trailers releases instead of settling.
+    pub(crate) fn release_on_grpc_error(&mut self) {
+        self.release_on_grpc_error = true;
+    }
+
+    pub(crate) fn data(&mut self, chunk: &[u8]) {
+        if let Some(s) = &mut self.scanner {
+            s.data(chunk);
+        }
+    }
+
+    pub(crate) fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if self.release_on_grpc_error
+            && crate::problem::grpc_status(trailers).is_some_and(|code| code != 0)
+        {
+            tracing::info!(
+                target: "tower_402::metering",
+                account = self.account(),
+                grpc_status = crate::problem::grpc_status(trailers),
+                "gRPC call failed; releasing the reservation"
+            );
+            self.grpc_failed = true;
+        }
+        if let Some(s) = &mut self.scanner {
+            s.trailers(trailers);
+        }
+    }
+
+    fn checked(&self, usage: Result<Vec<Usage>, UsageError>) -> Vec<Usage> {
+        let usage = usage.and_then(
+            |u| match u.iter().find(|u| u.units > self.config.max_units) {
+                Some(big) => Err(UsageError::Invalid(format!(
+                    "{} {} is above the limit of {}",
+                    big.units, big.meter, self.config.max_units
+                ))),
+                None => Ok(u),
+            },
+        );
+        match usage {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(
+                    target: "tower_402::metering",
+                    account = self.account(),
+                    error = %e,
+                    "no usable usage figure; charging the estimate"
+                );
+                self.estimate()
+            }
+        }
+    }
+
+    /// The body ended: what to settle.
+    pub(crate) fn at_end(&mut self) -> Action {
+        if self.grpc_failed {
+            return Action::Release;
+        }
+        if let Some(known) = self.known.take() {
+            return Action::Settle(self.checked(Ok(known)));
+        }
+        match self.scanner.as_mut().map(|s| s.finish()) {
+            Some(usage) => Action::Settle(self.checked(usage)),
+            None => Action::SettleEstimate,
+        }
+    }
+
+    fn so_far(&mut self) -> Option<Vec<Usage>> {
+        let seen = self.scanner.as_mut().and_then(|s| s.so_far())?;
+        Some(self.checked(Ok(seen)))
+    }
+
+    /// The body failed mid-stream.
+    pub(crate) fn at_error(&mut self) -> Action {
+        match self.config.on_stream_error {
+            StreamErrorPolicy::Release => Action::Release,
+            StreamErrorPolicy::ChargeUsageSoFar => match self.so_far() {
+                Some(u) => Action::Settle(u),
+                None => Action::Release,
+            },
+        }
+    }
+
+    /// Dropped unfinished.
+    fn at_drop(&mut self) -> Action {
+        if !self.responded {
+            // Cancelled before the response: the handler's future was dropped with it.
+            return Action::Release;
+        }
+        if let Some(known) = self.known.take() {
+            return Action::Settle(self.checked(Ok(known)));
+        }
+        match self.config.on_disconnect {
+            DisconnectPolicy::ChargeEstimate => Action::SettleEstimate,
+            DisconnectPolicy::ChargeUsageSoFar => {
+                Action::Settle(self.so_far().unwrap_or_else(|| self.estimate()))
+            }
+        }
+    }
+
+    /// Carries out `action`: right here with a ledger that needs no I/O (`None`), else the
+    /// future that does. The guard is finished from here on.
+    pub(crate) fn finish(&mut self, action: Action) -> Option<BoxFuture> {
+        self.done = true;
+        if let Some(ledger) = self.config.ledger.in_process() {
+            run_now(ledger, &self.config, &self.held, self.charges.as_slice(), action);
+            return None;
+        }
+        let Held::Reservation(id) = &self.held else {
+            // Holds are only made by in-process ledgers, which answer above.
+            tracing::error!(
+                target: "tower_402::metering",
+                account = self.account(),
+                "an in-process hold on a ledger without an in-process path; not settled"
+            );
+            return None;
+        };
+        let config = self.config.clone();
+        // Reference counts, not copies.
+        let (id, charges) = (id.clone(), self.charges.to_arc());
+        Some(Box::pin(run(config, id, charges, action)))
+    }
+
+    pub(crate) fn release(&mut self) -> Option<BoxFuture> {
+        self.finish(Action::Release)
+    }
+}
+
+/// The units a charge reserved, as usage.
+fn reserved(c: &Charge) -> Usage {
+    Usage {
+        meter: c.meter.clone(),
+        units: c.units,
+    }
+}
+
+/// The units reserved, as usage: what settling the estimate charges.
+fn estimate(charges: &[Charge]) -> Vec<Usage> {
+    charges.iter().map(reserved).collect()
+}
+
+/// What a ledger call to finish a reservation answered.
+enum Outcome {
+    Released(Result<(), LedgerError>),
+    Settled(Result<Settlement, LedgerError>),
+}
+
+async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>, action: Action) {
+    let now = config.clock.now();
+    // This path allocates its future anyway: the estimate is simply a usage list here.
+    let usage = match action {
+        Action::Release => None,
+        Action::Settle(usage) => Some(usage),
+        Action::SettleEstimate => Some(estimate(&charges)),
+    };
+    let outcome = match usage {
+        None => Outcome::Released(
+            bounded::<_, LedgerError>(config.timeout, config.ledger.release(&id, now)).await,
+        ),
+        Some(usage) => Outcome::Settled(
+            bounded::<_, LedgerError>(
+                config.timeout,
+                config.ledger.settle(&id, &usage, config.over_estimate, now),
+            )
+            .await,
+        ),
+    };
+    report(&config, &id.account, &charges, outcome);
+}
+
+/// The same as [`run`] on a ledger that answers without I/O, for a record or a hold.
+fn run_now(
+    ledger: &dyn InProcessLedger,
+    config: &MeterConfig,
+    held: &Held,
+    charges: &[Charge],
+    action: Action,
+) {
+    let now = config.clock.now();
+    let policy = config.over_estimate;
+    let release = || match held {
+        Held::Reservation(id) => ledger.release(id, now),
+        Held::Hold(account, hold) => ledger.release_hold(account, hold, charges, now),
+    };
+    let settle = |usage: &[Usage]| match held {
+        Held::Reservation(id) => ledger.settle(id, usage, policy, now),
+        Held::Hold(account, hold) => ledger.settle_hold(account, hold, charges, usage, policy, now),
+    };
+    let outcome = match &action {
+        Action::Release => Outcome::Released(release()),
+        Action::Settle(usage) => Outcome::Settled(settle(usage)),
+        Action::SettleEstimate => {
+            // The common one or two charges settle from the stack.
+            Outcome::Settled(match charges {
+                [a] => settle(&[reserved(a)]),
+                [a, b] => settle(&[reserved(a), reserved(b)]),
+                _ => settle(&estimate(charges)),
+            })
+        }
+    };
+    report(config, held.account(), charges, outcome);
+}
+
+/// Logs how a reservation ended and reports threshold crossings.
+fn report(config: &MeterConfig, payer: &AccountId, charges: &[Charge], outcome: Outcome) {
+    let account = payer.as_str();
+    match outcome {
+        Outcome::Released(Ok(())) => tracing::debug!(
+            target: "tower_402::metering",
+            account,
+            "reservation released"
+        ),
+        Outcome::Released(Err(e)) => tracing::error!(
+            target: "tower_402::metering",
+            account,
+            error = %e,
+            "release failed; the hold comes back when the reservation expires"
+        ),
+        Outcome::Settled(Ok(s)) => {
+            if s.shortfall.is_empty() {
+                tracing::info!(
+                    target: "tower_402::metering",
+                    account,
+                    charged = s.charged.get(),
+                    available = s.available_after.get(),
+                    "request settled"
+                );
+            } else {
+                tracing::warn!(
+                    target: "tower_402::metering",
+                    account,
+                    charged = s.charged.get(),
+                    shortfall_credits = s.shortfall.credits.get(),
+                    shortfall_units = ?s.shortfall.units,
+                    "request settled with a shortfall: usage exceeded what could be charged"
+                );
+            }
+            if let Some(t) = &config.thresholds {
+                t.after_settle(payer, charges, &s);
+            }
+        }
+        Outcome::Settled(Err(e)) => tracing::error!(
+            target: "tower_402::metering",
+            account,
+            error = %e,
+            "settlement failed; the hold comes back when the reservation expires"
+        ),
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let action = self.at_drop();
+        if let Some(fut) = self.finish(action) {
+            spawn_or_expire(fut, self.account());
+        }
+    }
+}
+
