@@ -26,13 +26,10 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use tower::ServiceBuilder;
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Plan, PlanStore, Subscription};
 use tower_402::store::{CachingPlanStore, RedisConfig, RedisLedger, RedisPlanStore};
-use tower_402::{
-    Credits, Ledger, MeteringLayer, PaymentGateLayer, ProblemDetailsLayer, StaticKeys, Timestamp,
-};
+use tower_402::{Billing, Credits, Ledger, StaticKeys, Timestamp};
 
 fn instance(config: &RedisConfig) -> Router {
     // Its own connections, as in a separate process.
@@ -40,20 +37,13 @@ fn instance(config: &RedisConfig) -> Router {
     let plans = CachingPlanStore::new(RedisPlanStore::new(config), 30);
     let catalog = Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true));
     let keys = StaticKeys::new().with_key("demo", "acct_demo");
-    let gate = PaymentGateLayer::new(keys, plans, catalog)
-        .ledger(ledger.clone())
-        .route(
-            "GET /v1/work",
-            Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))),
-        );
+    let billing = Billing::new(keys, plans, ledger, catalog).route(
+        "GET /v1/work",
+        Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))),
+    );
     Router::new()
         .route("/v1/work", get(|| async { "work done\n" }))
-        .layer(
-            ServiceBuilder::new()
-                .layer(ProblemDetailsLayer::new(Default::default()))
-                .layer(gate)
-                .layer(MeteringLayer::new(ledger)),
-        )
+        .layer(billing.layer())
 }
 
 #[tokio::main]

@@ -196,13 +196,14 @@ async fn hourly(
     Ok(tonic::Response::new(Box::pin(stream) as ForecastStream))
 }
 
-/// The three layers, configured with the quickstart's accounts and plans.
-pub type Demo = plain::Layers;
+/// The billing core, configured with the quickstart's accounts and plans.
+pub type Demo = plain::Demo;
 
 /// Builds the demo with every demo account in its documented state at `clock`'s time.
 pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
-    plain::layers(clock, |gate| {
-        gate.route(&format!("POST {FORECAST}"), plain::forecast())
+    plain::billing(clock, |billing| {
+        billing
+            .route(&format!("POST {FORECAST}"), plain::forecast())
             .route(&format!("POST {HOURLY}"), plain::premium())
     })
     .await
@@ -211,9 +212,7 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
 /// Serves the demo on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, demo: Demo) {
     let service = ServiceBuilder::new()
-        .layer(demo.problems)
-        .layer(demo.gate)
-        .layer(demo.metering)
+        .layer(demo.billing.layer())
         .service(Weather);
     plain::serve(listener, service).await
 }

@@ -74,14 +74,15 @@ async fn weather<B>(req: Request<RequestBody<B>>) -> Result<Response<Full<Bytes>
     Ok(res)
 }
 
-/// The layers and the stores behind them.
-pub type Demo = plain::Layers;
+/// The billing core and the stores behind it.
+pub type Demo = plain::Demo;
 
 /// Builds the demo with every demo account in its documented state at `clock`'s time: the
 /// quickstart's rules for `/health`, `/v1/forecast` and `/v1/premium`.
 pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
-    plain::layers(clock, |gate| {
-        gate.route("GET /health", Requirement::public())
+    plain::billing(clock, |billing| {
+        billing
+            .route("GET /health", Requirement::public())
             .route("GET /v1/premium", plain::premium())
             .route("GET /v1/forecast", plain::forecast())
     })
@@ -100,9 +101,7 @@ pub fn service(
        + Send
        + 'static {
     ServiceBuilder::new()
-        .layer(demo.problems)
-        .layer(demo.gate)
-        .layer(demo.metering)
+        .layer(demo.billing.layer())
         .service(service_fn(weather))
 }
 

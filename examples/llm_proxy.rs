@@ -37,14 +37,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tower::ServiceBuilder;
 use tower_402::decision::{Denial, Requirement};
 use tower_402::metering::{ModelPrice, OpenAiPricing, OpenAiUsage, PriceTable};
 use tower_402::plan::{Catalog, Plan, PlanStore, Subscription};
 use tower_402::problem::{Links, ProblemConfig};
 use tower_402::{
-    Clock, Credits, Ledger, MemoryLedger, MemoryPlanStore, MeteringLayer, PaymentGateLayer,
-    ProblemDetailsLayer, StaticKeys, SystemClock,
+    Billing, Clock, Credits, Ledger, MemoryLedger, MemoryPlanStore, StaticKeys, SystemClock,
 };
 
 /// Prices per 1,000 tokens: the README works an example through them.
@@ -98,14 +96,11 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
                 .top_up("https://billing.example.com/top-up")
                 .billing("https://billing.example.com/portal"),
         );
-    let gate = PaymentGateLayer::new(keys, plans, catalog.clone())
+    let paid = Billing::new(keys, plans, ledger.clone(), catalog.clone())
         .clock(clock.clone())
-        .problems(problems.clone())
+        .problem_config(problems)
         .route("GET /v1/balance", Requirement::identify_only())
-        .route("POST /v1/topup", Requirement::identify_only());
-    let metering = MeteringLayer::new(ledger.clone())
-        .clock(clock.clone())
-        .problems(problems.clone())
+        .route("POST /v1/topup", Requirement::identify_only())
         .pricing(OpenAiPricing::new(prices()))
         .usage(OpenAiUsage::new());
     let billing = common::Billing {
@@ -119,12 +114,7 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         .route("/v1/balance", get(common::balance::<C>))
         .route("/v1/topup", post(common::top_up::<C>))
         .with_state(billing)
-        .layer(
-            ServiceBuilder::new()
-                .layer(ProblemDetailsLayer::new(problems))
-                .layer(gate)
-                .layer(metering),
-        );
+        .layer(paid.layer());
     Demo { router, ledger }
 }
 

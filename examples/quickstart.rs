@@ -28,7 +28,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tower::ServiceBuilder;
 use tower_402::decision::Requirement;
 use tower_402::{Clock, Entitlement, MemoryLedger, MemoryPlanStore, SystemClock};
 
@@ -47,14 +46,13 @@ pub struct Demo {
 pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
     // The demo accounts and layers, shared with the hyper and gRPC examples:
     // examples/common/plain.rs. The routes are this example's.
-    let plain::Layers {
-        problems,
-        gate,
-        metering,
+    let plain::Demo {
+        billing,
         ledger,
         plans,
-    } = plain::layers(clock.clone(), |gate| {
-        gate.route("GET /health", Requirement::public())
+    } = plain::billing(clock.clone(), |billing| {
+        billing
+            .route("GET /health", Requirement::public())
             .route("GET /v1/balance", Requirement::identify_only())
             .route("POST /v1/topup", Requirement::identify_only())
             .route("GET /v1/premium", plain::premium())
@@ -75,12 +73,8 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         .route("/v1/topup", post(common::top_up::<C>))
         .layer(DefaultBodyLimit::max(1024))
         .with_state(state)
-        .layer(
-            ServiceBuilder::new()
-                .layer(problems)
-                .layer(gate)
-                .layer(metering),
-        );
+        // All three layers, from one billing core: problems, gate, metering.
+        .layer(billing.layer());
     Demo {
         router,
         ledger,

@@ -278,6 +278,7 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::PlanId;
     use crate::plan::Period;
 
     const NOW: Timestamp = Timestamp::from_unix(1_800_000_000);

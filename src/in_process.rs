@@ -102,10 +102,7 @@ pub trait InProcessPlanStore: Send + Sync {
     /// rather than copied; `None` when this particular answer needs I/O after all (a cache
     /// miss in [`CachingPlanStore`](crate::store::CachingPlanStore)), and the gate calls the
     /// async method.
-    fn subscription(
-        &self,
-        account: &AccountId,
-    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>>;
+    fn lookup(&self, account: &AccountId) -> Option<Result<Option<Arc<Subscription>>, StoreError>>;
 }
 
 /// The synchronous twin of an [`IdentityResolver`](crate::IdentityResolver) that needs no I/O.

@@ -5,13 +5,14 @@
 //! allocations to the hot path fails here and has to say why.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use tower::{ServiceBuilder, ServiceExt};
+use axum::body::Body;
+use axum::routing::get;
+use axum::Router;
+use http::Request;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Plan, Subscription};
 use tower_402::*;
@@ -38,80 +39,88 @@ static ALLOC: Counting = Counting;
 
 const NOW: Timestamp = Timestamp::from_unix(1_790_000_000);
 
-async fn handler(_: Request<impl Send>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+/// A handler as axum writes them: a text body (axum's `&str` answer sets `content-type`).
+async fn handler() -> &'static str {
+    "ok"
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn allocations_per_request_in_steady_state() {
-    let ledger = MemoryLedger::new();
-    ledger
-        .deposit(&"acme".into(), Credits::new(1 << 40), "seed", NOW)
-        .await
-        .unwrap();
+fn billing() -> Billing {
     let plans = MemoryPlanStore::new().with(Subscription::active("acme", "pro"));
     let catalog = Catalog::new().with_plan(Plan::new("pro", "Pro", 2).overage(true));
-    let svc = ServiceBuilder::new()
-        .layer(ProblemDetailsLayer::default())
-        .layer(
-            PaymentGateLayer::new(StaticKeys::new().with_key("k", "acme"), plans, catalog)
-                .ledger(ledger.clone())
-                .clock(ManualClock::new(NOW))
-                .timeout(None)
-                .default_requirement(Requirement::new().cost(Cost::new(
-                    "requests",
-                    1,
-                    Credits::new(1),
-                ))),
-        )
-        .layer(
-            MeteringLayer::new(ledger)
-                .clock(ManualClock::new(NOW))
-                .timeout(None),
-        )
-        .service(tower::service_fn(handler));
+    Billing::new(
+        StaticKeys::new().with_key("k", "acme"),
+        plans,
+        LEDGER.with(Clone::clone),
+        catalog,
+    )
+    .clock(ManualClock::new(NOW))
+    .timeout(None)
+    .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))))
+}
+
+thread_local! {
+    static LEDGER: MemoryLedger = MemoryLedger::new();
+}
+
+/// Allocations per request through `app`, after a warm-up, averaged over 1,000 requests.
+async fn per_request(app: &Router) -> f64 {
     let one = || async {
         let req = Request::get("/v1/forecast")
             .header("x-api-key", "k")
-            .body(Empty::<Bytes>::new())
+            .body(Body::empty())
             .unwrap();
-        let res = svc.clone().oneshot(req).await.unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
         assert_eq!(res.status(), 200);
         res.into_body().collect().await.unwrap();
     };
     for _ in 0..1000 {
         one().await;
     }
-    // The request itself (headers, extensions map) and the response are counted too; measure
-    // them alone to report what the layers add.
-    let baseline = {
-        let before = ALLOCS.load(Ordering::Relaxed);
-        for _ in 0..1000 {
-            let req = Request::get("/v1/forecast")
-                .header("x-api-key", "k")
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            let res = tower::service_fn(handler).oneshot(req).await.unwrap();
-            res.into_body().collect().await.unwrap();
-        }
-        (ALLOCS.load(Ordering::Relaxed) - before) as f64 / 1000.0
-    };
     let before = ALLOCS.load(Ordering::Relaxed);
     for _ in 0..1000 {
         one().await;
     }
-    let per_request = (ALLOCS.load(Ordering::Relaxed) - before) as f64 / 1000.0;
-    let added = per_request - baseline;
-    eprintln!("allocations per request: {per_request:.1} (bare service: {baseline:.1}; the layers add {added:.1})");
+    (ALLOCS.load(Ordering::Relaxed) - before) as f64 / 1000.0
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn allocations_per_request_in_steady_state() {
+    LEDGER
+        .with(Clone::clone)
+        .deposit(&"acme".into(), Credits::new(1 << 40), "seed", NOW)
+        .await
+        .unwrap();
+    let bare = Router::new().route("/v1/forecast", get(handler));
+    let billed = Router::new()
+        .route("/v1/forecast", get(handler))
+        .layer(billing().layer());
+    // The same axum app, bare and with the three layers: the difference is what they add.
+    let baseline = per_request(&bare).await;
+    // Any layer on an axum router costs axum's own boxing of the layered route (its future,
+    // its response body, its clone per request): measured with a layer that does nothing.
+    let passthrough = Router::new()
+        .route("/v1/forecast", get(handler))
+        .layer(tower::layer::util::Identity::new());
+    let with_any_layer = per_request(&passthrough).await;
+    let with_layers = per_request(&billed).await;
+    let added = with_layers - with_any_layer;
+    eprintln!(
+        "allocations per request: {with_layers:.1} (bare axum app: {baseline:.1}; with a \
+         do-nothing layer: {with_any_layer:.1}; the three layers add {added:.1})"
+    );
     assert!(
         added <= CEILING,
         "the layers now allocate {added:.1} times per request (ceiling {CEILING})"
     );
 }
 
-/// What the layers add today; lower it when the hot path gets leaner. The nine left:
-/// the API key's copy (1); the `Entitlement` in the request extensions, whose map this bare
-/// request has not allocated yet (3; 1 when an earlier layer or axum's router made the map);
-/// the reservation's shared charge list (1) and key (1); the `x-credits-remaining` value (1)
-/// and the response header map this handler left empty (2; 0 for a response with headers).
-const CEILING: f64 = 9.5;
+/// What the three layers add to an axum app today, over a layer that does nothing; lower it
+/// when the hot path gets leaner. The issue's target is 2; measured, the six are: the
+/// `Entitlement` in the request extensions (1), the `x-credits-remaining` value (1), axum
+/// boxing the request body again because the handler receives the metering layer's
+/// `RequestBody` wrapper (1), axum boxing the response body again because it is wrapped
+/// (`ResponseBody`, `MeteredBody`) (1 to 2), and one more not yet traced. Nothing in the
+/// ledger step allocates any more: the API key is read in place, the route's charge is priced
+/// on the stack, and an in-process ledger holds a request without an `Idempotency-Key`
+/// without a keyed record.
+const CEILING: f64 = 6.0;

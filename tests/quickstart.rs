@@ -459,3 +459,64 @@ async fn the_example_serves_over_a_real_socket() {
     assert!(out.contains("PLAN_UPGRADE_REQUIRED"));
     server.abort();
 }
+
+/// HEAD is governed by GET's rule and charged like GET: axum answers it with the GET handler,
+/// which runs, so its work is paid for. It never walks around a rule.
+#[tokio::test]
+async fn head_follows_get_refused_where_get_is_and_charged_like_get() {
+    let (demo, _) = demo().await;
+    let head = |key: &'static str, uri: &'static str| {
+        send(
+            &demo.router,
+            request(Method::HEAD, uri, &[("x-api-key", key)], ""),
+        )
+    };
+    // A basic plan is refused the premium route, with the problem's headers (HEAD: no body).
+    let a = head("demo-basic", "/v1/premium").await;
+    assert_eq!(a.status, 402);
+    assert_eq!(a.header("content-type"), Some("application/problem+json"));
+    assert_eq!(a.header("cache-control"), Some("no-store"));
+    assert!(a.body.is_empty(), "a HEAD answer has no body");
+    assert_eq!(available(&demo, "acct_basic").await, 1000, "nothing charged");
+    // No credit, no HEAD.
+    let a = head("demo-broke", "/v1/forecast").await;
+    assert_eq!(a.status, 402);
+    assert_eq!(a.header("content-type"), Some("application/problem+json"));
+    // Pro pays for a HEAD of the premium route as for a GET.
+    let a = head("demo-pro", "/v1/premium").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("x-credits-remaining"), Some("990"));
+    assert_eq!(available(&demo, "acct_pro").await, 990);
+    // Spellings of the path, and the method's case, reach the same rule.
+    for uri in ["/v1/premium/", "//v1/premium", "/v1/%70remium"] {
+        let a = send(
+            &demo.router,
+            request(Method::HEAD, uri, &[("x-api-key", "demo-basic")], ""),
+        )
+        .await;
+        assert_eq!(a.status, 402, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn head_uses_the_free_allowance_exactly_like_get() {
+    let (demo, _) = demo().await;
+    for left in (0..5).rev() {
+        let a = send(
+            &demo.router,
+            request(Method::HEAD, "/v1/forecast", &[("x-api-key", "demo-free")], ""),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.header("x-allowance-remaining"), Some(&*left.to_string()));
+    }
+    let a = get(&demo.router, "/v1/forecast", "demo-free").await;
+    let doc = a.problem(402, "QUOTA_EXCEEDED");
+    assert_eq!(doc["used"], 5);
+    let a = send(
+        &demo.router,
+        request(Method::HEAD, "/v1/forecast", &[("x-api-key", "demo-free")], ""),
+    )
+    .await;
+    assert_eq!(a.status, 402);
+}

@@ -16,10 +16,7 @@ use tower::Service;
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Period, Plan, PlanStore, Subscription, SubscriptionStatus};
 use tower_402::problem::{Links, ProblemConfig};
-use tower_402::{
-    Clock, Credits, Ledger, MemoryLedger, MemoryPlanStore, MeteringLayer, PaymentGateLayer,
-    ProblemDetailsLayer, StaticKeys, Timestamp,
-};
+use tower_402::{Billing, Clock, Credits, Ledger, MemoryLedger, MemoryPlanStore, StaticKeys, Timestamp};
 
 /// The quickstart's demo keys, their accounts, and what each shows.
 pub const DEMO_KEYS: &[(&str, &str, &str)] = &[
@@ -148,44 +145,30 @@ pub fn premium() -> Requirement {
         .cost(Cost::new("requests", 1, Credits::new(10)))
 }
 
-/// The three layers over the demo accounts, and the stores behind them.
+/// The demo's billing core over the demo accounts, and the stores behind it.
 #[derive(Clone)]
-pub struct Layers {
-    /// Outermost: problem documents (and gRPC answers) with the demo's links.
-    pub problems: ProblemDetailsLayer,
-    /// Who is calling, may they, can they pay.
-    pub gate: PaymentGateLayer,
-    /// Reserve, run, settle.
-    pub metering: MeteringLayer,
-    /// The ledger behind them.
+pub struct Demo {
+    /// Everything the three layers are made of: take `billing.layer()`.
+    pub billing: Billing,
+    /// The ledger behind it.
     pub ledger: MemoryLedger,
-    /// The plan store behind them.
+    /// The plan store behind it.
     pub plans: MemoryPlanStore,
 }
 
-/// Builds the layers over freshly seeded demo accounts at `clock`'s time; `routes` adds the
-/// example's own routes to the gate.
-pub async fn layers<C: Clock + Clone>(
-    clock: C,
-    routes: impl FnOnce(PaymentGateLayer) -> PaymentGateLayer,
-) -> Layers {
+/// The billing core over freshly seeded demo accounts at `clock`'s time; `routes` adds the
+/// example's own route rules.
+pub async fn billing<C: Clock + Clone>(clock: C, routes: impl FnOnce(Billing) -> Billing) -> Demo {
     let Accounts {
         keys,
         plans,
         ledger,
     } = accounts(&clock).await;
-    let problems = problems();
-    let gate = PaymentGateLayer::new(keys, plans.clone(), catalog())
-        .ledger(ledger.clone())
-        .clock(clock.clone())
-        .problems(problems.clone());
-    let metering = MeteringLayer::new(ledger.clone())
+    let billing = Billing::new(keys, plans.clone(), ledger.clone(), catalog())
         .clock(clock)
-        .problems(problems.clone());
-    Layers {
-        problems: ProblemDetailsLayer::new(problems),
-        gate: routes(gate),
-        metering,
+        .problem_config(problems());
+    Demo {
+        billing: routes(billing),
         ledger,
         plans,
     }

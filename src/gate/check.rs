@@ -62,7 +62,7 @@ pub(crate) fn check_now(
             Err(e) => return Some(outage(config, None, "identity resolver", &e)),
         },
     };
-    let sub = match config.plans.in_process()?.subscription(&account)? {
+    let sub = match config.plans.in_process()?.lookup(&account)? {
         Ok(s) => s,
         Err(e) => return Some(outage(config, Some(&account), "plan store", &e)),
     };

@@ -108,7 +108,6 @@ pub use per_charge::PerCharge;
 #[cfg(feature = "postgres")]
 pub(crate) use book::{Counter, Parts, Record, State};
 pub use crate::charge::Charge;
-pub use crate::in_process::InProcessLedger;
 pub use types::{
     AllowanceUsage, Balance, Deposit, Hold, OverEstimate, Replay, Reservation, ReservationId,
     ReservationKey, ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,
@@ -121,6 +120,7 @@ use async_trait::async_trait;
 use crate::account::AccountId;
 use crate::credits::Credits;
 use crate::error::LedgerError;
+use crate::in_process::InProcessLedger;
 use crate::plan::Meter;
 use crate::time::Timestamp;
 

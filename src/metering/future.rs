@@ -151,7 +151,7 @@ where
 /// What follows the preparation: call the inner service under the reservation, or refuse.
 fn after_prepare<S, ReqBody>(
     prepared: Prepared<ReqBody>,
-    mut inner: S,
+    inner: &mut S,
     config: &Arc<MeterConfig>,
     now: Timestamp,
     grpc: bool,
@@ -195,7 +195,7 @@ where
     /// A preparation that finished without I/O.
     pub(crate) fn prepared(
         prepared: Prepared<ReqBody>,
-        inner: S,
+        inner: &mut S,
         config: &Arc<MeterConfig>,
         now: Timestamp,
         grpc: bool,
@@ -224,10 +224,10 @@ where
                     grpc,
                 } => {
                     let prepared = ready!(prepare.as_mut().poll(cx));
-                    let Some(inner) = inner.take() else {
+                    let Some(mut inner) = inner.take() else {
                         panic!("metering future polled after completion");
                     };
-                    after_prepare(prepared, inner, config, *now, *grpc)
+                    after_prepare(prepared, &mut inner, config, *now, *grpc)
                 }
                 StateProj::Calling {
                     fut,

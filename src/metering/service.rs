@@ -79,8 +79,10 @@ impl<S> Metering<S> {
         self.inner.poll_ready(cx)
     }
 
-    /// Meters one request the gate admitted: reserve, then call the inner service (which was
-    /// driven to readiness; a fresh clone is left in its place).
+    /// Meters one request the gate admitted: reserve, then call the inner service, which was
+    /// driven to readiness. When the call happens right here (no I/O to wait for) the ready
+    /// service itself is called; when it happens later, the ready one is taken along and a
+    /// fresh clone left in its place.
     pub(crate) fn call_admitted<ReqBody>(
         &mut self,
         req: Request<ReqBody>,
@@ -91,9 +93,8 @@ impl<S> Metering<S> {
         S: Service<Request<RequestBody<ReqBody>>> + Clone + Send + 'static,
         ReqBody: Body<Data = Bytes> + Send + 'static,
     {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = &self.config;
+        let inner = &mut self.inner;
         let (entitlement, gate_charge) = match admission {
             Admission::Public => {
                 return ResponseFuture::unmetered(inner.call(req.map(RequestBody::passthrough)))
@@ -134,6 +135,9 @@ impl<S> Metering<S> {
             let prepared = prepare_now(config, ledger, start, RequestBody::passthrough(body));
             return ResponseFuture::prepared(prepared, inner, config, now, grpc);
         }
+        // Keep the service that was driven to readiness; leave a fresh clone in its place.
+        let clone = inner.clone();
+        let inner = std::mem::replace(inner, clone);
         let prepare = prepare_later(config.clone(), start, body, needs_body);
         ResponseFuture::preparing(Box::pin(prepare), inner, config.clone(), now, grpc)
     }
@@ -149,6 +153,8 @@ pub(crate) struct Start {
 }
 
 /// What the ledger step came to.
+// Short-lived and moved once: boxing the large variant would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Booked {
     /// Held, by a record or an in-process hold.
     Held(Ticket),

@@ -185,10 +185,7 @@ impl<S: PlanStore, C: Clock> PlanStore for CachingPlanStore<S, C> {
 }
 
 impl<S: PlanStore, C: Clock> InProcessPlanStore for CachingPlanStore<S, C> {
-    fn subscription(
-        &self,
-        account: &AccountId,
-    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
+    fn lookup(&self, account: &AccountId) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
         self.fresh(account, self.clock.now()).map(Ok)
     }
 }
@@ -376,14 +373,14 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            InProcessPlanStore::subscription(&cache, &acme).is_none(),
+            cache.lookup(&acme).is_none(),
             "a miss needs the store"
         );
         cache.subscription(&acme).await.unwrap();
-        let hit = InProcessPlanStore::subscription(&cache, &acme).unwrap().unwrap().unwrap();
+        let hit = cache.lookup(&acme).unwrap().unwrap().unwrap();
         assert_eq!(hit.plan.as_str(), "pro");
         clock.advance(30);
-        assert!(InProcessPlanStore::subscription(&cache, &acme).is_none(), "expired");
+        assert!(cache.lookup(&acme).is_none(), "expired");
         assert_eq!(reads(&inner), 1);
     }
 }

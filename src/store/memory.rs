@@ -264,10 +264,7 @@ impl PlanStore for MemoryPlanStore {
 }
 
 impl InProcessPlanStore for MemoryPlanStore {
-    fn subscription(
-        &self,
-        account: &AccountId,
-    ) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
+    fn lookup(&self, account: &AccountId) -> Option<Result<Option<Arc<Subscription>>, StoreError>> {
         Some(Ok(self.get(account)))
     }
 }
