@@ -37,7 +37,7 @@ use tower_402::{Clock, Entitlement, SystemClock};
 
 /// The handler: a plain async function of the request, as hyper's `service_fn` takes it. The
 /// metering layer hands it the body as a [`RequestBody`].
-async fn weather<B>(req: Request<RequestBody<B>>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn weather<B>(req: Request<RequestBody<B>>) -> Result<Response<Full<Bytes>>, Infallible> {
     let account = req
         .extensions()
         .get::<Entitlement>()
