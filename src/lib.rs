@@ -9,11 +9,16 @@
 //! ```
 //!
 //! - [`PaymentGateLayer`] ([`gate`]): who is calling, is their subscription in good standing,
-//!   does their plan include this route, is there allowance or credit left.
-//! - [`MeteringLayer`] ([`metering`]): reserves the cost before the handler runs, settles it
-//!   when the response body ends, refunds failures, charges an idempotent retry once.
+//!   does their plan include this route.
+//! - [`MeteringLayer`] ([`metering`]): reserves the price before the handler runs (checking
+//!   allowance and credit, once), settles it when the response body ends, refunds failures,
+//!   charges an idempotent retry once.
 //! - [`ProblemDetailsLayer`] ([`problem`]): every refusal and error as an RFC 9457
 //!   `application/problem+json` document with a stable machine code.
+//!
+//! All three are made from one [`Billing`] value ([`billing`]): stores, catalog, route rules,
+//! clock, problem configuration and policies are given once, so the layers cannot disagree,
+//! and a stack with a part missing or out of order does not build.
 //!
 //! The layers are plain tower middleware: they serve axum, bare hyper (`examples/hyper.rs`)
 //! and tonic alike. A gRPC request (`content-type: application/grpc...`) is refused in gRPC's
@@ -29,9 +34,13 @@
 //!
 //! # Example
 //!
+//! One request, refused: the caller's balance cannot pay for it, so it gets a 402 whose body
+//! says why and where to top up.
+//!
 //! ```
-//! use axum::{routing::get, Router};
-//! use tower::ServiceBuilder;
+//! use axum::{body::Body, routing::get, Router};
+//! use http::Request;
+//! use tower::ServiceExt;
 //! use tower_402::decision::{Cost, Requirement};
 //! use tower_402::plan::{Catalog, Period, Plan, Subscription};
 //! use tower_402::problem::{Links, ProblemConfig};
@@ -42,27 +51,31 @@
 //! let catalog = Catalog::new()
 //!     .with_plan(Plan::new("free", "Free", 0).allowance("requests", 1000, Period::CalendarMonth))
 //!     .with_plan(Plan::new("pro", "Pro", 2).overage(true));
-//! let plans = MemoryPlanStore::new().with(Subscription::active("acme", "pro"));
-//! let ledger = MemoryLedger::new();
-//! ledger.deposit(&"acme".into(), Credits::new(500), "signup-bonus", Timestamp::now()).await.unwrap();
-//! let keys = StaticKeys::new().with_key("sk_test_acme", "acme");
+//! let billing = Billing::new(
+//!     StaticKeys::new().with_key("sk_test_acme", "acme"),
+//!     MemoryPlanStore::new().with(Subscription::active("acme", "pro")),
+//!     MemoryLedger::new(), // acme has no credit yet
+//!     catalog,
+//! )
+//! .problem_config(ProblemConfig::new().links(Links::new().top_up("https://example.com/top-up")))
+//! .route("GET /health", Requirement::public())
+//! .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
 //!
 //! let app: Router = Router::new()
 //!     .route("/v1/forecast", get(|| async { "sunny" }))
-//!     .layer(
-//!         ServiceBuilder::new()
-//!             .layer(ProblemDetailsLayer::new(
-//!                 ProblemConfig::new().links(Links::new().top_up("https://example.com/top-up")),
-//!             ))
-//!             .layer(
-//!                 PaymentGateLayer::new(keys, plans, catalog)
-//!                     .ledger(ledger.clone())
-//!                     .default_requirement(
-//!                         Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))),
-//!                     ),
-//!             )
-//!             .layer(MeteringLayer::new(ledger)),
-//!     );
+//!     .layer(billing.layer());
+//!
+//! let request = Request::get("/v1/forecast")
+//!     .header("x-api-key", "sk_test_acme")
+//!     .body(Body::empty())
+//!     .unwrap();
+//! let response = app.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), 402);
+//! assert_eq!(response.headers()["content-type"], "application/problem+json");
+//! let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+//! let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+//! assert_eq!(problem["code"], "INSUFFICIENT_CREDITS");
+//! assert_eq!(problem["top_up_url"], "https://example.com/top-up");
 //! # }
 //! ```
 //!
@@ -104,7 +117,8 @@
 //! | `postgres` | no | `PostgresLedger` and `PostgresPlanStore` (`store::postgres`): several instances on one durable database, an idempotent `migrate()` |
 //!
 //! [`CachingPlanStore`](store::CachingPlanStore) (always available) puts a read-through cache
-//! with a TTL in front of any plan store.
+//! with a TTL in front of any plan store. Stores that need no I/O expose a synchronous twin
+//! ([`in_process`]) so the in-memory hot path allocates no futures.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

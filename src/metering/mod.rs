@@ -1,7 +1,8 @@
 //! [`MeteringLayer`]: reserve an estimate, run the handler, settle what was used.
 //!
-//! For every request that carries an [`Entitlement`](crate::Entitlement) with a cost (put
-//! there by the [gate](crate::gate), or by you), the metering layer
+//! For every request the [gate](crate::gate) of the same [`Billing`](crate::Billing) admitted
+//! with a cost (the route's, priced by the gate, or a [`Pricing`] rule's estimate), the
+//! metering layer
 //!
 //! 1. **reserves** the cost in the [`Ledger`](crate::Ledger): allowance first, then credit.
 //!    Not enough: the request is refused with the same 402 problems as the gate's
@@ -11,11 +12,13 @@
 //!    what the handler reported by putting a [`ReportedUsage`] in the response extensions.
 //!
 //! Non-billable outcomes give the hold back: a 5xx, and a 4xx unless
-//! [`bill_client_errors`](MeteringLayer::bill_client_errors) is set. A response body that
+//! [`bill_client_errors`](crate::Billing::bill_client_errors) is set. A response body that
 //! fails mid-stream is released too. A body dropped before its end (client disconnect) is
-//! settled with the usage known at that point; that settlement runs on a spawned Tokio task.
-//! If nothing can run it, the reservation expires after its TTL
-//! ([`reservation_ttl`](MeteringLayer::reservation_ttl), default 5 minutes) and the hold comes
+//! settled with the usage known at that point; on a shared ledger that settlement runs on a
+//! spawned Tokio task. On an in-process ledger a request without an `Idempotency-Key` is held
+//! without a keyed record and settled in place (see [`in_process`](crate::in_process)). If
+//! nothing can run a shared ledger's settlement, the reservation expires after its TTL
+//! ([`reservation_ttl`](crate::Billing::reservation_ttl), default 5 minutes) and the hold comes
 //! back: a reservation is never leaked.
 //!
 //! # Estimates: pricing rules
@@ -25,7 +28,7 @@
 //! requests from their JSON body (`model`, `max_tokens`/`max_completion_tokens`, `n`) with a
 //! per-model [`PriceTable`] (input and output prices per 1,000 or per million tokens); a
 //! closure prices anything else. A rule that needs the body gets it whole (bounded by
-//! [`max_body`](MeteringLayer::max_body), `413 REQUEST_TOO_LARGE` beyond) and the handler
+//! [`max_body`](crate::Billing::max_body), `413 REQUEST_TOO_LARGE` beyond) and the handler
 //! still receives it intact. Prices per N units are rounded **up** to whole credits, per
 //! meter, per request: `ceil(units × price / N)`, in integers.
 //!
@@ -44,7 +47,7 @@
 //!
 //! Extractors keep bounded memory whatever the body's length (a tail of a JSON body, one
 //! event of a stream). A usage figure that is missing, negative, fractional, not a number, or
-//! above [`max_units`](MeteringLayer::max_units) is logged as a warning and the **estimate is
+//! above [`max_units`](crate::Billing::max_units) is logged as a warning and the **estimate is
 //! charged**: a response is never free because its usage could not be read.
 //!
 //! # Policies
@@ -52,19 +55,19 @@
 //! | situation | default | alternatives |
 //! |---|---|---|
 //! | 5xx response | release | |
-//! | 4xx response | release | [`bill_client_errors`](MeteringLayer::bill_client_errors) |
+//! | 4xx response | release | [`bill_client_errors`](crate::Billing::bill_client_errors) |
 //! | usage costs more than the hold | draw the difference from the balance, report any shortfall ([`OverEstimate::DrawBalance`](crate::ledger::OverEstimate::DrawBalance)) | cap at the hold ([`CapAtHold`](crate::ledger::OverEstimate::CapAtHold)) |
 //! | client disconnects mid-body | charge the estimate ([`DisconnectPolicy::ChargeEstimate`]) | usage seen so far ([`DisconnectPolicy::ChargeUsageSoFar`]) |
 //! | response body fails mid-stream | release ([`StreamErrorPolicy::Release`]) | usage seen so far |
 //! | request cancelled before its response | release | |
 //! | reservation neither settled nor released | expires after the TTL, the hold comes back | |
-//! | a response streams longer than the TTL | the hold lapses mid-stream; the late settlement draws what is available, the rest is a logged shortfall | set [`reservation_ttl`](MeteringLayer::reservation_ttl) above your longest stream |
+//! | a response streams longer than the TTL | the hold lapses mid-stream; the late settlement draws what is available, the rest is a logged shortfall | set [`reservation_ttl`](crate::Billing::reservation_ttl) above your longest stream |
 //!
 //! The balance never goes below zero.
 //!
 //! # Thresholds
 //!
-//! [`on_threshold`](MeteringLayer::on_threshold) calls your hook once each time an account's
+//! [`on_threshold`](crate::Billing::on_threshold) calls your hook once each time an account's
 //! spent balance or an allowance crosses a configured level ([`Threshold`]), so the
 //! application can warn its user before the hard stop.
 //!
@@ -74,7 +77,7 @@
 //! once, when its trailers go out. A gRPC error travels in an HTTP 200, so the layer reads
 //! `grpc-status`: a non-zero status in the head of a trailers-only answer, or in the trailers
 //! after a stream, releases the reservation like a 5xx, unless
-//! [`bill_grpc_errors`](MeteringLayer::bill_grpc_errors) is set. The
+//! [`bill_grpc_errors`](crate::Billing::bill_grpc_errors) is set. The
 //! `x-credits-remaining` and `x-allowance-*` headers arrive as response metadata, and an
 //! `idempotency-key` metadata entry works as the header does.
 //!
@@ -101,16 +104,18 @@
 //!
 //! ```
 //! use axum::{routing::post, Router, Extension};
-//! use tower::ServiceBuilder;
-//! use tower_402::{MeteringLayer, MemoryLedger, ReportedUsage};
+//! use tower_402::decision::{Cost, Requirement};
+//! use tower_402::plan::Catalog;
+//! use tower_402::*;
 //!
-//! let ledger = MemoryLedger::new();
+//! let billing = Billing::new(StaticKeys::new(), MemoryPlanStore::new(), MemoryLedger::new(), Catalog::new())
+//!     .route("POST /v1/render", Requirement::new().cost(Cost::new("images", 4, Credits::new(5))));
 //! let app: Router = Router::new()
 //!     .route("/v1/render", post(|| async {
-//!         // Charge for the 3 images actually rendered instead of the route's estimate.
+//!         // Charge for the 3 images actually rendered instead of the route's estimate of 4.
 //!         (Extension(ReportedUsage::units("images", 3)), "done")
 //!     }))
-//!     .layer(MeteringLayer::new(ledger.clone()));
+//!     .layer(billing.layer());
 //! ```
 
 mod billable;
