@@ -4,7 +4,7 @@ use async_trait::async_trait;
 
 use crate::account::AccountId;
 use crate::error::StoreError;
-use crate::plan::Subscription;
+use crate::plan::{Subscription, SyncMark};
 
 /// Where subscriptions live.
 ///
@@ -53,6 +53,29 @@ pub trait PlanStore: Send + Sync + 'static {
     /// Creates or replaces the account's subscription.
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError>;
 
+    /// Creates or replaces the account's subscription only if the stored one's
+    /// [`synced`](Subscription::synced) mark equals `expected` (no subscription at all counts
+    /// as `None`). `Ok(false)`, and nothing written, when it does not: another writer got
+    /// there first, so read again and decide again.
+    ///
+    /// This is how a payment-processor webhook applies each event once and in order, on one
+    /// instance or many. The memory, Redis and PostgreSQL stores compare and write
+    /// atomically. The default reads, compares and writes in two calls, which is only safe
+    /// when one process at a time writes: a store that several processes share must
+    /// override it.
+    async fn put_subscription_if(
+        &self,
+        subscription: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        let current = self.subscription(&subscription.account).await?;
+        if current.as_ref().and_then(|s| s.synced.as_ref()) != expected {
+            return Ok(false);
+        }
+        self.put_subscription(subscription).await?;
+        Ok(true)
+    }
+
     /// The subscription without a future, when the store can answer without I/O (in memory,
     /// or a cache hit). The gate tries this first and only calls
     /// [`subscription`](Self::subscription) on `None`, the default.
@@ -76,6 +99,14 @@ impl<T: PlanStore + ?Sized> PlanStore for Arc<T> {
 
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError> {
         (**self).put_subscription(subscription).await
+    }
+
+    async fn put_subscription_if(
+        &self,
+        subscription: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        (**self).put_subscription_if(subscription, expected).await
     }
 
     fn subscription_now(

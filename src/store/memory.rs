@@ -11,7 +11,7 @@ use crate::ledger::{
     AccountBook, AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, ReservationId,
     ReserveOutcome, ReserveRequest, Settlement, SyncLedger, Usage, DEFAULT_RETENTION_SECS,
 };
-use crate::plan::{Meter, PlanStore, Subscription};
+use crate::plan::{Meter, PlanStore, Subscription, SyncMark};
 use crate::time::Timestamp;
 
 const SHARDS: usize = 16;
@@ -221,6 +221,23 @@ impl PlanStore for MemoryPlanStore {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(subscription.account.clone(), Arc::new(subscription));
         Ok(())
+    }
+
+    /// Compares and writes under one write lock.
+    async fn put_subscription_if(
+        &self,
+        subscription: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        let mut subs = self.subs.write().unwrap_or_else(PoisonError::into_inner);
+        let current = subs
+            .get(&subscription.account)
+            .and_then(|s| s.synced.as_ref());
+        if current != expected {
+            return Ok(false);
+        }
+        subs.insert(subscription.account.clone(), Arc::new(subscription));
+        Ok(true)
     }
 
     fn subscription_now(
