@@ -102,6 +102,7 @@
 //! | `redis` | no | `RedisLedger` and `RedisPlanStore` (`store::redis`): several instances on one Redis, one atomic Lua script per ledger operation |
 //! | `grpc` | no | `Denial::to_tonic_status` and `ProblemDetails::to_tonic_status` (tonic 0.14, Rust 1.88) for tonic handlers that refuse by themselves; gRPC requests get gRPC answers without it |
 //! | `postgres` | no | `PostgresLedger` and `PostgresPlanStore` (`store::postgres`): several instances on one durable database, an idempotent `migrate()` |
+//! | `stripe` | yes | `webhook`: Stripe's webhook as a tower service (`Stripe-Signature` verified with HMAC-SHA256) that keeps subscriptions and credit in sync |
 //!
 //! [`CachingPlanStore`](store::CachingPlanStore) (always available) puts a read-through cache
 //! with a TTL in front of any plan store.
@@ -115,6 +116,7 @@ mod backend;
 pub mod body;
 pub mod credits;
 pub mod decision;
+pub mod decline;
 pub mod error;
 pub mod gate;
 pub mod ledger;
@@ -123,6 +125,8 @@ pub mod plan;
 pub mod problem;
 pub mod store;
 pub mod time;
+#[cfg(feature = "stripe")]
+pub mod webhook;
 
 /// The hash map behind every in-process table on the request path (accounts, keys, plans,
 /// reservations). `foldhash` hashes a short key several times faster than the standard
