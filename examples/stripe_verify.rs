@@ -36,7 +36,12 @@ async fn main() {
         .collect();
     let ledger = MemoryLedger::new();
     let stripe = Stripe::new(secrets[0]).also_accept(secrets[1]);
-    let webhook = WebhookService::new(stripe, MemoryPlanStore::new(), ledger.clone(), Catalog::new());
+    let webhook = WebhookService::new(
+        stripe,
+        MemoryPlanStore::new(),
+        ledger.clone(),
+        Catalog::new(),
+    );
     let mut failed = 0;
     let mut expected_credits = 0;
     for case in input["cases"].as_array().expect("cases") {
@@ -62,7 +67,10 @@ async fn main() {
             Some("reject") => status == 400 && doc["code"] == "INVALID_SIGNATURE",
             other => panic!("unknown expectation {other:?}"),
         };
-        println!("{} {name}: {status} {doc}", if ok { "ok:  " } else { "FAIL:" });
+        println!(
+            "{} {name}: {status} {doc}",
+            if ok { "ok:  " } else { "FAIL:" }
+        );
         failed += usize::from(!ok);
     }
     let balance = ledger
@@ -79,7 +87,8 @@ async fn main() {
                           "created": Timestamp::now().unix(), "data": { "object": {} } })
     .to_string();
     let header = sign_stripe(secrets[0], Timestamp::now(), payload.as_bytes());
-    let out = json!({ "id": "evt_ours", "payload": payload, "header": header, "secret": secrets[0] });
+    let out =
+        json!({ "id": "evt_ours", "payload": payload, "header": header, "secret": secrets[0] });
     std::fs::write(ours, out.to_string()).expect("write OURS.json");
     if failed > 0 {
         eprintln!("{failed} check(s) failed");

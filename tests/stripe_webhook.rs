@@ -7,7 +7,7 @@
 //! `ManualClock`, never a sleep.
 #![cfg(feature = "stripe")]
 
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 #[path = "../examples/common/mod.rs"]
 mod examples;
 

@@ -79,8 +79,8 @@ pub enum SignatureError {
 /// let header = sign_stripe("whsec_new", now, body);
 /// // During a rotation both the old and the new secret are accepted.
 /// let verifier = StripeSignature::new("whsec_old").also_accept("whsec_new");
-/// assert!(verifier.verify(&header, body, now).is_ok());
-/// assert!(verifier.verify(&header, br#"{"id":"evt_2"}"#, now).is_err());
+/// assert!(verifier.verify(header.as_bytes(), body, now).is_ok());
+/// assert!(verifier.verify(header.as_bytes(), br#"{"id":"evt_2"}"#, now).is_err());
 /// ```
 #[derive(Debug, Clone)]
 pub struct StripeSignature {
