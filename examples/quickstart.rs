@@ -53,6 +53,7 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
     } = plain::billing(clock.clone(), |billing| {
         billing
             .route("GET /health", Requirement::public())
+            .route("/webhooks/stripe", Requirement::public())
             .route("GET /v1/balance", Requirement::identify_only())
             .route("POST /v1/topup", Requirement::identify_only())
             .route("GET /v1/premium", plain::premium())
@@ -63,7 +64,7 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
     let state = common::Billing {
         ledger: Arc::new(ledger.clone()),
         catalog: plain::catalog(),
-        clock,
+        clock: clock.clone(),
     };
     let router = Router::new()
         .route("/health", get(|| async { "ok" }))
@@ -73,6 +74,14 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         .route("/v1/topup", post(common::top_up::<C>))
         .layer(DefaultBodyLimit::max(1024))
         .with_state(state)
+        // Stripe's webhook: a public rule (Stripe signs its requests; it has no API key).
+        .merge(common::webhook::stripe_webhook_with(
+            plans.clone(),
+            ledger.clone(),
+            plain::catalog(),
+            clock.clone(),
+            &common::webhook::secret(),
+        ))
         // All three layers, from one billing core: problems, gate, metering.
         .layer(billing.layer());
     Demo {
@@ -104,6 +113,7 @@ async fn main() {
     let app = demo(SystemClock).await.router;
     let addr = listener.local_addr().expect("bound socket");
     println!("tower-402 quickstart listening on http://{addr}");
+    println!("{}", common::webhook::announce());
     println!("demo keys (send as x-api-key or Authorization: Bearer):");
     for (key, _, what) in plain::DEMO_KEYS {
         println!("  {key:<16} {what}");

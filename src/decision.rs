@@ -250,7 +250,9 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
             }
             Ok(split) => {
                 if let (Some(w), Some(pct)) = (charge.allowance, input.soft_limit_percent) {
-                    let used = balances.allowance_taken.saturating_add(split.allowance_units);
+                    let used = balances
+                        .allowance_taken
+                        .saturating_add(split.allowance_units);
                     if w.limit > 0
                         && split.allowance_units > 0
                         && u128::from(used) * 100 >= u128::from(w.limit) * u128::from(pct)
@@ -278,8 +280,8 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::PlanId;
     use crate::plan::Period;
+    use crate::plan::PlanId;
 
     const NOW: Timestamp = Timestamp::from_unix(1_800_000_000);
     const DAY: u64 = 86_400;

@@ -229,7 +229,6 @@ impl Denial {
     }
 }
 
-
 /// The rule a denial comes from, for logs.
 pub(crate) fn rule_of(denial: &Denial) -> &'static str {
     match denial {

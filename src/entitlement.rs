@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use crate::account::AccountId;
-use crate::credits::Credits;
 use crate::charge::{Charge, Cost};
+use crate::credits::Credits;
 use crate::decision::Warning;
 use crate::plan::{Plan, Subscription};
 

@@ -115,6 +115,7 @@
 //! | `redis` | no | `RedisLedger` and `RedisPlanStore` (`store::redis`): several instances on one Redis, one atomic Lua script per ledger operation |
 //! | `grpc` | no | `Denial::to_tonic_status` and `ProblemDetails::to_tonic_status` (tonic 0.14, Rust 1.88) for tonic handlers that refuse by themselves; gRPC requests get gRPC answers without it |
 //! | `postgres` | no | `PostgresLedger` and `PostgresPlanStore` (`store::postgres`): several instances on one durable database, an idempotent `migrate()` |
+//! | `stripe` | yes | `webhook`: Stripe's webhook as a tower service (`Stripe-Signature` verified with HMAC-SHA256) that keeps subscriptions and credit in sync |
 //!
 //! [`CachingPlanStore`](store::CachingPlanStore) (always available) puts a read-through cache
 //! with a TTL in front of any plan store. Stores that need no I/O expose a synchronous twin
@@ -131,6 +132,7 @@ pub mod body;
 mod charge;
 pub mod credits;
 pub mod decision;
+pub mod decline;
 mod denial;
 mod entitlement;
 pub mod error;
@@ -142,6 +144,8 @@ pub mod plan;
 pub mod problem;
 pub mod store;
 pub mod time;
+#[cfg(feature = "stripe")]
+pub mod webhook;
 
 /// The hash map behind every in-process table on the request path (accounts, keys, plans,
 /// reservations). `foldhash` hashes a short key several times faster than the standard
@@ -157,9 +161,9 @@ pub use backend::FailureMode;
 pub use billing::{Billing, BillingLayer};
 pub use credits::Credits;
 pub use decision::Denial;
+pub use entitlement::Entitlement;
 #[cfg(feature = "axum")]
 pub use entitlement::MissingEntitlement;
-pub use entitlement::Entitlement;
 pub use error::{LedgerError, StoreError};
 pub use gate::PaymentGateLayer;
 pub use ledger::Ledger;

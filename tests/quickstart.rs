@@ -477,7 +477,11 @@ async fn head_follows_get_refused_where_get_is_and_charged_like_get() {
     assert_eq!(a.header("content-type"), Some("application/problem+json"));
     assert_eq!(a.header("cache-control"), Some("no-store"));
     assert!(a.body.is_empty(), "a HEAD answer has no body");
-    assert_eq!(available(&demo, "acct_basic").await, 1000, "nothing charged");
+    assert_eq!(
+        available(&demo, "acct_basic").await,
+        1000,
+        "nothing charged"
+    );
     // No credit, no HEAD.
     let a = head("demo-broke", "/v1/forecast").await;
     assert_eq!(a.status, 402);
@@ -504,7 +508,12 @@ async fn head_uses_the_free_allowance_exactly_like_get() {
     for left in (0..5).rev() {
         let a = send(
             &demo.router,
-            request(Method::HEAD, "/v1/forecast", &[("x-api-key", "demo-free")], ""),
+            request(
+                Method::HEAD,
+                "/v1/forecast",
+                &[("x-api-key", "demo-free")],
+                "",
+            ),
         )
         .await;
         assert_eq!(a.status, 200);
@@ -515,7 +524,12 @@ async fn head_uses_the_free_allowance_exactly_like_get() {
     assert_eq!(doc["used"], 5);
     let a = send(
         &demo.router,
-        request(Method::HEAD, "/v1/forecast", &[("x-api-key", "demo-free")], ""),
+        request(
+            Method::HEAD,
+            "/v1/forecast",
+            &[("x-api-key", "demo-free")],
+            "",
+        ),
     )
     .await;
     assert_eq!(a.status, 402);

@@ -100,7 +100,10 @@ async fn app() -> App {
             get(record(Route::Items)).post(record(Route::ItemsPost)),
         )
         .route("/v1/premium", get(record(Route::Premium)))
-        .route("/v1/files/{*rest}", axum::routing::any(record(Route::Files)))
+        .route(
+            "/v1/files/{*rest}",
+            axum::routing::any(record(Route::Files)),
+        )
         .route("/v1/forecast", get(record(Route::Forecast)))
         .layer(billing(&ledger).layer());
     App {
@@ -342,8 +345,16 @@ async fn a_rate_limiter_composes_its_429_is_a_problem_and_never_billed() {
     let doc = limited.problem(429, "TOO_MANY_REQUESTS");
     assert_ne!(limited.status, 402);
     assert!(doc["detail"].is_string());
-    assert_eq!(ran.load(Ordering::SeqCst), 2, "the limited request ran nothing");
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        2,
+        "the limited request ran nothing"
+    );
     let b = ledger.balance(&"acct_pro".into(), NOW).await.unwrap();
-    assert_eq!(b.settled, Credits::new(2), "two served, two charged; the 429 is free");
+    assert_eq!(
+        b.settled,
+        Credits::new(2),
+        "two served, two charged; the 429 is free"
+    );
     assert_eq!(b.held, Credits::ZERO);
 }

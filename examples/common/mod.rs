@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 #[path = "plain.rs"]
 pub mod plain;
+#[cfg(feature = "stripe")]
+#[path = "webhook.rs"]
+pub mod webhook;
 pub use plain::port;
 
 use axum::body::Bytes;

@@ -16,7 +16,9 @@ use tower::Service;
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Period, Plan, PlanStore, Subscription, SubscriptionStatus};
 use tower_402::problem::{Links, ProblemConfig};
-use tower_402::{Billing, Clock, Credits, Ledger, MemoryLedger, MemoryPlanStore, StaticKeys, Timestamp};
+use tower_402::{
+    Billing, Clock, Credits, Ledger, MemoryLedger, MemoryPlanStore, StaticKeys, Timestamp,
+};
 
 /// The quickstart's demo keys, their accounts, and what each shows.
 pub const DEMO_KEYS: &[(&str, &str, &str)] = &[

@@ -193,10 +193,7 @@ fn parse_path(pattern: &str, path: &str) -> Result<Vec<Seg>, RuleError> {
             ));
         }
         if *s == "." || *s == ".." {
-            return Err(err(
-                pattern,
-                "dot segments are resolved before matching",
-            ));
+            return Err(err(pattern, "dot segments are resolved before matching"));
         }
         if let Some(name) = s.strip_prefix(':') {
             return Err(err(
@@ -275,9 +272,7 @@ pub(crate) fn normalize(path: &str) -> Cow<'_, str> {
     let clean = !path.contains('%')
         && !path.contains("//")
         && (path.len() <= 1 || !path.ends_with('/'))
-        && !path
-            .split('/')
-            .any(|s| s == "." || s == "..");
+        && !path.split('/').any(|s| s == "." || s == "..");
     if clean {
         return Cow::Borrowed(path);
     }
@@ -358,7 +353,11 @@ mod tests {
         assert_eq!(tier(&r, "DELETE", "/v1/items/42"), Some(1));
         assert_eq!(tier(&r, "GET", "/v1/other/deep/path"), Some(1));
         assert_eq!(tier(&r, "GET", "/v2"), None);
-        assert_eq!(tier(&r, "GET", "/v1"), None, "a rest segment needs one segment");
+        assert_eq!(
+            tier(&r, "GET", "/v1"),
+            None,
+            "a rest segment needs one segment"
+        );
     }
 
     #[test]
@@ -379,7 +378,11 @@ mod tests {
         assert_eq!(tier(&r, "get", "/v1/premium"), Some(2), "method case");
         assert_eq!(tier(&r, "HEAD", "/v1/premium"), Some(2), "HEAD follows GET");
         assert_eq!(tier(&r, "head", "/v1/premium/"), Some(2));
-        assert_eq!(tier(&r, "POST", "/v1/premium"), None, "another method: default");
+        assert_eq!(
+            tier(&r, "POST", "/v1/premium"),
+            None,
+            "another method: default"
+        );
     }
 
     #[test]
@@ -411,7 +414,9 @@ mod tests {
         }
         let mut r = Rules::default();
         r.add("GET /v1/items/{id}", Requirement::new()).unwrap();
-        let e = r.add("get /v1/items/{item}", Requirement::new()).unwrap_err();
+        let e = r
+            .add("get /v1/items/{item}", Requirement::new())
+            .unwrap_err();
         assert!(e.0.contains("already governs"), "{}", e.0);
     }
 

@@ -94,12 +94,22 @@ where
                 Ok(None) => {
                     let denial = Denial::Unauthenticated(AuthFailure::Missing);
                     log_denial(None, &denial);
-                    return ResponseFuture::refused(denial, config.clone(), now, is_grpc(req.headers()));
+                    return ResponseFuture::refused(
+                        denial,
+                        config.clone(),
+                        now,
+                        is_grpc(req.headers()),
+                    );
                 }
                 Err(CredentialError::Malformed(why)) => {
                     let denial = Denial::Unauthenticated(AuthFailure::Malformed(why));
                     log_denial(None, &denial);
-                    return ResponseFuture::refused(denial, config.clone(), now, is_grpc(req.headers()));
+                    return ResponseFuture::refused(
+                        denial,
+                        config.clone(),
+                        now,
+                        is_grpc(req.headers()),
+                    );
                 }
             },
         };
@@ -108,7 +118,12 @@ where
         if let Some(checked) = check_now(config, requirement, &identity, now) {
             return ResponseFuture::checked(checked, &mut self.inner, req, config, now);
         }
-        let check = check_later(config.clone(), requirement.clone(), identity.to_owned(), now);
+        let check = check_later(
+            config.clone(),
+            requirement.clone(),
+            identity.to_owned(),
+            now,
+        );
         // Keep the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);

@@ -3,8 +3,8 @@ use std::sync::Arc;
 
 use crate::FastMap;
 
-use crate::credits::Credits;
 use crate::charge::Charge;
+use crate::credits::Credits;
 use crate::denial::Denial;
 use crate::error::LedgerError;
 use crate::ledger::types::*;
@@ -427,7 +427,14 @@ impl AccountBook {
         now: Timestamp,
     ) -> Settlement {
         self.expire(now);
-        self.charge_usage(charges, hold.credits, &hold.allowance_units, usage, policy, true)
+        self.charge_usage(
+            charges,
+            hold.credits,
+            &hold.allowance_units,
+            usage,
+            policy,
+            true,
+        )
     }
 
     /// Gives a [`hold`](Self::hold) back.
@@ -585,7 +592,10 @@ impl AccountBook {
             }
         }
         self.held = self.held.saturating_sub(credits);
-        self.available = self.available.checked_add(credits).unwrap_or(self.available);
+        self.available = self
+            .available
+            .checked_add(credits)
+            .unwrap_or(self.available);
     }
 
     /// Gives a hold back. See [`Ledger::release`](crate::Ledger::release).

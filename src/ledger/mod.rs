@@ -105,9 +105,9 @@ mod types;
 pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
 pub use per_charge::PerCharge;
 
+pub use crate::charge::Charge;
 #[cfg(feature = "postgres")]
 pub(crate) use book::{Counter, Parts, Record, State};
-pub use crate::charge::Charge;
 pub use types::{
     AllowanceUsage, Balance, Deposit, Hold, OverEstimate, Replay, Reservation, ReservationId,
     ReservationKey, ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::account::AccountId;
-use crate::credits::Credits;
 use crate::charge::Charge;
+use crate::credits::Credits;
 use crate::denial::Denial;
 use crate::error::LedgerError;
 use crate::ledger::PerCharge;

@@ -15,7 +15,7 @@ use crate::denial::{log_denial, Denial};
 use crate::ledger::PerCharge;
 use crate::metering::billable::billable;
 use crate::metering::guard::Guard;
-use crate::metering::headers::{add_headers, mark_replayed, add_warnings};
+use crate::metering::headers::{add_headers, add_warnings, mark_replayed};
 use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody};
 use crate::problem::{denial_response, grpc_status, is_grpc};
 use crate::time::Timestamp;

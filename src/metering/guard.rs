@@ -235,7 +235,13 @@ impl Guard {
     pub(crate) fn finish(&mut self, action: Action) -> Option<BoxFuture> {
         self.done = true;
         if let Some(ledger) = self.config.ledger.in_process() {
-            run_now(ledger, &self.config, &self.held, self.charges.as_slice(), action);
+            run_now(
+                ledger,
+                &self.config,
+                &self.held,
+                self.charges.as_slice(),
+                action,
+            );
             return None;
         }
         let Held::Reservation(id) = &self.held else {
@@ -391,4 +397,3 @@ impl Drop for Guard {
         }
     }
 }
-

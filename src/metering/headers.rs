@@ -82,7 +82,9 @@ pub(crate) fn soft_limit(config: &MeterConfig, ticket: &Ticket) -> Option<Warnin
             continue;
         };
         let used = w.limit.saturating_sub(*left);
-        if w.limit > 0 && *took > 0 && u128::from(used) * 100 >= u128::from(w.limit) * u128::from(pct)
+        if w.limit > 0
+            && *took > 0
+            && u128::from(used) * 100 >= u128::from(w.limit) * u128::from(pct)
         {
             tracing::info!(
                 target: "tower_402::metering",

@@ -120,7 +120,11 @@ pub(crate) fn unique_key() -> ReservationKey {
 
 /// The fingerprint of a request reserved under an idempotency key: method, path, query, the
 /// priced charges and, when the pricing read it, the body.
-pub(crate) fn fingerprint(parts: &http::request::Parts, charges: &[Charge], body: Option<&[u8]>) -> u64 {
+pub(crate) fn fingerprint(
+    parts: &http::request::Parts,
+    charges: &[Charge],
+    body: Option<&[u8]>,
+) -> u64 {
     let mut fp = Fnv::new();
     fp.write(parts.method.as_str().as_bytes())
         .write(parts.uri.path().as_bytes())

@@ -172,7 +172,14 @@ fn prepare_now<B>(
     start: Start,
     body: RequestBody<B>,
 ) -> Prepared<B> {
-    let charges = match price(config, &start.parts, None, &start.entitlement, start.gate_charge.as_ref(), start.now) {
+    let charges = match price(
+        config,
+        &start.parts,
+        None,
+        &start.entitlement,
+        start.gate_charge.as_ref(),
+        start.now,
+    ) {
         Ok(c) => c,
         Err(denial) => return refuse(denial, &start.entitlement.account),
     };

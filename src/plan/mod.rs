@@ -27,4 +27,4 @@ mod subscription;
 
 pub use catalog::{Allowance, AllowanceWindow, Catalog, CatalogError, Meter, Period, Plan, PlanId};
 pub use store::PlanStore;
-pub use subscription::{Subscription, SubscriptionStatus};
+pub use subscription::{Subscription, SubscriptionStatus, SyncMark};

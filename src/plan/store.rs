@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use crate::account::AccountId;
 use crate::error::StoreError;
 use crate::in_process::InProcessPlanStore;
-use crate::plan::Subscription;
+use crate::plan::{Subscription, SyncMark};
 
 /// Where subscriptions live.
 ///
@@ -54,6 +54,29 @@ pub trait PlanStore: Send + Sync + 'static {
     /// Creates or replaces the account's subscription.
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError>;
 
+    /// Creates or replaces the account's subscription only if the stored one's
+    /// [`synced`](Subscription::synced) mark equals `expected` (no subscription at all counts
+    /// as `None`). `Ok(false)`, and nothing written, when it does not: another writer got
+    /// there first, so read again and decide again.
+    ///
+    /// This is how a payment-processor webhook applies each event once and in order, on one
+    /// instance or many. The memory, Redis and PostgreSQL stores compare and write
+    /// atomically. The default reads, compares and writes in two calls, which is only safe
+    /// when one process at a time writes: a store that several processes share must
+    /// override it.
+    async fn put_subscription_if(
+        &self,
+        subscription: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        let current = self.subscription(&subscription.account).await?;
+        if current.as_ref().and_then(|s| s.synced.as_ref()) != expected {
+            return Ok(false);
+        }
+        self.put_subscription(subscription).await?;
+        Ok(true)
+    }
+
     /// The store's [in-process fast path](crate::in_process), if it needs no I/O (the
     /// in-memory store): `None` (the default) has the gate call
     /// [`subscription`](Self::subscription).
@@ -70,6 +93,14 @@ impl<T: PlanStore + ?Sized> PlanStore for Arc<T> {
 
     async fn put_subscription(&self, subscription: Subscription) -> Result<(), StoreError> {
         (**self).put_subscription(subscription).await
+    }
+
+    async fn put_subscription_if(
+        &self,
+        subscription: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        (**self).put_subscription_if(subscription, expected).await
     }
 
     fn in_process(&self) -> Option<&dyn InProcessPlanStore> {

@@ -87,6 +87,47 @@ pub struct Subscription {
     /// An explicit end of the grace period, overriding the computed one.
     #[serde(default)]
     pub grace_until: Option<Timestamp>,
+    /// The payment processor's object and event this state was last written from, for
+    /// webhooks that must apply events once and in order; `None` when the application wrote
+    /// it. See [`PlanStore::put_subscription_if`](crate::plan::PlanStore::put_subscription_if).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced: Option<SyncMark>,
+}
+
+/// Where a subscription's state came from: the processor's object and the last event applied.
+///
+/// Events are ordered by `(event_created, event_id)`, as Stripe recommends (a webhook may
+/// deliver them late, twice, or out of order).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SyncMark {
+    /// The processor's object, namespaced by processor: `stripe:sub_1Nx...`.
+    pub source: String,
+    /// When the processor created the last event applied.
+    pub event_created: Timestamp,
+    /// That event's id (`evt_...`); it breaks ties between events of the same second.
+    pub event_id: String,
+}
+
+impl SyncMark {
+    /// A mark for the event `event_id` created at `event_created` about `source`.
+    pub fn new(
+        source: impl Into<String>,
+        event_created: Timestamp,
+        event_id: impl Into<String>,
+    ) -> Self {
+        SyncMark {
+            source: source.into(),
+            event_created,
+            event_id: event_id.into(),
+        }
+    }
+
+    /// Whether this mark's event comes after `other`'s: a later `created`, or the same second
+    /// and a greater id.
+    pub fn is_after(&self, other: &SyncMark) -> bool {
+        (self.event_created, self.event_id.as_str())
+            > (other.event_created, other.event_id.as_str())
+    }
 }
 
 impl Subscription {
@@ -103,6 +144,7 @@ impl Subscription {
             ended_at: None,
             past_due_since: None,
             grace_until: None,
+            synced: None,
         }
     }
 

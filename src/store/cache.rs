@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use crate::account::AccountId;
 use crate::error::StoreError;
 use crate::in_process::InProcessPlanStore;
-use crate::plan::{PlanStore, Subscription};
+use crate::plan::{PlanStore, Subscription, SyncMark};
 use crate::time::{Clock, SystemClock, Timestamp};
 
 struct Entry {
@@ -177,6 +177,20 @@ impl<S: PlanStore, C: Clock> PlanStore for CachingPlanStore<S, C> {
         written
     }
 
+    /// Writes through the inner store's own compare-and-write, then drops the cached entry
+    /// whatever the answer: written, the entry is old; refused, it was stale (another process
+    /// wrote), and the caller is about to read again.
+    async fn put_subscription_if(
+        &self,
+        subscription: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        let account = subscription.account.clone();
+        let written = self.inner.put_subscription_if(subscription, expected).await;
+        self.invalidate(&account);
+        written
+    }
+
     /// A fresh cache hit answers without a future (the gate's fast path); a miss takes the
     /// async path.
     fn in_process(&self) -> Option<&dyn InProcessPlanStore> {
@@ -218,6 +232,13 @@ mod tests {
         }
         async fn put_subscription(&self, s: Subscription) -> Result<(), StoreError> {
             self.store.put_subscription(s).await
+        }
+        async fn put_subscription_if(
+            &self,
+            s: Subscription,
+            expected: Option<&SyncMark>,
+        ) -> Result<bool, StoreError> {
+            self.store.put_subscription_if(s, expected).await
         }
     }
 
@@ -337,6 +358,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_conditional_put_drops_the_entry_written_or_not() {
+        let (inner, _clock, cache) = setup();
+        let acme = AccountId::new("acme");
+        let first = SyncMark::new("stripe:sub_1", Timestamp::from_unix(10), "evt_a");
+        let mut pro = Subscription::active("acme", "pro");
+        pro.synced = Some(first.clone());
+        assert!(cache.put_subscription_if(pro, None).await.unwrap());
+        // Cached now: the gate reads it.
+        assert_eq!(
+            cache
+                .subscription(&acme)
+                .await
+                .unwrap()
+                .unwrap()
+                .plan
+                .as_str(),
+            "pro"
+        );
+        let mut basic = Subscription::active("acme", "basic");
+        basic.synced = Some(SyncMark::new(
+            "stripe:sub_1",
+            Timestamp::from_unix(20),
+            "evt_b",
+        ));
+        assert!(cache
+            .put_subscription_if(basic.clone(), Some(&first))
+            .await
+            .unwrap());
+        assert_eq!(
+            cache.subscription(&acme).await.unwrap(),
+            Some(basic.clone())
+        );
+        assert_eq!(reads(&inner), 2, "the write dropped the cached pro");
+        // Changed behind the cache's back (another process): a refused write drops the
+        // stale entry too, so the caller's next read sees the store.
+        let mut other = basic.clone();
+        other.synced = Some(SyncMark::new(
+            "stripe:sub_1",
+            Timestamp::from_unix(30),
+            "evt_c",
+        ));
+        inner.store.put_subscription(other.clone()).await.unwrap();
+        let seen = basic.synced.clone();
+        assert!(!cache
+            .put_subscription_if(basic, seen.as_ref())
+            .await
+            .unwrap());
+        assert_eq!(cache.subscription(&acme).await.unwrap(), Some(other));
+        assert_eq!(reads(&inner), 3);
+    }
+
+    #[tokio::test]
     async fn errors_are_passed_on_and_not_cached() {
         let (inner, _clock, cache) = setup();
         let acme = AccountId::new("acme");
@@ -372,10 +445,7 @@ mod tests {
             .put_subscription(Subscription::active("acme", "pro"))
             .await
             .unwrap();
-        assert!(
-            cache.lookup(&acme).is_none(),
-            "a miss needs the store"
-        );
+        assert!(cache.lookup(&acme).is_none(), "a miss needs the store");
         cache.subscription(&acme).await.unwrap();
         let hit = cache.lookup(&acme).unwrap().unwrap().unwrap();
         assert_eq!(hit.plan.as_str(), "pro");

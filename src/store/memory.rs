@@ -5,16 +5,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use async_trait::async_trait;
 
 use crate::account::AccountId;
-use crate::credits::Credits;
-use crate::error::{LedgerError, StoreError};
 use crate::charge::Charge;
+use crate::credits::Credits;
 use crate::denial::Denial;
+use crate::error::{LedgerError, StoreError};
 use crate::in_process::{InProcessLedger, InProcessPlanStore};
 use crate::ledger::{
     AccountBook, AllowanceUsage, Balance, Deposit, Hold, Ledger, OverEstimate, ReservationId,
     ReserveOutcome, ReserveRequest, Settlement, Usage, DEFAULT_RETENTION_SECS,
 };
-use crate::plan::{Meter, PlanStore, Subscription};
+use crate::plan::{Meter, PlanStore, Subscription, SyncMark};
 use crate::time::Timestamp;
 
 const SHARDS: usize = 16;
@@ -143,7 +143,9 @@ impl InProcessLedger for MemoryLedger {
         policy: OverEstimate,
         now: Timestamp,
     ) -> Result<Settlement, LedgerError> {
-        Ok(self.with(account, |b| b.settle_hold(hold, charges, usage, policy, now)))
+        Ok(self.with(account, |b| {
+            b.settle_hold(hold, charges, usage, policy, now)
+        }))
     }
 
     fn release_hold(
@@ -256,6 +258,23 @@ impl PlanStore for MemoryPlanStore {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(subscription.account.clone(), Arc::new(subscription));
         Ok(())
+    }
+
+    /// Compares and writes under one write lock.
+    async fn put_subscription_if(
+        &self,
+        subscription: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        let mut subs = self.subs.write().unwrap_or_else(PoisonError::into_inner);
+        let current = subs
+            .get(&subscription.account)
+            .and_then(|s| s.synced.as_ref());
+        if current != expected {
+            return Ok(false);
+        }
+        subs.insert(subscription.account.clone(), Arc::new(subscription));
+        Ok(true)
     }
 
     fn in_process(&self) -> Option<&dyn InProcessPlanStore> {

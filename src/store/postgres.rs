@@ -128,7 +128,7 @@ use crate::ledger::{
     ReservationId, ReservationKey, ReserveOutcome, ReserveRequest, Settlement, State, Usage,
     DEFAULT_RETENTION_SECS,
 };
-use crate::plan::{Meter, PlanId, PlanStore, Subscription, SubscriptionStatus};
+use crate::plan::{Meter, PlanId, PlanStore, Subscription, SubscriptionStatus, SyncMark};
 use crate::time::Timestamp;
 use crate::FastMap;
 
@@ -354,6 +354,15 @@ CREATE TABLE IF NOT EXISTS {subs} (
     grace_until          bigint,
     updated_at           timestamptz NOT NULL DEFAULT now()
 );
+-- The payment-processor event a subscription was last written from (webhooks compare it to
+-- apply events once and in order). Altered only when missing, as above.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = '{schema}' AND table_name = '{p}subscriptions'
+                   AND column_name = 'synced') THEN
+    ALTER TABLE {subs} ADD COLUMN synced jsonb;
+  END IF;
+END $$;
 "#,
             schema = self.schema,
         )
@@ -1585,25 +1594,37 @@ pub struct PostgresPlanStore {
 struct PlanSql {
     get: String,
     put: String,
+    /// `put` only where no subscription, or one without a mark, is stored.
+    put_if_unmarked: String,
+    /// An update only where the stored mark equals `$11`.
+    put_if_marked: String,
 }
 
 impl PlanSql {
     fn new(config: &PostgresConfig) -> Self {
         let subs = config.table("subscriptions");
+        let upsert = format!(
+            "INSERT INTO {subs} (account, plan, status, current_period_start, \
+             current_period_end, trial_end, canceled_at, ended_at, past_due_since, \
+             grace_until, synced) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (account) DO UPDATE SET plan = $2, status = $3, \
+             current_period_start = $4, current_period_end = $5, trial_end = $6, \
+             canceled_at = $7, ended_at = $8, past_due_since = $9, \
+             grace_until = $10, synced = $11, updated_at = now()"
+        );
         PlanSql {
             get: format!(
                 "SELECT plan, status, current_period_start, current_period_end, \
-                 trial_end, canceled_at, ended_at, past_due_since, grace_until \
+                 trial_end, canceled_at, ended_at, past_due_since, grace_until, synced \
                  FROM {subs} WHERE account = $1"
             ),
-            put: format!(
-                "INSERT INTO {subs} (account, plan, status, current_period_start, \
-                 current_period_end, trial_end, canceled_at, ended_at, past_due_since, \
-                 grace_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (account) DO UPDATE SET plan = $2, status = $3, \
-                 current_period_start = $4, current_period_end = $5, trial_end = $6, \
-                 canceled_at = $7, ended_at = $8, past_due_since = $9, \
-                 grace_until = $10, updated_at = now()"
+            put_if_unmarked: format!("{upsert} WHERE {subs}.synced IS NULL"),
+            put: upsert,
+            put_if_marked: format!(
+                "UPDATE {subs} SET plan = $2, status = $3, current_period_start = $4, \
+                 current_period_end = $5, trial_end = $6, canceled_at = $7, ended_at = $8, \
+                 past_due_since = $9, grace_until = $10, synced = $11, updated_at = now() \
+                 WHERE account = $1 AND synced = $12::jsonb"
             ),
         }
     }
@@ -1669,37 +1690,74 @@ impl PlanStore for PostgresPlanStore {
             sub.ended_at = ts_col(&row, 6)?;
             sub.past_due_since = ts_col(&row, 7)?;
             sub.grace_until = ts_col(&row, 8)?;
+            sub.synced = row
+                .get::<_, Option<serde_json::Value>>(9)
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(StoreError::corrupt)?;
             Ok(Some(sub))
         })
         .await
     }
 
     async fn put_subscription(&self, s: Subscription) -> Result<(), StoreError> {
+        self.write(&self.sql.put, &s, None).await.map(|_| ())
+    }
+
+    /// One statement: an upsert that only updates an unmarked row, or an update that only
+    /// matches the expected mark.
+    async fn put_subscription_if(
+        &self,
+        s: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        let n = match expected {
+            None => self.write(&self.sql.put_if_unmarked, &s, None).await?,
+            Some(mark) => {
+                let mark = serde_json::to_value(mark).map_err(StoreError::corrupt)?;
+                self.write(&self.sql.put_if_marked, &s, Some(&mark)).await?
+            }
+        };
+        Ok(n == 1)
+    }
+}
+
+impl PostgresPlanStore {
+    /// Runs one of the plan statements with the subscription's columns as `$1`..`$11` (and
+    /// `$12` when given); the number of rows written.
+    async fn write(
+        &self,
+        sql: &str,
+        s: &Subscription,
+        expected: Option<&serde_json::Value>,
+    ) -> Result<u64, StoreError> {
+        let synced = s
+            .synced
+            .as_ref()
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(StoreError::corrupt)?;
         timed(self.config.op_timeout, async {
             let client = self.pool.get().await.map_err(pool_error)?;
-            let put = client
-                .prepare_cached(&self.sql.put)
-                .await
-                .map_err(pg_error)?;
-            client
-                .execute(
-                    &put,
-                    &[
-                        &s.account.as_str(),
-                        &s.plan.as_str(),
-                        &s.status.as_str(),
-                        &opt_ts(s.current_period_start),
-                        &opt_ts(s.current_period_end),
-                        &opt_ts(s.trial_end),
-                        &opt_ts(s.canceled_at),
-                        &opt_ts(s.ended_at),
-                        &opt_ts(s.past_due_since),
-                        &opt_ts(s.grace_until),
-                    ],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(())
+            let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+            let (account, plan, status) = (s.account.as_str(), s.plan.as_str(), s.status.as_str());
+            let (start, end, trial, canceled, ended, since, grace) = (
+                opt_ts(s.current_period_start),
+                opt_ts(s.current_period_end),
+                opt_ts(s.trial_end),
+                opt_ts(s.canceled_at),
+                opt_ts(s.ended_at),
+                opt_ts(s.past_due_since),
+                opt_ts(s.grace_until),
+            );
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+                &account, &plan, &status, &start, &end, &trial, &canceled, &ended, &since, &grace,
+                &synced,
+            ];
+            if let Some(mark) = expected {
+                params.push(mark);
+            }
+            client.execute(&statement, &params).await.map_err(pg_error)
         })
         .await
     }

@@ -86,7 +86,7 @@ use crate::ledger::{
     AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, Replay, Reservation, ReservationId,
     ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage, DEFAULT_RETENTION_SECS,
 };
-use crate::plan::{Meter, PlanStore, Subscription};
+use crate::plan::{Meter, PlanStore, Subscription, SyncMark};
 use crate::time::Timestamp;
 
 const MAX_EXACT: u64 = Credits::MAX_EXACT.get();
@@ -992,6 +992,7 @@ impl Ledger for RedisLedger {
 pub struct RedisPlanStore {
     conn: Conn,
     prefix: String,
+    put_if: Arc<Script>,
 }
 
 impl fmt::Debug for RedisPlanStore {
@@ -1008,6 +1009,7 @@ impl RedisPlanStore {
         RedisPlanStore {
             conn: config.connection(),
             prefix: config.prefix.clone(),
+            put_if: Arc::new(Script::new(PUT_SUBSCRIPTION_IF)),
         }
     }
 
@@ -1040,7 +1042,55 @@ impl PlanStore for RedisPlanStore {
             .await
             .map_err(redis_error)
     }
+
+    /// One script: decode the stored JSON's `synced`, compare, `SET`.
+    async fn put_subscription_if(
+        &self,
+        subscription: Subscription,
+        expected: Option<&SyncMark>,
+    ) -> Result<bool, StoreError> {
+        let json = serde_json::to_vec(&subscription).map_err(StoreError::corrupt)?;
+        let mut conn = self.conn.get().await?;
+        let mut inv = self.put_if.key(self.key(&subscription.account));
+        inv.arg(json);
+        match expected {
+            None => inv.arg("0"),
+            Some(m) => inv
+                .arg("1")
+                .arg(&m.source)
+                .arg(m.event_created.unix())
+                .arg(&m.event_id),
+        };
+        let written: i64 = inv.invoke_async(&mut conn).await.map_err(redis_error)?;
+        Ok(written == 1)
+    }
 }
+
+/// `PlanStore::put_subscription_if`: `SET KEYS[1] ARGV[1]` only if the stored subscription's
+/// `synced` mark is absent (`ARGV[2] == "0"`) or equals `ARGV[3..5]` (source, created,
+/// event id). `event_created` is below 2^53, so cjson's double holds it exactly; it is
+/// compared as `%d` text, never through `tostring`.
+const PUT_SUBSCRIPTION_IF: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local mark = nil
+if cur then
+  local ok, sub = pcall(cjson.decode, cur)
+  if not ok or type(sub) ~= 'table' then
+    return redis.error_reply('tower-402: unreadable subscription')
+  end
+  if type(sub.synced) == 'table' then mark = sub.synced end
+end
+if ARGV[2] == '0' then
+  if mark ~= nil then return 0 end
+else
+  if mark == nil then return 0 end
+  if mark.source ~= ARGV[3] or mark.event_id ~= ARGV[5] then return 0 end
+  if type(mark.event_created) ~= 'number' then return 0 end
+  if string.format('%d', mark.event_created) ~= ARGV[4] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"#;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tower_402::ledger::*;
-use tower_402::plan::{AllowanceWindow, Meter, PlanStore, Subscription, SubscriptionStatus};
+use tower_402::plan::{
+    AllowanceWindow, Meter, PlanStore, Subscription, SubscriptionStatus, SyncMark,
+};
 use tower_402::{AccountId, Credits, Denial, LedgerError, Timestamp};
 
 /// A name unique to this process and call, for key prefixes and schemas:
@@ -756,6 +758,82 @@ pub async fn plan_store(p: &impl PlanStore) {
     }
 }
 
+/// `put_subscription_if`: written only over the expected mark (none, or equal), and the mark
+/// read back as written; concurrent writers over the same mark: exactly one wins.
+pub async fn plan_store_conditional_put(p: &(impl PlanStore + Clone)) {
+    let a = acct("cas");
+    let mark = |secs: u64, id: &str| SyncMark::new("stripe:sub_1", at(secs), id);
+    let marked = |plan: &str, m: &SyncMark| {
+        let mut s = Subscription::active("cas", plan);
+        s.current_period_end = Some(at(1_000));
+        s.synced = Some(m.clone());
+        s
+    };
+    let (m1, m2, m3) = (mark(10, "evt_a"), mark(20, "evt_b"), mark(20, "evt_c"));
+    // No subscription: only `None` matches.
+    assert!(!p
+        .put_subscription_if(marked("pro", &m1), Some(&m1))
+        .await
+        .unwrap());
+    assert_eq!(p.subscription(&a).await.unwrap(), None);
+    assert!(p
+        .put_subscription_if(marked("pro", &m1), None)
+        .await
+        .unwrap());
+    assert_eq!(p.subscription(&a).await.unwrap(), Some(marked("pro", &m1)));
+    // Marked: `None` and any other mark (source, created or id differing) are refused.
+    assert!(!p
+        .put_subscription_if(marked("basic", &m2), None)
+        .await
+        .unwrap());
+    let other_source = SyncMark::new("stripe:sub_2", at(10), "evt_a");
+    for wrong in [&m2, &mark(10, "evt_x"), &other_source] {
+        assert!(!p
+            .put_subscription_if(marked("basic", &m2), Some(wrong))
+            .await
+            .unwrap());
+    }
+    assert_eq!(
+        p.subscription(&a).await.unwrap().unwrap().plan.as_str(),
+        "pro"
+    );
+    assert!(p
+        .put_subscription_if(marked("basic", &m2), Some(&m1))
+        .await
+        .unwrap());
+    assert_eq!(
+        p.subscription(&a).await.unwrap(),
+        Some(marked("basic", &m2))
+    );
+    // Two writers that read the same mark: one wins, the other is told to read again.
+    let (x, y) = (p.clone(), p.clone());
+    let (free, pro) = (marked("free", &m3), marked("pro", &m3));
+    let (m2x, m2y) = (m2.clone(), m2.clone());
+    let (one, two) = tokio::join!(
+        async move { x.put_subscription_if(free, Some(&m2x)).await },
+        async move { y.put_subscription_if(pro, Some(&m2y)).await },
+    );
+    assert_eq!(u8::from(one.unwrap()) + u8::from(two.unwrap()), 1);
+    // An application write without a mark clears it; `None` matches again.
+    p.put_subscription(Subscription::active("cas", "free"))
+        .await
+        .unwrap();
+    assert!(p
+        .put_subscription_if(marked("pro", &m1), None)
+        .await
+        .unwrap());
+    // The largest created second a mark can hold on every backend.
+    let far = SyncMark::new("stripe:sub_1", Timestamp::from_unix((1 << 53) - 1), "evt_z");
+    assert!(p
+        .put_subscription_if(marked("pro", &far), Some(&m1))
+        .await
+        .unwrap());
+    assert!(p
+        .put_subscription_if(marked("basic", &m1), Some(&far))
+        .await
+        .unwrap());
+}
+
 /// One `#[tokio::test]` per check. `$ledger` and `$plans` are async expressions giving
 /// `Option<store>` (`None`: the backend is unreachable and the test was skipped).
 #[macro_export]
@@ -782,6 +860,12 @@ macro_rules! conformance_tests {
         async fn plan_store_reads_and_writes() {
             let Some(p) = $plans else { return };
             conformance::plan_store(&p).await;
+        }
+
+        #[tokio::test]
+        async fn plan_store_conditional_put() {
+            let Some(p) = $plans else { return };
+            conformance::plan_store_conditional_put(&p).await;
         }
     };
     (@one $ledger:expr, $name:ident, $check:ident) => {
