@@ -26,8 +26,9 @@ static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// A request body the layer can send again: built from the bytes of the original.
 ///
-/// Implemented for [`Full<Bytes>`] (hyper-util clients, axum routers in tests) and, with the
-/// `grpc` feature, `tonic::body::Body` (tonic channels).
+/// Implemented for [`Full<Bytes>`] (hyper-util clients), with the `axum` feature for axum's
+/// `Body` (an axum `Router` called in process, as in tests), and with the `grpc` feature for
+/// `tonic::body::Body` (tonic channels).
 pub trait ReplayBody: Body + Sized {
     /// A body holding `data`.
     fn from_bytes(data: Bytes) -> Self;
@@ -36,6 +37,13 @@ pub trait ReplayBody: Body + Sized {
 impl ReplayBody for Full<Bytes> {
     fn from_bytes(data: Bytes) -> Self {
         Full::new(data)
+    }
+}
+
+#[cfg(feature = "axum")]
+impl ReplayBody for axum_core::body::Body {
+    fn from_bytes(data: Bytes) -> Self {
+        axum_core::body::Body::from(data)
     }
 }
 

@@ -70,7 +70,7 @@
 //!     .header("x-api-key", "demo-broke")
 //!     .header("content-type", "application/json")
 //!     .body(Full::new(Bytes::from_static(br#"{"credits": 50}"#)))?;
-//! let res = http.ready().await?.call(req).await?;
+//! let res = ServiceExt::<http::Request<Full<Bytes>>>::ready(&mut http).await?.call(req).await?;
 //! if let Some(refusal) = res.extensions().get::<Refusal>() {
 //!     eprintln!("refused: {refusal}");
 //! } else {
