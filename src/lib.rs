@@ -101,7 +101,7 @@
 //! | `axum` | yes | [`Entitlement`] as an axum extractor; `IntoResponse` for [`Denial`] and [`ProblemDetails`](problem::ProblemDetails) |
 //! | `redis` | no | `RedisLedger` and `RedisPlanStore` (`store::redis`): several instances on one Redis, one atomic Lua script per ledger operation |
 //! | `grpc` | no | `Denial::to_tonic_status` and `ProblemDetails::to_tonic_status` (tonic 0.14, Rust 1.88) for tonic handlers that refuse by themselves; gRPC requests get gRPC answers without it |
-//! | `client` | no | the consumer side ([`client`](crate::client)): refusals read into typed values from HTTP responses and gRPC statuses, and a retry layer for hyper-util clients and tonic channels that never retries a 402 and keeps one `Idempotency-Key` across retries |
+//! | `client` | no | the consumer side ([`client`]): refusals read into typed values from HTTP responses and gRPC statuses, and a retry layer for hyper-util clients and tonic channels that never retries a 402 and keeps one `Idempotency-Key` across retries |
 //! | `postgres` | no | `PostgresLedger` and `PostgresPlanStore` (`store::postgres`): several instances on one durable database, an idempotent `migrate()` |
 //!
 //! [`CachingPlanStore`](store::CachingPlanStore) (always available) puts a read-through cache

@@ -2,6 +2,9 @@
 //! `llm_proxy` in process and over sockets, the gRPC example over a tonic channel. Every test
 //! counts the attempts the server saw and the `Idempotency-Key` each carried.
 
+// The three examples each include examples/common: one test binary calls all three.
+#![allow(clippy::duplicate_mod)]
+
 #[allow(dead_code)]
 #[path = "../examples/quickstart.rs"]
 mod quickstart;

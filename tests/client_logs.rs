@@ -45,7 +45,11 @@ async fn a_refusal_is_logged_with_code_and_links_and_never_the_key() {
     let demo = quickstart::demo(clock).await;
     let mut svc = RetryLayer::new().for_body::<Body>().layer(demo.router);
     for key in ["demo-broke", "demo-basic"] {
-        let path = if key == "demo-broke" { "/v1/forecast" } else { "/v1/premium" };
+        let path = if key == "demo-broke" {
+            "/v1/forecast"
+        } else {
+            "/v1/premium"
+        };
         let req = Request::get(path)
             .header("authorization", format!("Bearer {key}"))
             .header("x-request-id", "req-42")
@@ -65,10 +69,25 @@ async fn a_refusal_is_logged_with_code_and_links_and_never_the_key() {
         .filter(|l| l.contains("tower_402::client"))
         .collect();
     assert_eq!(client.len(), 2, "{logs}");
-    assert!(client[0].contains("code=INSUFFICIENT_CREDITS"), "{}", client[0]);
+    assert!(
+        client[0].contains("code=INSUFFICIENT_CREDITS"),
+        "{}",
+        client[0]
+    );
     assert!(client[0].contains("top_up_url=\"https://"), "{}", client[0]);
     assert!(client[0].contains("request_id=\"req-42\""), "{}", client[0]);
-    assert!(client[1].contains("code=PLAN_UPGRADE_REQUIRED"), "{}", client[1]);
-    assert!(client[1].contains("upgrade_url=\"https://"), "{}", client[1]);
-    assert!(!logs.contains("demo-broke") && !logs.contains("demo-basic"), "{logs}");
+    assert!(
+        client[1].contains("code=PLAN_UPGRADE_REQUIRED"),
+        "{}",
+        client[1]
+    );
+    assert!(
+        client[1].contains("upgrade_url=\"https://"),
+        "{}",
+        client[1]
+    );
+    assert!(
+        !logs.contains("demo-broke") && !logs.contains("demo-basic"),
+        "{logs}"
+    );
 }
