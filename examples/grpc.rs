@@ -21,8 +21,9 @@
 //! syntax = "proto3";
 //! package weather.v1;
 //! service Weather {
-//!   rpc Forecast(ForecastRequest) returns (Forecast);
-//!   rpc Hourly(ForecastRequest) returns (stream Forecast);
+//!   // Fully qualified: inside the service, a bare `Forecast` names the method.
+//!   rpc Forecast(ForecastRequest) returns (.weather.v1.Forecast);
+//!   rpc Hourly(ForecastRequest) returns (stream .weather.v1.Forecast);
 //! }
 //! message ForecastRequest { string city = 1; uint32 hours = 2; }
 //! message Forecast { string city = 1; string summary = 2; uint32 hour = 3; string account = 4; }
@@ -44,7 +45,10 @@
 //! ```
 //!
 //! `tests/grpc.rs` calls it from a Rust client (tonic, no codegen) and reads the error details
-//! with `tonic-types`.
+//! with `tonic-types`; `tests/client.rs` through the client layer. `scripts/grpc-check.sh`
+//! compiles this schema with `grpcio-tools` (protoc) and calls the example from Python
+//! (`grpcio`, `grpcio-status`: tests/sdk/grpc_client.py), decoding `ErrorInfo` and
+//! `RetryInfo`.
 //!
 //! Errors of the handler itself are not billed: an empty `city` is `INVALID_ARGUMENT`, and an
 //! `Hourly` stream of more than 12 hours fails with `OUT_OF_RANGE` after the 12th forecast.

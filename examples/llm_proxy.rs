@@ -91,6 +91,8 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         .with_key("demo-broke", "acct_broke");
     let problems = ProblemConfig::new()
         .type_base("https://docs.example.com/problems/")
+        // An `error` member in the shape the OpenAI SDKs read, beside the problem's own.
+        .openai_errors(true)
         .links(
             Links::new()
                 .top_up("https://billing.example.com/top-up")

@@ -114,6 +114,7 @@
 //! | `axum` | yes | [`Entitlement`] as an axum extractor; `IntoResponse` for [`Denial`] and [`ProblemDetails`](problem::ProblemDetails) |
 //! | `redis` | no | `RedisLedger` and `RedisPlanStore` (`store::redis`): several instances on one Redis, one atomic Lua script per ledger operation |
 //! | `grpc` | no | `Denial::to_tonic_status` and `ProblemDetails::to_tonic_status` (tonic 0.14, Rust 1.88) for tonic handlers that refuse by themselves; gRPC requests get gRPC answers without it |
+//! | `client` | no | the consumer side ([`client`]): refusals read into typed values from HTTP responses and gRPC statuses, and a retry layer for hyper-util clients and tonic channels that never retries a 402 and keeps one `Idempotency-Key` across retries |
 //! | `postgres` | no | `PostgresLedger` and `PostgresPlanStore` (`store::postgres`): several instances on one durable database, an idempotent `migrate()` |
 //! | `stripe` | yes | `webhook`: Stripe's webhook as a tower service (`Stripe-Signature` verified with HMAC-SHA256) that keeps subscriptions and credit in sync |
 //!
@@ -130,6 +131,9 @@ mod backend;
 pub mod billing;
 pub mod body;
 mod charge;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 pub mod credits;
 pub mod decision;
 pub mod decline;

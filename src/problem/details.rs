@@ -69,6 +69,7 @@ pub struct ProblemConfig {
     realm: Cow<'static, str>,
     grpc_domain: Cow<'static, str>,
     links: Links,
+    openai_errors: bool,
 }
 
 impl Default for ProblemConfig {
@@ -79,6 +80,7 @@ impl Default for ProblemConfig {
             realm: Cow::Borrowed("api"),
             grpc_domain: Cow::Borrowed("tower-402"),
             links: Links::default(),
+            openai_errors: false,
         }
     }
 }
@@ -131,6 +133,41 @@ impl ProblemConfig {
         &self.links
     }
 
+    /// Whether problems also carry an OpenAI-shaped `error` member (default off): turn it on
+    /// for an OpenAI-compatible API, so the OpenAI SDKs show the problem.
+    ///
+    /// The OpenAI SDKs read only `error` from an error body: without it the Node SDK reports
+    /// `402 status code (no body)`. With it, every problem also has
+    ///
+    /// ```json
+    /// "error": { "message": "<detail>", "type": "insufficient_quota", "code": "INSUFFICIENT_CREDITS", "param": null }
+    /// ```
+    ///
+    /// and stays a valid RFC 9457 document (`error` is an extension member). `type` is
+    /// `invalid_request_error` (400, 404, 409, 413, 422), `authentication_error` (401),
+    /// `insufficient_quota` (402 for credit, allowance and budget), `billing_error` (the other
+    /// 402s), `permission_error` (403), `rate_limit_error` (429), `server_error` (5xx).
+    ///
+    /// ```
+    /// use tower_402::problem::{ProblemConfig, ProblemDetails};
+    /// use tower_402::{Credits, Denial};
+    ///
+    /// let config = ProblemConfig::new().openai_errors(true);
+    /// let denial = Denial::InsufficientCredits { balance: Credits::new(0), required: Credits::new(5) };
+    /// let doc = ProblemDetails::from_denial(&denial, &config).to_json();
+    /// assert_eq!(doc["error"]["code"], "INSUFFICIENT_CREDITS");
+    /// assert_eq!(doc["error"]["message"], doc["detail"]);
+    /// ```
+    pub fn openai_errors(mut self, on: bool) -> Self {
+        self.openai_errors = on;
+        self
+    }
+
+    /// Whether problems carry an OpenAI-shaped `error` member.
+    pub fn get_openai_errors(&self) -> bool {
+        self.openai_errors
+    }
+
     /// The `type` URI for a code.
     pub fn type_uri(&self, code: &str) -> String {
         let mut uri = String::with_capacity(self.type_base.len() + code.len());
@@ -150,6 +187,26 @@ impl ProblemConfig {
 /// An RFC 9457 problem document.
 ///
 /// Serializes with the standard members first, then `code` and the extension members.
+///
+/// It also deserializes, so a client can read a refusal into it (the
+/// [`client`](crate::client) module does, with the `client` feature). Members this crate does
+/// not know are kept in [`members`](Self::members). As RFC 9457 §3.1 allows, every member is
+/// optional except `status`: a missing `type` is `about:blank`, a missing `title`, `detail` or
+/// `code` is empty. A `status` that is not a valid HTTP status, or a standard member of the
+/// wrong JSON type, is an error.
+///
+/// ```
+/// use tower_402::problem::ProblemDetails;
+///
+/// let p: ProblemDetails = serde_json::from_str(r#"{
+///     "type": "https://docs.example.com/problems/insufficient-credits",
+///     "title": "Insufficient credits", "status": 402, "detail": "This request costs 10 credits but the balance is 3.",
+///     "code": "INSUFFICIENT_CREDITS", "balance": 3, "required": 10, "colour": "blue"
+/// }"#).unwrap();
+/// assert_eq!(p.status, 402);
+/// assert_eq!(p.members["balance"], 3);
+/// assert_eq!(p.members["colour"], "blue");
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProblemDetails {
     /// `type`: a URI identifying the kind of problem.
@@ -166,6 +223,45 @@ pub struct ProblemDetails {
     pub code: String,
     /// Extension members.
     pub members: Map<String, Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for ProblemDetails {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut members = Map::<String, Value>::deserialize(deserializer)?;
+        let mut text = |name: &str| -> Result<Option<String>, D::Error> {
+            match members.remove(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(_) => Err(D::Error::custom(format_args!("`{name}` must be a string"))),
+            }
+        };
+        let type_uri = text("type")?.unwrap_or_else(|| "about:blank".to_owned());
+        let title = text("title")?.unwrap_or_default();
+        let detail = text("detail")?.unwrap_or_default();
+        let instance = text("instance")?;
+        let code = text("code")?.unwrap_or_default();
+        let status = match members.remove("status") {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .and_then(|n| StatusCode::from_u16(n).ok())
+                .ok_or_else(|| {
+                    D::Error::custom(format_args!("`status` {n} is not an HTTP status"))
+                })?,
+            Some(_) => return Err(D::Error::custom("`status` must be a number")),
+            None => return Err(D::Error::missing_field("status")),
+        };
+        Ok(ProblemDetails {
+            type_uri,
+            title: Cow::Owned(title),
+            status,
+            detail,
+            instance,
+            code,
+            members,
+        })
+    }
 }
 
 impl ProblemDetails {
@@ -187,7 +283,7 @@ impl ProblemDetails {
             code,
             members: Map::new(),
         };
-        p.add_common_links(config);
+        p.add_common_members(config);
         p
     }
 
@@ -327,13 +423,22 @@ impl ProblemDetails {
             code,
             members: m,
         };
-        p.add_common_links(config);
+        p.add_common_members(config);
         p
     }
 
-    fn add_common_links(&mut self, config: &ProblemConfig) {
+    fn add_common_members(&mut self, config: &ProblemConfig) {
         link(&mut self.members, "support_url", &config.links.support);
         link(&mut self.members, "docs_url", &config.links.docs);
+        if config.openai_errors {
+            let error = serde_json::json!({
+                "message": self.detail,
+                "type": openai_error_type(self.status, &self.code),
+                "code": self.code,
+                "param": null,
+            });
+            self.members.insert("error".into(), error);
+        }
     }
 
     /// The document as JSON.
@@ -373,6 +478,36 @@ impl ProblemDetails {
         res
     }
 }
+
+/// The `type` of the OpenAI-shaped `error` member ([`ProblemConfig::openai_errors`]).
+fn openai_error_type(status: StatusCode, code: &str) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        402 => match code {
+            "INSUFFICIENT_CREDITS" | "QUOTA_EXCEEDED" | "BUDGET_EXHAUSTED" => "insufficient_quota",
+            _ => "billing_error",
+        },
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        500..=599 => "server_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// Whether retrying the same request can succeed, as `x-should-retry` says it: `false` on 402
+/// (until the payment condition is fixed), on a reused `Idempotency-Key` and on the other 4xx;
+/// `true` on 408, 429, 5xx, and on `IDEMPOTENCY_KEY_IN_USE` (the first attempt is still
+/// running: its retry gets the recorded answer).
+pub(crate) fn retry_can_help(denial: &Denial) -> bool {
+    match denial {
+        Denial::IdempotencyConflict { in_progress } => *in_progress,
+        d => matches!(d.status().as_u16(), 408 | 429 | 500..=599),
+    }
+}
+
+/// The header the OpenAI and Anthropic SDKs obey over their own retry rules.
+pub(crate) static X_SHOULD_RETRY: http::HeaderName =
+    http::HeaderName::from_static("x-should-retry");
 
 pub(crate) fn set_problem_headers(h: &mut HeaderMap) {
     h.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
@@ -423,9 +558,18 @@ pub(crate) fn denial_response<B>(
     res
 }
 
-/// The headers a denial adds to its problem: `WWW-Authenticate`, `Retry-After`, rate limits.
-fn denial_headers(denial: &Denial, config: &ProblemConfig, now: Timestamp) -> HeaderMap {
+/// The headers a denial adds to its problem: `x-should-retry`, `WWW-Authenticate`,
+/// `Retry-After`, rate limits.
+pub(crate) fn denial_headers(denial: &Denial, config: &ProblemConfig, now: Timestamp) -> HeaderMap {
     let mut h = HeaderMap::new();
+    h.insert(
+        X_SHOULD_RETRY.clone(),
+        HeaderValue::from_static(if retry_can_help(denial) {
+            "true"
+        } else {
+            "false"
+        }),
+    );
     match denial {
         Denial::Unauthenticated(why) => {
             let realm = sf_key(&config.realm);
@@ -488,5 +632,175 @@ mod axum_impl {
             super::denial_response::<Body>(self, &ProblemConfig::default(), Timestamp::now(), false)
                 .map(Body::new)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::CustomDenial;
+    use crate::plan::PlanId;
+    use crate::Credits;
+
+    fn denials() -> Vec<Denial> {
+        vec![
+            Denial::Unauthenticated(AuthFailure::Missing),
+            Denial::InsufficientCredits {
+                balance: Credits::new(3),
+                required: Credits::new(10),
+            },
+            Denial::PlanUpgradeRequired {
+                current_plan: PlanId::new("basic"),
+                required_plan: Some(PlanId::new("pro")),
+                required_feature: None,
+            },
+            Denial::PaymentDeclined {
+                decline_code: "card_declined".into(),
+            },
+            Denial::IdempotencyConflict { in_progress: false },
+            Denial::IdempotencyConflict { in_progress: true },
+            Denial::Unavailable {
+                retry_after_secs: 5,
+            },
+            Denial::Custom(Box::new(CustomDenial::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "SLOW_DOWN",
+                "Slow down",
+                "too many requests this second",
+            ))),
+        ]
+    }
+
+    #[test]
+    fn every_rendered_problem_reads_back_the_same() {
+        let config = ProblemConfig::new().openai_errors(true).links(
+            Links::new()
+                .top_up("https://example.com/top-up")
+                .docs("https://d"),
+        );
+        for denial in denials() {
+            let mut p = ProblemDetails::from_denial(&denial, &config);
+            p.instance = Some("urn:request:abc".into());
+            let back: ProblemDetails = serde_json::from_slice(&p.to_bytes()).unwrap();
+            assert_eq!(back, p, "{denial:?}");
+        }
+    }
+
+    #[test]
+    fn reading_keeps_unknown_members_and_fills_optional_ones() {
+        let p: ProblemDetails =
+            serde_json::from_str(r#"{"status": 503, "retry_hint": {"a": [1, 2]}}"#).unwrap();
+        assert_eq!(p.type_uri, "about:blank");
+        assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            (p.title.as_ref(), p.detail.as_str(), p.code.as_str()),
+            ("", "", "")
+        );
+        assert_eq!(p.instance, None);
+        assert_eq!(p.members["retry_hint"]["a"][1], 2);
+    }
+
+    #[test]
+    fn reading_refuses_what_is_not_a_problem() {
+        for (doc, why) in [
+            (r#"{"title": "x"}"#, "missing field `status`"),
+            (r#"{"status": 99}"#, "not an HTTP status"),
+            (r#"{"status": 70000}"#, "not an HTTP status"),
+            (r#"{"status": -1}"#, "not an HTTP status"),
+            (r#"{"status": "402"}"#, "`status` must be a number"),
+            (
+                r#"{"status": 402, "detail": 7}"#,
+                "`detail` must be a string",
+            ),
+            (r#"[1, 2]"#, "map"),
+        ] {
+            let err = serde_json::from_str::<ProblemDetails>(doc).unwrap_err();
+            assert!(err.to_string().contains(why), "{doc}: {err}");
+        }
+    }
+
+    #[test]
+    fn x_should_retry_says_whether_a_retry_can_help() {
+        let config = ProblemConfig::new();
+        let expect = [
+            ("UNAUTHENTICATED", "false"),
+            ("INSUFFICIENT_CREDITS", "false"),
+            ("PLAN_UPGRADE_REQUIRED", "false"),
+            ("PAYMENT_DECLINED", "false"),
+            ("IDEMPOTENCY_KEY_REUSED", "false"),
+            ("IDEMPOTENCY_KEY_IN_USE", "true"),
+            ("SERVICE_UNAVAILABLE", "true"),
+            ("SLOW_DOWN", "true"),
+        ];
+        for (denial, (code, retry)) in denials().into_iter().zip(expect) {
+            assert_eq!(denial.code(), code);
+            let res = denial_response::<http_body_util::Empty<Bytes>>(
+                denial,
+                &config,
+                Timestamp::from_unix(0),
+                false,
+            );
+            assert_eq!(res.headers()["x-should-retry"], retry, "{code}");
+        }
+    }
+
+    #[test]
+    fn grpc_answers_carry_no_x_should_retry() {
+        let res = denial_response::<http_body_util::Empty<Bytes>>(
+            Denial::Unavailable {
+                retry_after_secs: 5,
+            },
+            &ProblemConfig::new(),
+            Timestamp::from_unix(0),
+            true,
+        );
+        assert_eq!(res.headers()["grpc-status"], "14");
+        assert!(res.headers().get("x-should-retry").is_none());
+    }
+
+    #[test]
+    fn openai_error_member_only_when_asked() {
+        let denial = Denial::InsufficientCredits {
+            balance: Credits::new(0),
+            required: Credits::new(5),
+        };
+        let plain = ProblemDetails::from_denial(&denial, &ProblemConfig::new()).to_json();
+        assert!(plain.get("error").is_none());
+        let config = ProblemConfig::new().openai_errors(true);
+        let doc = ProblemDetails::from_denial(&denial, &config).to_json();
+        assert_eq!(
+            doc["error"],
+            serde_json::json!({
+                "message": "This request costs 5 credits but the balance is 0.",
+                "type": "insufficient_quota",
+                "code": "INSUFFICIENT_CREDITS",
+                "param": null,
+            })
+        );
+        // Still a problem document: the standard members are untouched.
+        assert_eq!(doc["status"], 402);
+        assert_eq!(doc["code"], "INSUFFICIENT_CREDITS");
+        let types: Vec<_> = [
+            (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            (StatusCode::PAYMENT_REQUIRED, "PLAN_UPGRADE_REQUIRED"),
+            (StatusCode::CONFLICT, "IDEMPOTENCY_KEY_REUSED"),
+            (StatusCode::TOO_MANY_REQUESTS, "X"),
+            (StatusCode::BAD_GATEWAY, "X"),
+        ]
+        .into_iter()
+        .map(|(s, c)| openai_error_type(s, c))
+        .collect();
+        assert_eq!(
+            types,
+            [
+                "authentication_error",
+                "billing_error",
+                "invalid_request_error",
+                "rate_limit_error",
+                "server_error"
+            ]
+        );
+        let bare = ProblemDetails::for_status(StatusCode::NOT_FOUND, &config).to_json();
+        assert_eq!(bare["error"]["code"], "NOT_FOUND");
     }
 }

@@ -239,7 +239,8 @@ pub(crate) fn status_details(
     let mut info = Vec::with_capacity(128);
     pb::string(&mut info, 1, &problem.code);
     pb::string(&mut info, 2, config.get_grpc_domain());
-    for (k, v) in &problem.members {
+    // `error` (the OpenAI-shaped copy of code and detail) says nothing the status does not.
+    for (k, v) in problem.members.iter().filter(|(k, _)| *k != "error") {
         let mut entry = Vec::new();
         pb::string(&mut entry, 1, k);
         pb::string(&mut entry, 2, &member_string(v));
@@ -342,6 +343,8 @@ pub(crate) fn grpc_response<B>(
     *h = extra;
     h.remove(http::header::CONTENT_LENGTH);
     h.remove(http::header::CACHE_CONTROL);
+    // gRPC clients decide retries from the status code, not from this HTTP hint.
+    h.remove(&crate::problem::details::X_SHOULD_RETRY);
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     h.insert("grpc-status", HeaderValue::from(code.as_i32()));
     if let Ok(v) = HeaderValue::try_from(percent_encode(&problem.detail)) {
@@ -363,36 +366,58 @@ pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<i32> {
 
 #[cfg(feature = "grpc")]
 mod tonic_impl {
+    use http::header::RETRY_AFTER;
+    use http::HeaderMap;
+
     use super::{status_details, GrpcCode};
     use crate::decision::Denial;
+    use crate::problem::details::{denial_headers, X_SHOULD_RETRY};
     use crate::problem::{ProblemConfig, ProblemDetails};
+    use crate::time::Timestamp;
 
     impl ProblemDetails {
         /// This problem as a [`tonic::Status`] with the same code, message and details as
         /// the layers' own gRPC answers, for a tonic handler that refuses in-band. Pass the
         /// denial behind it, if any, for its code and failure details.
+        ///
+        /// A problem alone knows no retry delay and no headers: prefer
+        /// [`Denial::to_tonic_status`], which adds the `RetryInfo` and the metadata.
         pub fn to_tonic_status(
             &self,
             denial: Option<&Denial>,
             config: &ProblemConfig,
         ) -> tonic::Status {
-            let code = denial.map_or_else(
-                || GrpcCode::for_http_status(self.status),
-                GrpcCode::for_denial,
-            );
-            let details = status_details(code, self, denial, config, None);
-            tonic::Status::with_details(
-                tonic::Code::from_i32(code.as_i32()),
-                self.detail.clone(),
-                details.into(),
-            )
+            status_with(self, denial, config, HeaderMap::new())
         }
     }
 
+    fn status_with(
+        problem: &ProblemDetails,
+        denial: Option<&Denial>,
+        config: &ProblemConfig,
+        mut metadata: HeaderMap,
+    ) -> tonic::Status {
+        let code = denial.map_or_else(
+            || GrpcCode::for_http_status(problem.status),
+            GrpcCode::for_denial,
+        );
+        metadata.remove(&X_SHOULD_RETRY);
+        let retry_after = metadata
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let details = status_details(code, problem, denial, config, retry_after);
+        tonic::Status::with_details_and_metadata(
+            tonic::Code::from_i32(code.as_i32()),
+            problem.detail.clone(),
+            details.into(),
+            tonic::metadata::MetadataMap::from_headers(metadata),
+        )
+    }
+
     impl Denial {
-        /// This denial as a [`tonic::Status`], rendered with `config`: the code of the
-        /// [mapping](crate::problem#grpc), the detail as message, and a `google.rpc.Status`
-        /// with `ErrorInfo` and the failure details.
+        /// This denial as a [`tonic::Status`], rendered with `config` at the current time:
+        /// see [`to_tonic_status_at`](Self::to_tonic_status_at).
         ///
         /// ```
         /// use tower_402::problem::ProblemConfig;
@@ -403,7 +428,37 @@ mod tonic_impl {
         /// assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         /// ```
         pub fn to_tonic_status(&self, config: &ProblemConfig) -> tonic::Status {
-            ProblemDetails::from_denial(self, config).to_tonic_status(Some(self), config)
+            self.to_tonic_status_at(config, Timestamp::now())
+        }
+
+        /// This denial as a [`tonic::Status`], identical to the layers' gRPC answer at `now`:
+        /// the code of the [mapping](crate::problem#grpc), the detail as message, a
+        /// `google.rpc.Status` with `ErrorInfo`, the failure details, a `RetryInfo` when a
+        /// retry delay is known (`QUOTA_EXCEEDED` until its reset, `SERVICE_UNAVAILABLE`) and
+        /// `Help`, and as metadata the headers the layers send (`retry-after`,
+        /// `www-authenticate`, `ratelimit`, `ratelimit-policy`).
+        ///
+        /// One difference: the [`ProblemDetailsLayer`](crate::ProblemDetailsLayer) adds what
+        /// only the request knows (`request_id` from `x-request-id`, `trace_id` from
+        /// `traceparent`) to the `ErrorInfo` metadata; a handler has them in its request.
+        ///
+        /// ```
+        /// use tower_402::problem::ProblemConfig;
+        /// use tower_402::{Denial, Timestamp};
+        ///
+        /// let denial = Denial::Unavailable { retry_after_secs: 5 };
+        /// let status = denial.to_tonic_status_at(&ProblemConfig::new(), Timestamp::from_unix(0));
+        /// assert_eq!(status.code(), tonic::Code::Unavailable);
+        /// assert_eq!(status.metadata().get("retry-after").unwrap(), "5");
+        /// ```
+        pub fn to_tonic_status_at(&self, config: &ProblemConfig, now: Timestamp) -> tonic::Status {
+            let problem = ProblemDetails::from_denial(self, config);
+            status_with(
+                &problem,
+                Some(self),
+                config,
+                denial_headers(self, config, now),
+            )
         }
     }
 }
@@ -579,5 +634,77 @@ mod tests {
             GrpcCode::for_http_status(StatusCode::IM_A_TEAPOT),
             GrpcCode::Unknown
         );
+    }
+
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn to_tonic_status_answers_what_the_layers_answer() {
+        use crate::plan::Meter;
+        use crate::problem::details::denial_response;
+        use crate::time::Timestamp;
+        use tonic_types::StatusExt;
+
+        let now = Timestamp::from_unix(1_000_000);
+        let config = ProblemConfig::new()
+            .links(crate::problem::Links::new().upgrade("https://example.com/upgrade"));
+        let denials = [
+            Denial::QuotaExceeded {
+                meter: Meter::new("requests"),
+                limit: 5,
+                used: 5,
+                resets_at: Some(Timestamp::from_unix(1_000_090)),
+                window_secs: Some(3600),
+            },
+            Denial::Unavailable {
+                retry_after_secs: 5,
+            },
+            Denial::Unauthenticated(crate::decision::AuthFailure::Missing),
+        ];
+        for denial in denials {
+            let status = denial.to_tonic_status_at(&config, now);
+            let res = denial_response::<http_body_util::Empty<bytes::Bytes>>(
+                denial.clone(),
+                &config,
+                now,
+                true,
+            );
+            let h = res.headers();
+            assert_eq!(
+                h["grpc-status"],
+                (status.code() as i32).to_string().as_str(),
+                "{denial:?}"
+            );
+            assert_eq!(
+                h["grpc-status-details-bin"].to_str().unwrap(),
+                base64_unpadded(status.details()),
+                "{denial:?}"
+            );
+            // Every header the layers send as metadata, the status carries too.
+            for (name, value) in h {
+                if name.as_str().starts_with("grpc-") || name == CONTENT_TYPE {
+                    continue;
+                }
+                assert_eq!(
+                    status.metadata().get(name.as_str()).map(|v| v.as_bytes()),
+                    Some(value.as_bytes()),
+                    "{name}"
+                );
+            }
+            assert_eq!(status.metadata().len(), h.len() - 4, "{denial:?}: {h:?}");
+            let retry = status.get_details_retry_info().map(|r| r.retry_delay);
+            match denial {
+                Denial::QuotaExceeded { .. } => {
+                    assert_eq!(retry, Some(Some(std::time::Duration::from_secs(90))));
+                    assert_eq!(status.metadata().get("retry-after").unwrap(), "90");
+                }
+                Denial::Unavailable { .. } => {
+                    assert_eq!(retry, Some(Some(std::time::Duration::from_secs(5))))
+                }
+                _ => {
+                    assert_eq!(retry, None);
+                    assert!(status.metadata().get("www-authenticate").is_some());
+                }
+            }
+        }
     }
 }

@@ -89,6 +89,7 @@ impl<S> ProblemDetailsService<S> {
 // Parsed once: a lookup by `&str` would parse the name on every request.
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
 /// What the layer remembers of the request to render its response.
 ///
@@ -302,6 +303,14 @@ fn render<B>(
     };
     add_request_facts(&mut problem, facts, config);
     let (mut parts, _dropped) = res.into_parts();
+    // A bare error from the inner service says whether a retry can help, as denials do.
+    if !parts.headers.contains_key(&X_SHOULD_RETRY) {
+        let retry = matches!(status.as_u16(), 408 | 429 | 500..=599);
+        parts.headers.insert(
+            &X_SHOULD_RETRY,
+            HeaderValue::from_static(if retry { "true" } else { "false" }),
+        );
+    }
     set_problem_headers(&mut parts.headers);
     Response::from_parts(parts, ResponseBody::full(problem.to_bytes()))
 }

@@ -1,11 +1,15 @@
 """The official OpenAI Python SDK against the llm_proxy example, unmodified.
 
 Run by scripts/sdk-check.sh, which starts the example and passes its base URL in
-TOWER402_LLM_URL. Checks completions, streaming, and that a 402 surfaces as an API error
-whose body is the problem document.
+TOWER402_LLM_URL. Checks completions, streaming, that a 402 surfaces as an API error with
+the code and the problem document, and that a 409 for a reused Idempotency-Key is sent once
+(the SDK obeys `x-should-retry: false`): every request goes through a counting httpx hook.
 """
 import os
 import sys
+
+import time
+import uuid
 
 import openai
 from openai import OpenAI
@@ -55,14 +59,51 @@ try:
     check("402 raises", False, "no exception")
 except openai.APIStatusError as e:
     check("402 status", e.status_code == 402, e.status_code)
-    body = e.body if isinstance(e.body, dict) else {}
-    check("402 body is the problem document", body.get("code") == "INSUFFICIENT_CREDITS", e.body)
-    check("402 problem type", str(body.get("type", "")).endswith("/insufficient-credits"), body)
+    # The SDK's `body` is the `error` member when there is one; the response is the problem.
+    doc = e.response.json()
+    check("402 e.code", e.code == "INSUFFICIENT_CREDITS", e.code)
+    check("402 the SDK shows the detail", "balance is 0" in str(e), str(e))
+    check("402 body is the problem document", doc.get("code") == "INSUFFICIENT_CREDITS", doc)
+    check("402 problem type", str(doc.get("type", "")).endswith("/insufficient-credits"), doc)
+    check(
+        "402 error member",
+        (doc.get("error") or {}).get("code") == "INSUFFICIENT_CREDITS",
+        doc.get("error"),
+    )
     check(
         "402 content type",
         e.response.headers.get("content-type") == "application/problem+json",
         e.response.headers.get("content-type"),
     )
+
+sent = []
+counted = OpenAI(
+    base_url=base_url,
+    api_key="demo-pro",
+    max_retries=2,
+    http_client=openai.DefaultHttpxClient(event_hooks={"request": [sent.append]}),
+)
+key = f"python-sdk-{uuid.uuid4()}"
+
+
+def chat(content):
+    return counted.chat.completions.create(
+        model="small-model",
+        messages=[{"role": "user", "content": content}],
+        extra_headers={"Idempotency-Key": key},
+    )
+
+
+chat("first")
+sent.clear()
+started = time.monotonic()
+try:
+    chat("second, different")
+    check("409 raises", False, "no exception")
+except openai.ConflictError as e:
+    check("409 code", e.code == "IDEMPOTENCY_KEY_REUSED", e.body)
+    check("409 is sent once", len(sent) == 1, len(sent))
+    check("409 comes back at once", time.monotonic() - started < 0.4, time.monotonic() - started)
 
 try:
     pro.chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "hi"}])
