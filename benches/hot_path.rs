@@ -1,5 +1,6 @@
-//! The in-memory hot path, piece by piece: the decision function alone, the gate, the gate plus
-//! a metering reservation and settlement, and problem rendering.
+//! The in-memory hot path, piece by piece: the decision function alone, the gate (over a
+//! metering layer with nothing to charge), the gate plus a metering reservation and
+//! settlement, and problem rendering.
 //!
 //! `cargo bench --bench hot_path`
 
@@ -10,7 +11,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_402::decision::{decide, Cost, DecisionInput, Denial, Requirement};
+use tower_402::decision::{decide, Balances, Cost, DecisionInput, Denial, Requirement};
 use tower_402::plan::{Catalog, Period, Plan, Subscription};
 use tower_402::problem::{ProblemConfig, ProblemDetails};
 use tower_402::*;
@@ -43,8 +44,10 @@ fn bench_decision(c: &mut Criterion) {
                 plan: &plan,
                 catalog: &catalog,
                 requirement: &req,
-                available: Credits::new(1000),
-                allowance_taken: 0,
+                balances: Some(Balances {
+                    available: Credits::new(1000),
+                    allowance_taken: 0,
+                }),
                 grace_secs: 0,
                 soft_limit_percent: Some(80),
                 now: NOW,
@@ -62,10 +65,14 @@ fn bench_layers(c: &mut Criterion) {
     rt.block_on(ledger.deposit(&"acme".into(), Credits::new(1 << 50), "seed", NOW))
         .unwrap();
     let plans = MemoryPlanStore::new().with(Subscription::active("acme", "pro"));
-    let gate = PaymentGateLayer::new(StaticKeys::new().with_key("k", "acme"), plans, catalog())
-        .ledger(ledger.clone())
-        .clock(ManualClock::new(NOW))
-        .default_requirement(requirement());
+    let billing = Billing::new(
+        StaticKeys::new().with_key("k", "acme"),
+        plans,
+        ledger,
+        catalog(),
+    )
+    .clock(ManualClock::new(NOW))
+    .default_requirement(requirement());
     let request = || {
         Request::get("/v1/forecast")
             .header("x-api-key", "k")
@@ -77,8 +84,12 @@ fn bench_layers(c: &mut Criterion) {
     let bare = ServiceBuilder::new().service(tower::service_fn(handler));
     served(c, &rt, "baseline/no_layers", bare, request);
 
+    // A gate no longer runs without its metering layer: the gate's work alone is the gate over
+    // a metering layer with nothing to hold (a route without a cost), no problem layer.
+    let free = billing.clone().default_requirement(Requirement::new());
     let gate_only = ServiceBuilder::new()
-        .layer(gate.clone())
+        .layer(free.gate())
+        .layer(free.metering())
         .service(tower::service_fn(handler));
     c.bench_function("gate/allow", |b| {
         b.to_async(&rt).iter(|| {
@@ -87,22 +98,20 @@ fn bench_layers(c: &mut Criterion) {
         })
     });
 
-    let once = ServiceBuilder::new()
-        .layer(ProblemDetailsLayer::default())
-        .layer(
-            gate.clone()
-                .and_metering(MeteringLayer::new(ledger.clone()).clock(ManualClock::new(NOW))),
-        )
-        .service(tower::service_fn(handler));
     let full = ServiceBuilder::new()
-        .layer(ProblemDetailsLayer::default())
-        .layer(gate)
-        .layer(MeteringLayer::new(ledger).clock(ManualClock::new(NOW)))
+        .layer(billing.layer())
         .service(tower::service_fn(handler));
-    served(c, &rt, "gate_metering/reserve_settle", full, request);
-    // The same, composed with `and_metering`: the gate leaves the credit check to the
-    // reservation.
-    served(c, &rt, "gate_metering/and_metering", once, request);
+    served(
+        c,
+        &rt,
+        "gate_metering/reserve_settle",
+        full.clone(),
+        request,
+    );
+    // Formerly the gate composed with `and_metering`, leaving the credit check to the
+    // reservation; every stack does that now, so this is the same stack as above, kept under
+    // its name for comparison with earlier figures.
+    served(c, &rt, "gate_metering/and_metering", full, request);
 }
 
 /// One request through `svc` and its whole response body (where the settlement happens) per

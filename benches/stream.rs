@@ -9,7 +9,7 @@ use axum::routing::post;
 use axum::Router;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http_body_util::BodyExt;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 use tower_402::metering::{ModelPrice, OpenAiPricing, OpenAiUsage, PriceTable};
 use tower_402::plan::{Catalog, Plan, Subscription};
 use tower_402::*;
@@ -41,21 +41,16 @@ fn metered(ledger: MemoryLedger) -> Router {
     let mut table = PriceTable::new().model("m", ModelPrice::new(1, 1));
     table.per = 1000;
     bare().layer(
-        ServiceBuilder::new()
-            .layer(
-                PaymentGateLayer::new(
-                    StaticKeys::new().with_key("k", "acme"),
-                    MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
-                    Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
-                )
-                .clock(ManualClock::new(NOW)),
-            )
-            .layer(
-                MeteringLayer::new(ledger)
-                    .clock(ManualClock::new(NOW))
-                    .pricing(OpenAiPricing::new(table))
-                    .usage(OpenAiUsage::new()),
-            ),
+        Billing::new(
+            StaticKeys::new().with_key("k", "acme"),
+            MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
+            ledger,
+            Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
+        )
+        .clock(ManualClock::new(NOW))
+        .pricing(OpenAiPricing::new(table))
+        .usage(OpenAiUsage::new())
+        .layer(),
     )
 }
 

@@ -18,7 +18,7 @@
 //! ```
 
 #[path = "common/mod.rs"]
-mod common;
+pub mod common;
 
 use common::plain;
 

@@ -135,7 +135,7 @@ key=${line%% *}; argv=${line#* }
 # shellcheck disable=SC2086
 redis-benchmark -h 127.0.0.1 -p 6379 -q -n 200000 -c "$CONNECTIONS" -r 1000000000 \
   EVALSHA "$sha" 1 "$key" $argv | tr '\r' '\n' | tail -1
-echo "(one tower-402 request runs two scripts, reserve and settle, plus the gate's balance read unless -once)"
+echo "(one tower-402 request runs two scripts, reserve and settle)"
 redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'loadtest:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 DEL >/dev/null
 
 echo
@@ -148,5 +148,5 @@ UPDATE loadtest.tower402_balances
 SQL
 pgbench -h 127.0.0.1 -U postgres -n -c 16 -j 2 -T "$DURATION" -f "$work/debit.sql" test 2>&1 \
   | grep -E "^tps" || true
-echo "(one tower-402 request is two ledger operations, reserve and settle, plus the gate's balance"
-echo " read unless -once; on a busy account many operations share one transaction)"
+echo "(one tower-402 request is two ledger operations, reserve and settle; on a busy account many"
+echo " operations share one transaction)"

@@ -12,34 +12,29 @@ use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Period, Plan, Subscription};
 use tower_402::*;
 
-/// The three layers, stacked or (`once`) composed with `and_metering`, where only the
-/// reservation checks the credit.
-fn app(ledger: MemoryLedger, plans: MemoryPlanStore, clock: ManualClock, once: bool) -> Router {
+/// The billing stack, as one layer or (`parts`) as its three parts spelled out in a
+/// `ServiceBuilder`. Either way only the reservation checks the credit (the old
+/// `and_metering` composition is what every stack now does).
+fn app(ledger: MemoryLedger, plans: MemoryPlanStore, clock: ManualClock, parts: bool) -> Router {
     let catalog = Catalog::new()
         .with_plan(Plan::new("basic", "Basic", 1).overage(true))
         .with_plan(Plan::new("free", "Free", 0).allowance("requests", 100, Period::Day));
     let keys = StaticKeys::new()
         .with_key("k-basic", "racer")
         .with_key("k-free", "freeloader");
-    let gate = PaymentGateLayer::new(keys, plans, catalog)
-        .ledger(ledger.clone())
-        .clock(clock.clone())
+    let billing = Billing::new(keys, plans, ledger, catalog)
+        .clock(clock)
         .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
-    let metering = MeteringLayer::new(ledger).clock(clock);
     let router = Router::new().route("/work", get(|| async { "done" }));
-    if once {
+    if parts {
         return router.layer(
             ServiceBuilder::new()
-                .layer(ProblemDetailsLayer::default())
-                .layer(gate.and_metering(metering)),
+                .layer(billing.problems())
+                .layer(billing.gate())
+                .layer(billing.metering()),
         );
     }
-    router.layer(
-        ServiceBuilder::new()
-            .layer(ProblemDetailsLayer::default())
-            .layer(gate)
-            .layer(metering),
-    )
+    router.layer(billing.layer())
 }
 
 async fn race(app: Router, key: &'static str, n: usize) -> (usize, usize, usize) {
@@ -70,7 +65,7 @@ async fn race(app: Router, key: &'static str, n: usize) -> (usize, usize, usize)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_requests_against_a_hundred_credits() {
-    for once in [false, true] {
+    for parts in [false, true] {
         let clock = ManualClock::new(Timestamp::from_utc(2026, 11, 24, 0, 0, 0).unwrap());
         let ledger = MemoryLedger::new();
         let plans = MemoryPlanStore::new().with(Subscription::active("racer", "basic"));
@@ -79,9 +74,9 @@ async fn a_thousand_requests_against_a_hundred_credits() {
             .deposit(&racer, Credits::new(100), "seed", clock.now())
             .await
             .unwrap();
-        let app = app(ledger.clone(), plans, clock.clone(), once);
+        let app = app(ledger.clone(), plans, clock.clone(), parts);
         let (ok, denied, other) = race(app, "k-basic", 1000).await;
-        assert_eq!((ok, denied, other), (100, 900, 0), "and_metering: {once}");
+        assert_eq!((ok, denied, other), (100, 900, 0), "parts: {parts}");
         let b = ledger.balance(&racer, clock.now()).await.unwrap();
         assert_eq!(b.available, Credits::ZERO);
         assert_eq!(b.held, Credits::ZERO);
@@ -93,13 +88,13 @@ async fn a_thousand_requests_against_a_hundred_credits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_requests_against_an_allowance_of_a_hundred() {
-    for once in [false, true] {
+    for parts in [false, true] {
         let clock = ManualClock::new(Timestamp::from_utc(2026, 11, 24, 0, 0, 0).unwrap());
         let ledger = MemoryLedger::new();
         let plans = MemoryPlanStore::new().with(Subscription::active("freeloader", "free"));
-        let app = app(ledger.clone(), plans, clock.clone(), once);
+        let app = app(ledger.clone(), plans, clock.clone(), parts);
         let (ok, denied, other) = race(app, "k-free", 1000).await;
-        assert_eq!((ok, denied, other), (100, 900, 0), "and_metering: {once}");
+        assert_eq!((ok, denied, other), (100, 900, 0), "parts: {parts}");
         let who = AccountId::new("freeloader");
         let window = Period::Day.window(clock.now()).0;
         let usage = ledger

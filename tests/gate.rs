@@ -1,4 +1,4 @@
-//! PaymentGateLayer beyond the quickstart: identity from extensions, features, no
+//! The gate beyond the quickstart: identity from extensions, features, no
 //! subscription, outages (fail-closed and fail-open), custom denials, and logs without secrets.
 
 mod common;
@@ -8,7 +8,6 @@ use axum::routing::get;
 use axum::Router;
 use common::{request, send};
 use http::{Method, StatusCode};
-use tower::ServiceBuilder;
 use tower_402::decision::{CustomDenial, Requirement};
 use tower_402::plan::{Catalog, Plan, PlanStore, Subscription};
 use tower_402::*;
@@ -42,12 +41,13 @@ fn keys() -> StaticKeys {
     StaticKeys::new().with_key("sk_live_TOPSECRET", "acme")
 }
 
-fn app(gate: PaymentGateLayer) -> Router {
-    router().layer(
-        ServiceBuilder::new()
-            .layer(ProblemDetailsLayer::default())
-            .layer(gate),
-    )
+/// Billing over `plans` with the test's keys and catalog, on a fresh in-memory ledger.
+fn billing(plans: impl PlanStore) -> Billing {
+    Billing::new(keys(), plans, MemoryLedger::new(), catalog())
+}
+
+fn app(billing: Billing) -> Router {
+    router().layer(billing.layer())
 }
 
 fn router() -> Router {
@@ -62,8 +62,7 @@ fn router() -> Router {
 #[tokio::test]
 async fn an_account_from_an_earlier_auth_layer_skips_the_key() {
     let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
-    let gate = PaymentGateLayer::new(keys(), plans, catalog());
-    let app = app(gate).layer(axum::middleware::from_fn(
+    let app = app(billing(plans)).layer(axum::middleware::from_fn(
         |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
             req.extensions_mut().insert(AccountId::new("acme"));
             next.run(req).await
@@ -77,8 +76,7 @@ async fn an_account_from_an_earlier_auth_layer_skips_the_key() {
 #[tokio::test]
 async fn feature_requirements() {
     let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
-    let gate = PaymentGateLayer::new(keys(), plans, catalog())
-        .default_requirement(Requirement::new().feature("gpu"));
+    let gate = billing(plans).default_requirement(Requirement::new().feature("gpu"));
     let a = common::get(&app(gate), "/", "sk_live_TOPSECRET").await;
     let doc = a.problem(402, "PLAN_UPGRADE_REQUIRED");
     assert_eq!(doc["required_feature"], "gpu");
@@ -87,14 +85,14 @@ async fn feature_requirements() {
 
 #[tokio::test]
 async fn a_known_account_without_a_subscription_is_pending() {
-    let gate = PaymentGateLayer::new(keys(), MemoryPlanStore::new(), catalog());
+    let gate = billing(MemoryPlanStore::new());
     let a = common::get(&app(gate), "/", "sk_live_TOPSECRET").await;
     a.problem(402, "SUBSCRIPTION_PENDING");
 }
 
 #[tokio::test]
 async fn store_outage_fails_closed_with_503_and_no_internal_text() {
-    let gate = PaymentGateLayer::new(keys(), DownStore, catalog());
+    let gate = billing(DownStore);
     let a = common::get(&app(gate), "/", "sk_live_TOPSECRET").await;
     let doc = a.problem(503, "SERVICE_UNAVAILABLE");
     assert_eq!(a.header("retry-after"), Some("5"));
@@ -103,11 +101,11 @@ async fn store_outage_fails_closed_with_503_and_no_internal_text() {
 
 #[tokio::test]
 async fn store_outage_fails_open_when_configured() {
-    let gate = PaymentGateLayer::new(keys(), DownStore, catalog()).failure_mode(FailureMode::Open);
+    let gate = billing(DownStore).failure_mode(FailureMode::Open);
     let a = common::get(&app(gate), "/", "sk_live_TOPSECRET").await;
     assert_eq!(a.status, StatusCode::OK);
     // Still no entry without a valid key, even failing open.
-    let gate = PaymentGateLayer::new(keys(), DownStore, catalog()).failure_mode(FailureMode::Open);
+    let gate = billing(DownStore).failure_mode(FailureMode::Open);
     let a = common::get(&app(gate), "/", "nope").await;
     a.problem(401, "UNAUTHENTICATED");
 }
@@ -208,7 +206,7 @@ impl Ledger for CountingLedger {
 }
 
 #[tokio::test]
-async fn and_metering_checks_credit_once_at_the_reservation() {
+async fn credit_is_checked_once_at_the_reservation() {
     use tower_402::decision::Cost;
     let ledger = CountingLedger {
         inner: MemoryLedger::new(),
@@ -221,11 +219,7 @@ async fn and_metering_checks_credit_once_at_the_reservation() {
         .unwrap();
     let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
     let cost = Requirement::new().cost(Cost::new("requests", 1, Credits::new(1)));
-    let gate = || {
-        PaymentGateLayer::new(keys(), plans.clone(), catalog())
-            .ledger(ledger.clone())
-            .default_requirement(cost.clone())
-    };
+    let billing = Billing::new(keys(), plans, ledger.clone(), catalog()).default_requirement(cost);
     let available = Router::new().route(
         "/",
         get(|e: axum::Extension<Entitlement>| async move {
@@ -234,36 +228,28 @@ async fn and_metering_checks_credit_once_at_the_reservation() {
     );
     let key = [("x-api-key", "sk_live_TOPSECRET")];
 
-    // Stacked separately: the gate reads the balance, then the reservation checks again.
-    let stacked = available.clone().layer(
-        ServiceBuilder::new()
-            .layer(ProblemDetailsLayer::default())
-            .layer(gate())
-            .layer(MeteringLayer::new(ledger.clone())),
-    );
-    let a = send(&stacked, request(Method::GET, "/", &key, "")).await;
+    // One stack: the gate reads no balance; the reservation checks, holds and charges, and
+    // the handler sees what is left after this request's hold.
+    let once = available.layer(billing.layer());
+    let a = send(&once, request(Method::GET, "/", &key, "")).await;
     assert_eq!(
         (a.status, a.body.as_ref()),
-        (StatusCode::OK, &b"Some(2)"[..])
+        (StatusCode::OK, &b"Some(1)"[..])
     );
-    assert_eq!(ledger.reads(), 1);
-
-    // Composed: no read by the gate; the reservation still charges and still refuses.
-    let once = available.layer(
-        ServiceBuilder::new()
-            .layer(ProblemDetailsLayer::default())
-            .layer(gate().and_metering(MeteringLayer::new(ledger.clone()))),
-    );
+    assert_eq!(ledger.reads(), 0, "the gate read the ledger");
     let a = send(&once, request(Method::GET, "/", &key, "")).await;
-    assert_eq!((a.status, a.body.as_ref()), (StatusCode::OK, &b"None"[..]));
-    assert_eq!(ledger.reads(), 1, "the gate read the ledger");
+    assert_eq!(
+        (a.status, a.body.as_ref()),
+        (StatusCode::OK, &b"Some(0)"[..])
+    );
+    // The reservation still refuses.
     let broke = send(&once, request(Method::GET, "/", &key, "")).await;
     let p = broke.problem(402, "INSUFFICIENT_CREDITS");
     assert_eq!(
         (p["balance"].as_u64(), p["required"].as_u64()),
         (Some(0), Some(1))
     );
-    assert_eq!(ledger.reads(), 1);
+    assert_eq!(ledger.reads(), 0);
     let b = ledger
         .inner
         .balance(&"acme".into(), Timestamp::now())

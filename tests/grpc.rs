@@ -233,7 +233,7 @@ async fn a_stream_that_fails_in_its_trailers_is_not_charged() {
 #[tokio::test]
 async fn billing_grpc_errors_is_a_choice() {
     let mut demo = grpc::demo(clock()).await;
-    demo.metering = demo.metering.bill_grpc_errors(true);
+    demo.billing = demo.billing.bill_grpc_errors(true);
     let server = start_with(demo).await;
     let status = forecast(&server, Some("demo-pro"), "").await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -389,7 +389,7 @@ async fn the_outer_layer_adds_the_request_id() {
 async fn an_unreachable_plan_store_is_unavailable() {
     use async_trait::async_trait;
     use tower_402::plan::{PlanStore, Subscription};
-    use tower_402::{PaymentGateLayer, StaticKeys, StoreError};
+    use tower_402::{Billing, StaticKeys, StoreError};
 
     struct Down;
     #[async_trait]
@@ -402,12 +402,13 @@ async fn an_unreachable_plan_store_is_unavailable() {
         }
     }
     let mut demo = grpc::demo(clock()).await;
-    demo.gate = PaymentGateLayer::new(
+    demo.billing = Billing::new(
         StaticKeys::new().with_key("demo-pro", "acct_pro"),
         Down,
+        demo.ledger.clone(),
         tower_402::plan::Catalog::new(),
     )
-    .problems(tower_402::problem::ProblemConfig::new().grpc_domain("weather.example.com"));
+    .problem_config(tower_402::problem::ProblemConfig::new().grpc_domain("weather.example.com"));
     let server = start_with(demo).await;
     let status = forecast(&server, Some("demo-pro"), "Lyon")
         .await

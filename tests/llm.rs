@@ -15,7 +15,7 @@ use common::{request, send};
 use http::Method;
 use http_body_util::BodyExt;
 use serde_json::json;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 use tower_402::decision::Requirement;
 use tower_402::metering::*;
 use tower_402::plan::{Catalog, Meter, Period, Plan, Subscription};
@@ -129,39 +129,32 @@ impl Setup {
         }
     }
 
-    fn app(&self, plan: Plan, metering: impl FnOnce(MeteringLayer) -> MeteringLayer) -> Router {
+    fn app(&self, plan: Plan, metering: impl FnOnce(Billing) -> Billing) -> Router {
         let plans = MemoryPlanStore::new().with(Subscription::active("acme", plan.id.as_str()));
         let catalog = Catalog::new().with_plan(plan);
         let events = self.events.clone();
-        let metering = metering(
-            MeteringLayer::new(self.ledger.clone())
-                .clock(ManualClock::new(NOW))
-                .pricing(OpenAiPricing::new(table()))
-                .usage(OpenAiUsage::new())
-                .on_threshold(
-                    [
-                        Threshold::BalanceAtOrBelow(Credits::new(2500)),
-                        Threshold::AllowancePercent(80),
-                    ],
-                    move |e| events.lock().unwrap().push(e),
-                ),
+        let billing = metering(
+            Billing::new(
+                StaticKeys::new().with_key("k", "acme"),
+                plans,
+                self.ledger.clone(),
+                catalog,
+            )
+            .clock(ManualClock::new(NOW))
+            .default_requirement(Requirement::new())
+            .pricing(OpenAiPricing::new(table()))
+            .usage(OpenAiUsage::new())
+            .on_threshold(
+                [
+                    Threshold::BalanceAtOrBelow(Credits::new(2500)),
+                    Threshold::AllowancePercent(80),
+                ],
+                move |e| events.lock().unwrap().push(e),
+            ),
         );
         Router::new()
             .route("/v1/chat/completions", post(upstream))
-            .layer(
-                ServiceBuilder::new()
-                    .layer(ProblemDetailsLayer::default())
-                    .layer(
-                        PaymentGateLayer::new(
-                            StaticKeys::new().with_key("k", "acme"),
-                            plans,
-                            catalog,
-                        )
-                        .clock(ManualClock::new(NOW))
-                        .default_requirement(Requirement::new()),
-                    )
-                    .layer(metering),
-            )
+            .layer(billing.layer())
     }
 
     fn basic(&self) -> Router {
@@ -177,18 +170,30 @@ impl Setup {
             .get()
     }
 
+    /// Credit held by requests still running. A request without an `Idempotency-Key` on the
+    /// in-memory ledger holds without a keyed record, so it shows here, not in `open`.
+    async fn held(&self) -> u64 {
+        self.ledger
+            .balance(&"acme".into(), NOW)
+            .await
+            .unwrap()
+            .held
+            .get()
+    }
+
+    /// Keyed reservations still open.
     fn open(&self) -> usize {
         self.ledger.open_reservations(&"acme".into(), NOW)
     }
 
     async fn drain(&self) {
         for _ in 0..100 {
-            if self.open() == 0 {
+            if self.open() == 0 && self.held().await == 0 {
                 return;
             }
             tokio::task::yield_now().await;
         }
-        panic!("reservation still open");
+        panic!("reservation or hold still open");
     }
 }
 
@@ -211,7 +216,7 @@ async fn json_usage_is_charged() {
     .await;
     assert_eq!(a.status, 200);
     assert_eq!(100_000 - s.available().await, 120 + 2 * 45);
-    assert_eq!(s.open(), 0);
+    assert_eq!((s.open(), s.held().await), (0, 0));
 }
 
 #[tokio::test]
@@ -280,7 +285,7 @@ async fn an_upstream_5xx_is_refunded() {
     let a = send(&s.basic(), call("500")).await;
     assert_eq!(a.status, 500);
     assert_eq!(s.available().await, 100_000);
-    assert_eq!(s.open(), 0);
+    assert_eq!((s.open(), s.held().await), (0, 0));
 }
 
 #[tokio::test]
@@ -307,7 +312,7 @@ async fn a_client_disconnecting_mid_stream_is_charged_by_policy() {
         let mut body = res.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.is_data());
-        assert_eq!(s.open(), 1);
+        assert_eq!(s.held().await, estimate());
         drop(body);
         s.drain().await;
         assert_eq!(100_000 - s.available().await, charged, "{policy:?}");
@@ -415,20 +420,15 @@ async fn the_handler_still_receives_the_body_intact() {
             post(|body: Bytes| async move { body }),
         )
         .layer(
-            ServiceBuilder::new()
-                .layer(
-                    PaymentGateLayer::new(
-                        StaticKeys::new().with_key("k", "acme"),
-                        MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
-                        Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
-                    )
-                    .clock(ManualClock::new(NOW)),
-                )
-                .layer(
-                    MeteringLayer::new(s.ledger.clone())
-                        .clock(ManualClock::new(NOW))
-                        .pricing(OpenAiPricing::new(table())),
-                ),
+            Billing::new(
+                StaticKeys::new().with_key("k", "acme"),
+                MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
+                s.ledger.clone(),
+                Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
+            )
+            .clock(ManualClock::new(NOW))
+            .pricing(OpenAiPricing::new(table()))
+            .layer(),
         );
     let a = send(&app, call("echo")).await;
     assert_eq!(a.body, BODY);

@@ -12,7 +12,6 @@ use axum::routing::get;
 use axum::Router;
 use common::{request, send};
 use http::Method;
-use tower::ServiceBuilder;
 use tower_402::decision::Requirement;
 use tower_402::plan::{Catalog, Plan, Subscription};
 use tower_402::*;
@@ -21,13 +20,10 @@ fn keys() -> StaticKeys {
     StaticKeys::new().with_key("sk_live_TOPSECRET", "acme")
 }
 
-fn metered_app(gate: PaymentGateLayer, metering: MeteringLayer) -> Router {
-    Router::new().route("/", get(|| async { "ok" })).layer(
-        ServiceBuilder::new()
-            .layer(ProblemDetailsLayer::default())
-            .layer(gate)
-            .layer(metering),
-    )
+fn metered_app(billing: Billing) -> Router {
+    Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(billing.layer())
 }
 
 #[derive(Clone, Default)]
@@ -57,14 +53,11 @@ async fn every_decision_is_logged_with_account_rule_and_code_and_never_the_key()
     let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
     let ledger = MemoryLedger::new();
     let catalog = Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true));
-    let gate = PaymentGateLayer::new(keys(), plans, catalog)
-        .ledger(ledger.clone())
-        .default_requirement(Requirement::new().cost(tower_402::decision::Cost::new(
-            "requests",
-            1,
-            Credits::new(1),
-        )));
-    let app = metered_app(gate, MeteringLayer::new(ledger));
+    let billing =
+        Billing::new(keys(), plans, ledger, catalog).default_requirement(Requirement::new().cost(
+            tower_402::decision::Cost::new("requests", 1, Credits::new(1)),
+        ));
+    let app = metered_app(billing);
     common::get(&app, "/", "sk_live_TOPSECRET").await;
     common::get(&app, "/", "sk_live_WRONGSECRET").await;
     send(

@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
 use http_body_util::BodyExt;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 use tower_402::metering::{ModelPrice, OpenAiPricing, OpenAiUsage, PriceTable};
 use tower_402::plan::{Catalog, Plan, Subscription};
 use tower_402::*;
@@ -96,21 +96,16 @@ fn app(ledger: MemoryLedger) -> Router {
             }),
         )
         .layer(
-            ServiceBuilder::new()
-                .layer(
-                    PaymentGateLayer::new(
-                        StaticKeys::new().with_key("k", "acme"),
-                        MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
-                        Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
-                    )
-                    .clock(ManualClock::new(NOW)),
-                )
-                .layer(
-                    MeteringLayer::new(ledger)
-                        .clock(ManualClock::new(NOW))
-                        .pricing(OpenAiPricing::new(table))
-                        .usage(OpenAiUsage::new()),
-                ),
+            Billing::new(
+                StaticKeys::new().with_key("k", "acme"),
+                MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
+                ledger,
+                Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
+            )
+            .clock(ManualClock::new(NOW))
+            .pricing(OpenAiPricing::new(table))
+            .usage(OpenAiUsage::new())
+            .layer(),
         )
 }
 

@@ -8,13 +8,11 @@
 //! `ManualClock`, never a sleep.
 #![cfg(feature = "stripe")]
 
-#[allow(unused_imports)]
-#[path = "../examples/common/mod.rs"]
-mod examples;
-
 #[allow(dead_code)]
 #[path = "../examples/quickstart.rs"]
 mod quickstart;
+
+use quickstart::common as examples;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -270,7 +268,11 @@ async fn quickstart_contract_over_a_socket() {
     app.deliver(&renewed).await.received("applied");
     let a = app.get("/v1/forecast", "demo-expired").await;
     assert_eq!(a.status, 200, "{}", a.body);
-    assert!(a.body.contains("\"account\":\"acct_expired\""), "{}", a.body);
+    assert!(
+        a.body.contains("\"account\":\"acct_expired\""),
+        "{}",
+        a.body
+    );
 
     // acct_broke buys 25 credits, once however often it is delivered.
     assert_eq!(app.balance("demo-broke").await, 0);

@@ -214,358 +214,29 @@ fn account_base(prefix: &str, account: &AccountId) -> String {
 }
 
 /// Shared by every script: state loading, lazy expiry, the split of a charge.
-const PRELUDE: &str = r#"
-local B = KEYS[1]
-local NOW = tonumber(ARGV[1])
-local RETENTION = tonumber(ARGV[2])
-local GC = tonumber(ARGV[3])
-local MAX = 9007199254740991
-local function s(n) return string.format('%d', n) end
-local function hgetall(key)
-  local flat = redis.call('HGETALL', key)
-  if #flat == 0 then return nil end
-  local t = {}
-  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
-  return t
-end
-local bal = {available = 0, held = 0, settled = 0, deposited = 0}
-do
-  local t = hgetall(B .. ':bal')
-  if t then
-    bal.available = tonumber(t.available); bal.held = tonumber(t.held)
-    bal.settled = tonumber(t.settled); bal.deposited = tonumber(t.deposited)
-  end
-end
-local dirty = false
-local function done(reply)
-  if dirty then
-    redis.call('HSET', B .. ':bal', 'available', s(bal.available), 'held', s(bal.held),
-      'settled', s(bal.settled), 'deposited', s(bal.deposited))
-  end
-  return reply
-end
-local function ckey(meter, start) return B .. ':a:' .. string.len(meter) .. ':' .. meter .. ':' .. start end
-local function get_counter(meter, start)
-  local c = hgetall(ckey(meter, start))
-  if not c then return nil end
-  return {used = tonumber(c.used), held = tonumber(c.held), re = tonumber(c.re)}
-end
-local function put_counter(meter, start, c)
-  local k = ckey(meter, start)
-  redis.call('HSET', k, 'used', s(c.used), 'held', s(c.held), 're', s(c.re))
-  redis.call('EXPIRE', k, s(math.max(c.re - NOW, 0) + GC))
-end
--- Forgets a counter whose window is over and holds nothing (done once, before reading).
-local function prune_counter(meter, start)
-  local c = get_counter(meter, start)
-  if c and c.re <= NOW and c.held == 0 then redis.call('DEL', ckey(meter, start)) end
-end
-local function charge(rec, i)
-  return {m = rec['m' .. i], p = tonumber(rec['p' .. i]), pp = tonumber(rec['pp' .. i] or '1'),
-    o = rec['o' .. i] == '1',
-    a = rec['l' .. i] ~= nil, l = tonumber(rec['l' .. i] or '0'), ws = rec['ws' .. i],
-    re = tonumber(rec['re' .. i] or '0')}
-end
-local function release_units(rec)
-  for i = 1, tonumber(rec.n) do
-    if rec['l' .. i] then
-      local c = get_counter(rec['m' .. i], rec['ws' .. i])
-      if c then
-        c.held = math.max(c.held - tonumber(rec['u' .. i]), 0)
-        redis.call('HSET', ckey(rec['m' .. i], rec['ws' .. i]), 'held', s(c.held))
-      end
-    end
-  end
-end
-local function expire_due()
-  local due = redis.call('ZRANGEBYSCORE', B .. ':open', '-inf', s(NOW))
-  if #due == 0 then return end
-  local released = 0
-  for _, k in ipairs(due) do
-    local rk = B .. ':r:' .. k
-    local rec = hgetall(rk)
-    if rec and rec.st == 'o' then
-      released = released + tonumber(rec.cr)
-      release_units(rec)
-      redis.call('HSET', rk, 'st', 'e', 'tt', rec.ex)
-      redis.call('EXPIRE', rk, s(GC))
-    end
-  end
-  bal.held = math.max(bal.held - released, 0)
-  bal.available = bal.available + released
-  dirty = true
-  redis.call('ZREMRANGEBYSCORE', B .. ':open', '-inf', s(NOW))
-end
--- A reservation record, or nil if absent or finished longer ago than the retention time.
-local function load_rec(k)
-  local rk = B .. ':r:' .. k
-  local rec = hgetall(rk)
-  if rec and rec.st ~= 'o' and tonumber(rec.tt) + RETENTION <= NOW then
-    redis.call('DEL', rk)
-    return nil, rk
-  end
-  return rec, rk
-end
--- ceil(p × units / pp), or nil above MAX. Every operand is an integer ≤ 2^53 − 1, so the
--- product is exact whenever it is ≤ MAX; the quotient is corrected to the exact ceiling.
-local function price(p, units, pp)
-  local a = p * units
-  if a > MAX or pp < 1 then return nil end
-  local q = math.floor(a / pp)
-  if q * pp > a then q = q - 1 end
-  if q * pp < a then q = q + 1 end
-  return q
-end
--- Charge::split: 'ok', allowance units, credits | 'quota', limit, taken | 'max'
-local function split(c, units, taken)
-  local limit = 0
-  if c.a then limit = c.l end
-  local free = math.max(limit - taken, 0)
-  local au = math.min(units, free)
-  local rest = units - au
-  if rest == 0 then return 'ok', au, 0 end
-  if not c.o then
-    if (not c.a) and c.p == 0 then return 'ok', au, 0 end
-    return 'quota', limit, taken
-  end
-  local cr = price(c.p, rest, c.pp)
-  if cr then return 'ok', au, cr end
-  return 'max'
-end
-local function taken_of(c)
-  if not c.a then return 0 end
-  local t = get_counter(c.m, c.ws)
-  if not t then return 0 end
-  return t.used + t.held
-end
-local function settlement_reply(tag, rec)
-  local r = {tag, tonumber(rec.sc), tonumber(rec.saa), tonumber(rec.ssc), tonumber(rec.n)}
-  for i = 1, tonumber(rec.n) do r[#r + 1] = tonumber(rec['sa' .. i]) end
-  r[#r + 1] = tonumber(rec.sk)
-  for j = 1, tonumber(rec.sk) do
-    r[#r + 1] = rec['skm' .. j]; r[#r + 1] = tonumber(rec['sku' .. j])
-  end
-  r[#r + 1] = tonumber(rec.sun or '0')
-  for i = 1, tonumber(rec.n) do r[#r + 1] = tonumber(rec['su' .. i] or '-1') end
-  return r
-end
-local function bal_reply(tag)
-  return {tag, bal.available, bal.held, bal.settled, bal.deposited}
-end
-"#;
+const PRELUDE: &str = include_str!("redis/prelude.lua");
 
 /// ARGV: 4 key, 5 fingerprint, 6 expires_at, 7 ttl, 8 n, then 9 per charge: meter, units,
 /// price, price per, overage, has allowance, limit, window start, resets at; then whether
 /// the key is an idempotency key (`1`: keep the record for the retention time once finished;
 /// `0`: a key unique to one request, forgotten when settled or released).
-const RESERVE: &str = r#"
-local key, fp, ex, ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local keep = ARGV[9 + n * 9] or '1'
-local ch = {}
-for i = 1, n do
-  local b = 8 + (i - 1) * 9
-  ch[i] = {m = ARGV[b + 1], units = tonumber(ARGV[b + 2]), p = tonumber(ARGV[b + 3]),
-    pp = tonumber(ARGV[b + 4]), o = ARGV[b + 5] == '1', a = ARGV[b + 6] == '1',
-    l = tonumber(ARGV[b + 7]), ws = ARGV[b + 8], re = tonumber(ARGV[b + 9])}
-end
-expire_due()
-local rec, rk = load_rec(key)
-if rec then
-  if rec.fp ~= fp then return done({'conflict'}) end
-  if rec.st == 'o' then return done({'in_progress'}) end
-  if rec.st == 's' then return done(settlement_reply('completed', rec)) end
-end
-for i = 1, n do if ch[i].a then prune_counter(ch[i].m, ch[i].ws) end end
-local credits = 0
-local units = {}
-for i = 1, n do
-  local c = ch[i]
-  local kind, x, y = split(c, c.units, taken_of(c))
-  if kind == 'quota' then return done({'quota', i, y}) end
-  if kind == 'max' then return done({'insufficient', bal.available, MAX}) end
-  credits = credits + y
-  if credits > MAX then return done({'range'}) end
-  units[i] = x
-end
-if credits > bal.available then return done({'insufficient', bal.available, credits}) end
-bal.available = bal.available - credits
-bal.held = bal.held + credits
-dirty = true
-local left = {}
-for i = 1, n do
-  local c = ch[i]
-  if c.a then
-    local t = get_counter(c.m, c.ws) or {used = 0, held = 0, re = c.re}
-    t.held = t.held + units[i]
-    put_counter(c.m, c.ws, t)
-    left[i] = math.max(c.l - (t.used + t.held), 0)
-  else
-    left[i] = -1
-  end
-end
-redis.call('DEL', rk)
-local f = {'fp', fp, 'st', 'o', 'cr', s(credits), 'ex', s(ex), 'tt', s(NOW), 'n', s(n), 'k', keep}
-for i = 1, n do
-  local c = ch[i]
-  local j = tostring(i)
-  for _, v in ipairs({'m' .. j, c.m, 'p' .. j, s(c.p), 'pp' .. j, s(c.pp), 'o' .. j, c.o and '1' or '0', 'u' .. j, s(units[i])}) do
-    f[#f + 1] = v
-  end
-  if c.a then
-    for _, v in ipairs({'l' .. j, s(c.l), 'ws' .. j, c.ws, 're' .. j, s(c.re)}) do f[#f + 1] = v end
-  end
-end
-redis.call('HSET', rk, unpack(f))
--- No expiry on an open record: only it knows what to give back when its hold lapses, so it
--- lives until it is settled, released or expired by a later operation (which set one).
-redis.call('ZADD', B .. ':open', s(ex), key)
-local r = {'reserved', credits, ex, bal.available, n}
-for i = 1, n do r[#r + 1] = units[i] end
-for i = 1, n do r[#r + 1] = left[i] end
-return done(r)
-"#;
+const RESERVE: &str = include_str!("redis/reserve.lua");
 
 /// ARGV: 4 key, 5 policy (`draw` or `cap`), 6 m, then m pairs of meter, units.
-const SETTLE: &str = r#"
-local key, policy, m = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local usage = {}
-for j = 1, m do usage[ARGV[5 + 2 * j]] = tonumber(ARGV[6 + 2 * j]) end
-expire_due()
-local rec, rk = load_rec(key)
-if not rec then return done({'unknown'}) end
-local n = tonumber(rec.n)
-local held_credits = 0
-local held_units = {}
-if rec.st == 'o' then
-  held_credits = tonumber(rec.cr)
-  for i = 1, n do held_units[i] = tonumber(rec['u' .. i]) end
-elseif rec.st == 'e' then
-  for i = 1, n do held_units[i] = 0 end
-elseif rec.st == 's' then
-  return done({'already_settled'})
-else
-  return done({'already_released'})
-end
-for i = 1, n do if rec['l' .. i] then prune_counter(rec['m' .. i], rec['ws' .. i]) end end
-local cost = 0
-local f = {'st', 's', 'tt', s(NOW)}
-local short = {}
-for i = 1, n do
-  local c = charge(rec, i)
-  local units = usage[c.m] or 0
-  local taken = math.max(taken_of(c) - held_units[i], 0)
-  local kind, au, cr = split(c, units, taken)
-  local over = 0
-  if kind == 'quota' then
-    local free = 0
-    if c.a then free = math.max(c.l - taken, 0) end
-    au = math.min(units, free)
-    cr = 0
-    over = units - au
-  elseif kind == 'max' then
-    au = 0
-    cr = MAX
-  end
-  if c.a then
-    local t = get_counter(c.m, c.ws) or {used = 0, held = 0, re = c.re}
-    t.held = math.max(t.held - held_units[i], 0)
-    t.used = t.used + au
-    put_counter(c.m, c.ws, t)
-    f[#f + 1] = 'su' .. i; f[#f + 1] = s(t.used)
-  end
-  if over > 0 then short[#short + 1] = {c.m, over} end
-  f[#f + 1] = 'sa' .. i; f[#f + 1] = s(au)
-  cost = cost + cr
-end
-local from_hold = math.min(cost, held_credits)
-local beyond = cost - from_hold
-local from_available = 0
--- A lapsed hold held nothing: its late settlement draws what it can, whatever the policy.
-if policy == 'draw' or rec.st == 'e' then from_available = math.min(beyond, bal.available) end
-bal.held = math.max(bal.held - held_credits, 0)
-bal.available = math.max(bal.available + (held_credits - from_hold) - from_available, 0)
-local charged = from_hold + from_available
-bal.settled = bal.settled + charged
-dirty = true
-for _, v in ipairs({'sc', s(charged), 'saa', s(bal.available), 'sun', s(bal.available + bal.held), 'ssc', s(beyond - from_available), 'sk', s(#short)}) do
-  f[#f + 1] = v
-end
-for j, p in ipairs(short) do
-  f[#f + 1] = 'skm' .. j; f[#f + 1] = p[1]; f[#f + 1] = 'sku' .. j; f[#f + 1] = s(p[2])
-end
-redis.call('HSET', rk, unpack(f))
-redis.call('ZREM', B .. ':open', key)
-local reply = settlement_reply('settled', hgetall(rk))
--- A key unique to one request never comes back: forget it now (records written before
--- the flag existed have none and are kept, as they always were).
-if rec.k == '0' then redis.call('DEL', rk) else redis.call('EXPIRE', rk, s(GC)) end
-return done(reply)
-"#;
+const SETTLE: &str = include_str!("redis/settle.lua");
 
 /// ARGV: 4 key.
-const RELEASE: &str = r#"
-local key = ARGV[4]
-expire_due()
-local rec, rk = load_rec(key)
-if not rec then return done({'unknown'}) end
-if rec.st == 's' then return done({'already_settled'}) end
-if rec.st ~= 'o' then return done({'ok'}) end
-release_units(rec)
-if rec.k == '0' then
-  redis.call('DEL', rk)
-else
-  redis.call('HSET', rk, 'st', 'r', 'tt', s(NOW))
-  redis.call('EXPIRE', rk, s(GC))
-end
-redis.call('ZREM', B .. ':open', key)
-local cr = tonumber(rec.cr)
-bal.held = math.max(bal.held - cr, 0)
-bal.available = bal.available + cr
-dirty = true
-return done({'ok'})
-"#;
+const RELEASE: &str = include_str!("redis/release.lua");
 
 /// ARGV: 4 key, 5 amount.
-const DEPOSIT: &str = r#"
-local key, amount = ARGV[4], tonumber(ARGV[5])
-expire_due()
-local dk = B .. ':d:' .. key
-local d = hgetall(dk)
-if d and tonumber(d.at) + RETENTION <= NOW then
-  redis.call('DEL', dk)
-  d = nil
-end
-if d then
-  if tonumber(d.amount) ~= amount then return done({'conflict'}) end
-  return done(bal_reply('unchanged'))
-end
-if bal.deposited + amount > MAX then return done({'range'}) end
-bal.deposited = bal.deposited + amount
-bal.available = bal.available + amount
-dirty = true
-redis.call('HSET', dk, 'amount', s(amount), 'at', s(NOW))
-redis.call('EXPIRE', dk, s(GC))
-return done(bal_reply('applied'))
-"#;
+const DEPOSIT: &str = include_str!("redis/deposit.lua");
 
-const BALANCE: &str = r#"
-expire_due()
-return done(bal_reply('balance'))
-"#;
+const BALANCE: &str = include_str!("redis/balance.lua");
 
 /// ARGV: 4 meter, 5 window start.
-const ALLOWANCE: &str = r#"
-expire_due()
-prune_counter(ARGV[4], ARGV[5])
-local c = get_counter(ARGV[4], ARGV[5])
-if not c then return done({'usage', 0, 0}) end
-return done({'usage', c.used, c.held})
-"#;
+const ALLOWANCE: &str = include_str!("redis/allowance.lua");
 
-const OPEN: &str = r#"
-expire_due()
-return done({'open', redis.call('ZCARD', B .. ':open')})
-"#;
+const OPEN: &str = include_str!("redis/open.lua");
 
 /// ARGV 4 onwards of the reserve script for `req` (see `RESERVE`).
 fn reserve_args(req: &ReserveRequest) -> Result<Vec<String>, LedgerError> {
@@ -602,28 +273,6 @@ fn reserve_args(req: &ReserveRequest) -> Result<Vec<String>, LedgerError> {
     }
     args.push(if req.idempotent { "1" } else { "0" }.to_owned());
     Ok(args)
-}
-
-/// For the load script (`scripts/load.sh`): the exact reserve script and its arguments, so
-/// `redis-benchmark` can run the same script the ledger runs. Not part of the API.
-#[doc(hidden)]
-pub fn bench_reserve_invocation(
-    prefix: &str,
-    req: &ReserveRequest,
-) -> Result<(String, String, Vec<String>), LedgerError> {
-    let mut argv = vec![
-        exact(req.now.unix())?.to_string(),
-        DEFAULT_RETENTION_SECS.to_string(),
-        DEFAULT_RETENTION_SECS
-            .clamp(MIN_GC_SECS, MAX_EXACT)
-            .to_string(),
-    ];
-    argv.extend(reserve_args(req)?);
-    Ok((
-        format!("{PRELUDE}{RESERVE}"),
-        account_base(prefix, &req.account),
-        argv,
-    ))
 }
 
 struct Scripts {
@@ -1070,27 +719,7 @@ impl PlanStore for RedisPlanStore {
 /// `synced` mark is absent (`ARGV[2] == "0"`) or equals `ARGV[3..5]` (source, created,
 /// event id). `event_created` is below 2^53, so cjson's double holds it exactly; it is
 /// compared as `%d` text, never through `tostring`.
-const PUT_SUBSCRIPTION_IF: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-local mark = nil
-if cur then
-  local ok, sub = pcall(cjson.decode, cur)
-  if not ok or type(sub) ~= 'table' then
-    return redis.error_reply('tower-402: unreadable subscription')
-  end
-  if type(sub.synced) == 'table' then mark = sub.synced end
-end
-if ARGV[2] == '0' then
-  if mark ~= nil then return 0 end
-else
-  if mark == nil then return 0 end
-  if mark.source ~= ARGV[3] or mark.event_id ~= ARGV[5] then return 0 end
-  if type(mark.event_created) ~= 'number' then return 0 end
-  if string.format('%d', mark.event_created) ~= ARGV[4] then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1])
-return 1
-"#;
+const PUT_SUBSCRIPTION_IF: &str = include_str!("redis/put_subscription_if.lua");
 
 #[cfg(test)]
 mod tests {

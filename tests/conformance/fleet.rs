@@ -7,12 +7,10 @@ use axum::routing::get;
 use axum::Router;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Plan, PlanStore, Subscription};
-use tower_402::{
-    Credits, Ledger, MeteringLayer, PaymentGateLayer, ProblemDetailsLayer, StaticKeys, Timestamp,
-};
+use tower_402::{Billing, Credits, Ledger, StaticKeys, Timestamp};
 
 /// The account every fleet request pays from.
 pub const ACCOUNT: &str = "fleet";
@@ -24,21 +22,15 @@ pub fn app(ledger: impl Ledger + Clone, plans: impl PlanStore) -> Router {
     // This test is about exact counts, not latency: 2,000 requests queue on one hot account
     // (on PostgreSQL, one row lock), so store calls get a minute instead of the default 5 s.
     let patience = Some(Duration::from_secs(60));
-    let gate = PaymentGateLayer::new(keys, plans, catalog)
+    let billing = Billing::new(keys, plans, ledger, catalog)
         .timeout(patience)
-        .ledger(ledger.clone())
         .route(
             "GET /work",
             Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))),
         );
     Router::new()
         .route("/work", get(|| async { "done" }))
-        .layer(
-            ServiceBuilder::new()
-                .layer(ProblemDetailsLayer::new(Default::default()))
-                .layer(gate)
-                .layer(MeteringLayer::new(ledger).timeout(patience)),
-        )
+        .layer(billing.layer())
 }
 
 /// One request through `app`, body read to the end: the status and the body.

@@ -2,18 +2,23 @@
 //!
 //! ```text
 //! loadtest serve <mode> <port>     mode: bare | layers | governor | floor | redis | postgres,
-//!                                  layers-once | redis-once | postgres-once (`and_metering`),
+//!                                  layers-once | redis-once | postgres-once (the same stacks
+//!                                  as layers | redis | postgres, see below),
 //!                                  and for ablation (one layer or two alone, in memory):
 //!                                  problem-only | gate-only | no-problem | once-no-problem
-//! loadtest redis-prepare <file>    seeds the Redis bench account, writes the reserve script
-//!                                  to <file>, prints its KEYS[1] and ARGV for redis-benchmark
+//! loadtest redis-prepare <file>    seeds the Redis bench account, writes the ledger's reserve
+//!                                  script (its `.lua` files) to <file>, prints its KEYS[1] and
+//!                                  ARGV for redis-benchmark
 //! loadtest postgres-prepare        seeds the PostgreSQL bench account (schema `loadtest`)
 //! ```
 //!
-//! Every mode serves `GET /v1/forecast` → `sunny`. `layers`, `redis` and `postgres` put the
-//! three tower-402 layers in front of it (1 credit per call, key `k`; the `-once` modes compose
-//! the gate and the metering layer with `and_metering`, checking credit once); `governor` puts
-//! `tower_governor` (a limit never reached) in front instead. `floor` puts a hand-written
+//! Every mode serves `GET /v1/forecast` → `sunny`. `layers`, `redis` and `postgres` put
+//! tower-402's `Billing` layer in front of it (problem layer, gate, metering; 1 credit per
+//! call, key `k`), which checks the credit once, by the reservation. The `-once` modes used to
+//! compose the gate and the metering layer with `and_metering` so that only the reservation
+//! checked the credit; that is what every stack does now, so they are the same stacks as
+//! `layers`, `redis` and `postgres`, kept so that `scripts/load.sh` still runs them (expect
+//! equal figures). `governor` puts `tower_governor` (a limit never reached) in front instead. `floor` puts a hand-written
 //! layer in front: the least any in-process paid-API check does (find the key's account, check
 //! its plan, debit one credit under a lock, refund a failed response, say what is left in a
 //! header), with no reservation record, no idempotency, no problem documents and no logs. It is
@@ -25,8 +30,7 @@ use axum::routing::get;
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_402::decision::{Cost, Requirement};
-use tower_402::ledger::{Charge, ReserveRequest};
-use tower_402::plan::{Catalog, Meter, Plan, PlanStore, Subscription};
+use tower_402::plan::{Catalog, Plan, PlanStore, Subscription};
 use tower_402::store::{PostgresConfig, PostgresLedger, RedisConfig, RedisLedger};
 use tower_402::*;
 
@@ -49,16 +53,17 @@ fn bare() -> Router {
 /// Which of tower-402's layers a server puts in front of the route.
 #[derive(Clone, Copy, PartialEq)]
 enum Stack {
-    /// Problem layer, gate, metering.
+    /// Problem layer, gate, metering: `Billing::layer`. (The `-once` modes, once the gate
+    /// composed with the metering layer by `and_metering`, are this stack too.)
     Full,
-    /// Problem layer, then the gate and the metering layer composed by `and_metering`, so the
-    /// credit is checked once, by the reservation.
-    Once,
     /// For the ablation lines (`load.sh` does not run them): one layer, or two, alone.
     ProblemOnly,
+    /// The gate alone cannot be stacked any more (it wraps only its metering layer): the gate
+    /// over a metering layer with nothing to charge (a route without a cost), no problem
+    /// layer.
     GateOnly,
+    /// Gate and metering, no problem layer (`once-no-problem` too).
     NoProblem,
-    OnceNoProblem,
 }
 
 /// tower-402's layers on `ledger`, as `stack` says.
@@ -78,27 +83,29 @@ async fn layered(ledger: impl Ledger + Clone, stack: Stack) -> Router {
         .await
         .expect("memory store");
     let catalog = Catalog::new().with_plan(Plan::new("pro", "Pro", 2).overage(true));
-    let gate = PaymentGateLayer::new(StaticKeys::new().with_key("k", ACCOUNT), plans, catalog)
-        .ledger(ledger.clone())
-        .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
-    let metering = MeteringLayer::new(ledger);
-    let problem = ProblemDetailsLayer::default();
+    let billing = Billing::new(
+        StaticKeys::new().with_key("k", ACCOUNT),
+        plans,
+        ledger,
+        catalog,
+    )
+    .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
     match stack {
-        Stack::Full => bare().layer(
+        Stack::Full => bare().layer(billing.layer()),
+        Stack::ProblemOnly => bare().layer(billing.problems()),
+        Stack::GateOnly => {
+            let free = billing.default_requirement(Requirement::new());
+            bare().layer(
+                ServiceBuilder::new()
+                    .layer(free.gate())
+                    .layer(free.metering()),
+            )
+        }
+        Stack::NoProblem => bare().layer(
             ServiceBuilder::new()
-                .layer(problem)
-                .layer(gate)
-                .layer(metering),
+                .layer(billing.gate())
+                .layer(billing.metering()),
         ),
-        Stack::Once => bare().layer(
-            ServiceBuilder::new()
-                .layer(problem)
-                .layer(gate.and_metering(metering)),
-        ),
-        Stack::ProblemOnly => bare().layer(problem),
-        Stack::GateOnly => bare().layer(gate),
-        Stack::NoProblem => bare().layer(ServiceBuilder::new().layer(gate).layer(metering)),
-        Stack::OnceNoProblem => bare().layer(gate.and_metering(metering)),
     }
 }
 
@@ -308,17 +315,17 @@ async fn main() {
             let app = match mode.as_str() {
                 "bare" => bare(),
                 "layers" => layered(MemoryLedger::new(), Stack::Full).await,
-                "layers-once" => layered(MemoryLedger::new(), Stack::Once).await,
+                "layers-once" => layered(MemoryLedger::new(), Stack::Full).await,
                 "problem-only" => layered(MemoryLedger::new(), Stack::ProblemOnly).await,
                 "gate-only" => layered(MemoryLedger::new(), Stack::GateOnly).await,
                 "no-problem" => layered(MemoryLedger::new(), Stack::NoProblem).await,
-                "once-no-problem" => layered(MemoryLedger::new(), Stack::OnceNoProblem).await,
+                "once-no-problem" => layered(MemoryLedger::new(), Stack::NoProblem).await,
                 "governor" => governed(),
                 "floor" => floor::router(),
                 "redis" => layered(redis_ledger(), Stack::Full).await,
-                "redis-once" => layered(redis_ledger(), Stack::Once).await,
+                "redis-once" => layered(redis_ledger(), Stack::Full).await,
                 "postgres" => layered(postgres_ledger().await, Stack::Full).await,
-                "postgres-once" => layered(postgres_ledger().await, Stack::Once).await,
+                "postgres-once" => layered(postgres_ledger().await, Stack::Full).await,
                 other => panic!("unknown mode {other}"),
             };
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -333,9 +340,14 @@ async fn main() {
             axum::serve(listener, app).await.expect("serve");
         }
         Some("redis-prepare") => {
+            // The ledger's own reserve script (src/store/redis/*.lua), for `redis-benchmark`
+            // to run beside the ledger: the same text the ledger loads, with the ARGV the
+            // ledger passes for one 1-credit charge under a key `redis-benchmark` randomizes
+            // (the order is documented in src/store/redis.rs: now, retention, gc, then the
+            // reservation's key, fingerprint, expiry, ttl, charge count, each charge's nine
+            // fields, and whether the key is kept).
             let file = args.get(2).expect("script file");
-            let ledger = redis_ledger();
-            ledger
+            redis_ledger()
                 .deposit(
                     &ACCOUNT.into(),
                     Credits::new(SEED),
@@ -344,27 +356,34 @@ async fn main() {
                 )
                 .await
                 .expect("seed");
-            let req = ReserveRequest {
-                account: ACCOUNT.into(),
-                key: "__rand_int__".into(),
-                fingerprint: 1,
-                charges: vec![Charge {
-                    meter: Meter::new("requests"),
-                    units: 1,
-                    unit_price: Credits::new(1),
-                    price_per: 1,
-                    allowance: None,
-                    overage: true,
-                }]
-                .into(),
-                ttl_secs: 300,
-                idempotent: false,
-                now: Timestamp::now(),
-            };
-            let (script, key, argv) =
-                tower_402::store::redis::bench_reserve_invocation("loadtest:", &req)
-                    .expect("invocation");
+            let script = concat!(
+                include_str!("../../../src/store/redis/prelude.lua"),
+                include_str!("../../../src/store/redis/reserve.lua"),
+            );
             std::fs::write(file, script).expect("write script");
+            let now = Timestamp::now().unix();
+            let retention = tower_402::ledger::DEFAULT_RETENTION_SECS;
+            let key = format!("loadtest:{{{}:{ACCOUNT}}}", ACCOUNT.len());
+            let argv = [
+                now.to_string(),
+                retention.to_string(),
+                retention.to_string(),
+                "__rand_int__".into(),
+                "1".into(),
+                (now + 300).to_string(),
+                "300".into(),
+                "1".into(),
+                "requests".into(),
+                "1".into(),
+                "1".into(),
+                "1".into(),
+                "1".into(),
+                "0".into(),
+                "0".into(),
+                "0".into(),
+                "0".into(),
+                "0".into(),
+            ];
             println!("{key} {}", argv.join(" "));
         }
         Some("redis-probe") => {

@@ -1,0 +1,21 @@
+-- Mirrors AccountBook::release.
+-- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+local key = ARGV[4]
+expire_due()
+local rec, rk = load_rec(key)
+if not rec then return done({'unknown'}) end
+if rec.st == 's' then return done({'already_settled'}) end
+if rec.st ~= 'o' then return done({'ok'}) end
+release_units(rec)
+if rec.k == '0' then
+  redis.call('DEL', rk)
+else
+  redis.call('HSET', rk, 'st', 'r', 'tt', s(NOW))
+  redis.call('EXPIRE', rk, s(GC))
+end
+redis.call('ZREM', B .. ':open', key)
+local cr = tonumber(rec.cr)
+bal.held = math.max(bal.held - cr, 0)
+bal.available = bal.available + cr
+dirty = true
+return done({'ok'})

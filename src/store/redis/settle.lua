@@ -1,0 +1,75 @@
+-- Mirrors AccountBook::settle.
+-- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+local key, policy, m = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local usage = {}
+for j = 1, m do usage[ARGV[5 + 2 * j]] = tonumber(ARGV[6 + 2 * j]) end
+expire_due()
+local rec, rk = load_rec(key)
+if not rec then return done({'unknown'}) end
+local n = tonumber(rec.n)
+local held_credits = 0
+local held_units = {}
+if rec.st == 'o' then
+  held_credits = tonumber(rec.cr)
+  for i = 1, n do held_units[i] = tonumber(rec['u' .. i]) end
+elseif rec.st == 'e' then
+  for i = 1, n do held_units[i] = 0 end
+elseif rec.st == 's' then
+  return done({'already_settled'})
+else
+  return done({'already_released'})
+end
+for i = 1, n do if rec['l' .. i] then prune_counter(rec['m' .. i], rec['ws' .. i]) end end
+local cost = 0
+local f = {'st', 's', 'tt', s(NOW)}
+local short = {}
+for i = 1, n do
+  local c = charge(rec, i)
+  local units = usage[c.m] or 0
+  local taken = math.max(taken_of(c) - held_units[i], 0)
+  local kind, au, cr = split(c, units, taken)
+  local over = 0
+  if kind == 'quota' then
+    local free = 0
+    if c.a then free = math.max(c.l - taken, 0) end
+    au = math.min(units, free)
+    cr = 0
+    over = units - au
+  elseif kind == 'max' then
+    au = 0
+    cr = MAX
+  end
+  if c.a then
+    local t = get_counter(c.m, c.ws) or {used = 0, held = 0, re = c.re}
+    t.held = math.max(t.held - held_units[i], 0)
+    t.used = t.used + au
+    put_counter(c.m, c.ws, t)
+    f[#f + 1] = 'su' .. i; f[#f + 1] = s(t.used)
+  end
+  if over > 0 then short[#short + 1] = {c.m, over} end
+  f[#f + 1] = 'sa' .. i; f[#f + 1] = s(au)
+  cost = cost + cr
+end
+local from_hold = math.min(cost, held_credits)
+local beyond = cost - from_hold
+local from_available = 0
+-- A lapsed hold held nothing: its late settlement draws what it can, whatever the policy.
+if policy == 'draw' or rec.st == 'e' then from_available = math.min(beyond, bal.available) end
+bal.held = math.max(bal.held - held_credits, 0)
+bal.available = math.max(bal.available + (held_credits - from_hold) - from_available, 0)
+local charged = from_hold + from_available
+bal.settled = bal.settled + charged
+dirty = true
+for _, v in ipairs({'sc', s(charged), 'saa', s(bal.available), 'sun', s(bal.available + bal.held), 'ssc', s(beyond - from_available), 'sk', s(#short)}) do
+  f[#f + 1] = v
+end
+for j, p in ipairs(short) do
+  f[#f + 1] = 'skm' .. j; f[#f + 1] = p[1]; f[#f + 1] = 'sku' .. j; f[#f + 1] = s(p[2])
+end
+redis.call('HSET', rk, unpack(f))
+redis.call('ZREM', B .. ':open', key)
+local reply = settlement_reply('settled', hgetall(rk))
+-- A key unique to one request never comes back: forget it now (records written before
+-- the flag existed have none and are kept, as they always were).
+if rec.k == '0' then redis.call('DEL', rk) else redis.call('EXPIRE', rk, s(GC)) end
+return done(reply)
