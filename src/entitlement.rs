@@ -32,8 +32,9 @@ pub struct Entitlement {
 }
 
 impl Entitlement {
-    /// An entitlement for an account with no plan information (for use with the metering
-    /// layer alone, after your own authorization).
+    /// An entitlement for an account with no plan information: what the gate admits on an
+    /// identify-only route for an account without a subscription, and a starting point for
+    /// testing a [`Pricing`](crate::metering::Pricing) rule.
     pub fn new(account: AccountId) -> Self {
         Entitlement {
             account,
