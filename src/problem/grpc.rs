@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::body::ResponseBody;
 use crate::decision::Denial;
+use crate::problem::rpc;
 use crate::problem::{ProblemConfig, ProblemDetails};
 
 /// Whether a request is a gRPC call: its `content-type` is `application/grpc` or starts with
@@ -163,54 +164,6 @@ pub(crate) fn base64_unpadded(data: &[u8]) -> String {
     out
 }
 
-/// Protobuf wire encoding of the few messages needed.
-mod pb {
-    pub(super) fn varint(buf: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        buf.push(v as u8);
-    }
-
-    fn key(buf: &mut Vec<u8>, field: u32, wire: u8) {
-        varint(buf, (u64::from(field) << 3) | u64::from(wire));
-    }
-
-    /// A varint field; proto3 leaves zero out.
-    pub(super) fn uint(buf: &mut Vec<u8>, field: u32, v: u64) {
-        if v != 0 {
-            key(buf, field, 0);
-            varint(buf, v);
-        }
-    }
-
-    /// A length-delimited field (string, bytes, message), written even when empty: an
-    /// element of a repeated message field must be present.
-    pub(super) fn bytes(buf: &mut Vec<u8>, field: u32, data: &[u8]) {
-        key(buf, field, 2);
-        varint(buf, data.len() as u64);
-        buf.extend_from_slice(data);
-    }
-
-    /// A string field; proto3 leaves the empty string out.
-    pub(super) fn string(buf: &mut Vec<u8>, field: u32, s: &str) {
-        if !s.is_empty() {
-            bytes(buf, field, s.as_bytes());
-        }
-    }
-
-    /// `google.protobuf.Any`: type_url = 1, value = 2.
-    pub(super) fn any(buf: &mut Vec<u8>, field: u32, type_name: &str, value: &[u8]) {
-        let mut any = Vec::with_capacity(type_name.len() + value.len() + 32);
-        string(&mut any, 1, &format!("type.googleapis.com/{type_name}"));
-        if !value.is_empty() {
-            bytes(&mut any, 2, value);
-        }
-        bytes(buf, field, &any);
-    }
-}
-
 /// A member's value as an `ErrorInfo` metadata string: strings as they are, anything else as
 /// JSON text.
 fn member_string(v: &Value) -> String {
@@ -231,73 +184,73 @@ pub(crate) fn status_details(
     config: &ProblemConfig,
     retry_after: Option<u64>,
 ) -> Vec<u8> {
-    let mut status = Vec::with_capacity(256);
-    pb::uint(&mut status, 1, code.as_i32() as u64);
-    pb::string(&mut status, 2, &problem.detail);
-
-    // google.rpc.ErrorInfo: reason = 1, domain = 2, metadata = 3 (map<string, string>).
-    let mut info = Vec::with_capacity(128);
-    pb::string(&mut info, 1, &problem.code);
-    pb::string(&mut info, 2, config.get_grpc_domain());
-    // `error` (the OpenAI-shaped copy of code and detail) says nothing the status does not.
-    for (k, v) in problem.members.iter().filter(|(k, _)| *k != "error") {
-        let mut entry = Vec::new();
-        pb::string(&mut entry, 1, k);
-        pb::string(&mut entry, 2, &member_string(v));
-        pb::bytes(&mut info, 3, &entry);
+    let info = rpc::ErrorInfo {
+        reason: problem.code.clone(),
+        domain: config.get_grpc_domain().to_owned(),
+        // `error` (the OpenAI-shaped copy of code and detail) says nothing the status does not.
+        metadata: problem
+            .members
+            .iter()
+            .filter(|(k, _)| *k != "error")
+            .map(|(k, v)| (k.clone(), member_string(v)))
+            .collect(),
+    };
+    let mut details = vec![rpc::Any::pack("ErrorInfo", &info)];
+    if let Some(failure) = denial.and_then(|d| failure_detail(d, &problem.detail)) {
+        details.push(failure);
     }
-    pb::any(&mut status, 3, "google.rpc.ErrorInfo", &info);
-
-    if let Some((name, failure)) = denial.and_then(|d| failure_detail(d, &problem.detail)) {
-        pb::any(&mut status, 3, name, &failure);
-    }
-
     if let Some(secs) = retry_after {
-        // google.rpc.RetryInfo: retry_delay = 1 (google.protobuf.Duration: seconds = 1).
-        let mut duration = Vec::new();
-        pb::uint(&mut duration, 1, secs);
-        let mut retry = Vec::new();
-        pb::bytes(&mut retry, 1, &duration);
-        pb::any(&mut status, 3, "google.rpc.RetryInfo", &retry);
+        let retry = rpc::RetryInfo {
+            retry_delay: Some(rpc::Duration {
+                seconds: i64::try_from(secs).unwrap_or(i64::MAX),
+                nanos: 0,
+            }),
+        };
+        details.push(rpc::Any::pack("RetryInfo", &retry));
     }
-
-    // google.rpc.Help: links = 1 (Link: description = 1, url = 2).
-    let mut help = Vec::new();
-    for (k, v) in &problem.members {
-        if let (Some(what), Value::String(url)) = (k.strip_suffix("_url"), v) {
-            let mut link = Vec::new();
-            pb::string(&mut link, 1, what);
-            pb::string(&mut link, 2, url);
-            pb::bytes(&mut help, 1, &link);
-        }
+    let links: Vec<rpc::HelpLink> = problem
+        .members
+        .iter()
+        .filter_map(|(k, v)| match (k.strip_suffix("_url"), v) {
+            (Some(what), Value::String(url)) => Some(rpc::HelpLink {
+                description: what.to_owned(),
+                url: url.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    if !links.is_empty() {
+        details.push(rpc::Any::pack("Help", &rpc::Help { links }));
     }
-    if !help.is_empty() {
-        pb::any(&mut status, 3, "google.rpc.Help", &help);
-    }
-    status
+    let status = rpc::Status {
+        code: code.as_i32(),
+        message: problem.detail.clone(),
+        details,
+    };
+    prost::Message::encode_to_vec(&status)
 }
 
 /// A `QuotaFailure` for exhausted credit or allowance, a `PreconditionFailure` for
 /// subscription, plan and payment conditions.
-fn failure_detail(denial: &Denial, description: &str) -> Option<(&'static str, Vec<u8>)> {
-    // QuotaFailure: violations = 1 (Violation: subject = 1, description = 2).
+fn failure_detail(denial: &Denial, description: &str) -> Option<rpc::Any> {
     let quota = |subject: &str| {
-        let mut v = Vec::new();
-        pb::string(&mut v, 1, subject);
-        pb::string(&mut v, 2, description);
-        let mut failure = Vec::new();
-        pb::bytes(&mut failure, 1, &v);
-        Some(("google.rpc.QuotaFailure", failure))
+        let failure = rpc::QuotaFailure {
+            violations: vec![rpc::QuotaViolation {
+                subject: subject.to_owned(),
+                description: description.to_owned(),
+            }],
+        };
+        Some(rpc::Any::pack("QuotaFailure", &failure))
     };
-    // PreconditionFailure: violations = 1 (Violation: type = 1, subject = 2, description = 3).
     let precondition = |subject: &str| {
-        let mut v = Vec::new();
-        pb::string(&mut v, 1, denial.code());
-        pb::string(&mut v, 2, subject);
-        pb::string(&mut v, 3, description);
-        let mut failure = Vec::new();
-        pb::bytes(&mut failure, 1, &v);
-        Some(("google.rpc.PreconditionFailure", failure))
+        let failure = rpc::PreconditionFailure {
+            violations: vec![rpc::PreconditionViolation {
+                r#type: denial.code().to_owned(),
+                subject: subject.to_owned(),
+                description: description.to_owned(),
+            }],
+        };
+        Some(rpc::Any::pack("PreconditionFailure", &failure))
     };
     match denial {
         Denial::InsufficientCredits { .. } => quota("credits"),
@@ -499,16 +452,6 @@ mod tests {
         assert_eq!(base64_unpadded(b"foo"), "Zm9v");
         assert_eq!(base64_unpadded(b"foob"), "Zm9vYg");
         assert_eq!(base64_unpadded(&[0xfb, 0xff]), "+/8");
-    }
-
-    #[test]
-    fn varints() {
-        let mut b = Vec::new();
-        pb::varint(&mut b, 300);
-        assert_eq!(b, [0xac, 0x02]);
-        b.clear();
-        pb::varint(&mut b, u64::MAX);
-        assert_eq!(b.len(), 10);
     }
 
     fn decode(details: &[u8]) -> tonic_types::Status {

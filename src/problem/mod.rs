@@ -122,6 +122,7 @@
 mod details;
 mod grpc;
 mod layer;
+pub(crate) mod rpc;
 
 pub use details::{Links, ProblemConfig, ProblemDetails, PROBLEM_JSON};
 pub use grpc::{is_grpc, GrpcCode};
