@@ -122,5 +122,6 @@ async fn allocations_per_request_in_steady_state() {
 /// (`ResponseBody`, `MeteredBody`) (1 to 2), and one more not yet traced. Nothing in the
 /// ledger step allocates any more: the API key is read in place, the route's charge is priced
 /// on the stack, and an in-process ledger holds a request without an `Idempotency-Key`
-/// without a keyed record.
-const CEILING: f64 = 6.0;
+/// without a keyed record. (Half an allocation of slack: averages over 1,000 requests can
+/// carry an amortized map growth.)
+const CEILING: f64 = 6.5;
