@@ -50,8 +50,11 @@
 //! (`grpcio`, `grpcio-status`: tests/sdk/grpc_client.py), decoding `ErrorInfo` and
 //! `RetryInfo`.
 //!
-//! Errors of the handler itself are not billed: an empty `city` is `INVALID_ARGUMENT`, and an
-//! `Hourly` stream of more than 12 hours fails with `OUT_OF_RANGE` after the 12th forecast.
+//! An error of the handler before it served anything is not billed: an empty `city` is
+//! `INVALID_ARGUMENT`, released. A stream is billed for what it delivered: an `Hourly` stream
+//! of more than 12 hours sends 12 forecasts, then fails with `OUT_OF_RANGE`, and is charged
+//! its 10 credits, as a client that hangs up mid-stream is (`Billing::on_stream_error` to
+//! release it instead).
 
 #[path = "common/plain.rs"]
 mod plain;

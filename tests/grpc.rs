@@ -1,6 +1,7 @@
 //! gRPC (issue 5): the example's tonic service behind the three layers, called by a real tonic
 //! client over a real TCP socket. Every denial arrives as the right `tonic::Code` with
-//! `ErrorInfo` details; a stream is charged once, at its end; handler errors are not charged.
+//! `ErrorInfo` details; a stream is charged once, at its end; handler errors before any
+//! message are not charged; a stream that fails after its messages is.
 
 #[allow(dead_code)]
 #[path = "../examples/grpc.rs"]
@@ -207,22 +208,52 @@ async fn a_handler_error_is_not_charged() {
     );
 }
 
-#[tokio::test]
-async fn a_stream_that_fails_in_its_trailers_is_not_charged() {
-    let server = start().await;
-    let mut stream = hourly(&server, request("Lyon", 13, &[("x-api-key", "demo-pro")]))
+/// `Hourly` for 13 hours: the forecasts received before the stream's error, and the error.
+async fn thirteen_hours(server: &Server) -> (Vec<Forecast>, Status) {
+    let mut stream = hourly(server, request("Lyon", 13, &[("x-api-key", "demo-pro")]))
         .await
         .unwrap();
-    let mut got = 0;
+    let mut got = Vec::new();
     let status = loop {
         match stream.next().await {
-            Some(Ok(_)) => got += 1,
+            Some(Ok(f)) => got.push(f),
             Some(Err(status)) => break status,
             None => panic!("the stream ended without its error"),
         }
     };
-    assert_eq!(got, grpc::MAX_HOURS);
+    (got, status)
+}
+
+/// Issue 12: 12 premium forecasts, then `OUT_OF_RANGE`, used to cost nothing. A stream is
+/// billed for what it delivered, like a client hanging up mid-stream: the route's 10 credits.
+#[tokio::test]
+async fn a_stream_that_fails_after_delivering_messages_is_charged() {
+    let server = start().await;
+    let (got, status) = thirteen_hours(&server).await;
+    assert_eq!(got.len(), 12);
+    assert_eq!(got.len() as u32, grpc::MAX_HOURS);
+    assert!(got
+        .iter()
+        .all(|f| f.account == "acct_pro" && f.city == "Lyon"));
+    assert_eq!(got.last().unwrap().hour, 12);
     assert_eq!(status.code(), Code::OutOfRange);
+    // Settled before the trailers went out.
+    let b = server.balance("acct_pro").await;
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (990, 0, 10)
+    );
+}
+
+#[tokio::test]
+async fn releasing_a_stream_that_fails_is_a_choice() {
+    let mut demo = grpc::demo(clock()).await;
+    demo.billing = demo
+        .billing
+        .on_stream_error(tower_402::metering::StreamErrorPolicy::Release);
+    let server = start_with(demo).await;
+    let (got, status) = thirteen_hours(&server).await;
+    assert_eq!((got.len(), status.code()), (12, Code::OutOfRange));
     let b = server.balance("acct_pro").await;
     assert_eq!(
         (b.available.get(), b.held.get(), b.settled.get()),
@@ -239,6 +270,11 @@ async fn billing_grpc_errors_is_a_choice() {
     assert_eq!(status.code(), Code::InvalidArgument);
     let b = server.balance("acct_pro").await;
     assert_eq!((b.available.get(), b.settled.get()), (999, 1));
+    // A stream that fails after its messages is settled as a success.
+    let (got, status) = thirteen_hours(&server).await;
+    assert_eq!((got.len(), status.code()), (12, Code::OutOfRange));
+    let b = server.balance("acct_pro").await;
+    assert_eq!((b.available.get(), b.settled.get()), (989, 11));
 }
 
 #[tokio::test]

@@ -68,9 +68,20 @@ async fn upstream(headers: HeaderMap) -> Response {
         )
             .into_response(),
         "sse" => ([("content-type", "text/event-stream")], chunked(sse(usage), 1)).into_response(),
-        "sse-error" => {
-            let mut items: Vec<Result<Bytes, std::io::Error>> =
-                vec![Ok(Bytes::from("data: {\"choices\":[]}\n\n"))];
+        // The upstream resets: after an event without usage, after the usage chunk (and
+        // before `[DONE]`), or before anything.
+        "sse-error" | "sse-error-after-usage" | "sse-error-first" => {
+            let sent = match kind {
+                "sse-error" => "data: {\"choices\":[]}\n\n".to_owned(),
+                "sse-error-after-usage" => sse(Some(r#"{"prompt_tokens":3,"completion_tokens":1}"#))
+                    .replace("data: [DONE]\n\n", ""),
+                _ => String::new(),
+            };
+            let mut items: Vec<Result<Bytes, std::io::Error>> = sent
+                .into_bytes()
+                .chunks(16)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
             items.push(Err(std::io::Error::other("upstream reset")));
             (
                 [("content-type", "text/event-stream")],
@@ -288,12 +299,79 @@ async fn an_upstream_5xx_is_refunded() {
     assert_eq!((s.open(), s.held().await), (0, 0));
 }
 
+/// Reads a response body until it ends or fails: the text that arrived, and whether it failed.
+async fn read(res: Response) -> (String, bool) {
+    let mut body = res.into_body();
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    text.push_str(std::str::from_utf8(&data).unwrap());
+                }
+            }
+            Err(_) => return (text, true),
+        }
+    }
+    (text, false)
+}
+
+/// Issue 12: an upstream that fails mid-stream, after events went out, is charged what the
+/// stream delivered, under the disconnect policy (it used to be released).
 #[tokio::test]
-async fn a_stream_that_errors_is_released_by_default() {
+async fn a_stream_that_errors_after_some_events_is_charged_what_it_delivered() {
+    for (scenario, policy, charged) in [
+        (
+            "sse-error-after-usage",
+            DisconnectPolicy::ChargeUsageSoFar,
+            3 + 2,
+        ),
+        (
+            "sse-error-after-usage",
+            DisconnectPolicy::ChargeEstimate,
+            estimate(),
+        ),
+        // No usage seen before the failure: the estimate, never free.
+        ("sse-error", DisconnectPolicy::ChargeUsageSoFar, estimate()),
+        ("sse-error", DisconnectPolicy::ChargeEstimate, estimate()),
+    ] {
+        let s = Setup::new(100_000).await;
+        let app = s.app(Plan::new("basic", "Basic", 1).overage(true), |m| {
+            m.on_disconnect(policy)
+        });
+        let (text, failed) = read(app.oneshot(call(scenario)).await.unwrap()).await;
+        assert!(
+            failed,
+            "{scenario}: the body must end in the upstream's error"
+        );
+        assert!(text.starts_with("data: {"), "{scenario}: {text:?}");
+        if scenario == "sse-error-after-usage" {
+            assert!(text.contains(r#""content":" world""#), "{text:?}");
+            assert!(text.contains(r#""usage":{"prompt_tokens":3"#), "{text:?}");
+        }
+        s.drain().await;
+        assert_eq!(
+            100_000 - s.available().await,
+            charged,
+            "{scenario} {policy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_errors_before_any_event_or_by_policy_is_released() {
     let s = Setup::new(100_000).await;
-    let res = s.basic().oneshot(call("sse-error")).await.unwrap();
-    let collected = res.into_body().collect().await;
-    assert!(collected.is_err());
+    let (text, failed) = read(s.basic().oneshot(call("sse-error-first")).await.unwrap()).await;
+    assert_eq!((text.as_str(), failed), ("", true));
+    s.drain().await;
+    assert_eq!(s.available().await, 100_000);
+
+    let s = Setup::new(100_000).await;
+    let app = s.app(Plan::new("basic", "Basic", 1).overage(true), |m| {
+        m.on_stream_error(StreamErrorPolicy::Release)
+    });
+    let (text, failed) = read(app.oneshot(call("sse-error-after-usage")).await.unwrap()).await;
+    assert!(failed && text.contains("usage"), "{text:?}");
     s.drain().await;
     assert_eq!(s.available().await, 100_000);
 }

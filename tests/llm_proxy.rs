@@ -7,6 +7,7 @@ mod llm_proxy;
 
 mod common;
 
+use bytes::Bytes;
 use common::{request, send};
 use http::Method;
 use serde_json::{json, Value};
@@ -187,4 +188,160 @@ async fn the_models_list_and_balance_work_for_sdk_clients() {
     .await;
     assert_eq!(a.status, 200);
     assert_eq!(a.json()["data"].as_array().unwrap().len(), 2);
+}
+
+/// The events of a streamed answer: the JSON of each `data:` line (`[DONE]` left out).
+fn events(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+/// Issue 12: the stand-in produced as many tokens as `max_tokens` asked for, beyond the
+/// model's `max_output_tokens` that the estimate is capped at, so it delivered output that
+/// was never held.
+#[tokio::test]
+async fn the_model_never_produces_more_output_than_the_request_was_priced_for() {
+    let demo = demo().await;
+    // 5,000 words: an echo of 5,001 tokens if nothing limited it.
+    let words = vec!["word"; 5000].join(" ");
+    let prompt = 5000 + 4 + 3;
+    for (limits, priced) in [
+        // Capped at small-model's max_output_tokens, like the estimate.
+        (json!({"max_tokens": 1_000_000}), 4096),
+        // max_completion_tokens wins over max_tokens.
+        (json!({"max_completion_tokens": 50, "max_tokens": 1000}), 50),
+        // Neither: the model's default output estimate.
+        (json!({}), 256),
+    ] {
+        for stream in [false, true] {
+            let mut b = json!({
+                "model": "small-model",
+                "stream": stream,
+                "messages": [{"role": "user", "content": words}],
+            });
+            for (k, v) in limits.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            let before = available(&demo).await;
+            let a = send(&demo.router, chat("demo-pro", &b, &[])).await;
+            assert_eq!(a.status, 200, "{:?}", a.body);
+            let (usage, finish, content) = if stream {
+                let text = String::from_utf8(a.body.to_vec()).unwrap();
+                assert!(text.ends_with("data: [DONE]\n\n"));
+                let events = events(&text);
+                let content: Vec<&str> = events
+                    .iter()
+                    .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                let finish = events
+                    .iter()
+                    .find_map(|e| e["choices"][0]["finish_reason"].as_str())
+                    .unwrap()
+                    .to_owned();
+                let usage = events.last().unwrap()["usage"].clone();
+                (usage, finish, content.concat())
+            } else {
+                let doc = a.json();
+                let content = doc["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                let finish = doc["choices"][0]["finish_reason"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                (doc["usage"].clone(), finish, content)
+            };
+            // What ran: "You said:" and priced - 1 words, no more.
+            assert_eq!(
+                content.split_whitespace().count() as u64,
+                priced + 1,
+                "{limits} stream={stream}"
+            );
+            assert!(content.starts_with("You said: word word"));
+            assert_eq!(
+                usage["completion_tokens"], priced,
+                "{limits} stream={stream}"
+            );
+            assert_eq!(usage["prompt_tokens"], prompt);
+            assert_eq!(finish, "length");
+            assert_eq!(
+                before - available(&demo).await,
+                cost(prompt, priced, (1, 2)),
+                "{limits} stream={stream}"
+            );
+        }
+    }
+}
+
+/// Issue 12: an 800 KB request took the stand-in from 9 MB to 959 MB, every event of the
+/// answer built before the first was sent. It now goes out one small event per frame.
+#[tokio::test]
+async fn a_large_request_streams_one_small_event_per_frame() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let demo = demo().await;
+    let before = available(&demo).await;
+    let words = "token ".repeat(140_000);
+    let b = json!({
+        "model": "small-model",
+        "stream": true,
+        "max_tokens": 1_000_000_000u64,
+        "messages": [{"role": "user", "content": words}],
+    });
+    assert!(b.to_string().len() > 800_000);
+    let res = demo
+        .router
+        .clone()
+        .oneshot(chat("demo-pro", &b, &[]))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let (mut frames, mut largest, mut last) = (0usize, 0usize, Bytes::new());
+    while let Some(frame) = body.frame().await {
+        let data = frame.unwrap().into_data().unwrap();
+        frames += 1;
+        largest = largest.max(data.len());
+        last = data;
+    }
+    // The role, 4,096 tokens, the finish reason, the usage, [DONE]: one frame each.
+    assert_eq!(frames, 1 + 4096 + 1 + 1 + 1);
+    assert!(largest < 512, "an event of {largest} bytes");
+    assert_eq!(last, "data: [DONE]\n\n");
+    assert_eq!(
+        before - available(&demo).await,
+        cost(140_000 + 4 + 3, 4096, (1, 2))
+    );
+}
+
+/// The stream is made as it is read: the reply holds its request's text and a cursor, the
+/// same bytes from the first event to the last, never more than the request itself.
+#[test]
+fn a_reply_holds_only_its_request_while_it_streams() {
+    let words = "token ".repeat(140_000);
+    let request = json!({
+        "model": "small-model",
+        "stream": true,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": words}],
+    });
+    let size = request.to_string().len();
+    let mut reply = llm_proxy::Reply::new(request, 4096).unwrap();
+    assert!(reply.streamed());
+    let held = reply.held_bytes();
+    assert!(held <= size, "holds {held} bytes for a request of {size}");
+    let mut events = 0;
+    while let Some(event) = reply.next() {
+        events += 1;
+        assert!(event.len() < 512);
+        assert_eq!(reply.held_bytes(), held, "after {events} events");
+    }
+    assert_eq!(events, 4096 + 4);
+    // Not a chat request: no reply.
+    assert!(llm_proxy::Reply::new(json!([5]), 10).is_none());
 }

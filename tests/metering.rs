@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_402::decision::{Cost, Requirement};
 use tower_402::ledger::OverEstimate;
+use tower_402::metering::{BodyBytes, DisconnectPolicy, StreamErrorPolicy};
 use tower_402::plan::{Catalog, Plan, Subscription};
 use tower_402::*;
 
@@ -457,4 +458,198 @@ async fn a_grpc_error_without_a_content_type_is_not_billed() {
     res.into_body().collect().await.unwrap();
     let b = ledger.balance(&"acme".into(), START).await.unwrap();
     assert_eq!((b.available, b.settled), (Credits::new(10), Credits::ZERO));
+}
+
+/// A frame of a scripted response body.
+#[derive(Debug, Clone, Copy)]
+enum Out {
+    Data(&'static str),
+    /// Trailers with this `grpc-status`.
+    GrpcStatus(&'static str),
+    /// The body fails (an upstream reset).
+    Fail,
+}
+
+/// What a client got from a scripted response, and what it cost.
+#[derive(Debug, PartialEq)]
+struct Ran {
+    /// The data that reached the client.
+    received: String,
+    /// The body ended in an error.
+    failed: bool,
+    /// The `grpc-status` of the trailers, if any reached the client.
+    grpc_status: Option<String>,
+    /// Credits settled; nothing is left held.
+    charged: u64,
+}
+
+/// One call, costing 4 credits (of 100), to a service that answers 200 with `frames` (a gRPC
+/// response if `grpc`), read to its end.
+async fn scripted(
+    frames: &'static [Out],
+    grpc: bool,
+    cost: Cost,
+    configure: impl FnOnce(Billing) -> Billing,
+) -> Ran {
+    use http_body::Frame;
+
+    let ledger = MemoryLedger::new();
+    ledger
+        .deposit(&"acme".into(), Credits::new(100), "seed", START)
+        .await
+        .unwrap();
+    let billing = configure(credit_only(&ledger, cost));
+    let svc = ServiceBuilder::new()
+        .layer(billing.layer())
+        .service(tower::service_fn(
+            move |_req: http::Request<_>| async move {
+                let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = frames
+                    .iter()
+                    .map(|f| match *f {
+                        Out::Data(d) => Ok(Frame::data(Bytes::from_static(d.as_bytes()))),
+                        Out::GrpcStatus(code) => {
+                            let mut t = http::HeaderMap::new();
+                            t.insert("grpc-status", http::HeaderValue::from_static(code));
+                            Ok(Frame::trailers(t))
+                        }
+                        Out::Fail => Err(std::io::Error::other("upstream reset")),
+                    })
+                    .collect();
+                let mut res = http::Response::new(http_body_util::StreamBody::new(
+                    futures_util::stream::iter(frames),
+                ));
+                if grpc {
+                    res.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(res)
+            },
+        ));
+    let mut req = http::Request::post("/weather.Forecast/Hourly")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    if grpc {
+        req.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+    }
+    req.extensions_mut().insert(AccountId::new("acme"));
+    let mut body = svc.oneshot(req).await.unwrap().into_body();
+    let mut ran = Ran {
+        received: String::new(),
+        failed: false,
+        grpc_status: None,
+        charged: 0,
+    };
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => ran.received.push_str(std::str::from_utf8(&data).unwrap()),
+                Err(frame) => {
+                    let trailers = frame.into_trailers().unwrap();
+                    ran.grpc_status = Some(trailers["grpc-status"].to_str().unwrap().into());
+                }
+            },
+            Err(_) => {
+                ran.failed = true;
+                break;
+            }
+        }
+    }
+    drop(body);
+    // The in-memory ledger settles in place: nothing to wait for.
+    let b = ledger.balance(&"acme".into(), START).await.unwrap();
+    assert_eq!(b.held, Credits::ZERO, "nothing left held");
+    assert_eq!(b.available.get() + b.settled.get(), 100);
+    ran.charged = b.settled.get();
+    ran
+}
+
+fn four_credits() -> Cost {
+    Cost::new("calls", 1, Credits::new(4))
+}
+
+/// Issue 12: a body that fails after delivering data is billed for what it delivered, by the
+/// disconnect policy, not released.
+#[tokio::test]
+async fn a_body_that_fails_after_delivering_data_is_charged_as_a_disconnect() {
+    const FRAMES: &[Out] = &[Out::Data("part 1 "), Out::Data("part 2"), Out::Fail];
+    let ran = scripted(FRAMES, false, four_credits(), |b| b).await;
+    assert_eq!((ran.received.as_str(), ran.failed), ("part 1 part 2", true));
+    assert_eq!(ran.charged, 4, "the estimate, as for a dropped body");
+
+    // With usage seen so far as the policy: the 13 bytes that went out, not the estimate.
+    let ran = scripted(
+        FRAMES,
+        false,
+        Cost::new("bytes", 64, Credits::new(1)),
+        |b| {
+            b.usage(BodyBytes::new("bytes"))
+                .on_disconnect(DisconnectPolicy::ChargeUsageSoFar)
+        },
+    )
+    .await;
+    assert_eq!((ran.received.len(), ran.failed), (13, true));
+    assert_eq!(ran.charged, 13);
+
+    // Releasing is a choice.
+    let ran = scripted(FRAMES, false, four_credits(), |b| {
+        b.on_stream_error(StreamErrorPolicy::Release)
+    })
+    .await;
+    assert_eq!((ran.received.as_str(), ran.failed), ("part 1 part 2", true));
+    assert_eq!(ran.charged, 0);
+}
+
+#[tokio::test]
+async fn a_body_that_fails_on_its_first_frame_is_released() {
+    let ran = scripted(&[Out::Fail], false, four_credits(), |b| b).await;
+    assert_eq!((ran.received.as_str(), ran.failed), ("", true));
+    assert_eq!(ran.charged, 0, "nothing was delivered");
+}
+
+/// Issue 12: a gRPC stream whose trailers carry an error after its messages is billed for
+/// what it delivered; one that fails before any message is released.
+#[tokio::test]
+async fn a_grpc_stream_that_fails_after_its_messages_is_charged_what_it_delivered() {
+    const FRAMES: &[Out] = &[
+        Out::Data("msg 1"),
+        Out::Data("msg 2"),
+        Out::GrpcStatus("11"),
+    ];
+    let ran = scripted(FRAMES, true, four_credits(), |b| b).await;
+    assert_eq!(ran.received, "msg 1msg 2");
+    assert_eq!(ran.grpc_status.as_deref(), Some("11"));
+    assert_eq!(ran.charged, 4);
+
+    let ran = scripted(FRAMES, true, four_credits(), |b| {
+        b.on_stream_error(StreamErrorPolicy::Release)
+    })
+    .await;
+    assert_eq!((ran.received.as_str(), ran.charged), ("msg 1msg 2", 0));
+
+    let ran = scripted(FRAMES, true, four_credits(), |b| b.bill_grpc_errors(true)).await;
+    assert_eq!((ran.received.as_str(), ran.charged), ("msg 1msg 2", 4));
+}
+
+#[tokio::test]
+async fn a_grpc_stream_that_fails_before_any_message_is_released() {
+    let ran = scripted(&[Out::GrpcStatus("11")], true, four_credits(), |b| b).await;
+    assert_eq!(
+        (ran.received.as_str(), ran.grpc_status.as_deref()),
+        ("", Some("11"))
+    );
+    assert_eq!(ran.charged, 0);
+    // Released under either stream-error policy: nothing was delivered.
+    let ran = scripted(&[Out::GrpcStatus("11")], true, four_credits(), |b| {
+        b.on_stream_error(StreamErrorPolicy::ChargeDelivered)
+    })
+    .await;
+    assert_eq!(ran.charged, 0);
+    // An empty stream that ends `OK` is a success: charged.
+    let ran = scripted(&[Out::GrpcStatus("0")], true, four_credits(), |b| b).await;
+    assert_eq!((ran.grpc_status.as_deref(), ran.charged), (Some("0"), 4));
 }

@@ -382,6 +382,31 @@ async fn top_up_bad_input_is_a_clear_4xx_and_changes_nothing() {
             "INVALID_REQUEST",
         ),
         (key("k9"), "".into(), 400, "INVALID_REQUEST"),
+        // Issue 12: serde reads a struct from an array too, and `[5]` deposited 5. Only an
+        // object is a top-up.
+        (key("k11"), "[5]".into(), 400, "INVALID_REQUEST"),
+        (key("k12"), "[5, 1]".into(), 400, "INVALID_REQUEST"),
+        (key("k13"), "[]".into(), 400, "INVALID_REQUEST"),
+        (key("k14"), "5".into(), 400, "INVALID_REQUEST"),
+        (
+            key("k15"),
+            r#""{\"credits\": 5}""#.into(),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (key("k16"), "null".into(), 400, "INVALID_REQUEST"),
+        (
+            key("k17"),
+            r#"{"credits": [5]}"#.into(),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            key("k18"),
+            r#"{"credits": 5} {"credits": 5}"#.into(),
+            400,
+            "INVALID_REQUEST",
+        ),
     ];
     for (headers, body, status, code) in cases {
         let a = send(&demo.router, post(headers.clone(), body.clone())).await;

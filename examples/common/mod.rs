@@ -90,6 +90,7 @@ pub async fn balance<C: Clock>(
 }
 
 /// `POST /v1/topup` with `{"credits": N}` and an `Idempotency-Key`: deposits once per key.
+/// Any other body is a `400` problem, and nothing is deposited.
 pub async fn top_up<C: Clock>(
     State(state): State<Billing<C>>,
     entitlement: Entitlement,
@@ -111,7 +112,13 @@ pub async fn top_up<C: Clock>(
     struct TopUp {
         credits: u64,
     }
-    let Ok(TopUp { credits }) = serde_json::from_slice::<TopUp>(&body) else {
+    // An object and nothing else: serde's derive would also read a struct from an array
+    // (`[5]` deposited 5).
+    let parsed = match serde_json::from_slice(&body) {
+        Ok(value @ serde_json::Value::Object(_)) => serde_json::from_value::<TopUp>(value),
+        _ => Err(serde::de::Error::custom("not a JSON object")),
+    };
+    let Ok(TopUp { credits }) = parsed else {
         return Err(bad_request(
             "INVALID_REQUEST",
             "The body must be a JSON object {\"credits\": N} with N a whole number from 1 to 1000000000.",

@@ -193,7 +193,7 @@ impl Billing {
             bill_grpc_errors: false,
             over_estimate: OverEstimate::DrawBalance,
             on_disconnect: DisconnectPolicy::ChargeEstimate,
-            on_stream_error: StreamErrorPolicy::Release,
+            on_stream_error: StreamErrorPolicy::ChargeDelivered,
             max_body: 1024 * 1024,
             max_units: 1_000_000_000,
             thresholds: None,
@@ -364,11 +364,15 @@ impl Billing {
         self
     }
 
-    /// Whether gRPC calls that end with a non-zero `grpc-status` are charged (default: no).
+    /// Whether gRPC calls that end with a non-zero `grpc-status` are charged as if they had
+    /// succeeded (default: no).
     ///
     /// A gRPC error travels in an HTTP 200: in the head of a trailers-only answer, or in the
-    /// trailers after a stream. By default either releases the reservation, like a 5xx; with
-    /// `true` the call is settled as if it had succeeded.
+    /// trailers after a stream. By default a trailers-only error, and a stream that fails
+    /// before its first message, release the reservation like a 5xx; a stream that fails
+    /// after delivering messages is charged for what it delivered, as
+    /// [`on_stream_error`](Self::on_stream_error) says. With `true` every such call is
+    /// settled as a success.
     pub fn bill_grpc_errors(mut self, bill: bool) -> Self {
         self.meter_mut(|m| m.bill_grpc_errors = bill);
         self
@@ -388,8 +392,11 @@ impl Billing {
         self
     }
 
-    /// What to do when the response body fails mid-stream (default
-    /// [`StreamErrorPolicy::Release`]).
+    /// What to charge when a response stream fails after delivering data: an HTTP body that
+    /// fails mid-stream, or a gRPC stream that ends with a non-zero `grpc-status` after its
+    /// messages (default [`StreamErrorPolicy::ChargeDelivered`]: as for a dropped body, by the
+    /// [`on_disconnect`](Self::on_disconnect) policy). A stream that fails before delivering
+    /// anything is always released.
     pub fn on_stream_error(mut self, policy: StreamErrorPolicy) -> Self {
         self.meter_mut(|m| m.on_stream_error = policy);
         self

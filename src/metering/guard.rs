@@ -78,8 +78,11 @@ pub(crate) struct Guard {
     known: Option<Vec<Usage>>,
     scanner: Option<Box<dyn UsageScanner>>,
     responded: bool,
+    /// Some of the body's data has gone out.
+    delivered: bool,
     release_on_grpc_error: bool,
-    grpc_failed: bool,
+    /// The non-zero `grpc-status` the trailers carried.
+    grpc_failed: Option<i32>,
     done: bool,
 }
 
@@ -93,8 +96,9 @@ impl Guard {
             known: None,
             scanner: None,
             responded: false,
+            delivered: false,
             release_on_grpc_error: false,
-            grpc_failed: false,
+            grpc_failed: None,
             done: false,
         }
     }
@@ -131,28 +135,24 @@ impl Guard {
         self.scanner = scanner;
     }
 
-    /// A gRPC call: a non-zero `grpc-status` in the trailers releases instead of settling.
+    /// A gRPC call whose errors are not billed as successes: a non-zero `grpc-status` in the
+    /// trailers ends the stream as failed. It is released if no message went out before it,
+    /// else charged for what it delivered by the [`StreamErrorPolicy`].
     pub(crate) fn release_on_grpc_error(&mut self) {
         self.release_on_grpc_error = true;
     }
 
+    /// A chunk of the body, about to go out.
     pub(crate) fn data(&mut self, chunk: &[u8]) {
+        self.delivered |= !chunk.is_empty();
         if let Some(s) = &mut self.scanner {
             s.data(chunk);
         }
     }
 
     pub(crate) fn trailers(&mut self, trailers: &http::HeaderMap) {
-        if self.release_on_grpc_error
-            && crate::problem::grpc_status(trailers).is_some_and(|code| code != 0)
-        {
-            tracing::info!(
-                target: "tower_402::metering",
-                account = self.account(),
-                grpc_status = crate::problem::grpc_status(trailers),
-                "gRPC call failed; releasing the reservation"
-            );
-            self.grpc_failed = true;
+        if self.release_on_grpc_error {
+            self.grpc_failed = crate::problem::grpc_status(trailers).filter(|&code| code != 0);
         }
         if let Some(s) = &mut self.scanner {
             s.trailers(trailers);
@@ -185,8 +185,8 @@ impl Guard {
 
     /// The body ended: what to settle.
     pub(crate) fn at_end(&mut self) -> Action {
-        if self.grpc_failed {
-            return Action::Release;
+        if let Some(code) = self.grpc_failed {
+            return self.failed(Some(code));
         }
         if let Some(known) = self.known.take() {
             return Action::Settle(self.checked(Ok(known)));
@@ -204,12 +204,41 @@ impl Guard {
 
     /// The body failed mid-stream.
     pub(crate) fn at_error(&mut self) -> Action {
+        self.failed(None)
+    }
+
+    /// A stream that ended in an error (a failed body, or a gRPC `grpc_status`): released if
+    /// it delivered nothing, else as the [`StreamErrorPolicy`] says.
+    fn failed(&mut self, grpc_status: Option<i32>) -> Action {
+        let account = self.account();
+        if !self.delivered {
+            tracing::info!(
+                target: "tower_402::metering",
+                account,
+                grpc_status,
+                "stream failed before delivering any data; releasing the reservation"
+            );
+            return Action::Release;
+        }
         match self.config.on_stream_error {
-            StreamErrorPolicy::Release => Action::Release,
-            StreamErrorPolicy::ChargeUsageSoFar => match self.so_far() {
-                Some(u) => Action::Settle(u),
-                None => Action::Release,
-            },
+            StreamErrorPolicy::Release => {
+                tracing::info!(
+                    target: "tower_402::metering",
+                    account,
+                    grpc_status,
+                    "stream failed after delivering data; releasing the reservation by policy"
+                );
+                Action::Release
+            }
+            StreamErrorPolicy::ChargeDelivered => {
+                tracing::info!(
+                    target: "tower_402::metering",
+                    account,
+                    grpc_status,
+                    "stream failed after delivering data; charging what it delivered"
+                );
+                self.cut_short()
+            }
         }
     }
 
@@ -219,6 +248,12 @@ impl Guard {
             // Cancelled before the response: the handler's future was dropped with it.
             return Action::Release;
         }
+        self.cut_short()
+    }
+
+    /// A response that did not run to its end (dropped, or failed after delivering data):
+    /// the usage the handler reported, else what the [`DisconnectPolicy`] charges.
+    fn cut_short(&mut self) -> Action {
         if let Some(known) = self.known.take() {
             return Action::Settle(self.checked(Ok(known)));
         }

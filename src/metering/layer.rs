@@ -24,15 +24,25 @@ pub enum DisconnectPolicy {
     ChargeUsageSoFar,
 }
 
-/// What to do when the response body fails mid-stream (an upstream error).
+/// What to charge when a response stream ends in an error after it began: an HTTP body that
+/// fails mid-stream (an upstream reset), or a gRPC stream whose trailers carry a non-zero
+/// `grpc-status` after its messages.
+///
+/// A stream that fails before it delivered any data (a body that fails on its first frame, a
+/// gRPC error with no message before it) is always released: nothing was served. A
+/// trailers-only gRPC error never reaches this policy either: it is released like a 5xx
+/// (unless [`bill_grpc_errors`](crate::Billing::bill_grpc_errors) is set).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StreamErrorPolicy {
-    /// Release the reservation: the caller did not get what it paid for. The default.
+    /// Charge what the stream delivered, exactly as for a body dropped mid-stream: the
+    /// [`DisconnectPolicy`] decides (the estimate by default, or the usage seen so far), and a
+    /// [`ReportedUsage`](crate::ReportedUsage) is settled as reported. The default: the
+    /// caller received paid work, and a stream cannot be made free by ending it in an error.
     #[default]
+    ChargeDelivered,
+    /// Release the reservation, whatever the stream delivered.
     Release,
-    /// Charge what the usage extractor saw so far (nothing if it saw nothing).
-    ChargeUsageSoFar,
 }
 
 #[derive(Clone)]

@@ -161,6 +161,81 @@ impl OpenAiPricing {
         OpenAiPricing { table }
     }
 
+    /// The output tokens each choice of a completion request is priced for: what
+    /// [`estimate`](Pricing::estimate) reserves per choice (`max_completion_tokens`, else
+    /// `max_tokens`, else the model's or the table's default output, capped at the model's
+    /// `max_output_tokens`).
+    ///
+    /// A proxy hands this to its model as the request's output limit, so that the model never
+    /// produces more than was held. Refused as the estimate is: a request that is not a JSON
+    /// object, names no known `model`, or has a `max_tokens` that is not a positive integer.
+    ///
+    /// ```
+    /// use tower_402::metering::{ModelPrice, OpenAiPricing, PriceTable};
+    ///
+    /// let mut price = ModelPrice::new(150, 600);
+    /// price.max_output_tokens = Some(4096);
+    /// let pricing = OpenAiPricing::new(PriceTable::new().model("small-model", price));
+    /// let asks = |max: u64| serde_json::json!({"model": "small-model", "max_tokens": max});
+    /// assert_eq!(pricing.output_tokens(&asks(200)).unwrap(), 200);
+    /// assert_eq!(pricing.output_tokens(&asks(1_000_000)).unwrap(), 4096);
+    /// ```
+    pub fn output_tokens(&self, request: &Value) -> Result<u64, Denial> {
+        let Value::Object(obj) = request else {
+            return Err(invalid("The request body must be a JSON object."));
+        };
+        let price = self.price(obj)?;
+        self.output_per_choice(price, obj)
+    }
+
+    /// The price of the model the request names.
+    fn price(&self, obj: &serde_json::Map<String, Value>) -> Result<&ModelPrice, Denial> {
+        let model = obj
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("The request must name a `model`."))?;
+        match self.table.models.get(model).or(self.table.default.as_ref()) {
+            Some(p) => Ok(p),
+            None => {
+                let shown: String = model.chars().take(128).collect();
+                Err(Denial::Custom(Box::new(
+                    CustomDenial::new(
+                        StatusCode::BAD_REQUEST,
+                        "UNKNOWN_MODEL",
+                        "Unknown model",
+                        format!("There is no price for the model `{shown}`."),
+                    )
+                    .member("model", shown),
+                )))
+            }
+        }
+    }
+
+    /// The output tokens priced for each choice: see [`output_tokens`](Self::output_tokens).
+    fn output_per_choice(
+        &self,
+        price: &ModelPrice,
+        obj: &serde_json::Map<String, Value>,
+    ) -> Result<u64, Denial> {
+        let asked = match positive(
+            obj.get("max_completion_tokens"),
+            "`max_completion_tokens` must be a positive integer.",
+        )? {
+            Some(n) => Some(n),
+            None => positive(
+                obj.get("max_tokens"),
+                "`max_tokens` must be a positive integer.",
+            )?,
+        };
+        let per_choice = asked
+            .or(price.default_output_tokens)
+            .unwrap_or(self.table.default_output_tokens);
+        Ok(match price.max_output_tokens {
+            Some(cap) => per_choice.min(cap),
+            None => per_choice,
+        })
+    }
+
     fn kind(parts: &Parts) -> Option<Kind> {
         if parts.method != Method::POST {
             return None;
@@ -217,50 +292,16 @@ impl Pricing for OpenAiPricing {
         let Value::Object(obj) = json else {
             return Err(invalid("The request body must be a JSON object."));
         };
-        let model = obj
-            .get("model")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("The request must name a `model`."))?;
-        let price = match self.table.models.get(model).or(self.table.default.as_ref()) {
-            Some(p) => p,
-            None => {
-                let shown: String = model.chars().take(128).collect();
-                return Err(Denial::Custom(Box::new(
-                    CustomDenial::new(
-                        StatusCode::BAD_REQUEST,
-                        "UNKNOWN_MODEL",
-                        "Unknown model",
-                        format!("There is no price for the model `{shown}`."),
-                    )
-                    .member("model", shown),
-                )));
-            }
-        };
+        let price = self.price(&obj)?;
         let input_units = (body.len() as u64).div_ceil(4);
         let output_units = if kind == Kind::Embedding {
             0
         } else {
-            let asked = match positive(
-                obj.get("max_completion_tokens"),
-                "`max_completion_tokens` must be a positive integer.",
-            )? {
-                Some(n) => Some(n),
-                None => positive(
-                    obj.get("max_tokens"),
-                    "`max_tokens` must be a positive integer.",
-                )?,
-            };
+            let per_choice = self.output_per_choice(price, &obj)?;
             let n = positive(obj.get("n"), "`n` must be a positive integer.")?.unwrap_or(1);
             if n > 128 {
                 return Err(invalid("`n` must be at most 128."));
             }
-            let per_choice = asked
-                .or(price.default_output_tokens)
-                .unwrap_or(self.table.default_output_tokens);
-            let per_choice = match price.max_output_tokens {
-                Some(cap) => per_choice.min(cap),
-                None => per_choice,
-            };
             per_choice.saturating_mul(n)
         };
         Ok(vec![

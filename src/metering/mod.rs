@@ -12,10 +12,12 @@
 //!    what the handler reported by putting a [`ReportedUsage`] in the response extensions.
 //!
 //! Non-billable outcomes give the hold back: a 5xx, and a 4xx unless
-//! [`bill_client_errors`](crate::Billing::bill_client_errors) is set. A response body that
-//! fails mid-stream is released too. A body dropped before its end (client disconnect) is
-//! settled with the usage known at that point; on a shared ledger that settlement runs on a
-//! spawned Tokio task. On an in-process ledger a request without an `Idempotency-Key` is held
+//! [`bill_client_errors`](crate::Billing::bill_client_errors) is set. A body dropped before
+//! its end (client disconnect) is settled by the [`DisconnectPolicy`], and so is a stream
+//! that fails after delivering data (an HTTP body that errors mid-stream, a gRPC stream that
+//! ends with an error status after its messages): a stream is billed for what it delivered.
+//! One that fails before delivering anything is released. On a shared ledger a settlement
+//! after a drop or a failure runs on a spawned Tokio task. On an in-process ledger a request without an `Idempotency-Key` is held
 //! without a keyed record and settled in place (see [`in_process`](crate::in_process)). If
 //! nothing can run a shared ledger's settlement, the reservation expires after its TTL
 //! ([`reservation_ttl`](crate::Billing::reservation_ttl), default 5 minutes) and the hold comes
@@ -58,7 +60,10 @@
 //! | 4xx response | release | [`bill_client_errors`](crate::Billing::bill_client_errors) |
 //! | usage costs more than the hold | draw the difference from the balance, report any shortfall ([`OverEstimate::DrawBalance`](crate::ledger::OverEstimate::DrawBalance)) | cap at the hold ([`CapAtHold`](crate::ledger::OverEstimate::CapAtHold)) |
 //! | client disconnects mid-body | charge the estimate ([`DisconnectPolicy::ChargeEstimate`]) | usage seen so far ([`DisconnectPolicy::ChargeUsageSoFar`]) |
-//! | response body fails mid-stream | release ([`StreamErrorPolicy::Release`]) | usage seen so far |
+//! | response body fails mid-stream, after delivering data | as a disconnect: the estimate, or the usage seen so far, by the [`DisconnectPolicy`] ([`StreamErrorPolicy::ChargeDelivered`]) | release ([`StreamErrorPolicy::Release`]) |
+//! | response body fails on its first frame, before any data | release | |
+//! | gRPC stream ends with a non-zero `grpc-status` after delivering messages | as a disconnect ([`StreamErrorPolicy::ChargeDelivered`]) | release ([`StreamErrorPolicy::Release`]); charge as a success ([`bill_grpc_errors`](crate::Billing::bill_grpc_errors)) |
+//! | gRPC error before any message (trailers-only, or trailers right after the head) | release | charge as a success ([`bill_grpc_errors`](crate::Billing::bill_grpc_errors)) |
 //! | request cancelled before its response | release | |
 //! | reservation neither settled nor released | expires after the TTL, the hold comes back | |
 //! | a response streams longer than the TTL | the hold lapses mid-stream; the late settlement draws what is available, the rest is a logged shortfall | set [`reservation_ttl`](crate::Billing::reservation_ttl) above your longest stream |
@@ -75,9 +80,12 @@
 //!
 //! A gRPC call is metered like any request, unary or streaming: a server stream is settled
 //! once, when its trailers go out. A gRPC error travels in an HTTP 200, so the layer reads
-//! `grpc-status`: a non-zero status in the head of a trailers-only answer, or in the trailers
-//! after a stream, releases the reservation like a 5xx, unless
-//! [`bill_grpc_errors`](crate::Billing::bill_grpc_errors) is set. The
+//! `grpc-status`: a non-zero status in the head of a trailers-only answer, or in trailers
+//! that follow no message, releases the reservation like a 5xx; in the trailers after a
+//! stream delivered messages, it is charged for what it delivered, as a dropped body is
+//! ([`on_stream_error`](crate::Billing::on_stream_error) to release it instead). With
+//! [`bill_grpc_errors`](crate::Billing::bill_grpc_errors) every such call is settled as a
+//! success. The [problem module](crate::problem#billing-grpc-calls) has the whole table. The
 //! `x-credits-remaining` and `x-allowance-*` headers arrive as response metadata, and an
 //! `idempotency-key` metadata entry works as the header does.
 //!

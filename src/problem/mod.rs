@@ -93,6 +93,22 @@
 //! matching gRPC status (never forwarding its body), and passes gRPC responses of the inner
 //! service (`grpc-status` from your handler) through untouched.
 //!
+//! ## Billing gRPC calls
+//!
+//! The metering layer reads `grpc-status` too, since a gRPC error travels in an HTTP 200.
+//! What a call is charged ("as a disconnect" is the
+//! [`on_disconnect`](crate::Billing::on_disconnect) policy: the estimate by default, or the
+//! usage seen so far):
+//!
+//! | how the call ends | default | settings |
+//! |---|---|---|
+//! | `OK` (unary, or a stream's trailers) | settled: the usage, or the estimate | |
+//! | refused by a denial above | nothing held, the handler never ran | |
+//! | trailers-only error (`grpc-status` in the head: the handler returned `Err`) | released | charged as a success with [`bill_grpc_errors`](crate::Billing::bill_grpc_errors) |
+//! | a stream's trailers carry a non-zero `grpc-status` before any message | released | [`bill_grpc_errors`](crate::Billing::bill_grpc_errors) as above |
+//! | a stream's trailers carry a non-zero `grpc-status` after it delivered messages | charged as a disconnect: a stream is billed for what it delivered | released with [`on_stream_error`](crate::Billing::on_stream_error)`(StreamErrorPolicy::Release)`; charged as a success with [`bill_grpc_errors`](crate::Billing::bill_grpc_errors) |
+//! | the client cancels mid-stream | charged as a disconnect | |
+//!
 //! Reading the details from a Rust client with `tonic-types`:
 //!
 //! ```
