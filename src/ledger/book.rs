@@ -277,11 +277,19 @@ impl AccountBook {
             .unwrap_or_default()
     }
 
-    fn taken(&self, charge: &Charge) -> u64 {
-        charge
-            .allowance
-            .and_then(|w| self.allowances.get(&(charge.meter.clone(), w.start)))
-            .map_or(0, |c| c.used.saturating_add(c.held))
+    /// Allowance units of the charge's window already used or held. A window that is over
+    /// and was forgotten (nothing held it any more) has nothing left to give: a request
+    /// settled after its window reset pays from credit for what its hold did not cover,
+    /// instead of drawing on an allowance that no longer exists.
+    fn taken(&self, charge: &Charge, now: Timestamp) -> u64 {
+        let Some(w) = charge.allowance else {
+            return 0;
+        };
+        match self.allowances.get(&(charge.meter.clone(), w.start)) {
+            Some(c) => c.used.saturating_add(c.held),
+            None if w.resets_at <= now => w.limit,
+            None => 0,
+        }
     }
 
     /// Holds an estimate. See [`Ledger::reserve`](crate::Ledger::reserve).
@@ -302,7 +310,7 @@ impl AccountBook {
                 State::Released | State::Expired => {}
             }
         }
-        let taken = match self.take(&req.charges)? {
+        let taken = match self.take(&req.charges, req.now)? {
             Ok(t) => t,
             Err(denial) => return Ok(ReserveOutcome::Denied(denial)),
         };
@@ -344,11 +352,15 @@ impl AccountBook {
     ///
     /// [`reserve`]: Self::reserve
     /// [`hold`]: Self::hold
-    fn take(&mut self, charges: &[Charge]) -> Result<Result<Hold, Denial>, LedgerError> {
+    fn take(
+        &mut self,
+        charges: &[Charge],
+        now: Timestamp,
+    ) -> Result<Result<Hold, Denial>, LedgerError> {
         let mut credits = Credits::ZERO;
         let mut allowance_units = PerCharge::with_capacity(charges.len());
         for charge in charges {
-            let split = match charge.split(charge.units, self.taken(charge)) {
+            let split = match charge.split(charge.units, self.taken(charge, now)) {
                 Ok(s) => s,
                 Err(Denial::InsufficientCredits { required, .. }) => {
                     return Ok(Err(Denial::InsufficientCredits {
@@ -413,7 +425,7 @@ impl AccountBook {
         now: Timestamp,
     ) -> Result<Result<Hold, Denial>, LedgerError> {
         self.expire(now);
-        self.take(charges)
+        self.take(charges, now)
     }
 
     /// Charges `usage` against a [`hold`](Self::hold) and ends it: the same arithmetic as
@@ -429,11 +441,10 @@ impl AccountBook {
         self.expire(now);
         self.charge_usage(
             charges,
-            hold.credits,
-            &hold.allowance_units,
+            Some((hold.credits, &hold.allowance_units)),
             usage,
             policy,
-            true,
+            now,
         )
     }
 
@@ -473,14 +484,13 @@ impl AccountBook {
         let settlement = if was_open {
             self.charge_usage(
                 &rec.charges,
-                rec.credits,
-                &rec.allowance_units,
+                Some((rec.credits, &rec.allowance_units)),
                 usage,
                 policy,
-                true,
+                now,
             )
         } else {
-            self.charge_usage(&rec.charges, Credits::ZERO, &[], usage, policy, false)
+            self.charge_usage(&rec.charges, None, usage, policy, now)
         };
         rec.state = State::Settled;
         rec.touched_at = now;
@@ -491,18 +501,19 @@ impl AccountBook {
         Ok(settlement)
     }
 
-    /// The arithmetic of a settlement: gives back what was held (`held_credits`, and
-    /// `held_units` per charge), then charges `usage`. `was_open` is false for a hold that
-    /// lapsed and held nothing.
+    /// The arithmetic of a settlement: gives back what was held (`held`: the credits, and the
+    /// allowance units per charge; `None` for a hold that lapsed and held nothing), then
+    /// charges `usage`.
     fn charge_usage(
         &mut self,
         charges: &[Charge],
-        held_credits: Credits,
-        held_units: &[u64],
+        held: Option<(Credits, &[u64])>,
         usage: &[Usage],
         policy: OverEstimate,
-        was_open: bool,
+        now: Timestamp,
     ) -> Settlement {
+        let was_open = held.is_some();
+        let (held_credits, held_units) = held.unwrap_or((Credits::ZERO, &[]));
         // Give the allowance holds back, then consume what was used.
         let mut cost = Credits::ZERO;
         let mut consumed = PerCharge::with_capacity(charges.len());
@@ -514,7 +525,7 @@ impl AccountBook {
                 .iter()
                 .filter(|u| u.meter == charge.meter)
                 .fold(0u64, |acc, u| acc.saturating_add(u.units));
-            let taken = self.taken(charge).saturating_sub(*held);
+            let taken = self.taken(charge, now).saturating_sub(*held);
             let (allowance_units, credits, over) = match charge.split(units, taken) {
                 Ok(s) => (s.allowance_units, s.credits, 0),
                 Err(Denial::QuotaExceeded { .. }) => {

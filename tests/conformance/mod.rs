@@ -495,6 +495,55 @@ pub async fn allowances(l: &impl Ledger) {
     conserved(l, "allow", at(9)).await;
 }
 
+/// A request that pays from credit because its window's allowance is used up, settled after
+/// the window reset (its hold still open, or lapsed): it pays; it does not draw on an
+/// allowance that no longer exists.
+pub async fn allowance_window_rollover(l: &impl Ledger) {
+    let w = window(at(0), 1);
+    l.deposit(&acct("roll"), Credits::new(100), "seed", at(0))
+        .await
+        .unwrap();
+    let c = Charge {
+        meter: Meter::new("calls"),
+        units: 1,
+        unit_price: Credits::new(10),
+        price_per: 1,
+        allowance: Some(w),
+        overage: true,
+    };
+    let one = [Usage::new("calls", 1)];
+    reserved(
+        l.reserve(&request("roll", "free", vec![c.clone()], at(1)))
+            .await
+            .unwrap(),
+    );
+    let s = l
+        .settle(&id("roll", "free"), &one, OverEstimate::DrawBalance, at(2))
+        .await
+        .unwrap();
+    assert_eq!(s.charged, Credits::ZERO, "the allowance pays the first");
+    let mut open = request("roll", "open", vec![c.clone()], at(3));
+    open.ttl_secs = 7200;
+    let r = reserved(l.reserve(&open).await.unwrap());
+    assert_eq!(r.credits, Credits::new(10));
+    let lapsed = reserved(
+        l.reserve(&request("roll", "lapsed", vec![c], at(4)))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(lapsed.credits, Credits::new(10));
+    let after = w.resets_at.plus_secs(1);
+    for key in ["open", "lapsed"] {
+        let s = l
+            .settle(&id("roll", key), &one, OverEstimate::DrawBalance, after)
+            .await
+            .unwrap();
+        assert_eq!(s.charged, Credits::new(10), "{key}: paid after the reset");
+    }
+    let b = conserved(l, "roll", after).await;
+    assert_eq!((b.settled, b.held), (Credits::new(20), Credits::ZERO));
+}
+
 pub async fn retention(l: &impl Ledger) {
     let a = acct("ret");
     l.deposit(&a, Credits::new(10), "d", at(0)).await.unwrap();
@@ -845,6 +894,7 @@ macro_rules! conformance_tests {
         conformance_tests!(@one $ledger, idempotent_reserve, idempotent_reserve);
         conformance_tests!(@one $ledger, expiry, expiry);
         conformance_tests!(@one $ledger, allowances, allowances);
+        conformance_tests!(@one $ledger, allowance_window_rollover, allowance_window_rollover);
         conformance_tests!(@one $ledger, retention, retention);
         conformance_tests!(@one $ledger, unique_keys_are_forgotten, unique_keys_are_forgotten);
 

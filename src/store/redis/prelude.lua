@@ -117,10 +117,14 @@ local function split(c, units, taken)
   if cr then return 'ok', au, cr end
   return 'max'
 end
+-- A window that is over and forgotten has nothing left to give (AccountBook::taken).
 local function taken_of(c)
   if not c.a then return 0 end
   local t = get_counter(c.m, c.ws)
-  if not t then return 0 end
+  if not t then
+    if c.re <= NOW then return c.l end
+    return 0
+  end
   return t.used + t.held
 end
 local function settlement_reply(tag, rec)
