@@ -142,6 +142,18 @@ fn spell(base: &str, how: u8) -> String {
     }
 }
 
+/// A parameter a hostile caller fills with what a path normalizer would resolve: the router
+/// hands it to the handler as it is.
+fn odd_segment(how: u8) -> &'static str {
+    match how % 5 {
+        0 => ".",
+        1 => "..",
+        2 => "%2e%2e",
+        3 => "%2F",
+        _ => "%2e",
+    }
+}
+
 fn arb_request() -> impl Strategy<Value = (Method, String, &'static str)> {
     let method = prop_oneof![
         Just(Method::GET),
@@ -153,6 +165,8 @@ fn arb_request() -> impl Strategy<Value = (Method, String, &'static str)> {
     let base = prop_oneof![
         (0u32..1000).prop_map(|id| format!("/v1/items/{id}")),
         Just("/v1/items/special".to_owned()),
+        any::<u8>().prop_map(|how| format!("/v1/items/{}", odd_segment(how))),
+        any::<u8>().prop_map(|how| format!("/v1/files/a/{}", odd_segment(how))),
         Just("/v1/premium".to_owned()),
         "[a-z]{1,5}(/[a-z]{1,5}){0,2}".prop_map(|rest| format!("/v1/files/{rest}")),
         Just("/v1/forecast".to_owned()),

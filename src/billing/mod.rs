@@ -120,9 +120,13 @@
 //!   `GET` handler, which runs: its work is paid for), unless a rule names `HEAD` itself.
 //! - A method with no rule of its own falls to the
 //!   [`default_requirement`](Billing::default_requirement).
-//! - Paths are matched percent-decoded, with `//`, a trailing `/` and dot segments resolved,
-//!   and methods case-insensitively, so no spelling of a path reaches a handler under a
-//!   weaker rule than its own.
+//! - Paths are matched segment by segment as a router splits them: `//` and a trailing `/`
+//!   are dropped, a literal segment is compared percent-decoded (`/v1/%70remium` is
+//!   `/v1/premium`), and `{param}` / `{*rest}` take any segment text, `.`, `..`, `%2e` and
+//!   `%2F` included, exactly as axum hands them to the handler. Methods match
+//!   case-insensitively. So no spelling of a path reaches a handler under a weaker rule than
+//!   its own. (A bare hyper service that resolves dot segments or decodes `%2F` before it
+//!   routes must do that before these layers too, or refuse such paths.)
 
 mod layer;
 mod rules;

@@ -106,13 +106,12 @@ impl Rules {
         Ok(())
     }
 
-    /// The requirement governing `method` on `path` (the raw request path: it is normalized
-    /// here). `HEAD` follows `GET`'s rule unless a rule names `HEAD` itself.
+    /// The requirement governing `method` on `path` (the raw request path, split into
+    /// segments here as the router splits it). `HEAD` follows `GET`'s rule unless a rule names `HEAD` itself.
     pub(crate) fn requirement(&self, method: &Method, path: &str) -> &Arc<Requirement> {
         if self.rules.is_empty() {
             return &self.default;
         }
-        let path = normalize(path);
         let method = method.as_str();
         let is_head = method.eq_ignore_ascii_case("HEAD");
         let found = if is_head {
@@ -189,7 +188,7 @@ fn parse_path(pattern: &str, path: &str) -> Result<Vec<Seg>, RuleError> {
         if s.is_empty() {
             return Err(err(
                 pattern,
-                "an empty segment (`//`) never appears in a normalized path",
+                "empty segments (`//`) are dropped before matching",
             ));
         }
         if *s == "." || *s == ".." {
@@ -232,16 +231,20 @@ fn parse_path(pattern: &str, path: &str) -> Result<Vec<Seg>, RuleError> {
     Ok(segs)
 }
 
-/// Whether `segs` match the normalized `path`.
+/// Whether `segs` match the raw request `path`, segment by segment as a router splits it:
+/// empty segments (`//`, a trailing `/`) are dropped; a literal matches a segment whose
+/// percent-decoded text equals it; `{param}` matches any one segment and `{*rest}` one or more,
+/// whatever their text (`.`, `..`, `%2e`, `%2F` included). Dot segments are not resolved and an
+/// encoded `/` does not split a segment, exactly as the router does not: a spelling that could
+/// resolve to another route reaches no handler of that route.
 fn matches(segs: &[Seg], path: &str) -> bool {
     let mut parts = path.split('/').filter(|s| !s.is_empty());
     for seg in segs {
         match seg {
-            Seg::Literal(text) => {
-                if parts.next() != Some(&**text) {
-                    return false;
-                }
-            }
+            Seg::Literal(text) => match parts.next() {
+                Some(raw) if percent_decode(raw) == **text => {}
+                _ => return false,
+            },
             Seg::Param => {
                 if parts.next().is_none() {
                     return false;
@@ -263,39 +266,6 @@ fn more_specific(a: &[Seg], b: &[Seg]) -> std::cmp::Ordering {
         }
     }
     a.len().cmp(&b.len())
-}
-
-/// The request path as rules see it: percent-decoded, dot segments resolved, empty segments
-/// (`//`, a trailing `/`) dropped. Spelling a path differently never reaches another rule.
-/// Borrowed when the path is already in that form (the common case: no allocation).
-pub(crate) fn normalize(path: &str) -> Cow<'_, str> {
-    let clean = !path.contains('%')
-        && !path.contains("//")
-        && (path.len() <= 1 || !path.ends_with('/'))
-        && !path.split('/').any(|s| s == "." || s == "..");
-    if clean {
-        return Cow::Borrowed(path);
-    }
-    let decoded = percent_decode(path);
-    let mut out: Vec<&str> = Vec::new();
-    for s in decoded.split('/') {
-        match s {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    let mut text = String::with_capacity(decoded.len() + 1);
-    for s in &out {
-        text.push('/');
-        text.push_str(s);
-    }
-    if text.is_empty() {
-        text.push('/');
-    }
-    Cow::Owned(text)
 }
 
 /// Decodes `%XX` escapes (invalid ones are kept as written; bytes that do not form UTF-8 are
@@ -369,9 +339,6 @@ mod tests {
             "//v1//premium",
             "/v1/%70remium",
             "/v1/%70REMIUM".to_lowercase().as_str(),
-            "/v1/./premium",
-            "/v1/x/../premium",
-            "/v1%2Fpremium",
         ] {
             assert_eq!(tier(&r, "GET", path), Some(2), "{path}");
         }
@@ -421,11 +388,22 @@ mod tests {
     }
 
     #[test]
-    fn normalization_borrows_clean_paths() {
-        assert!(matches!(normalize("/v1/forecast"), Cow::Borrowed(_)));
-        assert!(matches!(normalize("/"), Cow::Borrowed(_)));
-        assert_eq!(normalize("/a/../.."), "/");
-        assert_eq!(normalize("/a/%zz"), "/a/%zz");
-        assert_eq!(normalize("/a/%4"), "/a/%4");
+    fn parameters_take_any_segment_as_the_router_does() {
+        let r = rules(&[("GET /v1/items/{id}", 2), ("/v1/files/{*rest}", 1)]);
+        // axum hands each of these to the `{id}` (or `{*rest}`) handler: so must the rules.
+        for path in [
+            "/v1/items/.",
+            "/v1/items/..",
+            "/v1/items/%2e%2e",
+            "/v1/items/%2F",
+        ] {
+            assert_eq!(tier(&r, "GET", path), Some(2), "{path}");
+        }
+        for path in ["/v1/files/a/..", "/v1/files/%2e", "/v1/files/x/%2e%2e"] {
+            assert_eq!(tier(&r, "GET", path), Some(1), "{path}");
+        }
+        // Spellings the router sends nowhere near the route match no rule of it either.
+        assert_eq!(tier(&r, "GET", "/v1/x/../items/1"), None);
+        assert_eq!(tier(&r, "GET", "/v1%2Fitems/1"), None);
     }
 }
