@@ -275,8 +275,10 @@ async fn a_429_is_retried_with_capped_jittered_backoff_then_handed_over() {
         waited >= Duration::from_millis(300) && waited <= Duration::from_millis(600),
         "{waited:?}"
     );
-    // A GET gets no Idempotency-Key.
-    assert!(up.seen().iter().all(|s| s.key.is_none()));
+    // A GET is charged per call on a paid API: it gets a key, the same on every attempt.
+    let seen = up.seen();
+    assert!(seen[0].key.is_some());
+    assert!(seen.iter().all(|s| s.key == seen[0].key));
 }
 
 #[tokio::test(start_paused = true)]
@@ -611,4 +613,79 @@ mod over_grpc {
             "{seen:?}"
         );
     }
+}
+
+/// An upstream that answers 504 once (a gateway timing out after the work was done), then 200,
+/// and records the `Idempotency-Key` of every attempt.
+#[derive(Clone, Default)]
+struct GatewayTimeoutOnce {
+    keys: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl Service<Request<Body>> for GatewayTimeoutOnce {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let key = req
+            .headers()
+            .get("idempotency-key")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let mut keys = self.keys.lock().unwrap();
+        keys.push(key);
+        let status = if keys.len() == 1 {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::OK
+        };
+        std::future::ready(Ok(Response::builder()
+            .status(status)
+            .body(Body::empty())
+            .unwrap()))
+    }
+}
+
+/// Found in review: a request that may have been served (a gateway's 504) is sent again only
+/// with a key the server deduplicates by; without one it goes back to the caller.
+#[tokio::test(start_paused = true)]
+async fn an_unkeyed_request_is_not_sent_again_after_a_gateway_timeout() {
+    let upstream = GatewayTimeoutOnce::default();
+    let svc = RetryLayer::new()
+        .idempotency_keys(false)
+        .for_body::<Body>()
+        .layer(upstream.clone());
+    let res = svc
+        .oneshot(
+            Request::post("http://api/v1/render")
+                .body(Body::from("x"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(*upstream.keys.lock().unwrap(), vec![None], "sent once");
+}
+
+/// A paid GET is charged per call too: it gets a key, the same on the retry.
+#[tokio::test(start_paused = true)]
+async fn a_get_is_keyed_and_its_retry_carries_the_same_key() {
+    let upstream = GatewayTimeoutOnce::default();
+    let svc = RetryLayer::new().for_body::<Body>().layer(upstream.clone());
+    let res = svc
+        .oneshot(
+            Request::get("http://api/v1/items/1")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let keys = upstream.keys.lock().unwrap().clone();
+    assert_eq!(keys.len(), 2, "retried once");
+    assert!(keys[0].is_some() && keys[0] == keys[1], "{keys:?}");
 }

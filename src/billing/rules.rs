@@ -117,11 +117,11 @@ impl Rules {
         let found = if is_head {
             let own = self
                 .any_head_rule
-                .then(|| self.best(&path, |m| m == "HEAD", false))
+                .then(|| self.best(path, |m| m == "HEAD", false))
                 .flatten();
-            own.or_else(|| self.best(&path, |m| m == "GET", true))
+            own.or_else(|| self.best(path, |m| m == "GET", true))
         } else {
-            self.best(&path, |m| m.eq_ignore_ascii_case(method), true)
+            self.best(path, |m| m.eq_ignore_ascii_case(method), true)
         };
         found.map_or(&self.default, |r| &r.requirement)
     }

@@ -112,9 +112,11 @@ impl<P, B> RetryLayer<P, B> {
         self
     }
 
-    /// Whether a request with a method that is not idempotent (`POST`, `PATCH`; every gRPC
-    /// call) and no `Idempotency-Key` gets one (default yes). The key is sent with every
-    /// attempt, so the server charges the request once however many times it is sent.
+    /// Whether a request without an `Idempotency-Key` gets one (default yes), whatever its
+    /// method: on a paid API a `GET` is charged per call like a `POST`. The key is sent with
+    /// every attempt, so the server charges the request once however many times it is sent.
+    /// Without a key, a request that may have been served (a transport error, a gateway's
+    /// 502, 504 or 408) is not sent again.
     pub fn idempotency_keys(mut self, on: bool) -> Self {
         self.idempotency_keys = on;
         self
@@ -258,14 +260,16 @@ where
     let (mut parts, body) = req.into_parts();
     let body = body.collect().await.map_err(Into::into)?.to_bytes();
     let keyed = parts.headers.contains_key(&IDEMPOTENCY_KEY)
-        || (layer.idempotency_keys && !is_idempotent(&parts.method) && {
+        || (layer.idempotency_keys && {
             parts
                 .headers
                 .insert(IDEMPOTENCY_KEY.clone(), new_idempotency_key());
             true
         });
-    // Sending again is safe when the method is idempotent or the server deduplicates by key.
-    let resend_safe = keyed || is_idempotent(&parts.method);
+    // Sending a request again after it may have been served is safe only when the server
+    // deduplicates it by its key: on a paid API a GET is charged per call like any other
+    // method, so an idempotent method is not enough.
+    let resend_safe = keyed;
     let mut retries = 0u32;
     let mut paid = false;
     let mut first = true;
@@ -309,7 +313,14 @@ where
         };
         log_refusal(&refusal, &parts.method, parts.uri.path());
         let mut res = res;
-        match layer.policy.next(&refusal, retries, jitter()) {
+        let next = match layer.policy.next(&refusal, retries, jitter()) {
+            // A gateway's 502, 504 or 408 may come after the work was done and charged: send
+            // again only what the server deduplicates. Refusals that charged nothing (the
+            // billing layer's own 503, a rate limit, a key still in use) are safe either way.
+            Next::RetryAfter(_) if !resend_safe && !charged_nothing(&refusal) => Next::Return,
+            next => next,
+        };
+        match next {
             Next::AskPayment if !paid => {
                 paid = true;
                 if layer.on_payment.on_payment_required(&refusal).await == PaymentOutcome::Fixed {
@@ -394,11 +405,18 @@ fn log_refusal(refusal: &Refusal, method: &Method, path: &str) {
     );
 }
 
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+/// A refusal that says the request was not served, so nothing was charged: tower-402's own
+/// `SERVICE_UNAVAILABLE` (its stores are down before the handler runs), a rate limit, or a
+/// key whose first request is still running.
+fn charged_nothing(refusal: &Refusal) -> bool {
+    refusal
+        .status
+        .is_some_and(|s| s == http::StatusCode::TOO_MANY_REQUESTS)
+        || matches!(
+            refusal.code,
+            crate::client::RefusalCode::ServiceUnavailable
+                | crate::client::RefusalCode::IdempotencyKeyInUse
+        )
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);

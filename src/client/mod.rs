@@ -20,9 +20,9 @@
 //!     and `ABORTED`) after `Retry-After` or a gRPC `RetryInfo`, else after a capped
 //!     exponential backoff with jitter ([`RetryPolicy`]); a `Retry-After` longer than
 //!     [`RetryPolicy::max_retry_after`] goes to the caller at once;
-//!   - gives a request whose method is not idempotent (`POST`, `PATCH`, every gRPC call) an
-//!     `Idempotency-Key` when it has none, the same on every retry, so the server charges
-//!     it once however many times it is sent;
+//!   - gives every request an `Idempotency-Key` when it has none (a `GET` on a paid API is
+//!     charged per call like a `POST`), the same on every retry, so the server charges it
+//!     once however many times it is sent;
 //!   - on a payment refusal calls an [`OnPaymentRequired`] hook and, if the application
 //!     reports the problem fixed (an automatic top-up, a user who paid), retries once;
 //!   - logs each refusal (`tracing`, target `tower_402::client`, level `WARN`) with its
@@ -32,8 +32,10 @@
 //!     still readable as the body.
 //!
 //! What gets sent again: the request body is read into memory once and replayed
-//! ([`ReplayBody`]); a transport error is retried only when resending is safe (an idempotent
-//! method, or an `Idempotency-Key`).
+//! ([`ReplayBody`]); a transport error, or a gateway's 502, 504 or 408, is retried only when
+//! the request carries an `Idempotency-Key` (the server then charges it once); refusals that
+//! charged nothing (tower-402's own 503, a 429, `IDEMPOTENCY_KEY_IN_USE`) are retried either
+//! way.
 //!
 //! # Examples
 //!

@@ -163,7 +163,11 @@ pub struct Reservation {
 /// A hold without a keyed record, owned by the one request it was made for: what
 /// [`AccountBook::hold`](crate::ledger::AccountBook::hold) and the in-process ledgers' fast
 /// path answer (see [`InProcessLedger::hold`](crate::in_process::InProcessLedger::hold)).
+///
+/// Made only by a ledger (`#[non_exhaustive]`): a `Hold` is a claim on held credit, and a
+/// made-up one handed to `settle_hold` or `release_hold` would move credit that was never held.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Hold {
     /// Credits held.
     pub credits: Credits,

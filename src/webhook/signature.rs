@@ -90,7 +90,16 @@ pub struct StripeSignature {
 
 impl StripeSignature {
     /// Accepts signatures made with `secret`, within [`DEFAULT_TOLERANCE_SECS`].
+    ///
+    /// An empty secret matches nothing (every delivery is refused, and an error is logged):
+    /// a signing key anyone knows would let anyone mint credit.
     pub fn new(secret: impl AsRef<[u8]>) -> Self {
+        if secret.as_ref().is_empty() {
+            tracing::error!(
+                target: "tower_402::webhook",
+                "the webhook signing secret is empty: every delivery will be refused"
+            );
+        }
         StripeSignature {
             secrets: vec![Secret::new(secret)],
             tolerance_secs: DEFAULT_TOLERANCE_SECS,
@@ -135,16 +144,22 @@ impl StripeSignature {
         if signatures.is_empty() {
             return Err(SignatureError::Malformed("no v1 signature"));
         }
-        let matched = self.secrets.iter().any(|secret| {
-            let mut mac = secret.mac();
-            mac.update(t.to_string().as_bytes());
-            mac.update(b".");
-            mac.update(body);
-            signatures
-                .iter()
-                .flatten()
-                .any(|sig| mac.clone().verify_slice(sig).is_ok())
-        });
+        // An empty secret (an unset variable read as "") would let anyone sign: it never
+        // matches.
+        let matched = self
+            .secrets
+            .iter()
+            .filter(|s| !s.0.is_empty())
+            .any(|secret| {
+                let mut mac = secret.mac();
+                mac.update(t.to_string().as_bytes());
+                mac.update(b".");
+                mac.update(body);
+                signatures
+                    .iter()
+                    .flatten()
+                    .any(|sig| mac.clone().verify_slice(sig).is_ok())
+            });
         if !matched {
             return Err(SignatureError::Mismatch);
         }
@@ -210,6 +225,21 @@ mod tests {
 
     fn verify(v: &StripeSignature, header: &str) -> Result<(), SignatureError> {
         v.verify(header.as_bytes(), BODY, NOW)
+    }
+
+    #[test]
+    fn an_empty_secret_matches_nothing() {
+        let body = br#"{"id":"evt_x","type":"payment_intent.succeeded"}"#;
+        let forged = sign_stripe("", NOW, body);
+        assert_eq!(
+            StripeSignature::new("").verify(forged.as_bytes(), body, NOW),
+            Err(SignatureError::Mismatch)
+        );
+        let rotated = StripeSignature::new("whsec_real").also_accept("");
+        assert_eq!(
+            rotated.verify(forged.as_bytes(), body, NOW),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
