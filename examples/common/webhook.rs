@@ -59,6 +59,10 @@ pub fn stripe_webhook_with<C: Clock>(
 pub fn announce() -> String {
     match std::env::var("STRIPE_WEBHOOK_SECRET") {
         Ok(_) => format!("Stripe webhook: POST {PATH} (secret from STRIPE_WEBHOOK_SECRET)"),
-        Err(_) => format!("Stripe webhook: POST {PATH} (signing secret {DEFAULT_SECRET})"),
+        Err(_) => format!(
+            "Stripe webhook: POST {PATH} (signing secret {DEFAULT_SECRET}: a public demo \
+             secret anyone can sign with; set STRIPE_WEBHOOK_SECRET before this serves anyone \
+             but you)"
+        ),
     }
 }
