@@ -12,6 +12,7 @@ use crate::in_process::InProcessLedger;
 use crate::ledger::{Hold, ReservationId, Settlement, Usage};
 use crate::metering::body::spawn_or_expire;
 use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
+use crate::metering::replay::Recorder;
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -81,6 +82,8 @@ pub(crate) struct Guard {
     release_on_grpc_error: bool,
     grpc_failed: bool,
     done: bool,
+    /// Records the response of a request with an `Idempotency-Key`.
+    recorder: Option<Box<Recorder>>,
 }
 
 impl Guard {
@@ -96,7 +99,19 @@ impl Guard {
             release_on_grpc_error: false,
             grpc_failed: false,
             done: false,
+            recorder: None,
         }
+    }
+
+    /// Records the response for idempotent replays (a request with an `Idempotency-Key`),
+    /// written when the body ends and the reservation is settled.
+    pub(crate) fn record(&mut self, recorder: Recorder) {
+        self.recorder = Some(Box::new(recorder));
+    }
+
+    /// The recorder, if this response is recorded.
+    pub(crate) fn recorder(&mut self) -> Option<&mut Recorder> {
+        self.recorder.as_deref_mut()
     }
 
     /// The charges this request reserved.
@@ -136,9 +151,12 @@ impl Guard {
         self.release_on_grpc_error = true;
     }
 
-    pub(crate) fn data(&mut self, chunk: &[u8]) {
+    pub(crate) fn data(&mut self, chunk: &bytes::Bytes) {
         if let Some(s) = &mut self.scanner {
             s.data(chunk);
+        }
+        if let Some(r) = &mut self.recorder {
+            r.data(chunk);
         }
     }
 
@@ -156,6 +174,9 @@ impl Guard {
         }
         if let Some(s) = &mut self.scanner {
             s.trailers(trailers);
+        }
+        if let Some(r) = &mut self.recorder {
+            r.trailers(trailers);
         }
     }
 
@@ -257,6 +278,24 @@ impl Guard {
         // Reference counts, not copies.
         let (id, charges) = (id.clone(), self.charges.to_arc());
         Some(Box::pin(run(config, id, charges, action)))
+    }
+
+    /// Carries out the action of a body that ended, then writes the response's record (when
+    /// it is recorded and was settled, not released: a released request's retry runs anew).
+    pub(crate) fn finish_at_end(&mut self, action: Action) -> Option<BoxFuture> {
+        let recorder = match action {
+            Action::Release => None,
+            Action::Settle(_) | Action::SettleEstimate => self.recorder.take(),
+        };
+        let settle = self.finish(action);
+        let recorder = recorder?;
+        let config = self.config.clone();
+        Some(Box::pin(async move {
+            if let Some(settle) = settle {
+                settle.await;
+            }
+            (*recorder).write(&config).await;
+        }))
     }
 
     pub(crate) fn release(&mut self) -> Option<BoxFuture> {

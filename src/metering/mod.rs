@@ -127,6 +127,7 @@ mod idempotency;
 mod layer;
 mod llm;
 mod pricing;
+mod replay;
 mod request_body;
 mod service;
 mod sse;
