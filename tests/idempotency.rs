@@ -13,8 +13,11 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use common::{request, send};
+use futures_util::StreamExt;
 use http::Method;
+use http_body_util::BodyExt;
 use tokio::sync::Notify;
+use tower::ServiceExt;
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Plan, Subscription};
 use tower_402::*;
@@ -51,7 +54,12 @@ impl Setup {
         let catalog = Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true));
         let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
         let keys = StaticKeys::new().with_key(KEY, "acme");
-        let (runs, runs2, runs3) = (self.runs.clone(), self.runs.clone(), self.runs.clone());
+        let (runs, runs2, runs3, runs4) = (
+            self.runs.clone(),
+            self.runs.clone(),
+            self.runs.clone(),
+            self.runs.clone(),
+        );
         let (entered, release) = (self.entered.clone(), self.release.clone());
         Router::new()
             // Echoes the body with a number that changes on every run.
@@ -73,6 +81,17 @@ impl Setup {
                     let chunks =
                         (0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 1000])));
                     Body::from_stream(futures_util::stream::iter(chunks.collect::<Vec<_>>()))
+                }),
+            )
+            // One chunk, then a stream that never ends.
+            .route(
+                "/endless",
+                post(move || async move {
+                    runs4.fetch_add(1, Ordering::SeqCst);
+                    let first = futures_util::stream::iter([Ok::<_, std::io::Error>(
+                        Bytes::from_static(b"first chunk"),
+                    )]);
+                    Body::from_stream(first.chain(futures_util::stream::pending()))
                 }),
             )
             .route(
@@ -277,4 +296,26 @@ async fn a_retry_body_beyond_max_body_is_413() {
         .await
         .problem(413, "REQUEST_TOO_LARGE");
     assert_eq!(s.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_stream_cannot_replay_it_for_free() {
+    let s = Setup::new(100).await;
+    let app = s.app(|b| b);
+    let req = request(
+        Method::POST,
+        "/endless",
+        &[("x-api-key", KEY), ("idempotency-key", "hang-up")],
+        "",
+    );
+    let res = app.clone().oneshot(req).await.unwrap();
+    let mut body = res.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "first chunk");
+    drop(body);
+    assert_eq!(s.available().await, 90, "charged the estimate");
+    let retry = post_with(&app, "/endless", "hang-up", "").await;
+    retry.problem(409, "IDEMPOTENCY_RESPONSE_NOT_RECORDED");
+    assert_eq!(s.runs(), 1, "not run again");
+    assert_eq!(s.available().await, 90, "not charged again");
 }

@@ -280,21 +280,28 @@ impl Guard {
         Some(Box::pin(run(config, id, charges, action)))
     }
 
-    /// Carries out the action of a body that ended, then writes the response's record (when
-    /// it is recorded and was settled, not released: a released request's retry runs anew).
+    /// Carries out the action of a body that ended, with the response's record when it is
+    /// recorded and settled (not released: a released request's retry runs anew).
+    ///
+    /// On a shared ledger the record is written first, then the settlement: a retry sees the
+    /// reservation open (`409 IDEMPOTENCY_KEY_IN_USE`, retry later) until both are done, never
+    /// a settled request without its record. An in-process ledger settles inline; its record
+    /// is written in the same poll.
     pub(crate) fn finish_at_end(&mut self, action: Action) -> Option<BoxFuture> {
         let recorder = match action {
             Action::Release => None,
             Action::Settle(_) | Action::SettleEstimate => self.recorder.take(),
         };
         let settle = self.finish(action);
-        let recorder = recorder?;
+        let Some(recorder) = recorder else {
+            return settle;
+        };
         let config = self.config.clone();
         Some(Box::pin(async move {
+            (*recorder).write(&config).await;
             if let Some(settle) = settle {
                 settle.await;
             }
-            (*recorder).write(&config).await;
         }))
     }
 
