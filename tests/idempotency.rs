@@ -25,7 +25,66 @@ use tower_402::*;
 const START: Timestamp = Timestamp::from_unix(1_790_000_000);
 const KEY: &str = "sk_live_SECRET123";
 
+/// The in-memory ledger without its in-process fast path: the layers take the path of a
+/// shared ledger (Redis, PostgreSQL), with futures for reserve, settle and records.
+#[derive(Clone)]
+struct Shared(MemoryLedger);
+
+#[async_trait::async_trait]
+impl Ledger for Shared {
+    async fn reserve(
+        &self,
+        r: &ledger::ReserveRequest,
+    ) -> Result<ledger::ReserveOutcome, LedgerError> {
+        self.0.reserve(r).await
+    }
+    async fn settle(
+        &self,
+        id: &ledger::ReservationId,
+        usage: &[ledger::Usage],
+        policy: ledger::OverEstimate,
+        now: Timestamp,
+    ) -> Result<ledger::Settlement, LedgerError> {
+        self.0.settle(id, usage, policy, now).await
+    }
+    async fn release(&self, id: &ledger::ReservationId, now: Timestamp) -> Result<(), LedgerError> {
+        self.0.release(id, now).await
+    }
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<ledger::Deposit, LedgerError> {
+        self.0.deposit(account, amount, key, now).await
+    }
+    async fn balance(
+        &self,
+        account: &AccountId,
+        now: Timestamp,
+    ) -> Result<ledger::Balance, LedgerError> {
+        self.0.balance(account, now).await
+    }
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &plan::Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<ledger::AllowanceUsage, LedgerError> {
+        self.0
+            .allowance_usage(account, meter, window_start, now)
+            .await
+    }
+    fn records(&self) -> Option<&dyn ledger::ResponseRecords> {
+        self.0.records()
+    }
+}
+
 struct Setup {
+    /// Whether the layers see the ledger as shared (no in-process path).
+    shared: bool,
     ledger: MemoryLedger,
     clock: ManualClock,
     /// How many times a handler ran.
@@ -42,6 +101,7 @@ impl Setup {
             .await
             .unwrap();
         Setup {
+            shared: false,
             ledger,
             clock: ManualClock::new(START),
             runs: Arc::new(AtomicU64::new(0)),
@@ -105,13 +165,17 @@ impl Setup {
             )
             .layer(
                 billing(
-                    Billing::new(keys, plans, self.ledger.clone(), catalog)
-                        .clock(self.clock.clone())
-                        .default_requirement(Requirement::new().cost(Cost::new(
-                            "units",
-                            1,
-                            Credits::new(10),
-                        ))),
+                    if self.shared {
+                        Billing::new(keys, plans, Shared(self.ledger.clone()), catalog)
+                    } else {
+                        Billing::new(keys, plans, self.ledger.clone(), catalog)
+                    }
+                    .clock(self.clock.clone())
+                    .default_requirement(Requirement::new().cost(Cost::new(
+                        "units",
+                        1,
+                        Credits::new(10),
+                    ))),
                 )
                 .layer(),
             )
@@ -318,4 +382,39 @@ async fn a_client_that_hangs_up_mid_stream_cannot_replay_it_for_free() {
     retry.problem(409, "IDEMPOTENCY_RESPONSE_NOT_RECORDED");
     assert_eq!(s.runs(), 1, "not run again");
     assert_eq!(s.available().await, 90, "not charged again");
+}
+
+#[tokio::test]
+async fn on_a_shared_ledger_replays_conflicts_and_settlements_hold_too() {
+    let mut s = Setup::new(100).await;
+    s.shared = true;
+    let app = s.app(|b| b.max_recorded_response(3_999));
+    // Without a key: settled, nothing left open.
+    let plain = send(
+        &app,
+        request(Method::POST, "/echo", &[("x-api-key", KEY)], "a"),
+    )
+    .await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(s.available().await, 90);
+    let first = post_with(&app, "/echo", "k", "hello").await;
+    let retry = post_with(&app, "/echo", "k", "hello").await;
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    post_with(&app, "/echo", "k", "other")
+        .await
+        .problem(409, "IDEMPOTENCY_KEY_REUSED");
+    post_with(&app, "/big", "big", "").await;
+    post_with(&app, "/big", "big", "")
+        .await
+        .problem(409, "IDEMPOTENCY_RESPONSE_NOT_RECORDED");
+    assert_eq!(s.runs(), 3);
+    assert_eq!(s.available().await, 70);
+    let b = s
+        .ledger
+        .balance(&"acme".into(), s.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(b.held, Credits::ZERO, "every hold settled");
+    assert_eq!(s.ledger.open_reservations(&"acme".into(), s.clock.now()), 0);
 }
