@@ -411,7 +411,8 @@ impl Billing {
     /// streams included). A request with an `Idempotency-Key` whose response is larger is
     /// served and charged once; a retry with its key is refused with
     /// `409 IDEMPOTENCY_RESPONSE_NOT_RECORDED`, never run again. See
-    /// [idempotency](crate::metering#idempotency).
+    /// [idempotency](crate::metering#idempotency). While a keyed response streams, what is
+    /// recorded of it (up to this size) is held in memory, as the frames that were sent.
     pub fn max_recorded_response(mut self, bytes: usize) -> Self {
         self.meter_mut(|m| m.max_recorded_response = bytes);
         self

@@ -84,8 +84,16 @@ impl ResponseRecords for MemoryRecords {
     ) -> Result<Option<ResponseRecord>, LedgerError> {
         Ok(self.with(|accounts| {
             let account = accounts.get_mut(&id.account)?;
-            let (_, expires, record) = account.records.get(&id.key)?;
-            (*expires > now).then(|| record.clone())
+            // Expired records go on reads too, so an account that stops writing is not kept.
+            account.trim(now, u64::MAX);
+            let found = account
+                .records
+                .get(&id.key)
+                .and_then(|(_, expires, record)| (*expires > now).then(|| record.clone()));
+            if account.records.is_empty() {
+                accounts.remove(&id.account);
+            }
+            found
         }))
     }
 }
