@@ -15,6 +15,11 @@
 //! curl -i localhost:3000/v1/topup -H 'x-api-key: demo-broke' \
 //!      -H 'Idempotency-Key: order-1' -H 'content-type: application/json' -d '{"credits": 50}'
 //! curl -i localhost:3000/v1/balance  -H 'x-api-key: demo-free'
+//! # An Idempotency-Key: the retry gets the recorded answer (idempotent-replayed: true), charged
+//! # once; the same key on another query is 409 IDEMPOTENCY_KEY_REUSED.
+//! curl -i 'localhost:3000/v1/forecast?day=1' -H 'x-api-key: demo-pro' -H 'Idempotency-Key: f-1'
+//! curl -i 'localhost:3000/v1/forecast?day=1' -H 'x-api-key: demo-pro' -H 'Idempotency-Key: f-1'
+//! curl -i 'localhost:3000/v1/forecast?day=2' -H 'x-api-key: demo-pro' -H 'Idempotency-Key: f-1'
 //! ```
 
 #[path = "common/mod.rs"]

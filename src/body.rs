@@ -21,6 +21,7 @@ pin_project! {
     enum Kind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes> },
+        Recorded { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
     }
 }
 
@@ -29,6 +30,16 @@ impl<B> ResponseBody<B> {
     pub fn inner(body: B) -> Self {
         ResponseBody {
             kind: Kind::Inner { body },
+        }
+    }
+
+    /// A recorded body and its trailers, for an idempotent replay.
+    pub(crate) fn recorded(data: Bytes, trailers: Option<http::HeaderMap>) -> Self {
+        ResponseBody {
+            kind: Kind::Recorded {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
         }
     }
 
@@ -51,6 +62,10 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
                 .debug_struct("ResponseBody::Full")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
                 .finish(),
+            Kind::Recorded { data, .. } => f
+                .debug_struct("ResponseBody::Recorded")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
         }
     }
 }
@@ -69,6 +84,10 @@ where
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Recorded { data, trailers } => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
         }
     }
 
@@ -76,13 +95,14 @@ where
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
+            Kind::Recorded { data, trailers } => data.is_none() && trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Full { data } => {
+            Kind::Full { data } | Kind::Recorded { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }

@@ -160,6 +160,11 @@ pub enum Denial {
         /// Whether the earlier request is still running.
         in_progress: bool,
     },
+    /// 409 `IDEMPOTENCY_RESPONSE_NOT_RECORDED`: the request with this `Idempotency-Key` was
+    /// served and charged, but its response was not recorded (larger than the recording
+    /// limit, or its record expired or was dropped), so it cannot be replayed. Running it
+    /// again would be a second charge: the client must use a new key.
+    IdempotencyResponseNotRecorded,
     /// 503 `SERVICE_UNAVAILABLE`: the ledger or plan store cannot be reached.
     Unavailable {
         /// Seconds after which a retry may succeed.
@@ -185,6 +190,7 @@ impl Denial {
             Denial::BadRequest { code, .. } => code,
             Denial::IdempotencyConflict { in_progress: false } => "IDEMPOTENCY_KEY_REUSED",
             Denial::IdempotencyConflict { in_progress: true } => "IDEMPOTENCY_KEY_IN_USE",
+            Denial::IdempotencyResponseNotRecorded => "IDEMPOTENCY_RESPONSE_NOT_RECORDED",
             Denial::Unavailable { .. } => "SERVICE_UNAVAILABLE",
             Denial::Custom(c) => &c.code,
         }
@@ -195,7 +201,9 @@ impl Denial {
         match self {
             Denial::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Denial::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            Denial::IdempotencyConflict { .. } => StatusCode::CONFLICT,
+            Denial::IdempotencyConflict { .. } | Denial::IdempotencyResponseNotRecorded => {
+                StatusCode::CONFLICT
+            }
             Denial::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Denial::Custom(c) => c.status,
             _ => StatusCode::PAYMENT_REQUIRED,
@@ -217,6 +225,7 @@ impl Denial {
             Denial::BadRequest { .. } => "Bad request",
             Denial::IdempotencyConflict { in_progress: false } => "Idempotency key reused",
             Denial::IdempotencyConflict { in_progress: true } => "Request already in progress",
+            Denial::IdempotencyResponseNotRecorded => "Response not recorded",
             Denial::Unavailable { .. } => "Service unavailable",
             Denial::Custom(c) => return c.title.clone(),
         })
@@ -241,7 +250,9 @@ pub(crate) fn rule_of(denial: &Denial) -> &'static str {
         Denial::QuotaExceeded { .. } => "allowance",
         Denial::InsufficientCredits { .. } => "credit",
         Denial::Unavailable { .. } => "backend",
-        Denial::IdempotencyConflict { .. } => "idempotency",
+        Denial::IdempotencyConflict { .. } | Denial::IdempotencyResponseNotRecorded => {
+            "idempotency"
+        }
         _ => "request",
     }
 }

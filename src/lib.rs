@@ -95,7 +95,7 @@
 //! | 402 | `TRIAL_EXPIRED` | trial over, no paid plan | `trial_ended_at`, `upgrade_url` |
 //! | 402 | `SUBSCRIPTION_PENDING` | not active yet, or no subscription | `billing_url` |
 //! | 402 | `PAYMENT_DECLINED` | a direct charge failed | `decline_code` |
-//! | 409 | `IDEMPOTENCY_KEY_REUSED`, `IDEMPOTENCY_KEY_IN_USE` | key reused for another request / still running | |
+//! | 409 | `IDEMPOTENCY_KEY_REUSED`, `IDEMPOTENCY_KEY_IN_USE`, `IDEMPOTENCY_RESPONSE_NOT_RECORDED` | key reused for another request (another method, path, query or body) / still running (`Retry-After`) / served, but its response was too large to record: use a new key | |
 //! | 503 | `SERVICE_UNAVAILABLE` | ledger or plan store unreachable (`Retry-After`) | |
 //!
 //! Applications add their own with [`Denial::Custom`].

@@ -388,10 +388,18 @@ async fn idempotency_keys_in_metadata() {
             &[("x-api-key", "demo-pro"), ("idempotency-key", key)],
         )
     };
-    call_forecast(&server, keyed("order-1")).await.unwrap();
+    let first = call_forecast(&server, keyed("order-1")).await.unwrap();
     let again = call_forecast(&server, keyed("order-1")).await.unwrap();
     assert_eq!(again.metadata().get("idempotent-replayed").unwrap(), "true");
+    // The recorded message and its trailers (tonic reads `grpc-status` from them).
+    assert_eq!(again.get_ref(), first.get_ref());
     assert_eq!(server.balance("acct_pro").await.settled.get(), 1);
+
+    // The same key and method with another message: its digest differs.
+    let mut paris = keyed("order-1");
+    paris.get_mut().city = "Paris".into();
+    let status = call_forecast(&server, paris).await.unwrap_err();
+    error_info(&status, Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED");
 
     // The same key for another call: the key is taken, retrying with it cannot succeed.
     let mut other = keyed("order-1");

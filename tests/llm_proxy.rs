@@ -159,13 +159,14 @@ async fn a_retry_with_the_same_idempotency_key_is_charged_once_and_another_body_
     let before = available(&demo).await;
     let b = body("large-model", "same request", false);
     let key = [("idempotency-key", "chat-42")];
-    assert_eq!(
-        send(&demo.router, chat("demo-pro", &b, &key)).await.status,
-        200
-    );
+    let first = send(&demo.router, chat("demo-pro", &b, &key)).await;
+    assert_eq!(first.status, 200);
     let retry = send(&demo.router, chat("demo-pro", &b, &key)).await;
     assert_eq!(retry.status, 200);
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    // The recorded completion, not a second run.
+    assert_eq!(retry.json()["id"], first.json()["id"]);
+    assert_eq!(retry.body, first.body);
     assert_eq!(before - available(&demo).await, cost(9, 4, (10, 30)));
     let other = body("large-model", "another request", false);
     let a = send(&demo.router, chat("demo-pro", &other, &key)).await;

@@ -559,3 +559,31 @@ async fn head_uses_the_free_allowance_exactly_like_get() {
     .await;
     assert_eq!(a.status, 402);
 }
+
+#[tokio::test]
+async fn one_idempotency_key_replays_its_forecast_and_refuses_another_query() {
+    let (demo, _) = demo().await;
+    let before = available(&demo, "acct_pro").await;
+    let forecast = |uri: &'static str| {
+        request(
+            Method::GET,
+            uri,
+            &[("x-api-key", "demo-pro"), ("idempotency-key", "f-1")],
+            "",
+        )
+    };
+    let first = send(&demo.router, forecast("/v1/forecast?day=1")).await;
+    assert_eq!(first.status, 200);
+    let retry = send(&demo.router, forecast("/v1/forecast?day=1")).await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.body, first.body);
+    let other = send(&demo.router, forecast("/v1/forecast?day=2")).await;
+    other.problem(409, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(other.header("x-should-retry"), Some("false"));
+    assert_eq!(
+        before - available(&demo, "acct_pro").await,
+        1,
+        "charged once"
+    );
+}

@@ -143,7 +143,7 @@ use crate::account::IdentityResolver;
 use crate::backend::FailureMode;
 use crate::decision::Requirement;
 use crate::gate::{GateConfig, PaymentGateLayer};
-use crate::ledger::{Ledger, OverEstimate};
+use crate::ledger::{Ledger, OverEstimate, RecordLimits};
 use crate::metering::{
     DisconnectPolicy, MeterConfig, MeteringLayer, Pricing, StreamErrorPolicy, Threshold,
     ThresholdEvent, Thresholds, UsageExtractor,
@@ -199,6 +199,11 @@ impl Billing {
             on_disconnect: DisconnectPolicy::ChargeEstimate,
             on_stream_error: StreamErrorPolicy::ChargeDelivered,
             max_body: 1024 * 1024,
+            max_recorded_response: 1024 * 1024,
+            records: RecordLimits {
+                retention_secs: 24 * 3600,
+                per_account: 1000,
+            },
             max_units: 1_000_000_000,
             thresholds: None,
             soft_limit_percent: Some(80),
@@ -406,9 +411,37 @@ impl Billing {
         self
     }
 
-    /// The largest request body read to price a request (default 1 MiB; larger: `413`).
+    /// The largest request body read to price a request, or to compare an idempotent retry's
+    /// body with the first attempt's (default 1 MiB; larger: `413`).
     pub fn max_body(mut self, bytes: usize) -> Self {
         self.meter_mut(|m| m.max_body = bytes);
+        self
+    }
+
+    /// The largest response recorded for idempotent replays (default 1 MiB, body bytes,
+    /// streams included). A request with an `Idempotency-Key` whose response is larger is
+    /// served and charged once; a retry with its key is refused with
+    /// `409 IDEMPOTENCY_RESPONSE_NOT_RECORDED`, never run again. See
+    /// [idempotency](crate::metering#idempotency). While a keyed response streams, what is
+    /// recorded of it (up to this size) is held in memory, as the frames that were sent.
+    pub fn max_recorded_response(mut self, bytes: usize) -> Self {
+        self.meter_mut(|m| m.max_recorded_response = bytes);
+        self
+    }
+
+    /// How long a recorded response is kept for replays (default 24 hours, as Stripe keeps
+    /// them). After that a retry with the key is refused
+    /// (`409 IDEMPOTENCY_RESPONSE_NOT_RECORDED`).
+    pub fn recorded_response_retention(mut self, retention: Duration) -> Self {
+        self.meter_mut(|m| m.records.retention_secs = retention.as_secs());
+        self
+    }
+
+    /// The most recorded responses one account keeps (default 1,000); recording one more
+    /// drops the account's oldest. With [`max_recorded_response`](Self::max_recorded_response)
+    /// this bounds what one account can make the backend store.
+    pub fn max_recorded_per_account(mut self, records: u64) -> Self {
+        self.meter_mut(|m| m.records.per_account = records);
         self
     }
 

@@ -43,6 +43,9 @@ pub enum RefusalCode {
     IdempotencyKeyReused,
     /// 409: the first request with this key is still running: retry later.
     IdempotencyKeyInUse,
+    /// 409: the request with this `Idempotency-Key` was served and charged, but its response
+    /// was not recorded (too large), so it cannot be replayed: use a new key.
+    IdempotencyResponseNotRecorded,
     /// 503: billing is unavailable.
     ServiceUnavailable,
     /// Any other code, as sent.
@@ -67,6 +70,7 @@ impl RefusalCode {
             RefusalCode::InvalidRequest => "INVALID_REQUEST",
             RefusalCode::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             RefusalCode::IdempotencyKeyInUse => "IDEMPOTENCY_KEY_IN_USE",
+            RefusalCode::IdempotencyResponseNotRecorded => "IDEMPOTENCY_RESPONSE_NOT_RECORDED",
             RefusalCode::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             RefusalCode::Other(code) => code,
         }
@@ -106,6 +110,7 @@ impl From<&str> for RefusalCode {
             "INVALID_REQUEST" => RefusalCode::InvalidRequest,
             "IDEMPOTENCY_KEY_REUSED" => RefusalCode::IdempotencyKeyReused,
             "IDEMPOTENCY_KEY_IN_USE" => RefusalCode::IdempotencyKeyInUse,
+            "IDEMPOTENCY_RESPONSE_NOT_RECORDED" => RefusalCode::IdempotencyResponseNotRecorded,
             "SERVICE_UNAVAILABLE" => RefusalCode::ServiceUnavailable,
             other => RefusalCode::Other(other.to_owned()),
         }

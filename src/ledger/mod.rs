@@ -100,10 +100,14 @@
 
 mod book;
 mod per_charge;
+mod records;
 mod types;
 
 pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
 pub use per_charge::PerCharge;
+pub use records::{
+    BodyDigest, RecordLimits, RecordedResponse, Recording, ResponseRecord, ResponseRecords,
+};
 
 pub use crate::charge::Charge;
 #[cfg(feature = "postgres")]
@@ -170,6 +174,13 @@ pub trait Ledger: Send + Sync + 'static {
     fn in_process(&self) -> Option<&dyn InProcessLedger> {
         None
     }
+
+    /// Where this ledger keeps [recorded responses](ResponseRecords), in its own backend, so
+    /// an idempotent retry gets the first answer. `None` (the default): a retry of a settled
+    /// request is refused with `409 IDEMPOTENCY_RESPONSE_NOT_RECORDED`, never run again.
+    fn records(&self) -> Option<&dyn ResponseRecords> {
+        None
+    }
 }
 
 #[async_trait]
@@ -214,5 +225,8 @@ impl<T: Ledger + ?Sized> Ledger for Arc<T> {
     }
     fn in_process(&self) -> Option<&dyn InProcessLedger> {
         (**self).in_process()
+    }
+    fn records(&self) -> Option<&dyn ResponseRecords> {
+        (**self).records()
     }
 }

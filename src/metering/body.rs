@@ -129,7 +129,7 @@ where
                             }
                             // The last frame: settle before handing it out.
                             let action = guard.at_end();
-                            match guard.finish(action) {
+                            match guard.finish_at_end(action) {
                                 Some(fut) => {
                                     *this.finish = Finish::Running {
                                         fut: Unfinished {
@@ -147,7 +147,7 @@ where
                         }
                         None => {
                             let action = guard.at_end();
-                            match guard.finish(action) {
+                            match guard.finish_at_end(action) {
                                 Some(fut) => {
                                     *this.finish = Finish::Running {
                                         fut: Unfinished {

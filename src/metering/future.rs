@@ -13,9 +13,11 @@ use crate::credits::Credits;
 use crate::decision::Warning;
 use crate::denial::{log_denial, Denial};
 use crate::ledger::PerCharge;
+use crate::ledger::RecordedResponse;
 use crate::metering::billable::billable;
 use crate::metering::guard::Guard;
-use crate::metering::headers::{add_headers, add_warnings, mark_replayed};
+use crate::metering::headers::{add_headers, add_warnings};
+use crate::metering::replay::replayed;
 use crate::metering::{MeterConfig, MeteredBody, ReportedUsage, RequestBody};
 use crate::problem::{denial_response, grpc_status, is_grpc};
 use crate::time::Timestamp;
@@ -27,10 +29,12 @@ pub(crate) enum Prepared<B> {
     Call {
         req: Request<RequestBody<B>>,
         ticket: Option<Ticket>,
-        replayed: bool,
         /// For `x-payment-warning` on the response.
         warnings: Vec<Warning>,
     },
+    /// A retry of a request already served under its `Idempotency-Key`: its recorded
+    /// response, without running the handler.
+    Replay(RecordedResponse),
     Refuse {
         denial: Denial,
         account: Option<AccountId>,
@@ -79,7 +83,6 @@ pin_project! {
             #[pin]
             fut: S::Future,
             ticket: Option<Ticket>,
-            replayed: bool,
             warnings: Vec<Warning>,
             // The request was a gRPC call.
             grpc: bool,
@@ -87,6 +90,9 @@ pin_project! {
         Releasing {
             release: UnitFuture,
             response: Option<S::Response>,
+        },
+        Replaying {
+            response: Option<RecordedResponse>,
         },
         Refused {
             denial: Option<Denial>,
@@ -106,7 +112,6 @@ where
             state: State::Calling {
                 fut,
                 ticket: None,
-                replayed: false,
                 warnings: Vec::new(),
                 grpc: false,
             },
@@ -163,7 +168,6 @@ where
         Prepared::Call {
             req,
             ticket,
-            replayed,
             warnings,
         } => {
             // The guard exists before the call: a request cancelled from here on gives its
@@ -171,11 +175,13 @@ where
             State::Calling {
                 fut: inner.call(req),
                 ticket,
-                replayed,
                 warnings,
                 grpc,
             }
         }
+        Prepared::Replay(response) => State::Replaying {
+            response: Some(response),
+        },
         Prepared::Refuse { denial, account } => {
             log_denial(account.as_ref(), &denial);
             State::Refused {
@@ -232,16 +238,12 @@ where
                 StateProj::Calling {
                     fut,
                     ticket,
-                    replayed,
                     warnings,
                     grpc,
                 } => {
                     let mut res = ready!(fut.poll(cx))?;
                     add_warnings(res.headers_mut(), warnings);
                     let Some(mut ticket) = ticket.take() else {
-                        if *replayed {
-                            mark_replayed(res.headers_mut());
-                        }
                         return Poll::Ready(Ok(
                             res.map(|b| MeteredBody::plain(ResponseBody::inner(b)))
                         ));
@@ -279,6 +281,9 @@ where
                             _ => None,
                         };
                         ticket.guard.responded(known, scanner);
+                        if let Some(recorder) = ticket.guard.recorder() {
+                            recorder.head(parts.status, &parts.headers);
+                        }
                         if grpc {
                             ticket.guard.release_on_grpc_error();
                         }
@@ -295,6 +300,12 @@ where
                     return Poll::Ready(
                         Ok(res.map(|b| MeteredBody::plain(ResponseBody::inner(b)))),
                     );
+                }
+                StateProj::Replaying { response } => {
+                    let Some(response) = response.take() else {
+                        panic!("metering future polled after completion");
+                    };
+                    return Poll::Ready(Ok(replayed(response).map(MeteredBody::plain)));
                 }
                 StateProj::Refused {
                     denial,

@@ -12,6 +12,7 @@ use crate::in_process::InProcessLedger;
 use crate::ledger::{Hold, ReservationId, Settlement, Usage};
 use crate::metering::body::spawn_or_expire;
 use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
+use crate::metering::replay::Recorder;
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -84,6 +85,8 @@ pub(crate) struct Guard {
     /// The non-zero `grpc-status` the trailers carried.
     grpc_failed: Option<i32>,
     done: bool,
+    /// Records the response of a request with an `Idempotency-Key`.
+    recorder: Option<Box<Recorder>>,
 }
 
 impl Guard {
@@ -100,7 +103,19 @@ impl Guard {
             release_on_grpc_error: false,
             grpc_failed: None,
             done: false,
+            recorder: None,
         }
+    }
+
+    /// Records the response for idempotent replays (a request with an `Idempotency-Key`),
+    /// written when the body ends and the reservation is settled.
+    pub(crate) fn record(&mut self, recorder: Recorder) {
+        self.recorder = Some(Box::new(recorder));
+    }
+
+    /// The recorder, if this response is recorded.
+    pub(crate) fn recorder(&mut self) -> Option<&mut Recorder> {
+        self.recorder.as_deref_mut()
     }
 
     /// The charges this request reserved.
@@ -143,10 +158,13 @@ impl Guard {
     }
 
     /// A chunk of the body, about to go out.
-    pub(crate) fn data(&mut self, chunk: &[u8]) {
+    pub(crate) fn data(&mut self, chunk: &bytes::Bytes) {
         self.delivered |= !chunk.is_empty();
         if let Some(s) = &mut self.scanner {
             s.data(chunk);
+        }
+        if let Some(r) = &mut self.recorder {
+            r.data(chunk);
         }
     }
 
@@ -156,6 +174,9 @@ impl Guard {
         }
         if let Some(s) = &mut self.scanner {
             s.trailers(trailers);
+        }
+        if let Some(r) = &mut self.recorder {
+            r.trailers(trailers);
         }
     }
 
@@ -292,6 +313,31 @@ impl Guard {
         // Reference counts, not copies.
         let (id, charges) = (id.clone(), self.charges.to_arc());
         Some(Box::pin(run(config, id, charges, action)))
+    }
+
+    /// Carries out the action of a body that ended, with the response's record when it is
+    /// recorded and settled (not released: a released request's retry runs anew).
+    ///
+    /// On a shared ledger the record is written first, then the settlement: a retry sees the
+    /// reservation open (`409 IDEMPOTENCY_KEY_IN_USE`, retry later) until both are done, never
+    /// a settled request without its record. An in-process ledger settles inline; its record
+    /// is written in the same poll.
+    pub(crate) fn finish_at_end(&mut self, action: Action) -> Option<BoxFuture> {
+        let recorder = match action {
+            Action::Release => None,
+            Action::Settle(_) | Action::SettleEstimate => self.recorder.take(),
+        };
+        let settle = self.finish(action);
+        let Some(recorder) = recorder else {
+            return settle;
+        };
+        let config = self.config.clone();
+        Some(Box::pin(async move {
+            (*recorder).write(&config).await;
+            if let Some(settle) = settle {
+                settle.await;
+            }
+        }))
     }
 
     pub(crate) fn release(&mut self) -> Option<BoxFuture> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use crate::backend::FailureMode;
-use crate::ledger::{Ledger, OverEstimate};
+use crate::ledger::{Ledger, OverEstimate, RecordLimits};
 use crate::metering::threshold::Thresholds;
 use crate::metering::{Metering, Pricing, UsageExtractor};
 use crate::problem::ProblemConfig;
@@ -60,6 +60,10 @@ pub(crate) struct MeterConfig {
     pub(crate) on_disconnect: DisconnectPolicy,
     pub(crate) on_stream_error: StreamErrorPolicy,
     pub(crate) max_body: usize,
+    /// Responses of keyed requests larger than this are not recorded.
+    pub(crate) max_recorded_response: usize,
+    /// How long recorded responses live and how many an account keeps.
+    pub(crate) records: RecordLimits,
     pub(crate) max_units: u64,
     pub(crate) thresholds: Option<Thresholds>,
     /// Warn when a request takes an allowance to this percentage.
@@ -89,6 +93,8 @@ impl fmt::Debug for MeteringLayer {
             .field("on_disconnect", &c.on_disconnect)
             .field("on_stream_error", &c.on_stream_error)
             .field("max_body", &c.max_body)
+            .field("max_recorded_response", &c.max_recorded_response)
+            .field("records", &c.records)
             .field("failure", &c.failure)
             .finish_non_exhaustive()
     }

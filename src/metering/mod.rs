@@ -91,13 +91,97 @@
 //!
 //! # Idempotency
 //!
-//! A request with an `Idempotency-Key` header reserves under that key. A retry with the same
-//! key and the same method, path and cost is charged once: while the first attempt runs the
-//! retry gets `409 IDEMPOTENCY_KEY_IN_USE`; after it was settled the retry is served again and
-//! charged nothing (its response carries `idempotent-replayed: true`); after it was refunded
-//! (a 5xx) the retry is a fresh attempt. The same key for another request is
-//! `409 IDEMPOTENCY_KEY_REUSED`. A malformed key (empty, over 255 characters, anything but
-//! visible ASCII) is `400 INVALID_IDEMPOTENCY_KEY`.
+//! As the IETF Idempotency-Key draft and Stripe define it. A request with an `Idempotency-Key`
+//! header reserves under that key, with a **fingerprint** of the account (the key's scope),
+//! method, path, query, the priced charges and a digest of the whole request body:
+//!
+//! - a **retry of a completed request** (same fingerprint, settled) gets **the recorded
+//!   response**: status, headers, body and trailers as they were sent, with
+//!   `idempotent-replayed: true`. The handler does not run again and nothing is charged again;
+//! - **in flight** (the first attempt still holds its reservation): `409
+//!   IDEMPOTENCY_KEY_IN_USE` with `Retry-After: 1` (`x-should-retry: true`);
+//! - **another request with the key** (another method, path, query or body, on any route):
+//!   `409 IDEMPOTENCY_KEY_REUSED`;
+//! - a response **larger than
+//!   [`max_recorded_response`](crate::Billing::max_recorded_response)** (default 1 MiB of body,
+//!   streams included) is served and charged once but not recorded; its retry is `409
+//!   IDEMPOTENCY_RESPONSE_NOT_RECORDED` (`x-should-retry: false`): never a free re-run, never a
+//!   second charge. The same answer when the record is gone (expired, dropped for the
+//!   per-account cap, not written because the client went away mid-body or the write failed);
+//! - a request refused before its handler ran (402, 409, 413, 503), and a response that was
+//!   not billable (a 5xx; a 4xx unless billed; a failed gRPC call), is released and leaves no
+//!   record: its retry is a fresh attempt;
+//! - a malformed key (empty, over 255 characters, anything but visible ASCII) is
+//!   `400 INVALID_IDEMPOTENCY_KEY`.
+//!
+//! **The body digest** is SHA-256 (the `sha2` crate): the digest decides whether a caller gets
+//! a recorded response, so it must be collision resistant. On a route whose pricing reads the
+//! body it is taken of the bytes read; otherwise it is computed **while the handler reads the
+//! body** (nothing is buffered before the handler), and stored with the record when the
+//! response ends. A handler that stops reading early is fingerprinted by the bytes it read.
+//! A retry's body is read whole (bounded by [`max_body`](crate::Billing::max_body),
+//! `413 REQUEST_TOO_LARGE` beyond) and compared before it is answered.
+//!
+//! **Recording** captures the status, the headers and the body frames as they stream, up to
+//! the size limit, and writes the record when the body has ended and the reservation is
+//! settled (before the last frame is handed out). Not recorded: hop-by-hop headers
+//! (`connection`, `transfer-encoding`, ...), `content-length` and `date` (written afresh), and
+//! the per-request `x-credits-remaining`, `x-allowance-*` and `x-payment-warning`, which
+//! describe the balance at the first attempt; a replay carries none of them.
+//!
+//! **Records** live in the ledger's own backend ([`Ledger::records`](crate::Ledger::records),
+//! [`ResponseRecords`](crate::ledger::ResponseRecords)): in memory, in Redis, or in a
+//! PostgreSQL table made by `migrate`. Each is kept for
+//! [`recorded_response_retention`](crate::Billing::recorded_response_retention) (default 24
+//! hours), at most [`max_recorded_per_account`](crate::Billing::max_recorded_per_account)
+//! (default 1,000) per account, the oldest dropped first. A ledger without records answers
+//! every retry of a completed request with `409 IDEMPOTENCY_RESPONSE_NOT_RECORDED`. If the
+//! records cannot be read the retry is `503`, even when the layer fails open: failing open
+//! there would run the request again for free.
+//!
+//! Requests without an `Idempotency-Key` are untouched by all this: no digest, no record, no
+//! allocation on the in-process fast path.
+//!
+//! ```
+//! # use axum::{routing::post, Router};
+//! # use tower::ServiceExt;
+//! # use tower_402::decision::{Cost, Requirement};
+//! # use tower_402::plan::{Catalog, Plan, Subscription};
+//! # use tower_402::*;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let ledger = MemoryLedger::new();
+//! ledger.deposit(&"acme".into(), Credits::new(10), "seed", Timestamp::now()).await.unwrap();
+//! let billing = Billing::new(
+//!     StaticKeys::new().with_key("sk_test", "acme"),
+//!     MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
+//!     ledger.clone(),
+//!     Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
+//! )
+//! .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(3))));
+//! let app = Router::new()
+//!     .route("/v1/orders", post(|body: String| async move { format!("ordered {body}") }))
+//!     .layer(billing.layer());
+//! let order = |body: &'static str| {
+//!     http::Request::post("/v1/orders")
+//!         .header("x-api-key", "sk_test")
+//!         .header("idempotency-key", "order-42")
+//!         .body(axum::body::Body::from(body))
+//!         .unwrap()
+//! };
+//! let body = |res: http::Response<_>| axum::body::to_bytes(axum::body::Body::new(res.into_body()), 1 << 20);
+//! // The record is written when the body has been sent.
+//! let first = app.clone().oneshot(order("2 pizzas")).await.unwrap();
+//! assert_eq!(body(first).await.unwrap(), "ordered 2 pizzas");
+//! let retry = app.clone().oneshot(order("2 pizzas")).await.unwrap();
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! assert_eq!(body(retry).await.unwrap(), "ordered 2 pizzas");
+//! let other = app.clone().oneshot(order("3 pizzas")).await.unwrap();
+//! assert_eq!(other.status(), 409); // IDEMPOTENCY_KEY_REUSED
+//! let balance = ledger.balance(&"acme".into(), Timestamp::now()).await.unwrap();
+//! assert_eq!(balance.available, Credits::new(7)); // charged once
+//! # }
+//! ```
 //!
 //! # Response headers
 //!
@@ -106,7 +190,7 @@
 //! | `x-credits-remaining` | credit available after this request's hold |
 //! | `x-allowance-remaining` | allowance units left in the period, when the meter has one |
 //! | `x-allowance-reset` | when the allowance resets (RFC 3339) |
-//! | `idempotent-replayed` | `true` on a retry that was not charged again |
+//! | `idempotent-replayed` | `true` on a replayed recorded response (not charged again) |
 //!
 //! # Example
 //!
@@ -135,6 +219,7 @@ mod idempotency;
 mod layer;
 mod llm;
 mod pricing;
+mod replay;
 mod request_body;
 mod service;
 mod sse;

@@ -1,10 +1,12 @@
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+use crate::metering::replay::{lock, SharedTap};
 
 pin_project! {
     /// Request body handed to the service inside [`Metering`](crate::metering::Metering): the
@@ -21,6 +23,7 @@ pin_project! {
     enum Kind<B> {
         Passthrough { #[pin] body: B },
         Peeked { buffered: Option<Bytes>, rest: Pin<Box<B>> },
+        Digesting { #[pin] body: B, tap: SharedTap },
     }
 }
 
@@ -28,6 +31,14 @@ impl<B> RequestBody<B> {
     pub(crate) fn passthrough(body: B) -> Self {
         RequestBody {
             kind: Kind::Passthrough { body },
+        }
+    }
+
+    /// The body of a request with an `Idempotency-Key`: its digest is taken as the handler
+    /// reads it, for the record of its response.
+    pub(crate) fn digesting(body: B, tap: SharedTap) -> Self {
+        RequestBody {
+            kind: Kind::Digesting { body, tap },
         }
     }
 
@@ -46,6 +57,7 @@ impl<B> std::fmt::Debug for RequestBody<B> {
         f.write_str(match self.kind {
             Kind::Passthrough { .. } => "RequestBody::Passthrough",
             Kind::Peeked { .. } => "RequestBody::Peeked",
+            Kind::Digesting { .. } => "RequestBody::Digesting",
         })
     }
 }
@@ -67,19 +79,36 @@ where
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => rest.as_mut().poll_frame(cx),
             },
+            KindProj::Digesting { mut body, tap } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                let mut tap = lock(tap);
+                match &frame {
+                    Some(Ok(f)) => {
+                        if let Some(data) = f.data_ref() {
+                            tap.feed(data);
+                        }
+                        if body.is_end_stream() {
+                            tap.end();
+                        }
+                    }
+                    None => tap.end(),
+                    Some(Err(_)) => {}
+                }
+                Poll::Ready(frame)
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Passthrough { body } => body.is_end_stream(),
+            Kind::Passthrough { body } | Kind::Digesting { body, .. } => body.is_end_stream(),
             Kind::Peeked { buffered, rest } => buffered.is_none() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Passthrough { body } => body.size_hint(),
+            Kind::Passthrough { body } | Kind::Digesting { body, .. } => body.size_hint(),
             Kind::Peeked { buffered, rest } => {
                 let extra = buffered.as_ref().map_or(0, |b| b.len() as u64);
                 let inner = rest.size_hint();

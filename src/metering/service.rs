@@ -1,3 +1,4 @@
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -11,11 +12,12 @@ use crate::backend::{bounded, is_outage, FailureMode};
 use crate::denial::{log_denial, Denial};
 use crate::entitlement::{Admission, Entitlement};
 use crate::error::LedgerError;
-use crate::ledger::{Replay, ReserveOutcome, ReserveRequest};
+use crate::ledger::{Recording, Replay, ReserveOutcome, ReserveRequest};
 use crate::metering::future::{Prepared, ResponseFuture, Ticket};
 use crate::metering::guard::{Charges, Guard, Held};
 use crate::metering::idempotency::{fingerprint, idempotency_key, idempotent_key, unique_key};
 use crate::metering::pricing::price;
+use crate::metering::replay::{Recorder, Tap};
 use crate::metering::request_body::{peek, PeekError};
 use crate::metering::{MeterConfig, MeteringLayer, RequestBody};
 use crate::problem::is_grpc;
@@ -131,7 +133,13 @@ impl<S> Metering<S> {
         };
         // With an in-process ledger and no body to read, preparing needs no I/O: it runs here,
         // with no future to allocate.
-        if let Some(ledger) = config.ledger.in_process().filter(|_| !needs_body) {
+        // A request with an `Idempotency-Key` may be a retry to answer from its record, which
+        // takes reading its body: it goes the way that may wait.
+        if let Some(ledger) = config
+            .ledger
+            .in_process()
+            .filter(|_| !needs_body && start.idem.is_none())
+        {
             let prepared = prepare_now(config, ledger, start, RequestBody::passthrough(body));
             return ResponseFuture::prepared(prepared, inner, config, now, grpc);
         }
@@ -158,7 +166,7 @@ pub(crate) struct Start {
 enum Booked {
     /// Held, by a record or an in-process hold.
     Held(Ticket),
-    /// A retry of a request already settled under its key: not charged again.
+    /// A retry of a request already settled under its key: answered from its record.
     Replayed,
     /// The ledger is down and the layer fails open.
     Unmetered,
@@ -187,19 +195,14 @@ fn prepare_now<B>(
         return admitted(config, start, body, None);
     };
     let account = &start.entitlement.account;
-    let booked = match &start.idem {
-        // No key: a hold owned by the request's guard, no record (see `in_process`).
-        None => on_hold(
-            config,
-            account,
-            ledger.hold(account, charges.as_slice(), start.now),
-            charges,
-        ),
-        Some(key) => {
-            let request = reserve_request(config, &start, key.clone(), &charges, None);
-            on_reserve(config, account, ledger.reserve(&request), charges)
-        }
-    };
+    // No key (requests with one go to `prepare_later`): a hold owned by the request's guard,
+    // no record (see `in_process`).
+    let booked = on_hold(
+        config,
+        account,
+        ledger.hold(account, charges.as_slice(), start.now),
+        charges,
+    );
     match booked {
         Ok(booked) => admitted(config, start, body, Some(booked)),
         Err(denial) => refuse(denial, account),
@@ -219,31 +222,21 @@ where
 {
     let config = &config;
     let account = &start.entitlement.account;
-    let (body, peeked) = if needs_body {
-        match peek(body, config.max_body).await {
-            Ok((bytes, rest)) => (RequestBody::peeked(bytes.clone(), rest), Some(bytes)),
-            Err(PeekError::TooLarge) => {
-                let denial = Denial::Custom(Box::new(crate::decision::CustomDenial::new(
-                    http::StatusCode::PAYLOAD_TOO_LARGE,
-                    "REQUEST_TOO_LARGE",
-                    "Request too large",
-                    format!(
-                        "The request body is larger than the {} bytes this API prices.",
-                        config.max_body
-                    ),
-                )));
-                return refuse(denial, account);
+    // A keyed request's body digest, for the record of its response: of the bytes read to
+    // price it, or taken as the handler reads the body.
+    let (body, peeked, tap) = if needs_body {
+        match read_whole(config, body).await {
+            Ok((bytes, rest)) => {
+                let tap = start.idem.as_ref().map(|_| Tap::whole(&bytes));
+                (RequestBody::peeked(bytes.clone(), rest), Some(bytes), tap)
             }
-            Err(PeekError::Body(_)) => {
-                let denial = Denial::BadRequest {
-                    code: "INVALID_REQUEST",
-                    detail: "The request body could not be read.".into(),
-                };
-                return refuse(denial, account);
-            }
+            Err(denial) => return refuse(denial, account),
         }
+    } else if start.idem.is_some() {
+        let tap = Tap::new(body.is_end_stream());
+        (RequestBody::digesting(body, tap.clone()), None, Some(tap))
     } else {
-        (RequestBody::passthrough(body), None)
+        (RequestBody::passthrough(body), None, None)
     };
     let charges = match price(
         config,
@@ -277,11 +270,137 @@ where
         }
     };
     match booked {
+        Ok(Booked::Replayed) => replay(config, &start, body, peeked).await,
+        Ok(Booked::Held(mut ticket)) => {
+            if let (Some(key), Some(tap)) = (&start.idem, tap) {
+                let id = crate::ledger::ReservationId {
+                    account: account.clone(),
+                    key: key.clone(),
+                };
+                ticket
+                    .guard
+                    .record(Recorder::new(id, tap, config.max_recorded_response));
+            }
+            admitted(config, start, body, Some(Booked::Held(ticket)))
+        }
         Ok(booked) => admitted(config, start, body, Some(booked)),
         Err(denial) => refuse(denial, account),
     }
 }
 
+/// The answer to a retry of a request already served and settled under its key: the recorded
+/// response if the retry is the same request (same body digest), `409` otherwise. Never the
+/// handler: running it again would be free, or a second charge.
+async fn replay<B>(
+    config: &MeterConfig,
+    start: &Start,
+    body: RequestBody<B>,
+    peeked: Option<Bytes>,
+) -> Prepared<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let account = &start.entitlement.account;
+    let Some(key) = &start.idem else {
+        return refuse(Denial::IdempotencyResponseNotRecorded, account);
+    };
+    let id = crate::ledger::ReservationId {
+        account: account.clone(),
+        key: key.clone(),
+    };
+    let record = match config.ledger.records() {
+        Some(records) => bounded(config.timeout, records.get(&id, start.now)).await,
+        None => Ok(None),
+    };
+    let record = match record {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            tracing::info!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                "retry of a settled request without a recorded response (too large, expired or \
+                 dropped); refused, not run again"
+            );
+            return refuse(Denial::IdempotencyResponseNotRecorded, account);
+        }
+        Err(e) => {
+            // Never fail open here: that would run the request again for free.
+            tracing::error!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                error = %e,
+                "recorded responses unreachable; failing closed"
+            );
+            return refuse(
+                Denial::Unavailable {
+                    retry_after_secs: config.retry_after_secs,
+                },
+                account,
+            );
+        }
+    };
+    let bytes = match peeked {
+        Some(bytes) => bytes,
+        None => match read_whole(config, body).await {
+            Ok((bytes, _)) => bytes,
+            Err(denial) => return refuse(denial, account),
+        },
+    };
+    if !record.body.matches(&bytes) {
+        tracing::info!(
+            target: "tower_402::metering",
+            account = account.as_str(),
+            "idempotency key reused with another request body"
+        );
+        return refuse(Denial::IdempotencyConflict { in_progress: false }, account);
+    }
+    match record.recording {
+        Recording::Response(response) => {
+            tracing::info!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                status = response.status,
+                "idempotent retry of a settled request; replaying the recorded response, not \
+                 charged again"
+            );
+            Prepared::Replay(response)
+        }
+        _ => {
+            tracing::info!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                "retry of a settled request whose response was too large to record; refused"
+            );
+            refuse(Denial::IdempotencyResponseNotRecorded, account)
+        }
+    }
+}
+
+/// Reads a whole request body, bounded by `max_body`: `413 REQUEST_TOO_LARGE` beyond,
+/// `400 INVALID_REQUEST` if it cannot be read.
+async fn read_whole<B>(config: &MeterConfig, body: B) -> Result<(Bytes, Pin<Box<B>>), Denial>
+where
+    B: Body<Data = Bytes>,
+{
+    match peek(body, config.max_body).await {
+        Ok(read) => Ok(read),
+        Err(PeekError::TooLarge) => Err(Denial::Custom(Box::new(
+            crate::decision::CustomDenial::new(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "REQUEST_TOO_LARGE",
+                "Request too large",
+                format!(
+                    "The request body is larger than the {} bytes this API reads.",
+                    config.max_body
+                ),
+            ),
+        ))),
+        Err(PeekError::Body(_)) => Err(Denial::BadRequest {
+            code: "INVALID_REQUEST",
+            detail: "The request body could not be read.".into(),
+        }),
+    }
+}
 fn refuse<B>(denial: Denial, account: &AccountId) -> Prepared<B> {
     Prepared::Refuse {
         denial,
@@ -350,14 +469,8 @@ fn on_reserve(
             allowance_units: r.allowance_units,
             allowance_left: r.allowance_left,
         })),
-        Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => {
-            tracing::info!(
-                target: "tower_402::metering",
-                account = account.as_str(),
-                "idempotent retry of a settled request; not charged again"
-            );
-            Ok(Booked::Replayed)
-        }
+        // Answered from the recorded response, not charged again (see `replay`).
+        Ok(ReserveOutcome::Replayed(Replay::Completed(_))) => Ok(Booked::Replayed),
         Ok(ReserveOutcome::Replayed(_)) => Err(Denial::IdempotencyConflict { in_progress: true }),
         Ok(ReserveOutcome::Denied(denial)) => Err(denial),
         Err(LedgerError::KeyConflict) => Err(Denial::IdempotencyConflict { in_progress: false }),
@@ -404,15 +517,15 @@ fn admitted<B>(
         mut entitlement,
         ..
     } = start;
-    let (ticket, replayed) = match booked {
-        None | Some(Booked::Unmetered) => (None, false),
-        Some(Booked::Replayed) => (None, true),
+    let ticket = match booked {
+        // A replay never gets here (see `replay`).
+        None | Some(Booked::Unmetered) | Some(Booked::Replayed) => None,
         Some(Booked::Held(ticket)) => {
             entitlement.available = Some(ticket.available_after);
             if let Some(w) = crate::metering::headers::soft_limit(config, &ticket) {
                 entitlement.warnings.push(w);
             }
-            (Some(ticket), false)
+            Some(ticket)
         }
     };
     let warnings = entitlement.warnings.clone();
@@ -420,7 +533,6 @@ fn admitted<B>(
     Prepared::Call {
         req: Request::from_parts(parts, body),
         ticket,
-        replayed,
         warnings,
     }
 }

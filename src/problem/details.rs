@@ -405,6 +405,12 @@ impl ProblemDetails {
                  has completed."
                     .to_owned()
             }
+            Denial::IdempotencyResponseNotRecorded => {
+                "The request with this Idempotency-Key was served and charged, but its response \
+                 was not recorded (too large, or no longer kept), so it cannot be replayed. Send \
+                 a new request with a new key."
+                    .to_owned()
+            }
             Denial::Unavailable { retry_after_secs } => {
                 format!("Billing is temporarily unavailable; retry in {retry_after_secs} seconds.")
             }
@@ -558,6 +564,9 @@ pub(crate) fn denial_response<B>(
     res
 }
 
+/// `Retry-After` on `409 IDEMPOTENCY_KEY_IN_USE`: most paid requests finish within a second.
+const IN_USE_RETRY_AFTER_SECS: u64 = 1;
+
 /// The headers a denial adds to its problem: `x-should-retry`, `WWW-Authenticate`,
 /// `Retry-After`, rate limits.
 pub(crate) fn denial_headers(denial: &Denial, config: &ProblemConfig, now: Timestamp) -> HeaderMap {
@@ -604,6 +613,10 @@ pub(crate) fn denial_headers(denial: &Denial, config: &ProblemConfig, now: Times
         }
         Denial::Unavailable { retry_after_secs } => {
             h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        // The first attempt is still running: its answer is recorded when it ends.
+        Denial::IdempotencyConflict { in_progress: true } => {
+            h.insert(RETRY_AFTER, HeaderValue::from(IN_USE_RETRY_AFTER_SECS));
         }
         _ => {}
     }

@@ -97,6 +97,8 @@ impl GrpcCode {
             Denial::IdempotencyConflict { in_progress: false } => GrpcCode::AlreadyExists,
             // The first attempt is still running: retry the whole call later.
             Denial::IdempotencyConflict { in_progress: true } => GrpcCode::Aborted,
+            // Served and charged once; running it again would charge twice.
+            Denial::IdempotencyResponseNotRecorded => GrpcCode::FailedPrecondition,
             Denial::Unavailable { .. } => GrpcCode::Unavailable,
             Denial::Custom(c) => GrpcCode::for_http_status(c.status),
         }

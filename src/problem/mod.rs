@@ -86,6 +86,7 @@
 //! | `INVALID_IDEMPOTENCY_KEY`, `INVALID_REQUEST` | 400 | `INVALID_ARGUMENT` (3) |
 //! | `IDEMPOTENCY_KEY_REUSED` | 409 | `ALREADY_EXISTS` (6): the key belongs to another request; retrying with it can never succeed |
 //! | `IDEMPOTENCY_KEY_IN_USE` | 409 | `ABORTED` (10): the first attempt is still running; retry the call later |
+//! | `IDEMPOTENCY_RESPONSE_NOT_RECORDED` | 409 | `FAILED_PRECONDITION` (9): the first attempt was served and charged but its response was too large to record (or is no longer kept); use a new key |
 //! | custom denials, an inner service's bare HTTP errors | by status | 400 `INVALID_ARGUMENT`, 401 `UNAUTHENTICATED`, 402 and 412 `FAILED_PRECONDITION`, 403 `PERMISSION_DENIED`, 404 `NOT_FOUND`, 408 and 504 `DEADLINE_EXCEEDED`, 409 `ABORTED`, 413 and 429 `RESOURCE_EXHAUSTED`, 499 `CANCELLED`, 500 `INTERNAL`, 501 `UNIMPLEMENTED`, 502 and 503 `UNAVAILABLE`, others `UNKNOWN` |
 //!
 //! [`ProblemDetailsLayer`] keeps gRPC answers gRPC: it re-renders a denial with its links,

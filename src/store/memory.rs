@@ -10,11 +10,13 @@ use crate::credits::Credits;
 use crate::denial::Denial;
 use crate::error::{LedgerError, StoreError};
 use crate::in_process::{InProcessLedger, InProcessPlanStore};
+use crate::ledger::ResponseRecords;
 use crate::ledger::{
     AccountBook, AllowanceUsage, Balance, Deposit, Hold, Ledger, OverEstimate, ReservationId,
     ReserveOutcome, ReserveRequest, Settlement, Usage, DEFAULT_RETENTION_SECS,
 };
 use crate::plan::{Meter, PlanStore, Subscription, SyncMark};
+use crate::store::records_memory::MemoryRecords;
 use crate::time::Timestamp;
 
 const SHARDS: usize = 16;
@@ -28,6 +30,7 @@ const SHARDS: usize = 16;
 pub struct MemoryLedger {
     shards: Arc<[Mutex<FastMap<AccountId, AccountBook>>; SHARDS]>,
     retention_secs: u64,
+    records: MemoryRecords,
 }
 
 impl Default for MemoryLedger {
@@ -50,6 +53,7 @@ impl MemoryLedger {
         MemoryLedger {
             shards: Arc::new(std::array::from_fn(|_| Mutex::new(FastMap::default()))),
             retention_secs: DEFAULT_RETENTION_SECS,
+            records: MemoryRecords::default(),
         }
     }
 
@@ -164,6 +168,10 @@ impl InProcessLedger for MemoryLedger {
 impl Ledger for MemoryLedger {
     fn in_process(&self) -> Option<&dyn InProcessLedger> {
         Some(self)
+    }
+
+    fn records(&self) -> Option<&dyn ResponseRecords> {
+        Some(&self.records)
     }
 
     // Each async method is its synchronous twin (InProcessLedger), already answered.

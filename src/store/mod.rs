@@ -14,6 +14,7 @@ mod cache;
 mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod records_memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 

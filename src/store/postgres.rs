@@ -105,6 +105,8 @@
 //! # }
 //! ```
 
+mod records;
+
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
@@ -383,6 +385,9 @@ async fn migrate(pool: &Pool, config: &PostgresConfig) -> Result<(), StoreError>
         .await
         .map_err(pg_error)?;
         tx.batch_execute(&sql).await.map_err(pg_error)?;
+        tx.batch_execute(&records::migration(config))
+            .await
+            .map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)
     })
     .await
@@ -1492,6 +1497,10 @@ fn record_from_row(row: &Row) -> Result<Record, StoreError> {
 
 #[async_trait]
 impl Ledger for PostgresLedger {
+    fn records(&self) -> Option<&dyn crate::ledger::ResponseRecords> {
+        Some(self)
+    }
+
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
         let need = OwnedNeed {
             reservation: Some(req.key.clone()),

@@ -68,6 +68,8 @@
 //! # }
 //! ```
 
+mod records;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -403,6 +405,7 @@ pub struct RedisLedger {
     prefix: String,
     retention_secs: u64,
     scripts: Arc<Scripts>,
+    records: records::RedisRecords,
 }
 
 impl fmt::Debug for RedisLedger {
@@ -418,8 +421,10 @@ impl RedisLedger {
     /// A ledger with its own connection, opened on first use: building one succeeds while
     /// Redis is down (operations then fail with [`StoreError`] until it is back).
     pub fn new(config: &RedisConfig) -> Self {
+        let conn = config.connection();
         RedisLedger {
-            conn: config.connection(),
+            records: records::RedisRecords::new(conn.clone(), config.prefix.clone()),
+            conn,
             prefix: config.prefix.clone(),
             retention_secs: config.retention_secs,
             scripts: Arc::new(Scripts::new()),
@@ -476,6 +481,10 @@ impl RedisLedger {
 
 #[async_trait]
 impl Ledger for RedisLedger {
+    fn records(&self) -> Option<&dyn crate::ledger::ResponseRecords> {
+        Some(&self.records)
+    }
+
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
         req.validate()?;
         let args = reserve_args(req)?;

@@ -883,6 +883,131 @@ pub async fn plan_store_conditional_put(p: &(impl PlanStore + Clone)) {
         .unwrap());
 }
 
+/// A recorded response with every kind of content: binary body, repeated headers, trailers.
+fn sample_record(body: &[u8], status: u16) -> ResponseRecord {
+    ResponseRecord {
+        body: BodyDigest::of(b"{\"model\":\"m\"}"),
+        recording: Recording::Response(RecordedResponse {
+            status,
+            headers: vec![
+                (
+                    "content-type".into(),
+                    bytes::Bytes::from_static(b"application/json"),
+                ),
+                ("set-cookie".into(), bytes::Bytes::from_static(b"a=1")),
+                ("set-cookie".into(), bytes::Bytes::from_static(b"b=2")),
+            ],
+            body: bytes::Bytes::copy_from_slice(body),
+            trailers: vec![("grpc-status".into(), bytes::Bytes::from_static(b"0"))],
+        }),
+    }
+}
+
+/// Recorded responses: written, read back exactly, replaced, kept per account, expired.
+pub async fn recorded_responses(l: &impl Ledger) {
+    let records = l.records().expect("every backend keeps recorded responses");
+    let limits = RecordLimits {
+        retention_secs: 100,
+        per_account: 10,
+    };
+    let a = id("acme", "idem:order-1");
+    assert_eq!(records.get(&a, at(0)).await.unwrap(), None);
+    // Every byte value, and more than one network packet.
+    let body: Vec<u8> = (0..70_000u32).map(|i| (i % 256) as u8).collect();
+    let first = sample_record(&body, 201);
+    records.put(&a, &first, limits, at(10)).await.unwrap();
+    assert_eq!(records.get(&a, at(10)).await.unwrap(), Some(first.clone()));
+    assert_eq!(records.get(&a, at(109)).await.unwrap(), Some(first));
+    assert_eq!(records.get(&a, at(110)).await.unwrap(), None, "expired");
+    // Another account's key of the same name is another record.
+    assert_eq!(
+        records
+            .get(&id("globex", "idem:order-1"), at(10))
+            .await
+            .unwrap(),
+        None
+    );
+    // Replaced, and the too-large marker.
+    let too_large = ResponseRecord {
+        body: BodyDigest {
+            complete: false,
+            ..BodyDigest::of(b"")
+        },
+        recording: Recording::TooLarge,
+    };
+    records.put(&a, &too_large, limits, at(200)).await.unwrap();
+    records
+        .put(&a, &sample_record(b"", 200), limits, at(201))
+        .await
+        .unwrap();
+    records.put(&a, &too_large, limits, at(202)).await.unwrap();
+    assert_eq!(records.get(&a, at(250)).await.unwrap(), Some(too_large));
+}
+
+/// An account keeps at most `per_account` records: writing one more drops the oldest; other
+/// accounts are untouched.
+pub async fn recorded_responses_are_bounded(l: &impl Ledger) {
+    let records = l.records().expect("every backend keeps recorded responses");
+    let limits = RecordLimits {
+        retention_secs: 1000,
+        per_account: 3,
+    };
+    let other = id("globex", "idem:keep");
+    records
+        .put(&other, &sample_record(b"globex", 200), limits, at(0))
+        .await
+        .unwrap();
+    for i in 0..5u64 {
+        let key = format!("idem:k{i}");
+        records
+            .put(
+                &id("acme", &key),
+                &sample_record(key.as_bytes(), 200),
+                limits,
+                at(1 + i),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..5u64 {
+        let got = records
+            .get(&id("acme", &format!("idem:k{i}")), at(10))
+            .await
+            .unwrap();
+        assert_eq!(got.is_some(), i >= 2, "k{i}");
+    }
+    assert!(records.get(&other, at(10)).await.unwrap().is_some());
+    // Rewriting a kept key makes it the newest: the next write drops k3, the oldest left.
+    records
+        .put(
+            &id("acme", "idem:k2"),
+            &sample_record(b"again", 200),
+            limits,
+            at(20),
+        )
+        .await
+        .unwrap();
+    records
+        .put(
+            &id("acme", "idem:k5"),
+            &sample_record(b"k5", 200),
+            limits,
+            at(21),
+        )
+        .await
+        .unwrap();
+    let kept: Vec<bool> = futures_util::future::join_all((2..6u64).map(|i| {
+        let id = id("acme", &format!("idem:k{i}"));
+        async move { records.get(&id, at(22)).await.unwrap().is_some() }
+    }))
+    .await;
+    assert_eq!(
+        kept,
+        [true, false, true, true],
+        "k2 (rewritten), k4 and k5 are kept"
+    );
+}
+
 /// One `#[tokio::test]` per check. `$ledger` and `$plans` are async expressions giving
 /// `Option<store>` (`None`: the backend is unreachable and the test was skipped).
 #[macro_export]
@@ -897,6 +1022,8 @@ macro_rules! conformance_tests {
         conformance_tests!(@one $ledger, allowance_window_rollover, allowance_window_rollover);
         conformance_tests!(@one $ledger, retention, retention);
         conformance_tests!(@one $ledger, unique_keys_are_forgotten, unique_keys_are_forgotten);
+        conformance_tests!(@one $ledger, recorded_responses, recorded_responses);
+        conformance_tests!(@one $ledger, recorded_responses_are_bounded, recorded_responses_are_bounded);
 
         #[tokio::test]
         async fn matches_the_book_on_random_sequences() {
