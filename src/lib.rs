@@ -142,6 +142,7 @@ mod entitlement;
 pub mod error;
 pub mod gate;
 pub mod in_process;
+pub mod keys;
 pub mod ledger;
 pub mod metering;
 pub mod plan;

@@ -2,6 +2,7 @@
 
 mod conformance;
 
+use tower_402::keys::MemoryKeyStore;
 use tower_402::{MemoryLedger, MemoryPlanStore, Timestamp};
 
 async fn ledger() -> Option<MemoryLedger> {
@@ -12,7 +13,17 @@ async fn plans() -> Option<MemoryPlanStore> {
     Some(MemoryPlanStore::new())
 }
 
-conformance_tests!(ledger().await, plans().await);
+async fn keys() -> Option<(MemoryKeyStore, MemoryKeyStore)> {
+    let store = MemoryKeyStore::new();
+    Some((store.clone(), store))
+}
+
+/// All a memory store holds is what its `Debug` shows: ids, accounts, digests, ends.
+async fn stored_keys(store: MemoryKeyStore) -> String {
+    format!("{store:?}")
+}
+
+conformance_tests!(ledger().await, plans().await, keys().await, stored_keys);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fleet_of_four_shares_one_balance() {

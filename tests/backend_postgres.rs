@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio_postgres::NoTls;
 use tower_402::plan::{PlanStore, Subscription};
-use tower_402::store::{PostgresConfig, PostgresLedger, PostgresPlanStore};
+use tower_402::store::{PostgresConfig, PostgresKeyStore, PostgresLedger, PostgresPlanStore};
 use tower_402::{Credits, Ledger, LedgerError, MemoryPlanStore, StoreError, Timestamp};
 
 fn url() -> String {
@@ -54,7 +54,29 @@ async fn plans() -> Option<PostgresPlanStore> {
     Some(PostgresPlanStore::new(c.pool().ok()?, c))
 }
 
-conformance_tests!(ledger().await, plans().await);
+async fn keys() -> Option<(PostgresKeyStore, String)> {
+    let c = config().await?;
+    let table = format!(
+        "\"{}\".\"{}api_keys\"",
+        c.schema_name(),
+        c.table_prefix_name()
+    );
+    let store = PostgresKeyStore::new(c.pool().ok()?, c);
+    store.migrate().await.expect("key table");
+    Some((store, table))
+}
+
+/// Every row of the key table, as PostgreSQL prints it.
+async fn stored_keys(table: String) -> String {
+    let rows = admin()
+        .await
+        .query(&format!("SELECT k::text FROM {table} k"), &[])
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get::<_, String>(0) + "\n").collect()
+}
+
+conformance_tests!(ledger().await, plans().await, keys().await, stored_keys);
 
 async fn admin() -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(&url(), NoTls)

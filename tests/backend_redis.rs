@@ -10,7 +10,7 @@ mod conformance;
 use std::time::Duration;
 
 use http::StatusCode;
-use tower_402::store::{RedisConfig, RedisLedger, RedisPlanStore};
+use tower_402::store::{RedisConfig, RedisKeyStore, RedisLedger, RedisPlanStore};
 use tower_402::{Credits, Ledger, LedgerError, MemoryPlanStore, StoreError, Timestamp};
 
 fn url() -> String {
@@ -86,7 +86,53 @@ async fn plans() -> Option<RedisPlanStore> {
     config().await.map(|c| RedisPlanStore::new(&c))
 }
 
-conformance_tests!(ledger().await, plans().await);
+async fn keys() -> Option<(RedisKeyStore, String)> {
+    let c = config().await?;
+    Some((RedisKeyStore::new(&c), c.key_prefix().to_owned()))
+}
+
+/// Every key name and value under the test's prefix, as text.
+async fn stored_keys(prefix: String) -> String {
+    let client = redis::Client::open(url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut out = String::new();
+    for name in names {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let values: Vec<String> = match kind.as_str() {
+            "hash" => redis::cmd("HGETALL")
+                .arg(&name)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "set" => redis::cmd("SMEMBERS")
+                .arg(&name)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "string" => vec![redis::cmd("GET")
+                .arg(&name)
+                .query_async(&mut conn)
+                .await
+                .unwrap()],
+            other => vec![other.to_owned()],
+        };
+        out.push_str(&name);
+        out.push_str(&values.join(" "));
+        out.push('\n');
+    }
+    out
+}
+
+conformance_tests!(ledger().await, plans().await, keys().await, stored_keys);
 
 async fn admin() -> redis::aio::MultiplexedConnection {
     redis::Client::open(url())

@@ -82,3 +82,49 @@ async fn every_decision_is_logged_with_account_rule_and_code_and_never_the_key()
         "a credential reached the logs:\n{logs}"
     );
 }
+
+#[tokio::test]
+async fn key_changes_are_logged_by_id_and_never_with_the_key() {
+    use tower_402::keys::{KeyHasher, Keys, MemoryKeyStore};
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let keys = Keys::new(KeyHasher::hmac(b"LOGSECRET"), MemoryKeyStore::new());
+    keys.add("k1", "sk_live_LOGCHECK_1", "acme").await.unwrap();
+    keys.rotate("k1", "k2", "sk_live_LOGCHECK_2", 0)
+        .await
+        .unwrap();
+    let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
+    let catalog = Catalog::new().with_plan(Plan::new("basic", "Basic", 1));
+    let app = metered_app(Billing::new(
+        keys.clone(),
+        plans,
+        MemoryLedger::new(),
+        catalog,
+    ));
+    let ok = common::get(&app, "/", "sk_live_LOGCHECK_2").await;
+    assert_eq!(ok.status, 200);
+    let old = common::get(&app, "/", "sk_live_LOGCHECK_1").await;
+    old.problem(401, "UNAUTHENTICATED");
+    keys.revoke("k2").await.unwrap();
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    for said in [
+        "API key added",
+        "API key rotated",
+        "API key revoked",
+        "k1",
+        "k2",
+    ] {
+        assert!(text.contains(said), "{said} in {text}");
+    }
+    assert!(!text.contains("LOGCHECK"), "{text}");
+    assert!(!text.contains("LOGSECRET"), "{text}");
+    assert!(!format!("{keys:?}").contains("LOGSECRET"));
+}

@@ -6,6 +6,7 @@
 //! | `RedisLedger`, `RedisPlanStore` | `redis` | several instances; one atomic Lua script per ledger operation; see the `redis` module |
 //! | `PostgresLedger`, `PostgresPlanStore` | `postgres` | several instances; durable; row lock + the shared state machine in one transaction; an idempotent `migrate()`; see the `postgres` module |
 //! | [`CachingPlanStore`] | always | a read-through cache with a TTL in front of any plan store |
+//! | [`MemoryKeyStore`](crate::keys::MemoryKeyStore), `RedisKeyStore`, `PostgresKeyStore` | always, `redis`, `postgres` | API key digests for [`Keys`](crate::keys::Keys): many keys per account, rotated and revoked at run time |
 //!
 //! Every backend keeps the semantics documented on [`Ledger`](crate::Ledger) exactly; one
 //! conformance suite (`tests/conformance/`) runs the same assertions against each.
@@ -21,6 +22,8 @@ pub mod redis;
 pub use cache::CachingPlanStore;
 pub use memory::{MemoryLedger, MemoryPlanStore};
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresConfig, PostgresLedger, PostgresPlanStore, TransactionCounts};
+pub use postgres::{
+    PostgresConfig, PostgresKeyStore, PostgresLedger, PostgresPlanStore, TransactionCounts,
+};
 #[cfg(feature = "redis")]
-pub use redis::{RedisConfig, RedisLedger, RedisPlanStore};
+pub use redis::{RedisConfig, RedisKeyStore, RedisLedger, RedisPlanStore};

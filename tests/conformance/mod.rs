@@ -1033,6 +1033,11 @@ pub async fn recorded_responses_are_bounded(l: &impl Ledger) {
 #[macro_export]
 macro_rules! conformance_tests {
     ($ledger:expr, $plans:expr) => {
+        conformance_tests!($ledger, $plans, None::<(tower_402::keys::MemoryKeyStore, ())>, |_| async {
+            String::from("-")
+        });
+    };
+    ($ledger:expr, $plans:expr, $keys:expr, $scan:expr) => {
         conformance_tests!(@one $ledger, deposits, deposits);
         conformance_tests!(@one $ledger, reserve_settle_release, reserve_settle_release);
         conformance_tests!(@one $ledger, over_estimates_and_denials, over_estimates_and_denials);
@@ -1063,6 +1068,18 @@ macro_rules! conformance_tests {
         }
 
         #[tokio::test]
+        async fn key_store() {
+            // `$keys`: the store and what `$scan` needs to read everything it wrote.
+            let Some((store, ctx)) = $keys else { return };
+            conformance::keys::key_store(store).await;
+            let stored = $scan(ctx).await;
+            for raw in conformance::keys::RAW_KEYS {
+                assert!(!stored.contains(raw), "the raw key {raw} is stored");
+            }
+            assert!(!stored.is_empty(), "the scan found the stored keys");
+        }
+
+        #[tokio::test]
         async fn plan_store_reads_and_writes() {
             let Some(p) = $plans else { return };
             conformance::plan_store(&p).await;
@@ -1084,3 +1101,4 @@ macro_rules! conformance_tests {
 }
 
 pub mod fleet;
+pub mod keys;

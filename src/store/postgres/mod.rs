@@ -107,6 +107,7 @@
 
 mod batching;
 mod config;
+mod keys;
 mod ledger;
 mod plan_store;
 mod records;
@@ -148,6 +149,7 @@ use self::rows::*;
 use self::schema::*;
 
 pub use self::config::{InvalidIdentifier, PostgresConfig};
+pub use self::keys::PostgresKeyStore;
 pub use self::ledger::{PostgresLedger, TransactionCounts};
 pub use self::plan_store::PostgresPlanStore;
 

@@ -47,6 +47,11 @@ impl RedisConfig {
         self
     }
 
+    /// The prefix of every key this configuration writes.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// How long finished reservations and deposit keys are remembered for idempotency.
     pub fn retention_secs(mut self, secs: u64) -> Self {
         self.retention_secs = secs.min(MAX_EXACT);

@@ -69,6 +69,7 @@
 //! ```
 
 mod config;
+mod keys;
 mod ledger;
 mod plan_store;
 mod records;
@@ -78,6 +79,7 @@ use self::config::Conn;
 use self::scripts::*;
 
 pub use self::config::RedisConfig;
+pub use self::keys::RedisKeyStore;
 pub use self::ledger::RedisLedger;
 pub use self::plan_store::RedisPlanStore;
 
