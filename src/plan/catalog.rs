@@ -67,35 +67,31 @@ string_id!(
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Period {
-    /// Clock hours, UTC.
+    /// Clock hours.
     Hour,
-    /// Calendar days, UTC.
+    /// Calendar days: resets at midnight.
     Day,
-    /// Calendar months, UTC: resets at midnight on the first.
+    /// ISO weeks: resets at midnight between Sunday and Monday.
+    Week,
+    /// Calendar months: resets at midnight on the first.
     CalendarMonth,
+    /// Calendar quarters: resets at midnight on 1 January, April, July and October.
+    Quarter,
+    /// Calendar years: resets at midnight on 1 January.
+    Year,
+    /// Months from the subscription's billing anchor (see
+    /// [`Calendar::anchor`](super::Calendar::anchor)); calendar months without one.
+    BillingMonth,
+    /// Years from the subscription's billing anchor; calendar years without one.
+    BillingYear,
 }
 
 impl Period {
-    /// The window containing `now`: its start and the moment it resets.
+    /// The window containing `now`, in UTC and without a billing anchor: its start and the
+    /// moment it resets. [`window_in`](Self::window_in) counts in another
+    /// [`Calendar`](super::Calendar).
     pub fn window(self, now: Timestamp) -> (Timestamp, Timestamp) {
-        let t = now.unix();
-        match self {
-            Period::Hour => {
-                let start = t - t % 3600;
-                (
-                    Timestamp::from_unix(start),
-                    Timestamp::from_unix(start + 3600),
-                )
-            }
-            Period::Day => {
-                let start = t - t % 86_400;
-                (
-                    Timestamp::from_unix(start),
-                    Timestamp::from_unix(start + 86_400),
-                )
-            }
-            Period::CalendarMonth => (now.start_of_month(), now.start_of_next_month()),
-        }
+        self.window_in(now, &super::Calendar::UTC)
     }
 }
 

@@ -22,9 +22,11 @@
 //! [`PlanStore::put_subscription`].
 
 mod catalog;
+mod period;
 mod store;
 mod subscription;
 
 pub use catalog::{Allowance, AllowanceWindow, Catalog, CatalogError, Meter, Period, Plan, PlanId};
+pub use period::{Calendar, InvalidOffset, MAX_UTC_OFFSET_SECS};
 pub use store::PlanStore;
 pub use subscription::{Subscription, SubscriptionStatus, SyncMark};
