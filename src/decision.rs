@@ -39,7 +39,7 @@ use crate::plan::{Catalog, Meter, Plan, Subscription, SubscriptionStatus};
 use crate::time::Timestamp;
 
 pub use crate::charge::Cost;
-pub use crate::denial::{AuthFailure, CustomDenial, Denial};
+pub use crate::denial::{AuthFailure, BudgetExhausted, CustomDenial, Denial};
 
 /// What a route demands of the caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

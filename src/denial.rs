@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::account::AccountId;
 use crate::credits::Credits;
-use crate::plan::{Meter, PlanId};
+use crate::plan::{Meter, Period, PlanId};
 use crate::time::Timestamp;
 
 /// Why an unauthenticated request was refused. All three answer 401 with the same code; none
@@ -25,6 +25,30 @@ pub enum AuthFailure {
     Unknown,
     /// The credential could not be read (the text says why, never what it was).
     Malformed(&'static str),
+}
+
+/// What a [`Denial::BudgetExhausted`] says: which level of the account's chain is out of
+/// budget, how much, and who can raise it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetExhausted {
+    /// The level of the chain (`"key"`, `"team"`, `"organisation"`, or your own).
+    pub level: String,
+    /// Which one at that level (`"research"`).
+    pub owner: String,
+    /// The meter the budget caps, or `None` for a budget in credits.
+    pub meter: Option<Meter>,
+    /// The budget for the period (credits, or units of `meter`).
+    pub budget: u64,
+    /// Used or held this period, this request not included.
+    pub used: u64,
+    /// The period the budget is for.
+    pub period: Period,
+    /// When the period ends and the budget is whole again.
+    pub resets_at: Timestamp,
+    /// Who manages the budget (`"Research's budget holder"`), for the detail.
+    pub manager: Option<String>,
+    /// Where they raise it, rendered as `manage_url`.
+    pub manage_url: Option<String>,
 }
 
 /// An application-defined refusal, rendered like the built-in ones.
@@ -170,6 +194,9 @@ pub enum Denial {
         /// Seconds after which a retry may succeed.
         retry_after_secs: u64,
     },
+    /// 402 `BUDGET_EXHAUSTED`: a budget on the account's chain (its key, team,
+    /// organisation) is spent for the period; the balance may still have credit.
+    BudgetExhausted(Box<BudgetExhausted>),
     /// An application-defined refusal.
     Custom(Box<CustomDenial>),
 }
@@ -187,6 +214,7 @@ impl Denial {
             Denial::TrialExpired { .. } => "TRIAL_EXPIRED",
             Denial::SubscriptionPending { .. } => "SUBSCRIPTION_PENDING",
             Denial::PaymentDeclined { .. } => "PAYMENT_DECLINED",
+            Denial::BudgetExhausted(_) => "BUDGET_EXHAUSTED",
             Denial::BadRequest { code, .. } => code,
             Denial::IdempotencyConflict { in_progress: false } => "IDEMPOTENCY_KEY_REUSED",
             Denial::IdempotencyConflict { in_progress: true } => "IDEMPOTENCY_KEY_IN_USE",
@@ -222,6 +250,7 @@ impl Denial {
             Denial::TrialExpired { .. } => "Trial expired",
             Denial::SubscriptionPending { .. } => "Subscription pending",
             Denial::PaymentDeclined { .. } => "Payment declined",
+            Denial::BudgetExhausted(_) => "Budget exhausted",
             Denial::BadRequest { .. } => "Bad request",
             Denial::IdempotencyConflict { in_progress: false } => "Idempotency key reused",
             Denial::IdempotencyConflict { in_progress: true } => "Request already in progress",
@@ -249,6 +278,7 @@ pub(crate) fn rule_of(denial: &Denial) -> &'static str {
         Denial::PlanUpgradeRequired { .. } => "entitlement",
         Denial::QuotaExceeded { .. } => "allowance",
         Denial::InsufficientCredits { .. } => "credit",
+        Denial::BudgetExhausted(_) => "budget",
         Denial::Unavailable { .. } => "backend",
         Denial::IdempotencyConflict { .. } | Denial::IdempotencyResponseNotRecorded => {
             "idempotency"

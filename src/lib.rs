@@ -95,6 +95,7 @@
 //! | 402 | `TRIAL_EXPIRED` | trial over, no paid plan | `trial_ended_at`, `upgrade_url` |
 //! | 402 | `SUBSCRIPTION_PENDING` | not active yet, or no subscription | `billing_url` |
 //! | 402 | `PAYMENT_DECLINED` | a direct charge failed | `decline_code` |
+//! | 402 | `BUDGET_EXHAUSTED` | a key's, team's or organisation's budget for the period is spent (credit may remain; `Retry-After`) | `level`, `owner`, `budget`, `used`, `period`, `resets_at`, `meter` (unit budgets), `manage_url` |
 //! | 409 | `IDEMPOTENCY_KEY_REUSED`, `IDEMPOTENCY_KEY_IN_USE`, `IDEMPOTENCY_RESPONSE_NOT_RECORDED` | key reused for another request (another method, path, query or body) / still running (`Retry-After`) / served, but its response was too large to record: use a new key | |
 //! | 503 | `SERVICE_UNAVAILABLE` | ledger or plan store unreachable (`Retry-After`) | |
 //!
@@ -130,6 +131,7 @@ pub mod account;
 mod backend;
 pub mod billing;
 pub mod body;
+pub mod budget;
 mod charge;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]

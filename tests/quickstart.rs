@@ -184,6 +184,47 @@ async fn broke_gets_insufficient_credits_then_tops_up() {
 }
 
 #[tokio::test]
+async fn dept_is_refused_by_its_team_budget_while_credit_remains() {
+    let (demo, clock) = demo().await;
+    for _ in 0..3 {
+        let a = get(&demo.router, "/v1/forecast", "demo-dept").await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.json()["account"], "acct_dept", "the handler ran");
+    }
+    let a = get(&demo.router, "/v1/forecast", "demo-dept").await;
+    let doc = a.problem(402, "BUDGET_EXHAUSTED");
+    assert_eq!(doc["level"], "team");
+    assert_eq!(doc["owner"], "research");
+    assert_eq!(doc["budget"], 3);
+    assert_eq!(doc["used"], 3);
+    assert_eq!(doc["period"], "quarter");
+    assert_eq!(doc["resets_at"], "2027-01-01T00:00:00Z");
+    assert_eq!(
+        doc["manage_url"],
+        "https://example.com/teams/research/budget"
+    );
+    let detail = doc["detail"].as_str().unwrap();
+    assert!(detail.contains("not the account's balance"), "{detail}");
+    assert!(detail.contains("Research's budget holder"), "{detail}");
+    // 37 days 12 hours until the next quarter.
+    let secs = (37 * 86_400 + 12 * 3600).to_string();
+    assert_eq!(a.header("retry-after"), Some(secs.as_str()));
+
+    // The balance is untouched by the refusal, and says so.
+    assert_eq!(available(&demo, "acct_dept").await, 997);
+    let b = get(&demo.router, "/v1/balance", "demo-dept").await;
+    assert_eq!(b.status, 200);
+    assert_eq!(b.json()["balance"], 997, "{}", b.json());
+    // Other accounts are not in the chart.
+    assert_eq!(get(&demo.router, "/v1/forecast", "demo-basic").await.status, 200);
+
+    // A new quarter, a whole budget.
+    clock.set(Timestamp::from_utc(2027, 1, 1, 0, 0, 0).unwrap());
+    assert_eq!(get(&demo.router, "/v1/forecast", "demo-dept").await.status, 200);
+    assert_eq!(available(&demo, "acct_dept").await, 996);
+}
+
+#[tokio::test]
 async fn expired_subscription() {
     let (demo, _) = demo().await;
     let doc = get(&demo.router, "/v1/forecast", "demo-expired")

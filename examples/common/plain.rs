@@ -13,6 +13,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::Service;
+use tower_402::budget::{self, Budget, BudgetNode, BudgetedLedger, Budgets, MemoryBudgetStore};
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Period, Plan, PlanStore, Subscription, SubscriptionStatus};
 use tower_402::problem::{Links, ProblemConfig};
@@ -42,7 +43,27 @@ pub const DEMO_KEYS: &[(&str, &str, &str)] = &[
         "acct_trial_over",
         "trial ended, no paid plan",
     ),
+    (
+        "demo-dept",
+        "acct_dept",
+        "basic, 1000 credits, in team research: 3 credits a quarter",
+    ),
 ];
+
+/// The demo's budget chart: `acct_dept` is in team `research`, whose budget is 3 credits a
+/// quarter (its balance has far more).
+pub fn budgets() -> Budgets {
+    Budgets::new()
+        .node(
+            BudgetNode::new("research", budget::TEAM)
+                .budget(Budget::credits(3, Period::Quarter))
+                .managed_by(
+                    "Research's budget holder",
+                    "https://example.com/teams/research/budget",
+                ),
+        )
+        .member("acct_dept", "research")
+}
 
 const DAY: u64 = 86_400;
 
@@ -84,6 +105,7 @@ pub async fn accounts<C: Clock>(clock: &C) -> Accounts {
         Subscription::active("acct_basic", "basic"),
         Subscription::active("acct_free", "free"),
         Subscription::active("acct_broke", "basic"),
+        Subscription::active("acct_dept", "basic"),
     ];
     let mut expired = Subscription::new("acct_expired", "basic", SubscriptionStatus::Canceled);
     expired.canceled_at = Some(ago(40));
@@ -107,6 +129,7 @@ pub async fn accounts<C: Clock>(clock: &C) -> Accounts {
         "acct_grace",
         "acct_past_due",
         "acct_expired",
+        "acct_dept",
     ] {
         ledger
             .deposit(&account.into(), Credits::new(1000), "demo-seed", now)
@@ -166,7 +189,10 @@ pub async fn billing<C: Clock + Clone>(clock: C, routes: impl FnOnce(Billing) ->
         plans,
         ledger,
     } = accounts(&clock).await;
-    let billing = Billing::new(keys, plans.clone(), ledger.clone(), catalog())
+    // The memory ledger, with the budget chart's holds on top (`acct_dept`'s team budget).
+    let budgeted = BudgetedLedger::new(ledger.clone(), MemoryBudgetStore::new(), budgets())
+        .expect("the demo's chart is valid");
+    let billing = Billing::new(keys, plans.clone(), budgeted, catalog())
         .clock(clock)
         .problem_config(problems());
     Demo {

@@ -396,6 +396,42 @@ impl ProblemDetails {
                 link(&mut m, "billing_url", &links.billing);
                 format!("The payment was declined ({decline_code}).")
             }
+            Denial::BudgetExhausted(b) => {
+                m.insert("level".into(), b.level.as_str().into());
+                m.insert("owner".into(), b.owner.as_str().into());
+                m.insert("budget".into(), b.budget.into());
+                m.insert("used".into(), b.used.into());
+                m.insert("period".into(), b.period.name().into());
+                m.insert("resets_at".into(), b.resets_at.to_string().into());
+                let unit = match &b.meter {
+                    Some(meter) => {
+                        m.insert("meter".into(), meter.as_str().into());
+                        meter.as_str()
+                    }
+                    None if b.budget == 1 => "credit",
+                    None => "credits",
+                };
+                if let Some(url) = &b.manage_url {
+                    m.insert("manage_url".into(), url.as_str().into());
+                }
+                let who = match (&b.manager, &b.manage_url) {
+                    (Some(name), Some(url)) => format!("{name} can raise it at {url}"),
+                    (Some(name), None) => format!("{name} can raise it"),
+                    (None, Some(url)) => format!("it can be raised at {url}"),
+                    (None, None) => format!("whoever manages the {} budget can raise it", b.level),
+                };
+                format!(
+                    "The {level} budget of {budget} {unit} per {period} for {owner} is used up \
+                     ({used} used); it resets at {resets}. This is a spending limit set for the \
+                     {level}, not the account's balance: {who}.",
+                    level = b.level,
+                    budget = b.budget,
+                    period = b.period.name().replace('_', " "),
+                    owner = b.owner,
+                    used = b.used,
+                    resets = b.resets_at,
+                )
+            }
             Denial::BadRequest { detail, .. } => detail.to_string(),
             Denial::IdempotencyConflict { in_progress: false } => {
                 "This Idempotency-Key was already used for a different request.".to_owned()
@@ -613,6 +649,9 @@ pub(crate) fn denial_headers(denial: &Denial, config: &ProblemConfig, now: Times
         }
         Denial::Unavailable { retry_after_secs } => {
             h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        Denial::BudgetExhausted(b) => {
+            h.insert(RETRY_AFTER, HeaderValue::from(now.secs_until(b.resets_at)));
         }
         // The first attempt is still running: its answer is recorded when it ends.
         Denial::IdempotencyConflict { in_progress: true } => {

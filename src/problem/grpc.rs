@@ -83,9 +83,9 @@ impl GrpcCode {
     pub fn for_denial(denial: &Denial) -> Self {
         match denial {
             Denial::Unauthenticated(_) => GrpcCode::Unauthenticated,
-            Denial::InsufficientCredits { .. } | Denial::QuotaExceeded { .. } => {
-                GrpcCode::ResourceExhausted
-            }
+            Denial::InsufficientCredits { .. }
+            | Denial::QuotaExceeded { .. }
+            | Denial::BudgetExhausted(_) => GrpcCode::ResourceExhausted,
             Denial::PlanUpgradeRequired { .. }
             | Denial::SubscriptionExpired { .. }
             | Denial::SubscriptionPastDue { .. }
@@ -257,6 +257,7 @@ fn failure_detail(denial: &Denial, description: &str) -> Option<rpc::Any> {
     match denial {
         Denial::InsufficientCredits { .. } => quota("credits"),
         Denial::QuotaExceeded { meter, .. } => quota(&format!("allowance:{}", meter.as_str())),
+        Denial::BudgetExhausted(b) => quota(&format!("budget:{}:{}", b.level, b.owner)),
         Denial::PlanUpgradeRequired {
             required_plan,
             required_feature,

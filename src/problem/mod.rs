@@ -66,8 +66,8 @@
 //!   - an `ErrorInfo`: `reason` = the denial code (`INSUFFICIENT_CREDITS`, ...), `domain` =
 //!     [`ProblemConfig::grpc_domain`] (default `tower-402`), `metadata` = the problem's
 //!     extension members as strings (`balance`, `required`, `top_up_url`, `request_id`, ...);
-//!   - a `QuotaFailure` for `INSUFFICIENT_CREDITS` (subject `credits`) and `QUOTA_EXCEEDED`
-//!     (subject `allowance:<meter>`), or a `PreconditionFailure` for the plan, subscription
+//!   - a `QuotaFailure` for `INSUFFICIENT_CREDITS` (subject `credits`), `QUOTA_EXCEEDED`
+//!     (subject `allowance:<meter>`) and `BUDGET_EXHAUSTED` (`budget:<level>:<owner>`), or a `PreconditionFailure` for the plan, subscription
 //!     and payment conditions (type = the code, subject `plan:<id>`, `feature:<name>`,
 //!     `subscription` or `payment`);
 //!   - a `RetryInfo` when a retry delay is known (`QUOTA_EXCEEDED` until the reset,
@@ -79,7 +79,7 @@
 //!
 //! | denial code | HTTP | gRPC status |
 //! |---|---|---|
-//! | `INSUFFICIENT_CREDITS`, `QUOTA_EXCEEDED` | 402 | `RESOURCE_EXHAUSTED` (8) |
+//! | `INSUFFICIENT_CREDITS`, `QUOTA_EXCEEDED`, `BUDGET_EXHAUSTED` | 402 | `RESOURCE_EXHAUSTED` (8) |
 //! | `PLAN_UPGRADE_REQUIRED`, `SUBSCRIPTION_EXPIRED`, `SUBSCRIPTION_PAST_DUE`, `TRIAL_EXPIRED`, `SUBSCRIPTION_PENDING`, `PAYMENT_DECLINED` | 402 | `FAILED_PRECONDITION` (9) |
 //! | `UNAUTHENTICATED` | 401 | `UNAUTHENTICATED` (16) |
 //! | `SERVICE_UNAVAILABLE` | 503 | `UNAVAILABLE` (14) |

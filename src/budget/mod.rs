@@ -1,0 +1,569 @@
+//! Budgets at every level: an account's key, its team, its organisation (or any chain of
+//! parents), each with credit caps and meter caps per period.
+//!
+//! A paid API sells to organisations. A department may have spent its quarter's budget while
+//! the company's balance is full: its callers must be refused with
+//! **`402 BUDGET_EXHAUSTED`**, saying which level is out of budget, how much it had, when it
+//! resets and who can raise it, and the detail saying plainly that it is a budget, not the
+//! balance.
+//!
+//! - [`Budgets`] is the chart: [`BudgetNode`]s with a level (`key`, `team`, `organisation`,
+//!   or your own), a parent, [`Budget`]s (credits or units of a meter, per [`Period`]) and who
+//!   manages them; accounts are members of a node. Counted in a [`Calendar`] (UTC or a fixed
+//!   offset).
+//! - [`BudgetedLedger`] composes over any [`Ledger`], as
+//!   [`CachingPlanStore`](crate::store::CachingPlanStore) composes over any plan store. Its
+//!   `reserve` makes the inner reservation, then holds what it holds (credits, and the units
+//!   of each capped meter) on **every level of the chain at once**, in one atomic
+//!   [`BudgetStore::hold`]: if any level has no room, nothing is held on any level, the inner
+//!   reservation is released, and the request is refused before its handler runs.
+//!   Concurrent requests can never take a level past its budget. Settlement counts what was
+//!   charged on every level; a release gives the holds back; a hold that lapses (its instance
+//!   died) stops counting when the reservation would have expired.
+//! - What counts is what the ledger charges: requests covered by a plan's allowance cost no
+//!   credit and use no credit budget. A settlement beyond the estimate (usage-priced routes
+//!   under [`OverEstimate::DrawBalance`]) counts in full and can take a level past its
+//!   budget by that overage, as it can draw the balance beyond the hold; the next request is
+//!   then refused.
+//!
+//! # Example
+//!
+//! ```
+//! use tower_402::budget::{Budget, BudgetNode, Budgets, BudgetedLedger, MemoryBudgetStore};
+//! use tower_402::plan::Period;
+//! use tower_402::MemoryLedger;
+//!
+//! let budgets = Budgets::new()
+//!     .node(BudgetNode::new("acme", "organisation").budget(Budget::credits(10_000, Period::Year)))
+//!     .node(
+//!         BudgetNode::new("research", "team")
+//!             .parent("acme")
+//!             .budget(Budget::credits(3, Period::Quarter))
+//!             .managed_by("Research's budget holder", "https://example.com/teams/research"),
+//!     )
+//!     .member("acct_dept", "research");
+//! let ledger = BudgetedLedger::new(MemoryLedger::new(), MemoryBudgetStore::new(), budgets)
+//!     .expect("a valid chart");
+//! // Hand `ledger` to `Billing::new` in place of the memory ledger.
+//! # let _ = ledger;
+//! ```
+//!
+//! The problem document of a refusal:
+//!
+//! ```json
+//! { "type": "…/budget-exhausted", "title": "Budget exhausted", "status": 402,
+//!   "code": "BUDGET_EXHAUSTED", "level": "team", "owner": "research", "budget": 3, "used": 3,
+//!   "period": "quarter", "resets_at": "2027-01-01T00:00:00Z",
+//!   "manage_url": "https://example.com/teams/research",
+//!   "detail": "The team budget of 3 credits per quarter for research is used up (3 used); it resets at 2027-01-01T00:00:00Z. This is a spending limit set for the team, not the account's balance: Research's budget holder can raise it at https://example.com/teams/research." }
+//! ```
+//!
+//! with `Retry-After` set to the seconds until the reset.
+//!
+//! # Backends
+//!
+//! [`MemoryBudgetStore`] keeps the counters in this process. A fleet needs a shared
+//! [`BudgetStore`]; [`BudgetBook`] is the reference semantics such a store must keep.
+//! [`BudgetedLedger`] has no [in-process fast path](crate::in_process): every reservation on
+//! it goes through the async methods.
+
+mod store;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use self::store::{
+    BudgetBook, BudgetLine, BudgetStore, CounterUsage, HoldOutcome, MemoryBudgetStore,
+    BUDGET_RETENTION_SECS,
+};
+use crate::account::AccountId;
+use crate::credits::Credits;
+use crate::denial::{BudgetExhausted, Denial};
+use crate::error::LedgerError;
+use crate::ledger::{
+    AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, ReservationId, ReserveOutcome,
+    ReserveRequest, ResponseRecords, Settlement, Usage,
+};
+use crate::plan::{Calendar, Meter, Period};
+use crate::time::Timestamp;
+
+/// The level of an account's own node.
+pub const KEY: &str = "key";
+/// The level of a team.
+pub const TEAM: &str = "team";
+/// The level of an organisation.
+pub const ORGANISATION: &str = "organisation";
+
+/// The longest chain followed from an account to its root.
+pub const MAX_DEPTH: usize = 16;
+
+/// A cap for a period: credits, or units of a meter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budget {
+    /// The meter capped, or `None` for credits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<Meter>,
+    /// The cap per period.
+    pub limit: u64,
+    /// The period.
+    pub period: Period,
+}
+
+impl Budget {
+    /// At most `limit` credits charged per `period`.
+    pub fn credits(limit: u64, period: Period) -> Self {
+        Budget {
+            meter: None,
+            limit,
+            period,
+        }
+    }
+
+    /// At most `limit` units of `meter` per `period`.
+    pub fn units(meter: impl Into<Meter>, limit: u64, period: Period) -> Self {
+        Budget {
+            meter: Some(meter.into()),
+            limit,
+            period,
+        }
+    }
+}
+
+/// One node of the chart: a key's account, a team, an organisation, or a level of your own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetNode {
+    /// Unique in the chart. A node whose id is an account's id is that account's own node.
+    pub id: String,
+    /// Its level, as the refusal names it ([`KEY`], [`TEAM`], [`ORGANISATION`], ...).
+    pub level: String,
+    /// The node above, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Its caps.
+    #[serde(default)]
+    pub budgets: Vec<Budget>,
+    /// Who manages its budgets, for the refusal's detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<String>,
+    /// Where they raise them: the refusal's `manage_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manage_url: Option<String>,
+}
+
+impl BudgetNode {
+    /// A node with no parent and no budgets.
+    pub fn new(id: impl Into<String>, level: impl Into<String>) -> Self {
+        BudgetNode {
+            id: id.into(),
+            level: level.into(),
+            parent: None,
+            budgets: Vec::new(),
+            manager: None,
+            manage_url: None,
+        }
+    }
+
+    /// Sets the node above.
+    pub fn parent(mut self, parent: impl Into<String>) -> Self {
+        self.parent = Some(parent.into());
+        self
+    }
+
+    /// Adds a cap.
+    pub fn budget(mut self, budget: Budget) -> Self {
+        self.budgets.push(budget);
+        self
+    }
+
+    /// Who manages the budgets and where they raise them.
+    pub fn managed_by(mut self, manager: impl Into<String>, url: impl Into<String>) -> Self {
+        self.manager = Some(manager.into());
+        self.manage_url = Some(url.into());
+        self
+    }
+}
+
+/// Why a chart was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BudgetError {
+    /// A node's parent, or an account's node, is not in the chart.
+    #[error("budget node `{0}` is not in the chart")]
+    UnknownNode(String),
+    /// Following parents from this node comes back to it, or goes deeper than [`MAX_DEPTH`].
+    #[error("budget node `{0}` is in a cycle or deeper than {MAX_DEPTH} levels")]
+    Cycle(String),
+    /// Two nodes have this id.
+    #[error("budget node `{0}` is defined twice")]
+    Duplicate(String),
+}
+
+/// The chart: nodes, which node each account reports to, and the calendar budgets are
+/// counted in. See the [module docs](self).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budgets {
+    #[serde(default, with = "node_list")]
+    nodes: HashMap<String, BudgetNode>,
+    /// Ids given to [`node`](Self::node) more than once, refused by `validate`.
+    #[serde(skip)]
+    duplicates: Vec<String>,
+    /// Account → the node it reports to (when the account has no node of its own).
+    #[serde(default)]
+    members: HashMap<String, String>,
+    #[serde(default)]
+    calendar: Calendar,
+}
+
+impl Budgets {
+    /// An empty chart, counted in UTC.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a node.
+    pub fn node(mut self, node: BudgetNode) -> Self {
+        if let Some(old) = self.nodes.insert(node.id.clone(), node) {
+            self.duplicates.push(old.id);
+        }
+        self
+    }
+
+    /// Makes `account` report to `node` (an account with a node of its own reports through
+    /// that node's parent instead).
+    pub fn member(mut self, account: impl Into<String>, node: impl Into<String>) -> Self {
+        self.members.insert(account.into(), node.into());
+        self
+    }
+
+    /// Counts periods in `calendar` (a fixed offset from UTC).
+    pub fn calendar(mut self, calendar: Calendar) -> Self {
+        self.calendar = calendar;
+        self
+    }
+
+    /// Checks that every parent and membership names a node, ids are unique, and no chain
+    /// loops or runs deeper than [`MAX_DEPTH`].
+    pub fn validate(&self) -> Result<(), BudgetError> {
+        if let Some(id) = self.duplicates.first() {
+            return Err(BudgetError::Duplicate(id.clone()));
+        }
+        for n in self.nodes.values() {
+            if let Some(p) = &n.parent {
+                if !self.nodes.contains_key(p) {
+                    return Err(BudgetError::UnknownNode(p.clone()));
+                }
+            }
+            let mut at = Some(n);
+            for _ in 0..=MAX_DEPTH {
+                at = at
+                    .and_then(|n| n.parent.as_deref())
+                    .and_then(|p| self.get(p));
+            }
+            if at.is_some() {
+                return Err(BudgetError::Cycle(n.id.clone()));
+            }
+        }
+        for node in self.members.values() {
+            if !self.nodes.contains_key(node) {
+                return Err(BudgetError::UnknownNode(node.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, id: &str) -> Option<&BudgetNode> {
+        self.nodes.get(id)
+    }
+
+    /// The nodes from `account` up to its root: its own node if it has one, then each parent.
+    pub fn chain(&self, account: &AccountId) -> Vec<&BudgetNode> {
+        let first = self
+            .get(account.as_str())
+            .or_else(|| self.members.get(account.as_str()).and_then(|n| self.get(n)));
+        let mut chain = Vec::new();
+        let mut at = first;
+        while let Some(n) = at {
+            if chain.len() == MAX_DEPTH {
+                break;
+            }
+            chain.push(n);
+            at = n.parent.as_deref().and_then(|p| self.get(p));
+        }
+        chain
+    }
+}
+
+/// A [`Ledger`] whose reservations also hold against every budget on the account's chain.
+/// Clones share the ledger, the store and the chart. See the [module docs](self).
+pub struct BudgetedLedger<L, S = MemoryBudgetStore> {
+    inner: L,
+    store: Arc<S>,
+    budgets: Arc<Budgets>,
+}
+
+impl<L: Clone, S> Clone for BudgetedLedger<L, S> {
+    fn clone(&self) -> Self {
+        BudgetedLedger {
+            inner: self.inner.clone(),
+            store: self.store.clone(),
+            budgets: self.budgets.clone(),
+        }
+    }
+}
+
+impl<L: fmt::Debug, S: fmt::Debug> fmt::Debug for BudgetedLedger<L, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BudgetedLedger")
+            .field("inner", &self.inner)
+            .field("store", &self.store)
+            .field("nodes", &self.budgets.nodes.len())
+            .finish()
+    }
+}
+
+/// What one line of a hold is for: the node and the budget.
+struct LineOf<'a> {
+    node: &'a BudgetNode,
+    budget: &'a Budget,
+}
+
+impl<L: Ledger, S: BudgetStore> BudgetedLedger<L, S> {
+    /// `inner` with the budgets of `budgets`, counted in `store`. Refuses an invalid chart.
+    pub fn new(inner: L, store: S, budgets: Budgets) -> Result<Self, BudgetError> {
+        budgets.validate()?;
+        Ok(BudgetedLedger {
+            inner,
+            store: Arc::new(store),
+            budgets: Arc::new(budgets),
+        })
+    }
+
+    /// The ledger inside.
+    pub fn inner(&self) -> &L {
+        &self.inner
+    }
+
+    /// The budget counters.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The chart.
+    pub fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+
+    /// How much of `owner`'s `budget` is used and held in the window containing `now`.
+    pub async fn usage(
+        &self,
+        owner: &str,
+        budget: &Budget,
+        now: Timestamp,
+    ) -> Result<CounterUsage, crate::error::StoreError> {
+        let (start, _) = budget.period.window_in(now, &self.budgets.calendar);
+        self.store
+            .usage(owner, budget.meter.as_ref(), start, now)
+            .await
+    }
+}
+
+#[async_trait]
+impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        let chain = self.budgets.chain(&req.account);
+        if chain.iter().all(|n| n.budgets.is_empty()) {
+            return self.inner.reserve(req).await;
+        }
+        let reservation = match self.inner.reserve(req).await? {
+            ReserveOutcome::Reserved(r) => r,
+            // A replay or a refusal is no new work: nothing to hold.
+            other => return Ok(other),
+        };
+        let mut lines = Vec::new();
+        let mut of = Vec::new();
+        for node in &chain {
+            for budget in &node.budgets {
+                let (window_start, resets_at) =
+                    budget.period.window_in(req.now, &self.budgets.calendar);
+                let amount = match &budget.meter {
+                    None => reservation.credits.get(),
+                    Some(m) => req
+                        .charges
+                        .iter()
+                        .filter(|c| &c.meter == m)
+                        .fold(0u64, |acc, c| acc.saturating_add(c.units)),
+                };
+                lines.push(BudgetLine {
+                    owner: node.id.clone(),
+                    meter: budget.meter.clone(),
+                    window_start,
+                    resets_at,
+                    limit: budget.limit,
+                    amount,
+                });
+                of.push(LineOf { node, budget });
+            }
+        }
+        let held = self
+            .store
+            .hold(&reservation.id, &lines, reservation.expires_at, req.now)
+            .await;
+        match held {
+            Ok(HoldOutcome::Held | HoldOutcome::AlreadyHeld) => {
+                Ok(ReserveOutcome::Reserved(reservation))
+            }
+            Ok(HoldOutcome::NoRoom { line, used }) => {
+                self.inner.release(&reservation.id, req.now).await?;
+                let (LineOf { node, budget }, l) = (&of[line], &lines[line]);
+                tracing::info!(
+                    target: "tower_402::budget",
+                    account = req.account.as_str(),
+                    level = node.level.as_str(),
+                    owner = node.id.as_str(),
+                    budget = budget.limit,
+                    used,
+                    "budget exhausted"
+                );
+                Ok(ReserveOutcome::Denied(Denial::BudgetExhausted(Box::new(
+                    BudgetExhausted {
+                        level: node.level.clone(),
+                        owner: node.id.clone(),
+                        meter: budget.meter.clone(),
+                        budget: budget.limit,
+                        used: used.min(budget.limit),
+                        period: budget.period,
+                        resets_at: l.resets_at,
+                        manager: node.manager.clone(),
+                        manage_url: node.manage_url.clone(),
+                    },
+                ))))
+            }
+            Err(e) => {
+                // Unknown whether the hold landed: give the credit back and fail the
+                // request; a hold that did land lapses with the reservation's expiry.
+                if let Err(release) = self.inner.release(&reservation.id, req.now).await {
+                    tracing::error!(
+                        target: "tower_402::budget",
+                        account = req.account.as_str(),
+                        error = %release,
+                        "budget store failed and the reservation could not be released; it expires"
+                    );
+                }
+                Err(LedgerError::Store(e))
+            }
+        }
+    }
+
+    async fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        let settlement = self.inner.settle(id, usage, policy, now).await?;
+        if !self.budgets.chain(&id.account).is_empty() {
+            if let Err(e) = self
+                .store
+                .settle(id, settlement.charged.get(), usage, now)
+                .await
+            {
+                // The charge landed; the budgets did not count it. Said loudly: a level can
+                // overshoot by what this request was charged.
+                tracing::error!(
+                    target: "tower_402::budget",
+                    account = id.account.as_str(),
+                    charged = settlement.charged.get(),
+                    error = %e,
+                    "budget settlement failed: the charge is not counted against the budgets"
+                );
+            }
+        }
+        Ok(settlement)
+    }
+
+    async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
+        self.inner.release(id, now).await?;
+        if !self.budgets.chain(&id.account).is_empty() {
+            if let Err(e) = self.store.release(id, now).await {
+                // The hold lapses with the reservation's expiry.
+                tracing::warn!(
+                    target: "tower_402::budget",
+                    account = id.account.as_str(),
+                    error = %e,
+                    "budget release failed; the budget hold lapses at the reservation's expiry"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Deposit, LedgerError> {
+        self.inner.deposit(account, amount, key, now).await
+    }
+
+    async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
+        self.inner.balance(account, now).await
+    }
+
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<AllowanceUsage, LedgerError> {
+        self.inner
+            .allowance_usage(account, meter, window_start, now)
+            .await
+    }
+
+    fn records(&self) -> Option<&dyn ResponseRecords> {
+        self.inner.records()
+    }
+}
+
+/// Nodes as a list in configuration (each names its id), a map by id in memory.
+mod node_list {
+    use std::collections::HashMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::BudgetNode;
+
+    pub fn serialize<S: Serializer>(
+        nodes: &HashMap<String, BudgetNode>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut list: Vec<&BudgetNode> = nodes.values().collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<HashMap<String, BudgetNode>, D::Error> {
+        let list = Vec::<BudgetNode>::deserialize(d)?;
+        let mut nodes = HashMap::with_capacity(list.len());
+        for n in list {
+            if nodes.contains_key(&n.id) {
+                return Err(serde::de::Error::custom(format!(
+                    "budget node `{}` is defined twice",
+                    n.id
+                )));
+            }
+            nodes.insert(n.id.clone(), n);
+        }
+        Ok(nodes)
+    }
+}
