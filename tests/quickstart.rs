@@ -216,11 +216,17 @@ async fn dept_is_refused_by_its_team_budget_while_credit_remains() {
     assert_eq!(b.status, 200);
     assert_eq!(b.json()["balance"], 997, "{}", b.json());
     // Other accounts are not in the chart.
-    assert_eq!(get(&demo.router, "/v1/forecast", "demo-basic").await.status, 200);
+    assert_eq!(
+        get(&demo.router, "/v1/forecast", "demo-basic").await.status,
+        200
+    );
 
     // A new quarter, a whole budget.
     clock.set(Timestamp::from_utc(2027, 1, 1, 0, 0, 0).unwrap());
-    assert_eq!(get(&demo.router, "/v1/forecast", "demo-dept").await.status, 200);
+    assert_eq!(
+        get(&demo.router, "/v1/forecast", "demo-dept").await.status,
+        200
+    );
     assert_eq!(available(&demo, "acct_dept").await, 996);
 }
 

@@ -199,10 +199,12 @@ impl BudgetBook {
             if entry.key().0 > now {
                 break;
             }
+            let (expired_at, _) = *entry.key();
             let id = entry.remove();
             if let Some(rec) = self.holds.get_mut(&id) {
                 rec.open_until = None;
-                rec.touched = now;
+                // Retained from when it lapsed, however late this sweep runs.
+                rec.touched = expired_at;
                 let lines = rec.lines.clone();
                 self.give_back(&lines);
             }
@@ -393,5 +395,143 @@ impl BudgetStore for MemoryBudgetStore {
         now: Timestamp,
     ) -> Result<CounterUsage, StoreError> {
         Ok(self.book().usage(owner, meter, window_start, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: u64) -> Timestamp {
+        Timestamp::from_unix(1_000_000 + s)
+    }
+
+    fn id(key: &str) -> ReservationId {
+        ReservationId {
+            account: "acct".into(),
+            key: key.into(),
+        }
+    }
+
+    fn line(owner: &str, limit: u64, amount: u64) -> BudgetLine {
+        BudgetLine {
+            owner: owner.into(),
+            meter: None,
+            window_start: t(0),
+            resets_at: t(1_000),
+            limit,
+            amount,
+        }
+    }
+
+    fn used(b: &mut BudgetBook, owner: &str, now: Timestamp) -> CounterUsage {
+        b.usage(owner, None, t(0), now)
+    }
+
+    #[test]
+    fn a_hold_is_all_or_nothing() {
+        let mut b = BudgetBook::default();
+        let lines = [line("team", 3, 2), line("org", 10, 2)];
+        assert_eq!(b.hold(&id("a"), &lines, t(60), t(0)), HoldOutcome::Held);
+        // The team has 1 left: the next hold of 2 fails on the team and holds nothing on the org.
+        assert_eq!(
+            b.hold(&id("b"), &lines, t(60), t(0)),
+            HoldOutcome::NoRoom { line: 0, used: 2 }
+        );
+        assert_eq!(used(&mut b, "org", t(0)), CounterUsage { used: 0, held: 2 });
+        assert_eq!(
+            b.hold(&id("a"), &lines, t(60), t(0)),
+            HoldOutcome::AlreadyHeld
+        );
+        assert_eq!(
+            used(&mut b, "team", t(0)).held,
+            2,
+            "a second hold under a key holds nothing"
+        );
+    }
+
+    #[test]
+    fn settle_counts_what_was_charged_and_release_gives_back() {
+        let mut b = BudgetBook::default();
+        let lines = [line("team", 10, 4)];
+        b.hold(&id("a"), &lines, t(60), t(0));
+        b.hold(&id("b"), &lines, t(60), t(0));
+        assert!(b.settle(&id("a"), 3, &[], t(1)));
+        assert!(!b.settle(&id("a"), 3, &[], t(1)), "once");
+        assert!(b.release(&id("b"), t(1)));
+        assert!(!b.release(&id("b"), t(1)));
+        assert_eq!(
+            used(&mut b, "team", t(1)),
+            CounterUsage { used: 3, held: 0 }
+        );
+        // A meter line counts units of its meter, not credits.
+        let mut units = line("team", 100, 5);
+        units.meter = Some(Meter::new("tokens"));
+        b.hold(&id("c"), &[units], t(60), t(1));
+        let usage = [Usage::new("tokens", 7), Usage::new("other", 50)];
+        assert!(b.settle(&id("c"), 1, &usage, t(2)));
+        assert_eq!(
+            b.usage("team", Some(&Meter::new("tokens")), t(0), t(2))
+                .used,
+            7
+        );
+    }
+
+    #[test]
+    fn a_lapsed_hold_stops_counting_but_a_late_settlement_still_counts() {
+        let mut b = BudgetBook::default();
+        let lines = [line("team", 3, 3)];
+        b.hold(&id("a"), &lines, t(60), t(0));
+        assert!(matches!(
+            b.hold(&id("b"), &lines, t(60), t(59)),
+            HoldOutcome::NoRoom { .. }
+        ));
+        // At its expiry the hold is given back: another request fits.
+        assert_eq!(b.hold(&id("b"), &lines, t(120), t(60)), HoldOutcome::Held);
+        assert!(
+            !b.release(&id("a"), t(61)),
+            "a lapsed hold has nothing to give back"
+        );
+        // The first request was served after all: its charge counts, over the budget.
+        assert!(b.settle(&id("a"), 3, &[], t(62)));
+        assert_eq!(
+            used(&mut b, "team", t(62)),
+            CounterUsage { used: 3, held: 3 }
+        );
+        // A lapsed hold's key can hold again (a new attempt).
+        let mut c = BudgetBook::default();
+        c.hold(&id("x"), &[line("team", 9, 1)], t(5), t(0));
+        assert_eq!(
+            c.hold(&id("x"), &[line("team", 9, 1)], t(20), t(10)),
+            HoldOutcome::Held
+        );
+        assert_eq!(used(&mut c, "team", t(10)).held, 1);
+    }
+
+    #[test]
+    fn finished_holds_and_old_counters_are_forgotten() {
+        let mut b = BudgetBook::default();
+        b.hold(&id("a"), &[line("team", 9, 1)], t(60), t(0));
+        b.hold(&id("b"), &[line("team", 9, 1)], t(60), t(0));
+        b.settle(&id("a"), 1, &[], t(1));
+        // `b` lapses at 60 and is kept for the retention time, then forgotten with the counter.
+        let later = t(1_000 + BUDGET_RETENTION_SECS);
+        assert_eq!(used(&mut b, "team", later), CounterUsage::default());
+        assert!(b.holds.is_empty() && b.counters.is_empty() && b.open.is_empty());
+        assert!(!b.settle(&id("b"), 1, &[], later));
+    }
+
+    #[test]
+    fn amounts_near_the_top_never_wrap() {
+        let mut b = BudgetBook::default();
+        let big = [line("team", u64::MAX, u64::MAX - 1)];
+        assert_eq!(b.hold(&id("a"), &big, t(60), t(0)), HoldOutcome::Held);
+        assert!(matches!(
+            b.hold(&id("b"), &[line("team", u64::MAX, 2)], t(60), t(0)),
+            HoldOutcome::NoRoom { .. }
+        ));
+        assert!(b.settle(&id("a"), u64::MAX, &[], t(1)));
+        assert!(!b.settle(&id("a"), u64::MAX, &[], t(1)));
+        assert_eq!(used(&mut b, "team", t(1)).used, u64::MAX);
     }
 }
