@@ -186,10 +186,12 @@ impl Billing {
     ) -> Self {
         let problems = Arc::new(ProblemConfig::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let catalog = Arc::new(catalog);
         let meter = Arc::new(MeterConfig {
             ledger: Arc::new(ledger),
             clock: clock.clone(),
             problems: problems.clone(),
+            catalog: catalog.clone(),
             pricing: None,
             usage: None,
             ttl_secs: 300,
@@ -214,7 +216,7 @@ impl Billing {
         let gate = Arc::new(GateConfig {
             resolver: Arc::new(resolver),
             plans: Arc::new(plans),
-            catalog: Arc::new(catalog),
+            catalog,
             rules: Rules::default(),
             clock,
             problems,

@@ -181,15 +181,15 @@ impl Guard {
     }
 
     fn checked(&self, usage: Result<Vec<Usage>, UsageError>) -> Vec<Usage> {
-        let usage = usage.and_then(
-            |u| match u.iter().find(|u| u.units > self.config.max_units) {
+        let usage = usage.and_then(|u| self.fold(u)).and_then(|u| {
+            match u.iter().find(|u| u.units > self.config.max_units) {
                 Some(big) => Err(UsageError::Invalid(format!(
                     "{} {} is above the limit of {}",
                     big.units, big.meter, self.config.max_units
                 ))),
                 None => Ok(u),
-            },
-        );
+            }
+        });
         match usage {
             Ok(u) => u,
             Err(e) => {
@@ -202,6 +202,46 @@ impl Guard {
                 self.estimate()
             }
         }
+    }
+
+    /// Usage of meters this request reserved no charge on, counted on the meter the extractor
+    /// says they count as ([`UsageExtractor::counts_as`]: cached input tokens as input for a
+    /// model without a cached price); others are left for the ledger to ignore.
+    ///
+    /// [`UsageExtractor::counts_as`]: crate::metering::UsageExtractor::counts_as
+    fn fold(&self, mut usage: Vec<Usage>) -> Result<Vec<Usage>, UsageError> {
+        let charges = self.charges.as_slice();
+        let reserved = |m: &crate::plan::Meter| charges.iter().any(|c| &c.meter == m);
+        if usage.iter().all(|u| reserved(&u.meter)) {
+            return Ok(usage);
+        }
+        let Some(extractor) = &self.config.usage else {
+            return Ok(usage);
+        };
+        let mut i = 0;
+        while i < usage.len() {
+            if reserved(&usage[i].meter) {
+                i += 1;
+                continue;
+            }
+            let Some(target) = extractor.counts_as(&usage[i].meter).filter(|t| reserved(t)) else {
+                i += 1;
+                continue;
+            };
+            let moved = usage.remove(i);
+            match usage.iter_mut().find(|u| u.meter == target) {
+                Some(t) => {
+                    t.units = t.units.checked_add(moved.units).ok_or_else(|| {
+                        UsageError::Invalid(format!("{} {} overflow", moved.units, moved.meter))
+                    })?
+                }
+                None => usage.push(Usage {
+                    meter: target,
+                    units: moved.units,
+                }),
+            }
+        }
+        Ok(usage)
     }
 
     /// The body ended: what to settle.

@@ -8,6 +8,7 @@ use crate::backend::FailureMode;
 use crate::ledger::{Ledger, OverEstimate, RecordLimits};
 use crate::metering::threshold::Thresholds;
 use crate::metering::{Metering, Pricing, UsageExtractor};
+use crate::plan::Catalog;
 use crate::problem::ProblemConfig;
 use crate::time::Clock;
 
@@ -50,6 +51,8 @@ pub(crate) struct MeterConfig {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) problems: Arc<ProblemConfig>,
+    /// The plans on offer, shared with the gate: for pricing rules' upgrade prompts.
+    pub(crate) catalog: Arc<Catalog>,
     /// `None`: the route's fixed cost from the entitlement.
     pub(crate) pricing: Option<Arc<dyn Pricing>>,
     pub(crate) usage: Option<Arc<dyn UsageExtractor>>,

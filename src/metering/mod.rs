@@ -224,6 +224,7 @@ mod request_body;
 mod service;
 mod sse;
 mod threshold;
+mod tokens;
 mod usage;
 
 pub use body::MeteredBody;
