@@ -53,8 +53,12 @@ pub(crate) enum Finish {
     Running {
         fut: Unfinished,
         last: Option<Frame<Bytes>>,
+        /// The stream was cut: after `last`, it ends (the inner body is not read again).
+        cut: bool,
     },
     Done,
+    /// Cut short by the dry-stream policy: nothing more.
+    Ended,
 }
 
 pin_project! {
@@ -107,10 +111,11 @@ where
         loop {
             match this.finish {
                 Finish::Done => return this.body.as_mut().poll_frame(cx),
-                Finish::Running { fut, last } => {
+                Finish::Ended => return Poll::Ready(None),
+                Finish::Running { fut, last, cut } => {
                     ready!(fut.poll(cx));
                     let last = last.take();
-                    *this.finish = Finish::Done;
+                    *this.finish = if *cut { Finish::Ended } else { Finish::Done };
                     return Poll::Ready(last.map(Ok));
                 }
                 Finish::Open(guard) => {
@@ -118,7 +123,29 @@ where
                     match frame {
                         Some(Ok(frame)) => {
                             if let Some(data) = frame.data_ref() {
-                                guard.data(data);
+                                if !guard.data(data) {
+                                    // The balance cannot pay for this chunk: end the stream
+                                    // with an error event instead, and settle what went out.
+                                    let (event, action) = guard.cut();
+                                    let last = event.map(Frame::data);
+                                    match guard.finish_at_end(action) {
+                                        Some(fut) => {
+                                            *this.finish = Finish::Running {
+                                                fut: Unfinished {
+                                                    fut: Some(fut),
+                                                    account: guard.account_id().clone(),
+                                                },
+                                                last,
+                                                cut: true,
+                                            }
+                                        }
+                                        None => {
+                                            *this.finish = Finish::Ended;
+                                            return Poll::Ready(last.map(Ok));
+                                        }
+                                    }
+                                    continue;
+                                }
                             } else if let Some(trailers) = frame.trailers_ref() {
                                 guard.trailers(trailers);
                             }
@@ -137,6 +164,7 @@ where
                                             account: guard.account_id().clone(),
                                         },
                                         last: Some(frame),
+                                        cut: false,
                                     }
                                 }
                                 None => {
@@ -155,6 +183,7 @@ where
                                             account: guard.account_id().clone(),
                                         },
                                         last: None,
+                                        cut: false,
                                     }
                                 }
                                 None => {
@@ -183,7 +212,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.finish, Finish::Done) && self.body.is_end_stream()
+        match self.finish {
+            Finish::Ended => true,
+            Finish::Done => self.body.is_end_stream(),
+            _ => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {

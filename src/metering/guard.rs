@@ -7,11 +7,13 @@ use std::sync::Arc;
 use crate::account::AccountId;
 use crate::backend::bounded;
 use crate::charge::Charge;
+use crate::credits::Credits;
 use crate::error::LedgerError;
 use crate::in_process::InProcessLedger;
+use crate::ledger::PerCharge;
 use crate::ledger::{Hold, ReservationId, Settlement, Usage};
 use crate::metering::body::spawn_or_expire;
-use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
+use crate::metering::layer::{DisconnectPolicy, DryStreamPolicy, StreamErrorPolicy};
 use crate::metering::replay::Recorder;
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
@@ -87,6 +89,18 @@ pub(crate) struct Guard {
     done: bool,
     /// Records the response of a request with an `Idempotency-Key`.
     recorder: Option<Box<Recorder>>,
+    /// Watching for a stream that runs dry ([`DryStreamPolicy::Cut`]).
+    dry: Option<Box<DryWatch>>,
+}
+
+/// What a stream may still draw on beyond its hold, and what it delivered that was paid for.
+struct DryWatch {
+    /// Credit available after the hold.
+    available: Credits,
+    /// Allowance units left after the hold, per charge.
+    allowance_left: PerCharge<Option<u64>>,
+    /// What was delivered up to the last chunk that went out.
+    paid: Option<Vec<Usage>>,
 }
 
 impl Guard {
@@ -104,6 +118,28 @@ impl Guard {
             grpc_failed: None,
             done: false,
             recorder: None,
+            dry: None,
+        }
+    }
+
+    /// Under [`DryStreamPolicy::Cut`], watches the stream against what the account had left
+    /// after the hold (if the scanner can count what it delivers).
+    pub(crate) fn watch_dry(
+        &mut self,
+        available: Credits,
+        allowance_left: &PerCharge<Option<u64>>,
+    ) {
+        if self.config.on_dry_stream != DryStreamPolicy::Cut || self.known.is_some() {
+            return;
+        }
+        if let Some(s) = &mut self.scanner {
+            if s.count_delivered() {
+                self.dry = Some(Box::new(DryWatch {
+                    available,
+                    allowance_left: allowance_left.clone(),
+                    paid: None,
+                }));
+            }
         }
     }
 
@@ -157,15 +193,110 @@ impl Guard {
         self.release_on_grpc_error = true;
     }
 
-    /// A chunk of the body, about to go out.
-    pub(crate) fn data(&mut self, chunk: &bytes::Bytes) {
-        self.delivered |= !chunk.is_empty();
+    /// A chunk of the body, about to go out. `false`: the stream ran dry
+    /// ([`DryStreamPolicy::Cut`]) and this chunk must not go out; end it with
+    /// [`cut`](Self::cut).
+    pub(crate) fn data(&mut self, chunk: &bytes::Bytes) -> bool {
         if let Some(s) = &mut self.scanner {
             s.data(chunk);
         }
+        if self.dry.is_some() && self.runs_dry() {
+            return false;
+        }
+        self.delivered |= !chunk.is_empty();
         if let Some(r) = &mut self.recorder {
             r.data(chunk);
         }
+        true
+    }
+
+    /// Whether what the stream has counted, this chunk included, is more than its hold and
+    /// what the account had left can pay; if not, it is what was paid for so far.
+    fn runs_dry(&mut self) -> bool {
+        let (Some(scanner), Some(watch)) = (&mut self.scanner, &mut self.dry) else {
+            return false;
+        };
+        let Some(delivered) = scanner.delivered() else {
+            return false;
+        };
+        let mut needed = Credits::ZERO;
+        let mut payable = true;
+        for (i, c) in self.charges.as_slice().iter().enumerate() {
+            let units = delivered
+                .iter()
+                .filter(|u| u.meter == c.meter)
+                .fold(0u64, |acc, u| acc.saturating_add(u.units));
+            let left = watch.allowance_left.get(i).copied().flatten().unwrap_or(0);
+            let beyond = units.saturating_sub(c.units).saturating_sub(left);
+            if beyond == 0 {
+                continue;
+            }
+            if !c.overage {
+                payable = false;
+                break;
+            }
+            match crate::charge::price(beyond, c.unit_price, c.price_per)
+                .and_then(|p| needed.checked_add(p))
+            {
+                Some(n) => needed = n,
+                None => {
+                    payable = false;
+                    break;
+                }
+            }
+        }
+        if payable && needed <= watch.available {
+            watch.paid = Some(delivered);
+            return false;
+        }
+        tracing::warn!(
+            target: "tower_402::metering",
+            account = self.held.account().as_str(),
+            needed = needed.get(),
+            available = watch.available.get(),
+            "stream ran past its hold and the balance cannot pay for more; cutting it"
+        );
+        true
+    }
+
+    /// Ends a stream that ran dry: its last bytes (an error event in its own shape, also
+    /// recorded) and what to settle (what it delivered before the cut; the estimate for the
+    /// meters it did not report).
+    pub(crate) fn cut(&mut self) -> (Option<bytes::Bytes>, Action) {
+        let message = "The balance cannot pay for more of this response; the stream was ended \
+                       and what was delivered is charged.";
+        let event = self
+            .scanner
+            .as_ref()
+            .and_then(|s| s.end_event("INSUFFICIENT_CREDITS", message));
+        if let (Some(r), Some(event)) = (&mut self.recorder, &event) {
+            r.data(event);
+        }
+        let paid = self.dry.as_mut().and_then(|w| w.paid.take());
+        let action = match paid {
+            Some(paid) => {
+                let usage = self
+                    .charges
+                    .as_slice()
+                    .iter()
+                    .map(|c| Usage {
+                        meter: c.meter.clone(),
+                        units: paid
+                            .iter()
+                            .find(|u| u.meter == c.meter)
+                            .map_or(c.units, |u| u.units),
+                    })
+                    .chain(
+                        paid.iter()
+                            .filter(|u| !self.charges.as_slice().iter().any(|c| c.meter == u.meter))
+                            .cloned(),
+                    )
+                    .collect();
+                Action::Settle(self.checked(Ok(usage)))
+            }
+            None => Action::SettleEstimate,
+        };
+        (event, action)
     }
 
     pub(crate) fn trailers(&mut self, trailers: &http::HeaderMap) {

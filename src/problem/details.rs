@@ -608,9 +608,15 @@ pub(crate) fn denial_headers(denial: &Denial, config: &ProblemConfig, now: Times
             let secs = now.secs_until(*resets_at);
             let key = sf_key(meter.as_str());
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
+            // `qu` names the quota unit when it is not requests (the draft's default).
+            let unit = if meter.as_str() == "requests" {
+                String::new()
+            } else {
+                format!(";qu=\"{key}\"")
+            };
             let policy = match window_secs {
-                Some(w) => format!("\"{key}\";q={limit};w={w}"),
-                None => format!("\"{key}\";q={limit}"),
+                Some(w) => format!("\"{key}\";q={limit}{unit};w={w}"),
+                None => format!("\"{key}\";q={limit}{unit}"),
             };
             if let Ok(v) = HeaderValue::try_from(policy) {
                 h.insert("ratelimit-policy", v);
