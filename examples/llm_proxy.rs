@@ -97,6 +97,8 @@ pub struct Demo {
     pub router: Router,
     /// The ledger behind it.
     pub ledger: MemoryLedger,
+    /// Answers the stand-in model produced.
+    pub served: Arc<AtomicU64>,
 }
 
 /// Builds the demo: `demo-pro` and `demo-basic` with 100,000 credits, `demo-broke` and
@@ -153,10 +155,11 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         clock,
     };
     let pricing = Arc::new(pricing);
+    let served = Arc::new(AtomicU64::new(0));
     let route = |api: Api| {
-        let pricing = pricing.clone();
+        let (pricing, served) = (pricing.clone(), served.clone());
         post(move |entitlement: Entitlement, body: Bytes| {
-            answer(api, pricing.clone(), entitlement, body)
+            answer(api, pricing.clone(), served.clone(), entitlement, body)
         })
     };
     let router = Router::new()
@@ -168,7 +171,11 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
         .route("/v1/topup", post(common::top_up::<C>))
         .with_state(billing)
         .layer(paid.layer());
-    Demo { router, ledger }
+    Demo {
+        router,
+        ledger,
+        served,
+    }
 }
 
 /// Which API a request came in on.
@@ -704,6 +711,7 @@ fn invalid_request(api: Api) -> Response {
 async fn answer(
     api: Api,
     pricing: Arc<OpenAiPricing>,
+    served: Arc<AtomicU64>,
     entitlement: Entitlement,
     body: Bytes,
 ) -> Response {
@@ -718,6 +726,7 @@ async fn answer(
     let Some(reply) = Reply::for_api(api, request, limit) else {
         return invalid_request(api);
     };
+    served.fetch_add(1, Ordering::Relaxed);
     if !reply.streamed() {
         return Json(reply.document()).into_response();
     }
