@@ -99,8 +99,88 @@ struct DryWatch {
     available: Credits,
     /// Allowance units left after the hold, per charge.
     allowance_left: PerCharge<Option<u64>>,
-    /// What was delivered up to the last chunk that went out.
+    /// What was delivered up to the last event that went out.
     paid: Option<Vec<Usage>>,
+    /// The start of an event not yet complete: held back until it is.
+    pending: bytes::BytesMut,
+}
+
+/// The longest unfinished event held back while watching for a dry stream.
+const MAX_PENDING_EVENT: usize = 256 * 1024;
+
+/// What of a chunk goes out.
+pub(crate) enum Pass {
+    /// The chunk as it is.
+    Whole,
+    /// These bytes (the whole events so far; maybe none).
+    Part(bytes::Bytes),
+    /// These bytes, then the stream is cut: it ran dry.
+    Cut(bytes::Bytes),
+}
+
+/// Where the first event in `b` ends (after its blank line), if it does.
+fn event_end(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1), b.get(i + 2), b.get(i + 3)) {
+            (b'\n', Some(b'\n'), _, _) => return Some(i + 2),
+            (b'\r', Some(b'\n'), Some(b'\r'), Some(b'\n')) => return Some(i + 4),
+            (b'\r', Some(b'\r'), _, _) => return Some(i + 2),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Whether what the stream has counted, the last event included, is more than its hold and
+/// what the account had left can pay; if not, it is what was paid for so far.
+fn runs_dry(
+    scanner: &mut dyn UsageScanner,
+    watch: &mut DryWatch,
+    charges: &[Charge],
+    account: &AccountId,
+) -> bool {
+    let Some(delivered) = scanner.delivered() else {
+        return false;
+    };
+    let mut needed = Credits::ZERO;
+    let mut payable = true;
+    for (i, c) in charges.iter().enumerate() {
+        let units = delivered
+            .iter()
+            .filter(|u| u.meter == c.meter)
+            .fold(0u64, |acc, u| acc.saturating_add(u.units));
+        let left = watch.allowance_left.get(i).copied().flatten().unwrap_or(0);
+        let beyond = units.saturating_sub(c.units).saturating_sub(left);
+        if beyond == 0 {
+            continue;
+        }
+        if !c.overage {
+            payable = false;
+            break;
+        }
+        match crate::charge::price(beyond, c.unit_price, c.price_per)
+            .and_then(|p| needed.checked_add(p))
+        {
+            Some(n) => needed = n,
+            None => {
+                payable = false;
+                break;
+            }
+        }
+    }
+    if payable && needed <= watch.available {
+        watch.paid = Some(delivered);
+        return false;
+    }
+    tracing::warn!(
+        target: "tower_402::metering",
+        account = account.as_str(),
+        needed = needed.get(),
+        available = watch.available.get(),
+        "stream ran past its hold and the balance cannot pay for more; cutting it"
+    );
+    true
 }
 
 impl Guard {
@@ -138,6 +218,7 @@ impl Guard {
                     available,
                     allowance_left: allowance_left.clone(),
                     paid: None,
+                    pending: bytes::BytesMut::new(),
                 }));
             }
         }
@@ -193,70 +274,78 @@ impl Guard {
         self.release_on_grpc_error = true;
     }
 
-    /// A chunk of the body, about to go out. `false`: the stream ran dry
-    /// ([`DryStreamPolicy::Cut`]) and this chunk must not go out; end it with
-    /// [`cut`](Self::cut).
-    pub(crate) fn data(&mut self, chunk: &bytes::Bytes) -> bool {
-        if let Some(s) = &mut self.scanner {
-            s.data(chunk);
-        }
-        if self.dry.is_some() && self.runs_dry() {
-            return false;
-        }
-        self.delivered |= !chunk.is_empty();
-        if let Some(r) = &mut self.recorder {
-            r.data(chunk);
-        }
-        true
-    }
-
-    /// Whether what the stream has counted, this chunk included, is more than its hold and
-    /// what the account had left can pay; if not, it is what was paid for so far.
-    fn runs_dry(&mut self) -> bool {
-        let (Some(scanner), Some(watch)) = (&mut self.scanner, &mut self.dry) else {
-            return false;
-        };
-        let Some(delivered) = scanner.delivered() else {
-            return false;
-        };
-        let mut needed = Credits::ZERO;
-        let mut payable = true;
-        for (i, c) in self.charges.as_slice().iter().enumerate() {
-            let units = delivered
-                .iter()
-                .filter(|u| u.meter == c.meter)
-                .fold(0u64, |acc, u| acc.saturating_add(u.units));
-            let left = watch.allowance_left.get(i).copied().flatten().unwrap_or(0);
-            let beyond = units.saturating_sub(c.units).saturating_sub(left);
-            if beyond == 0 {
-                continue;
+    /// A chunk of the body, about to go out: what of it to pass on.
+    ///
+    /// Watching for a dry stream, only whole events go out (the rest waits for the chunk that
+    /// completes it), so that a cut falls between events and the client's stream stays
+    /// well-formed; each event is counted before it goes out.
+    pub(crate) fn data(&mut self, chunk: &bytes::Bytes) -> Pass {
+        let Some(mut watch) = self.dry.take() else {
+            self.delivered |= !chunk.is_empty();
+            if let Some(s) = &mut self.scanner {
+                s.data(chunk);
             }
-            if !c.overage {
-                payable = false;
-                break;
+            if let Some(r) = &mut self.recorder {
+                r.data(chunk);
             }
-            match crate::charge::price(beyond, c.unit_price, c.price_per)
-                .and_then(|p| needed.checked_add(p))
-            {
-                Some(n) => needed = n,
-                None => {
-                    payable = false;
+            return Pass::Whole;
+        };
+        watch.pending.extend_from_slice(chunk);
+        let mut out = 0;
+        let mut cut = false;
+        if let Some(scanner) = self.scanner.as_deref_mut() {
+            while let Some(len) = event_end(&watch.pending[out..]) {
+                let end = out + len;
+                scanner.data(&watch.pending[out..end]);
+                if runs_dry(
+                    scanner,
+                    &mut watch,
+                    self.charges.as_slice(),
+                    self.held.account(),
+                ) {
+                    cut = true;
                     break;
                 }
+                out = end;
+            }
+            if !cut && watch.pending.len() - out > MAX_PENDING_EVENT {
+                // An event too long to hold back (the scanner skips it too): it goes out as
+                // it comes.
+                scanner.data(&watch.pending[out..]);
+                out = watch.pending.len();
             }
         }
-        if payable && needed <= watch.available {
-            watch.paid = Some(delivered);
-            return false;
+        let passed = watch.pending.split_to(out).freeze();
+        if cut {
+            watch.pending.clear();
         }
-        tracing::warn!(
-            target: "tower_402::metering",
-            account = self.held.account().as_str(),
-            needed = needed.get(),
-            available = watch.available.get(),
-            "stream ran past its hold and the balance cannot pay for more; cutting it"
-        );
-        true
+        self.dry = Some(watch);
+        self.delivered |= !passed.is_empty();
+        if let Some(r) = &mut self.recorder {
+            r.data(&passed);
+        }
+        if cut {
+            Pass::Cut(passed)
+        } else {
+            Pass::Part(passed)
+        }
+    }
+
+    /// The body ended: what was held back of an unfinished last event, which goes out now.
+    pub(crate) fn flush(&mut self) -> Option<bytes::Bytes> {
+        let watch = self.dry.as_mut()?;
+        if watch.pending.is_empty() {
+            return None;
+        }
+        let rest = std::mem::take(&mut watch.pending).freeze();
+        if let Some(s) = &mut self.scanner {
+            s.data(&rest);
+        }
+        if let Some(r) = &mut self.recorder {
+            r.data(&rest);
+        }
+        self.delivered = true;
+        Some(rest)
     }
 
     /// Ends a stream that ran dry: its last bytes (an error event in its own shape, also
@@ -272,7 +361,7 @@ impl Guard {
         if let (Some(r), Some(event)) = (&mut self.recorder, &event) {
             r.data(event);
         }
-        let paid = self.dry.as_mut().and_then(|w| w.paid.take());
+        let paid = self.dry.take().and_then(|w| w.paid);
         let action = match paid {
             Some(paid) => {
                 let usage = self
