@@ -22,6 +22,11 @@ pub struct Cost {
     /// How many units `unit_price` buys (default 1).
     #[serde(default = "one")]
     pub price_per: u64,
+    /// Whether the metering layer may reserve fewer units than this estimate, down to one,
+    /// when the caller's plan has no overage and less of its allowance for `meter` left: see
+    /// [`lower_to_allowance`](Self::lower_to_allowance).
+    #[serde(default)]
+    pub lower_to_allowance: bool,
 }
 
 impl Cost {
@@ -32,7 +37,24 @@ impl Cost {
             units,
             unit_price,
             price_per: 1,
+            lower_to_allowance: false,
         }
+    }
+
+    /// Lets the metering layer reserve fewer units than this estimate when the caller's plan
+    /// has no overage and has less of its allowance for this meter left: it reserves what is
+    /// left (at least one unit, so a used-up allowance is still `402 QUOTA_EXCEEDED`), and
+    /// tells the handler in [`Entitlement::reserved_below_estimate`], which must then do no
+    /// more work than that (an LLM proxy passes it on as the model's output limit).
+    ///
+    /// For an estimate that is a ceiling rather than a need (`max_tokens`, with a small
+    /// completion expected): a free plan with 200 output tokens left is not refused a request
+    /// whose default `max_tokens` is 256; it is served, up to 200 tokens.
+    ///
+    /// [`Entitlement::reserved_below_estimate`]: crate::Entitlement::reserved_below_estimate
+    pub fn lower_to_allowance(mut self) -> Self {
+        self.lower_to_allowance = true;
+        self
     }
 
     /// Prices per `n` units instead of per unit: `Cost::new("tokens", 500, Credits::new(150))

@@ -235,6 +235,7 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
             } else {
                 req.feature.clone()
             },
+            model: None,
         });
     }
 
@@ -483,6 +484,7 @@ mod tests {
                 current_plan: PlanId::new("basic"),
                 required_plan: Some(PlanId::new("pro")),
                 required_feature: None,
+                model: None,
             })
         );
         let c = Case::new(Subscription::active("a", "pro")).req(Requirement::new().min_tier(2));

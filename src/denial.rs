@@ -142,6 +142,11 @@ pub enum Denial {
         required_plan: Option<PlanId>,
         /// The feature that is missing, if that is the reason.
         required_feature: Option<String>,
+        /// The model asked for, when the plan lacks a model (a [`PriceTable`] entry's
+        /// `required_tier` or `required_feature`) rather than a route.
+        ///
+        /// [`PriceTable`]: crate::metering::PriceTable
+        model: Option<String>,
     },
     /// 402 `SUBSCRIPTION_EXPIRED`: canceled or ended.
     SubscriptionExpired {

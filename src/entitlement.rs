@@ -7,6 +7,8 @@ use crate::account::AccountId;
 use crate::charge::{Charge, Cost};
 use crate::credits::Credits;
 use crate::decision::Warning;
+use crate::ledger::Usage;
+use crate::plan::Meter;
 use crate::plan::{Plan, Subscription};
 
 /// What the gate established about an allowed request, in the request extensions.
@@ -29,6 +31,11 @@ pub struct Entitlement {
     pub available: Option<Credits>,
     /// Conditions to tell the caller about.
     pub warnings: Vec<Warning>,
+    /// Meters the metering layer reserved fewer units of than the pricing rule estimated,
+    /// with the units it reserved: a plan without overage had only that much of its
+    /// allowance left ([`Cost::lower_to_allowance`]). The handler must not do more work than
+    /// this.
+    pub lowered: Vec<Usage>,
 }
 
 impl Entitlement {
@@ -43,7 +50,17 @@ impl Entitlement {
             cost: None,
             available: None,
             warnings: Vec::new(),
+            lowered: Vec::new(),
         }
+    }
+
+    /// The units of `meter` reserved, when the metering layer reserved fewer than the
+    /// estimate (see [`lowered`](Self::lowered)); `None` when it reserved the estimate.
+    pub fn reserved_below_estimate(&self, meter: &Meter) -> Option<u64> {
+        self.lowered
+            .iter()
+            .find(|u| &u.meter == meter)
+            .map(|u| u.units)
     }
 
     /// Sets the plan.

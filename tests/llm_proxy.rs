@@ -346,3 +346,276 @@ fn a_reply_holds_only_its_request_while_it_streams() {
     // Not a chat request: no reply.
     assert!(llm_proxy::Reply::new(json!([5]), 10).is_none());
 }
+
+fn served(demo: &llm_proxy::Demo) -> u64 {
+    demo.served.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+async fn available_of(demo: &llm_proxy::Demo, account: &str) -> u64 {
+    demo.ledger
+        .balance(&AccountId::new(account), NOW)
+        .await
+        .unwrap()
+        .available
+        .get()
+}
+
+/// A request on `path` with the key in `x-api-key`, as the Anthropic SDKs send it.
+fn post(path: &str, key: &str, body: &Value) -> http::Request<axum::body::Body> {
+    request(
+        Method::POST,
+        path,
+        &[
+            ("x-api-key", key),
+            ("content-type", "application/json"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        &body.to_string(),
+    )
+}
+
+/// The `(event, data)` pairs of a stream with `event:` lines.
+fn typed_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (event, data) = e.split_once('\n').unwrap();
+            let event = event.strip_prefix("event: ").unwrap().to_owned();
+            let data = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            (event, data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_basic_plan_is_served_the_small_model_and_refused_the_large_one_before_any_work() {
+    let demo = demo().await;
+    let before = available_of(&demo, "acct_basic").await;
+    let a = send(
+        &demo.router,
+        chat(
+            "demo-basic",
+            &body("small-model", "hello there", false),
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(served(&demo), 1);
+    let charged = cost(9, 3, (1, 2));
+    assert_eq!(before - available_of(&demo, "acct_basic").await, charged);
+    let large = body("large-model", "hello there", false);
+    let anthropic = json!({"model": "large-model", "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let responses = json!({"model": "large-model", "input": "hi", "stream": true});
+    for req in [
+        chat("demo-basic", &large, &[]),
+        post("/v1/messages", "demo-basic", &anthropic),
+        post("/v1/responses", "demo-basic", &responses),
+    ] {
+        let a = send(&demo.router, req).await;
+        let doc = a.problem(402, "PLAN_UPGRADE_REQUIRED");
+        assert_eq!(doc["model"], "large-model");
+        assert_eq!(doc["current_plan"], "basic");
+        assert_eq!(doc["required_plan"], "pro");
+        assert_eq!(doc["upgrade_url"], "https://billing.example.com/upgrade");
+        assert_eq!(doc["error"]["code"], "PLAN_UPGRADE_REQUIRED");
+        assert!(doc["detail"].as_str().unwrap().contains("large-model"));
+    }
+    // Refused before the model ran and before anything was held.
+    assert_eq!(served(&demo), 1);
+    assert_eq!(before - available_of(&demo, "acct_basic").await, charged);
+    // The pro plan has it.
+    let a = send(&demo.router, chat("demo-pro", &large, &[])).await;
+    assert_eq!(a.status, 200);
+}
+
+#[tokio::test]
+async fn a_free_plan_is_served_until_its_output_tokens_are_used_then_quota_exceeded() {
+    let demo = demo().await;
+    // 13 words: an answer of 14 tokens, no max_tokens (the default estimate, 256, is more than
+    // the 200 the month allows: the reservation is lowered to what is left, not refused).
+    let words = "one two three four five six seven eight nine ten eleven twelve thirteen";
+    let b = json!({"model": "small-model", "messages": [{"role": "user", "content": words}]});
+    let mut outputs = Vec::new();
+    loop {
+        let a = send(&demo.router, chat("demo-free", &b, &[])).await;
+        if a.status != 200 {
+            let doc = a.problem(402, "QUOTA_EXCEEDED");
+            assert_eq!(doc["meter"], "output_tokens");
+            assert_eq!(doc["limit"], 200);
+            assert_eq!(doc["used"], 200);
+            assert!(doc["resets_at"].is_string());
+            assert_eq!(
+                a.header("ratelimit-policy"),
+                Some(r#""output_tokens";q=200;qu="output_tokens";w=2592000"#)
+            );
+            assert!(a
+                .header("ratelimit")
+                .unwrap()
+                .starts_with(r#""output_tokens";r=0;t="#));
+            assert!(a.header("retry-after").is_some());
+            break;
+        }
+        outputs.push(a.json()["usage"]["completion_tokens"].as_u64().unwrap());
+        assert!(outputs.len() < 100, "never refused");
+    }
+    // 14 answers of 14 tokens, then the 4 tokens left: every one of the 200 served, no more.
+    let mut expected = vec![14; 14];
+    expected.push(4);
+    assert_eq!(outputs, expected);
+    assert_eq!(outputs.iter().sum::<u64>(), 200);
+    assert_eq!(served(&demo), 15);
+    // Another shape on the same plan: refused as well, the model not run.
+    let a = send(
+        &demo.router,
+        post(
+            "/v1/messages",
+            "demo-free",
+            &json!({"model": "small-model", "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(a.problem(402, "QUOTA_EXCEEDED")["meter"], "output_tokens");
+    assert_eq!(served(&demo), 15);
+    // Nothing was paid from credit: there is none, and the allowance covered it all.
+    let b = demo
+        .ledger
+        .balance(&AccountId::new("acct_free"), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (0, 0, 0)
+    );
+    // The large model is not on the free plan at all.
+    let a = send(
+        &demo.router,
+        chat("demo-free", &body("large-model", "hi", false), &[]),
+    )
+    .await;
+    assert_eq!(
+        a.problem(402, "PLAN_UPGRADE_REQUIRED")["required_plan"],
+        "pro"
+    );
+}
+
+#[tokio::test]
+async fn anthropic_messages_plain_and_streamed_are_charged_their_usage() {
+    let demo = demo().await;
+    let before = available(&demo).await;
+    let words = vec!["word"; 300].join(" ");
+    let b = json!({"model": "small-model", "max_tokens": 100, "system": "be brief",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": words}]}]});
+    let a = send(&demo.router, post("/v1/messages", "demo-pro", &b)).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let doc = a.json();
+    assert_eq!(doc["type"], "message");
+    assert_eq!(doc["role"], "assistant");
+    assert_eq!(doc["stop_reason"], "max_tokens");
+    let text = doc["content"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("You said: word word"));
+    // The system prompt (2 words + 4) and the message (300 + 4), plus 3.
+    assert_eq!(doc["usage"]["input_tokens"], 313);
+    assert_eq!(doc["usage"]["output_tokens"], 100);
+    let plain = cost(313, 100, (1, 2));
+    assert_eq!(before - available(&demo).await, plain);
+
+    let mut b = b;
+    b["stream"] = true.into();
+    b["max_tokens"] = 1000.into();
+    let a = send(&demo.router, post("/v1/messages", "demo-pro", &b)).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("content-type"), Some("text/event-stream"));
+    let events = typed_events(std::str::from_utf8(&a.body).unwrap());
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        kinds[..3],
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta"
+        ]
+    );
+    assert_eq!(
+        kinds[kinds.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    for (event, data) in &events {
+        assert_eq!(data["type"], event.as_str());
+    }
+    assert_eq!(events[0].1["message"]["usage"]["input_tokens"], 313);
+    let delta = &events[kinds.len() - 2].1;
+    assert_eq!(delta["usage"]["output_tokens"], 301);
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    let streamed: String = events
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(streamed.split_whitespace().count(), 302);
+    assert_eq!(
+        before - available(&demo).await,
+        plain + cost(313, 301, (1, 2))
+    );
+    assert_eq!(served(&demo), 2);
+}
+
+#[tokio::test]
+async fn openai_responses_plain_and_streamed_are_charged_their_usage() {
+    let demo = demo().await;
+    let before = available(&demo).await;
+    let b = json!({"model": "large-model", "input": "hello responses api", "max_output_tokens": 3});
+    let a = send(&demo.router, chat_at("/v1/responses", &b)).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let doc = a.json();
+    assert_eq!(doc["object"], "response");
+    assert_eq!(doc["status"], "incomplete");
+    assert_eq!(doc["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(
+        doc["output"][0]["content"][0]["text"],
+        "You said: hello responses"
+    );
+    assert_eq!(doc["usage"]["input_tokens"], 10);
+    assert_eq!(doc["usage"]["output_tokens"], 3);
+    let plain = cost(10, 3, (10, 30));
+    assert_eq!(before - available(&demo).await, plain);
+
+    let b = json!({"model": "small-model", "stream": true, "instructions": "be kind",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "stream it please"}]}]});
+    let a = send(&demo.router, chat_at("/v1/responses", &b)).await;
+    assert_eq!(a.status, 200);
+    let events = typed_events(std::str::from_utf8(&a.body).unwrap());
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(kinds[0], "response.created");
+    assert_eq!(*kinds.last().unwrap(), "response.completed");
+    for (i, (event, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], event.as_str());
+        assert_eq!(data["sequence_number"], i);
+    }
+    let deltas: String = events
+        .iter()
+        .filter(|(e, _)| e == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, "You said: stream it please");
+    let done = &events.last().unwrap().1["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], deltas);
+    // instructions (2 + 4) and the message (3 + 4), plus 3; "You said:" and 3 words.
+    assert_eq!(done["usage"]["input_tokens"], 16);
+    assert_eq!(done["usage"]["output_tokens"], 4);
+    assert_eq!(before - available(&demo).await, plain + cost(16, 4, (1, 2)));
+    assert_eq!(served(&demo), 2);
+}
+
+fn chat_at(path: &str, body: &Value) -> http::Request<axum::body::Body> {
+    request(
+        Method::POST,
+        path,
+        &[
+            ("authorization", "Bearer demo-pro"),
+            ("content-type", "application/json"),
+        ],
+        &body.to_string(),
+    )
+}

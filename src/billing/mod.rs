@@ -145,8 +145,8 @@ use crate::decision::Requirement;
 use crate::gate::{GateConfig, PaymentGateLayer};
 use crate::ledger::{Ledger, OverEstimate, RecordLimits};
 use crate::metering::{
-    DisconnectPolicy, MeterConfig, MeteringLayer, Pricing, StreamErrorPolicy, Threshold,
-    ThresholdEvent, Thresholds, UsageExtractor,
+    DisconnectPolicy, DryStreamPolicy, MeterConfig, MeteringLayer, Pricing, StreamErrorPolicy,
+    Threshold, ThresholdEvent, Thresholds, UsageExtractor,
 };
 use crate::plan::{Catalog, PlanStore};
 use crate::problem::{ProblemConfig, ProblemDetailsLayer};
@@ -186,10 +186,12 @@ impl Billing {
     ) -> Self {
         let problems = Arc::new(ProblemConfig::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let catalog = Arc::new(catalog);
         let meter = Arc::new(MeterConfig {
             ledger: Arc::new(ledger),
             clock: clock.clone(),
             problems: problems.clone(),
+            catalog: catalog.clone(),
             pricing: None,
             usage: None,
             ttl_secs: 300,
@@ -198,6 +200,7 @@ impl Billing {
             over_estimate: OverEstimate::DrawBalance,
             on_disconnect: DisconnectPolicy::ChargeEstimate,
             on_stream_error: StreamErrorPolicy::ChargeDelivered,
+            on_dry_stream: DryStreamPolicy::StreamOn,
             max_body: 1024 * 1024,
             max_recorded_response: 1024 * 1024,
             records: RecordLimits {
@@ -214,7 +217,7 @@ impl Billing {
         let gate = Arc::new(GateConfig {
             resolver: Arc::new(resolver),
             plans: Arc::new(plans),
-            catalog: Arc::new(catalog),
+            catalog,
             rules: Rules::default(),
             clock,
             problems,
@@ -408,6 +411,15 @@ impl Billing {
     /// anything is always released.
     pub fn on_stream_error(mut self, policy: StreamErrorPolicy) -> Self {
         self.meter_mut(|m| m.on_stream_error = policy);
+        self
+    }
+
+    /// What to do when a stream's usage passes its hold and the balance cannot pay for more
+    /// (default [`DryStreamPolicy::StreamOn`]: stream on, draw the balance, log the
+    /// shortfall; [`DryStreamPolicy::Cut`] ends the stream with an `INSUFFICIENT_CREDITS`
+    /// error event in the stream's own shape and charges what was delivered).
+    pub fn on_dry_stream(mut self, policy: DryStreamPolicy) -> Self {
+        self.meter_mut(|m| m.on_dry_stream = policy);
         self
     }
 

@@ -132,6 +132,7 @@ fn admit(
         cost: requirement.cost.clone(),
         available: None,
         warnings: Vec::new(),
+        lowered: Vec::new(),
     };
     // Moved in, not cloned; the decision reads it from there.
     let sub = &**entitlement.subscription.insert(sub);

@@ -8,7 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
-use crate::metering::guard::{BoxFuture, Guard};
+use crate::metering::guard::{BoxFuture, Guard, Pass};
 
 pub(crate) fn spawn_or_expire(fut: BoxFuture, account: &str) {
     match tokio::runtime::Handle::try_current() {
@@ -53,8 +53,12 @@ pub(crate) enum Finish {
     Running {
         fut: Unfinished,
         last: Option<Frame<Bytes>>,
+        /// The stream was cut: after `last`, it ends (the inner body is not read again).
+        cut: bool,
     },
     Done,
+    /// Cut short by the dry-stream policy: nothing more.
+    Ended,
 }
 
 pin_project! {
@@ -65,6 +69,8 @@ pin_project! {
         #[pin]
         body: ResponseBody<B>,
         finish: Finish,
+        // A trailers frame waiting behind the held-back end of the last event.
+        stash: Option<Frame<Bytes>>,
     }
 }
 
@@ -81,6 +87,7 @@ impl<B> MeteredBody<B> {
         MeteredBody {
             body,
             finish: Finish::Done,
+            stash: None,
         }
     }
 
@@ -88,6 +95,7 @@ impl<B> MeteredBody<B> {
         MeteredBody {
             body,
             finish: Finish::Open(guard),
+            stash: None,
         }
     }
 }
@@ -107,21 +115,79 @@ where
         loop {
             match this.finish {
                 Finish::Done => return this.body.as_mut().poll_frame(cx),
-                Finish::Running { fut, last } => {
+                Finish::Ended => return Poll::Ready(None),
+                Finish::Running { fut, last, cut } => {
                     ready!(fut.poll(cx));
                     let last = last.take();
-                    *this.finish = Finish::Done;
+                    *this.finish = if *cut { Finish::Ended } else { Finish::Done };
                     return Poll::Ready(last.map(Ok));
                 }
                 Finish::Open(guard) => {
-                    let frame = ready!(this.body.as_mut().poll_frame(cx));
+                    let frame = match this.stash.take() {
+                        Some(stashed) => Some(Ok(stashed)),
+                        None => ready!(this.body.as_mut().poll_frame(cx)),
+                    };
                     match frame {
                         Some(Ok(frame)) => {
-                            if let Some(data) = frame.data_ref() {
-                                guard.data(data);
-                            } else if let Some(trailers) = frame.trailers_ref() {
-                                guard.trailers(trailers);
-                            }
+                            let frame = if let Some(data) = frame.data_ref() {
+                                match guard.data(data) {
+                                    Pass::Whole => frame,
+                                    Pass::Part(passed) => {
+                                        if !this.body.is_end_stream() {
+                                            if passed.is_empty() {
+                                                continue;
+                                            }
+                                            return Poll::Ready(Some(Ok(Frame::data(passed))));
+                                        }
+                                        // The last frame: with what was held back.
+                                        match guard.flush() {
+                                            Some(rest) => {
+                                                Frame::data([passed, rest].concat().into())
+                                            }
+                                            None => Frame::data(passed),
+                                        }
+                                    }
+                                    Pass::Cut(passed) => {
+                                        // The balance cannot pay for the next event: end the
+                                        // stream with an error event instead, and settle what
+                                        // went out.
+                                        let (event, action) = guard.cut();
+                                        let last = match event {
+                                            Some(e) => [passed, e].concat().into(),
+                                            None => passed,
+                                        };
+                                        let last = (!last.is_empty()).then(|| Frame::data(last));
+                                        match guard.finish_at_end(action) {
+                                            Some(fut) => {
+                                                *this.finish = Finish::Running {
+                                                    fut: Unfinished {
+                                                        fut: Some(fut),
+                                                        account: guard.account_id().clone(),
+                                                    },
+                                                    last,
+                                                    cut: true,
+                                                }
+                                            }
+                                            None => {
+                                                *this.finish = Finish::Ended;
+                                                return Poll::Ready(last.map(Ok));
+                                            }
+                                        }
+                                        continue;
+                                    }
+                                }
+                            } else {
+                                if let Some(rest) = guard.flush() {
+                                    // What was held back goes out before the trailers (which
+                                    // come back through the stash).
+                                    *this.stash = Some(frame);
+                                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                                }
+                                if let Some(trailers) = frame.trailers_ref() {
+                                    guard.trailers(trailers);
+                                }
+                                frame
+                            };
                             // Trailers are always the last frame (a server may not poll the
                             // body again after them).
                             if !frame.is_trailers() && !this.body.is_end_stream() {
@@ -137,6 +203,7 @@ where
                                             account: guard.account_id().clone(),
                                         },
                                         last: Some(frame),
+                                        cut: false,
                                     }
                                 }
                                 None => {
@@ -146,6 +213,7 @@ where
                             }
                         }
                         None => {
+                            let rest = guard.flush().map(Frame::data);
                             let action = guard.at_end();
                             match guard.finish_at_end(action) {
                                 Some(fut) => {
@@ -154,12 +222,13 @@ where
                                             fut: Some(fut),
                                             account: guard.account_id().clone(),
                                         },
-                                        last: None,
+                                        last: rest,
+                                        cut: false,
                                     }
                                 }
                                 None => {
                                     *this.finish = Finish::Done;
-                                    return Poll::Ready(None);
+                                    return Poll::Ready(rest.map(Ok));
                                 }
                             }
                         }
@@ -183,7 +252,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.finish, Finish::Done) && self.body.is_end_stream()
+        match self.finish {
+            Finish::Ended => true,
+            Finish::Done => self.body.is_end_stream(),
+            _ => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -281,6 +281,9 @@ where
                             _ => None,
                         };
                         ticket.guard.responded(known, scanner);
+                        ticket
+                            .guard
+                            .watch_dry(ticket.available_after, &ticket.allowance_left);
                         if let Some(recorder) = ticket.guard.recorder() {
                             recorder.head(parts.status, &parts.headers);
                         }

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use crate::account::AccountId;
 use crate::backend::bounded;
 use crate::charge::Charge;
+use crate::credits::Credits;
 use crate::error::LedgerError;
 use crate::in_process::InProcessLedger;
+use crate::ledger::PerCharge;
 use crate::ledger::{Hold, ReservationId, Settlement, Usage};
 use crate::metering::body::spawn_or_expire;
-use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
+use crate::metering::layer::{DisconnectPolicy, DryStreamPolicy, StreamErrorPolicy};
 use crate::metering::replay::Recorder;
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
@@ -87,6 +89,98 @@ pub(crate) struct Guard {
     done: bool,
     /// Records the response of a request with an `Idempotency-Key`.
     recorder: Option<Box<Recorder>>,
+    /// Watching for a stream that runs dry ([`DryStreamPolicy::Cut`]).
+    dry: Option<Box<DryWatch>>,
+}
+
+/// What a stream may still draw on beyond its hold, and what it delivered that was paid for.
+struct DryWatch {
+    /// Credit available after the hold.
+    available: Credits,
+    /// Allowance units left after the hold, per charge.
+    allowance_left: PerCharge<Option<u64>>,
+    /// What was delivered up to the last event that went out.
+    paid: Option<Vec<Usage>>,
+    /// The start of an event not yet complete: held back until it is.
+    pending: bytes::BytesMut,
+}
+
+/// The longest unfinished event held back while watching for a dry stream.
+const MAX_PENDING_EVENT: usize = 256 * 1024;
+
+/// What of a chunk goes out.
+pub(crate) enum Pass {
+    /// The chunk as it is.
+    Whole,
+    /// These bytes (the whole events so far; maybe none).
+    Part(bytes::Bytes),
+    /// These bytes, then the stream is cut: it ran dry.
+    Cut(bytes::Bytes),
+}
+
+/// Where the first event in `b` ends (after its blank line), if it does.
+fn event_end(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1), b.get(i + 2), b.get(i + 3)) {
+            (b'\n', Some(b'\n'), _, _) => return Some(i + 2),
+            (b'\r', Some(b'\n'), Some(b'\r'), Some(b'\n')) => return Some(i + 4),
+            (b'\r', Some(b'\r'), _, _) => return Some(i + 2),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Whether what the stream has counted, the last event included, is more than its hold and
+/// what the account had left can pay; if not, it is what was paid for so far.
+fn runs_dry(
+    scanner: &mut dyn UsageScanner,
+    watch: &mut DryWatch,
+    charges: &[Charge],
+    account: &AccountId,
+) -> bool {
+    let Some(delivered) = scanner.delivered() else {
+        return false;
+    };
+    let mut needed = Credits::ZERO;
+    let mut payable = true;
+    for (i, c) in charges.iter().enumerate() {
+        let units = delivered
+            .iter()
+            .filter(|u| u.meter == c.meter)
+            .fold(0u64, |acc, u| acc.saturating_add(u.units));
+        let left = watch.allowance_left.get(i).copied().flatten().unwrap_or(0);
+        let beyond = units.saturating_sub(c.units).saturating_sub(left);
+        if beyond == 0 {
+            continue;
+        }
+        if !c.overage {
+            payable = false;
+            break;
+        }
+        match crate::charge::price(beyond, c.unit_price, c.price_per)
+            .and_then(|p| needed.checked_add(p))
+        {
+            Some(n) => needed = n,
+            None => {
+                payable = false;
+                break;
+            }
+        }
+    }
+    if payable && needed <= watch.available {
+        watch.paid = Some(delivered);
+        return false;
+    }
+    tracing::warn!(
+        target: "tower_402::metering",
+        account = account.as_str(),
+        needed = needed.get(),
+        available = watch.available.get(),
+        "stream ran past its hold and the balance cannot pay for more; cutting it"
+    );
+    true
 }
 
 impl Guard {
@@ -104,6 +198,29 @@ impl Guard {
             grpc_failed: None,
             done: false,
             recorder: None,
+            dry: None,
+        }
+    }
+
+    /// Under [`DryStreamPolicy::Cut`], watches the stream against what the account had left
+    /// after the hold (if the scanner can count what it delivers).
+    pub(crate) fn watch_dry(
+        &mut self,
+        available: Credits,
+        allowance_left: &PerCharge<Option<u64>>,
+    ) {
+        if self.config.on_dry_stream != DryStreamPolicy::Cut || self.known.is_some() {
+            return;
+        }
+        if let Some(s) = &mut self.scanner {
+            if s.count_delivered() {
+                self.dry = Some(Box::new(DryWatch {
+                    available,
+                    allowance_left: allowance_left.clone(),
+                    paid: None,
+                    pending: bytes::BytesMut::new(),
+                }));
+            }
         }
     }
 
@@ -157,15 +274,118 @@ impl Guard {
         self.release_on_grpc_error = true;
     }
 
-    /// A chunk of the body, about to go out.
-    pub(crate) fn data(&mut self, chunk: &bytes::Bytes) {
-        self.delivered |= !chunk.is_empty();
+    /// A chunk of the body, about to go out: what of it to pass on.
+    ///
+    /// Watching for a dry stream, only whole events go out (the rest waits for the chunk that
+    /// completes it), so that a cut falls between events and the client's stream stays
+    /// well-formed; each event is counted before it goes out.
+    pub(crate) fn data(&mut self, chunk: &bytes::Bytes) -> Pass {
+        let Some(mut watch) = self.dry.take() else {
+            self.delivered |= !chunk.is_empty();
+            if let Some(s) = &mut self.scanner {
+                s.data(chunk);
+            }
+            if let Some(r) = &mut self.recorder {
+                r.data(chunk);
+            }
+            return Pass::Whole;
+        };
+        watch.pending.extend_from_slice(chunk);
+        let mut out = 0;
+        let mut cut = false;
+        if let Some(scanner) = self.scanner.as_deref_mut() {
+            while let Some(len) = event_end(&watch.pending[out..]) {
+                let end = out + len;
+                scanner.data(&watch.pending[out..end]);
+                if runs_dry(
+                    scanner,
+                    &mut watch,
+                    self.charges.as_slice(),
+                    self.held.account(),
+                ) {
+                    cut = true;
+                    break;
+                }
+                out = end;
+            }
+            if !cut && watch.pending.len() - out > MAX_PENDING_EVENT {
+                // An event too long to hold back (the scanner skips it too): it goes out as
+                // it comes.
+                scanner.data(&watch.pending[out..]);
+                out = watch.pending.len();
+            }
+        }
+        let passed = watch.pending.split_to(out).freeze();
+        if cut {
+            watch.pending.clear();
+        }
+        self.dry = Some(watch);
+        self.delivered |= !passed.is_empty();
+        if let Some(r) = &mut self.recorder {
+            r.data(&passed);
+        }
+        if cut {
+            Pass::Cut(passed)
+        } else {
+            Pass::Part(passed)
+        }
+    }
+
+    /// The body ended: what was held back of an unfinished last event, which goes out now.
+    pub(crate) fn flush(&mut self) -> Option<bytes::Bytes> {
+        let watch = self.dry.as_mut()?;
+        if watch.pending.is_empty() {
+            return None;
+        }
+        let rest = std::mem::take(&mut watch.pending).freeze();
         if let Some(s) = &mut self.scanner {
-            s.data(chunk);
+            s.data(&rest);
         }
         if let Some(r) = &mut self.recorder {
-            r.data(chunk);
+            r.data(&rest);
         }
+        self.delivered = true;
+        Some(rest)
+    }
+
+    /// Ends a stream that ran dry: its last bytes (an error event in its own shape, also
+    /// recorded) and what to settle (what it delivered before the cut; the estimate for the
+    /// meters it did not report).
+    pub(crate) fn cut(&mut self) -> (Option<bytes::Bytes>, Action) {
+        let message = "The balance cannot pay for more of this response; the stream was ended \
+                       and what was delivered is charged.";
+        let event = self
+            .scanner
+            .as_ref()
+            .and_then(|s| s.end_event("INSUFFICIENT_CREDITS", message));
+        if let (Some(r), Some(event)) = (&mut self.recorder, &event) {
+            r.data(event);
+        }
+        let paid = self.dry.take().and_then(|w| w.paid);
+        let action = match paid {
+            Some(paid) => {
+                let usage = self
+                    .charges
+                    .as_slice()
+                    .iter()
+                    .map(|c| Usage {
+                        meter: c.meter.clone(),
+                        units: paid
+                            .iter()
+                            .find(|u| u.meter == c.meter)
+                            .map_or(c.units, |u| u.units),
+                    })
+                    .chain(
+                        paid.iter()
+                            .filter(|u| !self.charges.as_slice().iter().any(|c| c.meter == u.meter))
+                            .cloned(),
+                    )
+                    .collect();
+                Action::Settle(self.checked(Ok(usage)))
+            }
+            None => Action::SettleEstimate,
+        };
+        (event, action)
     }
 
     pub(crate) fn trailers(&mut self, trailers: &http::HeaderMap) {
@@ -181,15 +401,15 @@ impl Guard {
     }
 
     fn checked(&self, usage: Result<Vec<Usage>, UsageError>) -> Vec<Usage> {
-        let usage = usage.and_then(
-            |u| match u.iter().find(|u| u.units > self.config.max_units) {
+        let usage = usage.and_then(|u| self.fold(u)).and_then(|u| {
+            match u.iter().find(|u| u.units > self.config.max_units) {
                 Some(big) => Err(UsageError::Invalid(format!(
                     "{} {} is above the limit of {}",
                     big.units, big.meter, self.config.max_units
                 ))),
                 None => Ok(u),
-            },
-        );
+            }
+        });
         match usage {
             Ok(u) => u,
             Err(e) => {
@@ -202,6 +422,46 @@ impl Guard {
                 self.estimate()
             }
         }
+    }
+
+    /// Usage of meters this request reserved no charge on, counted on the meter the extractor
+    /// says they count as ([`UsageExtractor::counts_as`]: cached input tokens as input for a
+    /// model without a cached price); others are left for the ledger to ignore.
+    ///
+    /// [`UsageExtractor::counts_as`]: crate::metering::UsageExtractor::counts_as
+    fn fold(&self, mut usage: Vec<Usage>) -> Result<Vec<Usage>, UsageError> {
+        let charges = self.charges.as_slice();
+        let reserved = |m: &crate::plan::Meter| charges.iter().any(|c| &c.meter == m);
+        if usage.iter().all(|u| reserved(&u.meter)) {
+            return Ok(usage);
+        }
+        let Some(extractor) = &self.config.usage else {
+            return Ok(usage);
+        };
+        let mut i = 0;
+        while i < usage.len() {
+            if reserved(&usage[i].meter) {
+                i += 1;
+                continue;
+            }
+            let Some(target) = extractor.counts_as(&usage[i].meter).filter(|t| reserved(t)) else {
+                i += 1;
+                continue;
+            };
+            let moved = usage.remove(i);
+            match usage.iter_mut().find(|u| u.meter == target) {
+                Some(t) => {
+                    t.units = t.units.checked_add(moved.units).ok_or_else(|| {
+                        UsageError::Invalid(format!("{} {} overflow", moved.units, moved.meter))
+                    })?
+                }
+                None => usage.push(Usage {
+                    meter: target,
+                    units: moved.units,
+                }),
+            }
+        }
+        Ok(usage)
     }
 
     /// The body ended: what to settle.

@@ -8,6 +8,7 @@ use crate::backend::FailureMode;
 use crate::ledger::{Ledger, OverEstimate, RecordLimits};
 use crate::metering::threshold::Thresholds;
 use crate::metering::{Metering, Pricing, UsageExtractor};
+use crate::plan::Catalog;
 use crate::problem::ProblemConfig;
 use crate::time::Clock;
 
@@ -45,11 +46,38 @@ pub enum StreamErrorPolicy {
     Release,
 }
 
+/// What to do when a streamed response's usage passes what was held and the balance cannot
+/// pay for more of it (a model that ignores `max_tokens`, an estimate below the actual cost).
+///
+/// Judged as the stream goes, from what the [`UsageScanner`](crate::metering::UsageScanner)
+/// counts (for LLM streams, [`OpenAiUsage`](crate::metering::OpenAiUsage): each content
+/// event counts as at least one output token, and usage figures are taken as they come),
+/// against the credit the account had left after the request's hold (and the allowance left,
+/// on a plan without overage). Other requests on the same account meanwhile are not seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DryStreamPolicy {
+    /// Stream on: the settlement draws the difference from the balance, as far as it goes, and
+    /// logs any shortfall (by the [`OverEstimate`] policy). The default.
+    #[default]
+    StreamOn,
+    /// End the stream before the first event the balance cannot pay for: the client gets an
+    /// error event in the stream's own shape carrying `INSUFFICIENT_CREDITS` (OpenAI Chat: a
+    /// `data: {"error": {...}}` chunk; OpenAI Responses: an `error` event; Anthropic: an
+    /// `event: error`) and the stream ends; the ledger charges what was delivered before it
+    /// (the counted output tokens, the usage figures seen, and the estimate for what the
+    /// stream has not reported, such as OpenAI's input tokens). A scanner that cannot count
+    /// (a custom one, a JSON body) never cuts.
+    Cut,
+}
+
 #[derive(Clone)]
 pub(crate) struct MeterConfig {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) problems: Arc<ProblemConfig>,
+    /// The plans on offer, shared with the gate: for pricing rules' upgrade prompts.
+    pub(crate) catalog: Arc<Catalog>,
     /// `None`: the route's fixed cost from the entitlement.
     pub(crate) pricing: Option<Arc<dyn Pricing>>,
     pub(crate) usage: Option<Arc<dyn UsageExtractor>>,
@@ -59,6 +87,7 @@ pub(crate) struct MeterConfig {
     pub(crate) over_estimate: OverEstimate,
     pub(crate) on_disconnect: DisconnectPolicy,
     pub(crate) on_stream_error: StreamErrorPolicy,
+    pub(crate) on_dry_stream: DryStreamPolicy,
     pub(crate) max_body: usize,
     /// Responses of keyed requests larger than this are not recorded.
     pub(crate) max_recorded_response: usize,
@@ -92,6 +121,7 @@ impl fmt::Debug for MeteringLayer {
             .field("over_estimate", &c.over_estimate)
             .field("on_disconnect", &c.on_disconnect)
             .field("on_stream_error", &c.on_stream_error)
+            .field("on_dry_stream", &c.on_dry_stream)
             .field("max_body", &c.max_body)
             .field("max_recorded_response", &c.max_recorded_response)
             .field("records", &c.records)

@@ -64,6 +64,7 @@
 //! | response body fails on its first frame, before any data | release | |
 //! | gRPC stream ends with a non-zero `grpc-status` after delivering messages | as a disconnect ([`StreamErrorPolicy::ChargeDelivered`]) | release ([`StreamErrorPolicy::Release`]); charge as a success ([`bill_grpc_errors`](crate::Billing::bill_grpc_errors)) |
 //! | gRPC error before any message (trailers-only, or trailers right after the head) | release | charge as a success ([`bill_grpc_errors`](crate::Billing::bill_grpc_errors)) |
+//! | a stream's usage passes the hold and the balance cannot pay for more | stream on; the settlement draws the balance and logs any shortfall ([`DryStreamPolicy::StreamOn`]) | end the stream with a provider-shaped `INSUFFICIENT_CREDITS` error event, charge what was delivered ([`DryStreamPolicy::Cut`]) |
 //! | request cancelled before its response | release | |
 //! | reservation neither settled nor released | expires after the TTL, the hold comes back | |
 //! | a response streams longer than the TTL | the hold lapses mid-stream; the late settlement draws what is available, the rest is a logged shortfall | set [`reservation_ttl`](crate::Billing::reservation_ttl) above your longest stream |
@@ -224,12 +225,13 @@ mod request_body;
 mod service;
 mod sse;
 mod threshold;
+mod tokens;
 mod usage;
 
 pub use body::MeteredBody;
 pub use future::ResponseFuture;
 pub use idempotency::{idempotency_key, MAX_IDEMPOTENCY_KEY_LEN};
-pub use layer::{DisconnectPolicy, MeteringLayer, StreamErrorPolicy};
+pub use layer::{DisconnectPolicy, DryStreamPolicy, MeteringLayer, StreamErrorPolicy};
 pub use llm::{ModelPrice, OpenAiPricing, PriceTable};
 pub use pricing::{Pricing, PricingRequest};
 pub use request_body::RequestBody;

@@ -7,8 +7,10 @@ use http::request::Parts;
 use crate::charge::{Charge, Cost};
 use crate::denial::Denial;
 use crate::entitlement::Entitlement;
+use crate::ledger::Usage;
 use crate::metering::guard::Charges;
 use crate::metering::MeterConfig;
+use crate::plan::Catalog;
 use crate::time::Timestamp;
 
 /// What a pricing rule sees of a request.
@@ -21,6 +23,9 @@ pub struct PricingRequest<'a> {
     pub body: Option<&'a [u8]>,
     /// Who pays, on which plan.
     pub entitlement: &'a Entitlement,
+    /// The plans on offer (the [`Billing`](crate::Billing)'s catalog): where to find the plan
+    /// to suggest in an upgrade prompt.
+    pub catalog: &'a Catalog,
 }
 
 /// How much to reserve for a request: the estimate.
@@ -80,32 +85,114 @@ pub(crate) fn price(
     entitlement: &Entitlement,
     gate_charge: Option<&Charge>,
     now: Timestamp,
-) -> Result<Option<Charges>, Denial> {
+) -> Result<Option<Priced>, Denial> {
     let Some(pricing) = &config.pricing else {
-        return Ok(gate_charge.cloned().map(Charges::One));
+        return Ok(gate_charge.cloned().map(|c| Priced {
+            charges: Charges::One(c),
+            lowerable: 0,
+        }));
     };
     let costs = pricing.estimate(&PricingRequest {
         parts,
         body,
         entitlement,
+        catalog: &config.catalog,
     })?;
     if costs.is_empty() {
         return Ok(None);
     }
+    let mut lowerable = 0u64;
     let charges: Arc<[Charge]> = costs
         .iter()
-        .map(|cost| match &entitlement.plan {
-            Some(plan) => cost.charge(plan, now),
-            // No plan known (an identify-only route): credit only.
-            None => Charge {
-                meter: cost.meter.clone(),
-                units: cost.units,
-                unit_price: cost.unit_price,
-                price_per: cost.price_per,
-                allowance: None,
-                overage: true,
-            },
+        .enumerate()
+        .map(|(i, cost)| {
+            let charge = match &entitlement.plan {
+                Some(plan) => cost.charge(plan, now),
+                // No plan known (an identify-only route): credit only.
+                None => Charge {
+                    meter: cost.meter.clone(),
+                    units: cost.units,
+                    unit_price: cost.unit_price,
+                    price_per: cost.price_per,
+                    allowance: None,
+                    overage: true,
+                },
+            };
+            // Only a plan without overage, with an allowance for the meter, lowers it.
+            if cost.lower_to_allowance
+                && i < 64
+                && !charge.overage
+                && charge.allowance.is_some()
+                && charge.units > 1
+            {
+                lowerable |= 1 << i;
+            }
+            charge
         })
         .collect();
-    Ok(Some(Charges::Many(charges)))
+    Ok(Some(Priced {
+        charges: Charges::Many(charges),
+        lowerable,
+    }))
+}
+
+/// A request's charges, and which of them may be lowered to what is left of their allowance
+/// ([`Cost::lower_to_allowance`]), as a bit per charge.
+pub(crate) struct Priced {
+    pub(crate) charges: Charges,
+    pub(crate) lowerable: u64,
+}
+
+impl Priced {
+    /// The charges to look up the allowance of: `(index, charge)`.
+    pub(crate) fn to_lower(&self) -> impl Iterator<Item = (usize, &Charge)> {
+        let mask = self.lowerable;
+        self.charges
+            .as_slice()
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| mask & (1u64 << i) != 0)
+    }
+
+    /// Lowers the charges whose allowance has less left than they estimate (`left`: what is
+    /// left, by charge index) to that, at least one unit. The charges as estimated, for the
+    /// idempotency fingerprint (a retry must match whatever was left when it comes), and the
+    /// units of each lowered meter.
+    pub(crate) fn lower(self, left: &[(usize, u64)]) -> (Charges, Charges, Vec<Usage>) {
+        let estimated = self.charges.clone();
+        let slice = self.charges.as_slice();
+        let needs = left
+            .iter()
+            .any(|(i, left)| slice.get(*i).is_some_and(|c| c.units > (*left).max(1)));
+        if !needs {
+            return (self.charges, estimated, Vec::new());
+        }
+        let mut lowered = Vec::new();
+        let charges: Arc<[Charge]> = slice
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut c = c.clone();
+                if let Some((_, left)) = left.iter().find(|(j, _)| *j == i) {
+                    let units = (*left).max(1);
+                    if c.units > units {
+                        tracing::info!(
+                            target: "tower_402::metering",
+                            meter = c.meter.as_str(),
+                            estimate = c.units,
+                            reserved = units,
+                            "estimate lowered to what the plan's allowance has left (no overage)"
+                        );
+                        c.units = units;
+                        lowered.push(Usage {
+                            meter: c.meter.clone(),
+                            units,
+                        });
+                    }
+                }
+                c
+            })
+            .collect();
+        (Charges::Many(charges), estimated, lowered)
+    }
 }

@@ -177,10 +177,10 @@ enum Booked {
 fn prepare_now<B>(
     config: &Arc<MeterConfig>,
     ledger: &dyn crate::in_process::InProcessLedger,
-    start: Start,
+    mut start: Start,
     body: RequestBody<B>,
 ) -> Prepared<B> {
-    let charges = match price(
+    let priced = match price(
         config,
         &start.parts,
         None,
@@ -191,9 +191,20 @@ fn prepare_now<B>(
         Ok(c) => c,
         Err(denial) => return refuse(denial, &start.entitlement.account),
     };
-    let Some(charges) = charges else {
+    let Some(priced) = priced else {
         return admitted(config, start, body, None);
     };
+    let left: Vec<(usize, u64)> = priced
+        .to_lower()
+        .filter_map(|(i, c)| {
+            let w = c.allowance?;
+            let usage =
+                ledger.allowance_usage(&start.entitlement.account, &c.meter, w.start, start.now);
+            allowance_left(config, &start.entitlement.account, c, w.limit, usage).map(|l| (i, l))
+        })
+        .collect();
+    let (charges, _, lowered) = priced.lower(&left);
+    start.entitlement.lowered = lowered;
     let account = &start.entitlement.account;
     // No key (requests with one go to `prepare_later`): a hold owned by the request's guard,
     // no record (see `in_process`).
@@ -238,7 +249,7 @@ where
     } else {
         (RequestBody::passthrough(body), None, None)
     };
-    let charges = match price(
+    let priced = match price(
         config,
         &start.parts,
         peeked.as_deref(),
@@ -249,9 +260,32 @@ where
         Ok(c) => c,
         Err(denial) => return refuse(denial, account),
     };
-    let Some(charges) = charges else {
+    let Some(priced) = priced else {
         return admitted(config, start, body, None);
     };
+    let mut left = Vec::new();
+    for (i, c) in priced.to_lower() {
+        let Some(w) = c.allowance else { continue };
+        let usage = match config.ledger.in_process() {
+            Some(ledger) => ledger.allowance_usage(account, &c.meter, w.start, start.now),
+            None => {
+                bounded(
+                    config.timeout,
+                    config
+                        .ledger
+                        .allowance_usage(account, &c.meter, w.start, start.now),
+                )
+                .await
+            }
+        };
+        if let Some(l) = allowance_left(config, account, c, w.limit, usage) {
+            left.push((i, l));
+        }
+    }
+    let (charges, estimated, lowered) = priced.lower(&left);
+    let mut start = start;
+    start.entitlement.lowered = lowered;
+    let account = &start.entitlement.account;
     let booked = match (config.ledger.in_process(), &start.idem) {
         (Some(ledger), None) => on_hold(
             config,
@@ -261,7 +295,8 @@ where
         ),
         (in_process, key) => {
             let key = key.clone().unwrap_or_else(unique_key);
-            let request = reserve_request(config, &start, key, &charges, peeked.as_deref());
+            let request =
+                reserve_request(config, &start, key, &charges, &estimated, peeked.as_deref());
             let outcome = match in_process {
                 Some(ledger) => ledger.reserve(&request),
                 None => bounded(config.timeout, config.ledger.reserve(&request)).await,
@@ -415,14 +450,16 @@ fn reserve_request(
     start: &Start,
     key: crate::ledger::ReservationKey,
     charges: &Charges,
+    estimated: &Charges,
     body: Option<&[u8]>,
 ) -> ReserveRequest {
     let idempotent = start.idem.is_some();
     ReserveRequest {
         account: start.entitlement.account.clone(),
         key,
+        // Of the charges as estimated: a retry's are lowered by what is left when it comes.
         fingerprint: if idempotent {
-            fingerprint(&start.parts, charges.as_slice(), body)
+            fingerprint(&start.parts, estimated.as_slice(), body)
         } else {
             0
         },
@@ -430,6 +467,31 @@ fn reserve_request(
         ttl_secs: config.ttl_secs,
         idempotent,
         now: start.now,
+    }
+}
+
+/// What is left of a charge's allowance, to lower its estimate to; `None` (the estimate is
+/// reserved as it is) if the ledger cannot say.
+fn allowance_left(
+    config: &MeterConfig,
+    account: &AccountId,
+    charge: &crate::charge::Charge,
+    limit: u64,
+    usage: Result<crate::ledger::AllowanceUsage, LedgerError>,
+) -> Option<u64> {
+    let _ = config;
+    match usage {
+        Ok(u) => Some(limit.saturating_sub(u.taken())),
+        Err(e) => {
+            tracing::warn!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                meter = charge.meter.as_str(),
+                error = %e,
+                "allowance unreadable; reserving the whole estimate"
+            );
+            None
+        }
     }
 }
 

@@ -6,7 +6,9 @@ use http::HeaderMap;
 use serde_json::Value;
 
 use crate::ledger::Usage;
+use crate::metering::llm::PriceTable;
 use crate::metering::sse::SseScanner;
+use crate::metering::tokens::{parse_tokens, TokenMeters};
 use crate::plan::Meter;
 
 /// Why no usable usage figure came out of a response.
@@ -33,6 +35,17 @@ pub trait UsageExtractor: Send + Sync + 'static {
     /// Looks at the response head (and may remove headers from it); returns the scanner for
     /// its body, or `None` to settle the estimate.
     fn scanner(&self, head: &mut Parts) -> Option<Box<dyn UsageScanner>>;
+
+    /// The meter units of `meter` are counted on when the request reserved no charge on
+    /// `meter` itself: [`OpenAiUsage`] counts cached input tokens as input tokens and reasoning
+    /// tokens as output tokens for a model without prices of their own for them. `None` (the
+    /// default): such units are ignored, as a [`ReportedUsage`] for an unreserved meter is.
+    ///
+    /// [`ReportedUsage`]: crate::ReportedUsage
+    fn counts_as(&self, meter: &Meter) -> Option<Meter> {
+        let _ = meter;
+        None
+    }
 }
 
 /// Follows one response body. Must keep its memory bounded whatever the body's length.
@@ -49,6 +62,25 @@ pub trait UsageScanner: Send + 'static {
     fn finish(&mut self) -> Result<Vec<Usage>, UsageError>;
     /// The body was cut short: the usage seen so far, if this scanner can tell.
     fn so_far(&mut self) -> Option<Vec<Usage>> {
+        None
+    }
+    /// Asks the scanner to count what the body delivers as it goes, for
+    /// [`DryStreamPolicy::Cut`](crate::metering::DryStreamPolicy::Cut); `false` (the
+    /// default) if it cannot, and the stream is then never cut.
+    fn count_delivered(&mut self) -> bool {
+        false
+    }
+    /// What the body delivered so far, counted as it went (after
+    /// [`count_delivered`](Self::count_delivered)): a lower bound, per meter. Meters it leaves
+    /// out are taken at their reserved estimate.
+    fn delivered(&mut self) -> Option<Vec<Usage>> {
+        self.so_far()
+    }
+    /// The last bytes of a stream cut short by a [dry-stream](crate::metering::DryStreamPolicy)
+    /// cut: an error event in the body's own format carrying `code`. `None` (the default): the
+    /// scanner cannot say one, and the stream is not cut.
+    fn end_event(&self, code: &str, message: &str) -> Option<bytes::Bytes> {
+        let _ = (code, message);
         None
     }
 }
@@ -176,24 +208,41 @@ impl UsageExtractor for BodyBytes {
     }
 }
 
-/// The `usage` object of OpenAI-compatible responses.
+/// The `usage` of LLM responses: OpenAI Chat Completions, OpenAI Responses and Anthropic
+/// Messages, in JSON bodies and server-sent-event streams.
 ///
 /// - `application/json` bodies: the last `"usage"` object within the final
-///   [`tail_bytes`](Self::tail_bytes) of the body (default 64 KiB; OpenAI-compatible servers
-///   put it last). Only that tail is kept in memory.
+///   [`tail_bytes`](Self::tail_bytes) of the body (default 64 KiB; these APIs put it last).
+///   Only that tail is kept in memory.
 /// - `text/event-stream` bodies: every `data:` event is parsed as it completes (events longer
-///   than [`max_event_bytes`](Self::max_event_bytes), default 256 KiB, are skipped); the last
-///   event with a non-null `usage` wins; `data: [DONE]` ends the stream. Memory is one event.
+///   than [`max_event_bytes`](Self::max_event_bytes), default 256 KiB, are skipped). OpenAI
+///   Chat Completions: the last chunk with a non-null `usage`; `data: [DONE]` ends the stream.
+///   OpenAI Responses: the `response.usage` of `response.completed` (or
+///   `response.incomplete`, `response.failed`). Anthropic Messages: `message_start`'s
+///   `message.usage`, then each `message_delta`'s `usage`; their figures are cumulative, so
+///   the latest of each is kept (never summed). Memory is one event.
 ///
-/// `prompt_tokens` (or `input_tokens`) are counted on the input meter and `completion_tokens`
-/// (or `output_tokens`) on the output meter; an embeddings `usage` without completion tokens
-/// counts zero output. Figures must be non-negative integers: anything else is
-/// [`UsageError::Invalid`]. A response without usage, or whose usage lacks the input figure,
-/// is [`UsageError::Missing`] (the estimate is charged).
+/// The figures, each counted on one meter (no meter counts another's tokens):
+///
+/// | meter (default name) | OpenAI Chat | OpenAI Responses | Anthropic |
+/// |---|---|---|---|
+/// | input (`input_tokens`) | `prompt_tokens` less cached | `input_tokens` less cached | `input_tokens` |
+/// | cached input (`cached_input_tokens`) | `prompt_tokens_details.cached_tokens` | `input_tokens_details.cached_tokens` | `cache_read_input_tokens` |
+/// | cache write (`cache_write_tokens`) | | | `cache_creation_input_tokens` |
+/// | output (`output_tokens`) | `completion_tokens` less reasoning | `output_tokens` less reasoning | `output_tokens` |
+/// | reasoning (`reasoning_tokens`) | `completion_tokens_details.reasoning_tokens` | `output_tokens_details.reasoning_tokens` | |
+///
+/// The detail meters (cached input, cache write, reasoning) are settled on their own meter
+/// when the request reserved a charge on it (its model has a price for it in the
+/// [`PriceTable`]); otherwise their tokens are counted as input (cached, cache write) or
+/// output (reasoning) tokens ([`UsageExtractor::counts_as`]).
+///
+/// Figures must be non-negative integers, and a part no larger than its total: anything else
+/// is [`UsageError::Invalid`]. A response without usage, or whose usage lacks the input
+/// figure, is [`UsageError::Missing`] (the estimate is charged).
 #[derive(Debug, Clone)]
 pub struct OpenAiUsage {
-    input_meter: Meter,
-    output_meter: Meter,
+    meters: TokenMeters,
     tail_bytes: usize,
     max_event_bytes: usize,
 }
@@ -201,8 +250,7 @@ pub struct OpenAiUsage {
 impl Default for OpenAiUsage {
     fn default() -> Self {
         OpenAiUsage {
-            input_meter: Meter::new("input_tokens"),
-            output_meter: Meter::new("output_tokens"),
+            meters: TokenMeters::default(),
             tail_bytes: 64 * 1024,
             max_event_bytes: 256 * 1024,
         }
@@ -210,15 +258,38 @@ impl Default for OpenAiUsage {
 }
 
 impl OpenAiUsage {
-    /// Meters `input_tokens` and `output_tokens`.
+    /// Meters `input_tokens`, `output_tokens`, `cached_input_tokens`, `cache_write_tokens`
+    /// and `reasoning_tokens`.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Counts on these meters instead.
+    /// The meters of a price table (what [`OpenAiPricing`](crate::metering::OpenAiPricing)
+    /// reserves on).
+    pub fn for_prices(table: &PriceTable) -> Self {
+        OpenAiUsage {
+            meters: table.token_meters(),
+            ..Self::default()
+        }
+    }
+
+    /// Counts input and output tokens on these meters instead.
     pub fn meters(mut self, input: impl AsRef<str>, output: impl AsRef<str>) -> Self {
-        self.input_meter = Meter::new(input);
-        self.output_meter = Meter::new(output);
+        self.meters.input = Meter::new(input);
+        self.meters.output = Meter::new(output);
+        self
+    }
+
+    /// Counts cached input, cache-write and reasoning tokens on these meters instead.
+    pub fn detail_meters(
+        mut self,
+        cached_input: impl AsRef<str>,
+        cache_write: impl AsRef<str>,
+        reasoning: impl AsRef<str>,
+    ) -> Self {
+        self.meters.cached_input = Meter::new(cached_input);
+        self.meters.cache_write = Meter::new(cache_write);
+        self.meters.reasoning = Meter::new(reasoning);
         self
     }
 
@@ -235,58 +306,11 @@ impl OpenAiUsage {
     }
 }
 
-/// Reads an OpenAI-style `usage` object into usage on two meters.
-pub(crate) fn parse_usage(
-    usage: &Value,
-    input: &Meter,
-    output: &Meter,
-) -> Result<Vec<Usage>, UsageError> {
-    let Value::Object(obj) = usage else {
-        return Err(UsageError::Invalid("usage is not an object".into()));
-    };
-    let figure = |names: &[&str]| -> Result<Option<u64>, UsageError> {
-        for name in names {
-            if let Some(v) = obj.get(*name) {
-                return match v.as_u64() {
-                    Some(n) => Ok(Some(n)),
-                    None => Err(UsageError::Invalid(format!(
-                        "usage.{name} is not a non-negative integer: {}",
-                        truncate(&v.to_string())
-                    ))),
-                };
-            }
-        }
-        Ok(None)
-    };
-    let prompt = figure(&["prompt_tokens", "input_tokens"])?;
-    let completion = figure(&["completion_tokens", "output_tokens"])?;
-    // Input is always reported (embeddings report nothing else); without it the usage is
-    // incomplete, and an incomplete figure is never taken as zero.
-    let Some(prompt) = prompt else {
-        return Err(UsageError::Missing);
-    };
-    Ok(vec![
-        Usage {
-            meter: input.clone(),
-            units: prompt,
-        },
-        Usage {
-            meter: output.clone(),
-            units: completion.unwrap_or(0),
-        },
-    ])
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
 /// Keeps the last `cap` bytes of a JSON body; finds `usage` in them at the end.
 struct JsonTail {
     tail: VecDeque<u8>,
     cap: usize,
-    input: Meter,
-    output: Meter,
+    meters: TokenMeters,
 }
 
 impl UsageScanner for JsonTail {
@@ -304,7 +328,7 @@ impl UsageScanner for JsonTail {
     fn finish(&mut self) -> Result<Vec<Usage>, UsageError> {
         let tail = self.tail.make_contiguous();
         find_usage(tail)
-            .map(|v| parse_usage(&v, &self.input, &self.output))
+            .map(|v| parse_tokens(&v).map(|t| t.usage(&self.meters)))
             .unwrap_or(Err(UsageError::Missing))
     }
 }
@@ -352,17 +376,19 @@ impl UsageExtractor for OpenAiUsage {
         if content_type.starts_with("text/event-stream") {
             Some(Box::new(SseScanner::new(
                 self.max_event_bytes,
-                self.input_meter.clone(),
-                self.output_meter.clone(),
+                self.meters.clone(),
             )))
         } else {
             Some(Box::new(JsonTail {
                 tail: VecDeque::new(),
                 cap: self.tail_bytes,
-                input: self.input_meter.clone(),
-                output: self.output_meter.clone(),
+                meters: self.meters.clone(),
             }))
         }
+    }
+
+    fn counts_as(&self, meter: &Meter) -> Option<Meter> {
+        self.meters.counts_as(meter).cloned()
     }
 }
 
@@ -370,18 +396,24 @@ impl UsageExtractor for OpenAiUsage {
 mod tests {
     use super::*;
 
-    fn meters() -> (Meter, Meter) {
-        (Meter::new("in"), Meter::new("out"))
+    fn meters() -> TokenMeters {
+        TokenMeters {
+            input: Meter::new("in"),
+            output: Meter::new("out"),
+            ..TokenMeters::default()
+        }
     }
 
     fn json_scanner(cap: usize) -> JsonTail {
-        let (input, output) = meters();
         JsonTail {
             tail: VecDeque::new(),
             cap,
-            input,
-            output,
+            meters: meters(),
         }
+    }
+
+    fn parse_usage(v: &Value) -> Result<Vec<Usage>, UsageError> {
+        parse_tokens(v).map(|t| t.usage(&meters()))
     }
 
     #[test]
@@ -409,7 +441,6 @@ mod tests {
 
     #[test]
     fn bad_figures() {
-        let (i, o) = meters();
         for bad in [
             r#"{"prompt_tokens":-1,"completion_tokens":2}"#,
             r#"{"prompt_tokens":1.5,"completion_tokens":2}"#,
@@ -419,17 +450,17 @@ mod tests {
         ] {
             let v: Value = serde_json::from_str(bad).unwrap();
             assert!(
-                matches!(parse_usage(&v, &i, &o), Err(UsageError::Invalid(_))),
+                matches!(parse_usage(&v), Err(UsageError::Invalid(_))),
                 "{bad}"
             );
         }
         let v: Value = serde_json::from_str(r#"{"total_tokens":3}"#).unwrap();
-        assert_eq!(parse_usage(&v, &i, &o), Err(UsageError::Missing));
+        assert_eq!(parse_usage(&v), Err(UsageError::Missing));
         // Output without input is incomplete: never taken as zero input.
         let v: Value = serde_json::from_str(r#"{"completion_tokens":3}"#).unwrap();
-        assert_eq!(parse_usage(&v, &i, &o), Err(UsageError::Missing));
+        assert_eq!(parse_usage(&v), Err(UsageError::Missing));
         let v: Value = serde_json::from_str(r#"{"prompt_tokens":7,"total_tokens":7}"#).unwrap();
-        assert_eq!(parse_usage(&v, &i, &o).unwrap()[1].units, 0);
+        assert_eq!(parse_usage(&v).unwrap()[1].units, 0);
     }
 
     #[test]

@@ -337,7 +337,15 @@ impl ProblemDetails {
                 current_plan,
                 required_plan,
                 required_feature,
+                model,
             } => {
+                let what = match model {
+                    Some(model) => {
+                        m.insert("model".into(), model.as_str().into());
+                        format!("The model `{model}`")
+                    }
+                    None => "This route".to_owned(),
+                };
                 m.insert("current_plan".into(), current_plan.as_str().into());
                 if let Some(p) = required_plan {
                     m.insert("required_plan".into(), p.as_str().into());
@@ -348,13 +356,13 @@ impl ProblemDetails {
                 link(&mut m, "upgrade_url", &links.upgrade);
                 match (required_feature, required_plan) {
                     (Some(f), _) => format!(
-                        "This route requires the `{f}` feature, which the {current_plan} plan does not include."
+                        "{what} requires the `{f}` feature, which the {current_plan} plan does not include."
                     ),
                     (None, Some(p)) => format!(
-                        "This route requires the {p} plan or higher; the account is on {current_plan}."
+                        "{what} requires the {p} plan or higher; the account is on {current_plan}."
                     ),
                     (None, None) => format!(
-                        "This route requires a higher plan than {current_plan}."
+                        "{what} requires a higher plan than {current_plan}."
                     ),
                 }
             }
@@ -636,9 +644,15 @@ pub(crate) fn denial_headers(denial: &Denial, config: &ProblemConfig, now: Times
             let secs = now.secs_until(*resets_at);
             let key = sf_key(meter.as_str());
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
+            // `qu` names the quota unit when it is not requests (the draft's default).
+            let unit = if meter.as_str() == "requests" {
+                String::new()
+            } else {
+                format!(";qu=\"{key}\"")
+            };
             let policy = match window_secs {
-                Some(w) => format!("\"{key}\";q={limit};w={w}"),
-                None => format!("\"{key}\";q={limit}"),
+                Some(w) => format!("\"{key}\";q={limit}{unit};w={w}"),
+                None => format!("\"{key}\";q={limit}{unit}"),
             };
             if let Ok(v) = HeaderValue::try_from(policy) {
                 h.insert("ratelimit-policy", v);
@@ -705,6 +719,7 @@ mod tests {
                 current_plan: PlanId::new("basic"),
                 required_plan: Some(PlanId::new("pro")),
                 required_feature: None,
+                model: None,
             },
             Denial::PaymentDeclined {
                 decline_code: "card_declined".into(),

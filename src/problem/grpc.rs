@@ -512,6 +512,7 @@ mod tests {
             current_plan: PlanId::new("basic"),
             required_plan: Some(PlanId::new("pro")),
             required_feature: None,
+            model: None,
         };
         let problem = ProblemDetails::from_denial(&denial, &config);
         let status = decode(&status_details(
