@@ -144,6 +144,7 @@ pub mod gate;
 pub mod in_process;
 pub mod ledger;
 pub mod metering;
+pub mod observe;
 pub mod plan;
 pub mod problem;
 pub mod store;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::account::AccountId;
 use crate::backend::bounded;
 use crate::charge::Charge;
+use crate::credits::Credits;
 use crate::error::LedgerError;
 use crate::in_process::InProcessLedger;
 use crate::ledger::{Hold, ReservationId, Settlement, Usage};
@@ -75,6 +76,8 @@ pub(crate) enum Action {
 pub(crate) struct Guard {
     config: Arc<MeterConfig>,
     held: Held,
+    /// Credits the reservation holds (for the metrics of how it ends).
+    held_credits: Credits,
     charges: Charges,
     known: Option<Vec<Usage>>,
     scanner: Option<Box<dyn UsageScanner>>,
@@ -91,10 +94,17 @@ pub(crate) struct Guard {
 
 impl Guard {
     /// Takes the hold and the request's charges over.
-    pub(crate) fn new(config: Arc<MeterConfig>, held: Held, charges: Charges) -> Self {
+    pub(crate) fn new(
+        config: Arc<MeterConfig>,
+        held: Held,
+        held_credits: Credits,
+        charges: Charges,
+    ) -> Self {
+        crate::observe::held_reserved(held_credits, Some(held.account()));
         Guard {
             config,
             held,
+            held_credits,
             charges,
             known: None,
             scanner: None,
@@ -295,6 +305,7 @@ impl Guard {
                 ledger,
                 &self.config,
                 &self.held,
+                self.held_credits,
                 self.charges.as_slice(),
                 action,
             );
@@ -312,7 +323,13 @@ impl Guard {
         let config = self.config.clone();
         // Reference counts, not copies.
         let (id, charges) = (id.clone(), self.charges.to_arc());
-        Some(Box::pin(run(config, id, charges, action)))
+        Some(Box::pin(run(
+            config,
+            id,
+            self.held_credits,
+            charges,
+            action,
+        )))
     }
 
     /// Carries out the action of a body that ended, with the response's record when it is
@@ -364,7 +381,13 @@ enum Outcome {
     Settled(Result<Settlement, LedgerError>),
 }
 
-async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>, action: Action) {
+async fn run(
+    config: Arc<MeterConfig>,
+    id: ReservationId,
+    held: Credits,
+    charges: Arc<[Charge]>,
+    action: Action,
+) {
     let now = config.clock.now();
     // This path allocates its future anyway: the estimate is simply a usage list here.
     let usage = match action {
@@ -374,17 +397,23 @@ async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>
     };
     let outcome = match usage {
         None => Outcome::Released(
-            bounded::<_, LedgerError>(config.timeout, config.ledger.release(&id, now)).await,
+            bounded::<_, LedgerError>(
+                "ledger.release",
+                config.timeout,
+                config.ledger.release(&id, now),
+            )
+            .await,
         ),
         Some(usage) => Outcome::Settled(
             bounded::<_, LedgerError>(
+                "ledger.settle",
                 config.timeout,
                 config.ledger.settle(&id, &usage, config.over_estimate, now),
             )
             .await,
         ),
     };
-    report(&config, &id.account, &charges, outcome);
+    report(&config, &id.account, held, &charges, outcome);
 }
 
 /// The same as [`run`] on a ledger that answers without I/O, for a record or a hold.
@@ -392,6 +421,7 @@ fn run_now(
     ledger: &dyn InProcessLedger,
     config: &MeterConfig,
     held: &Held,
+    held_credits: Credits,
     charges: &[Charge],
     action: Action,
 ) {
@@ -417,12 +447,25 @@ fn run_now(
             })
         }
     };
-    report(config, held.account(), charges, outcome);
+    report(config, held.account(), held_credits, charges, outcome);
 }
 
-/// Logs how a reservation ended and reports threshold crossings.
-fn report(config: &MeterConfig, payer: &AccountId, charges: &[Charge], outcome: Outcome) {
+/// Logs and counts how a reservation ended, and reports threshold crossings.
+fn report(
+    config: &MeterConfig,
+    payer: &AccountId,
+    held: Credits,
+    charges: &[Charge],
+    outcome: Outcome,
+) {
     let account = payer.as_str();
+    match &outcome {
+        Outcome::Released(Ok(())) => crate::observe::held_released(held, Some(payer)),
+        Outcome::Settled(Ok(s)) => crate::observe::settled(held, Some(s), Some(payer)),
+        Outcome::Released(Err(_)) | Outcome::Settled(Err(_)) => {
+            crate::observe::settled(held, None, Some(payer))
+        }
+    }
     match outcome {
         Outcome::Released(Ok(())) => tracing::debug!(
             target: "tower_402::metering",

@@ -102,6 +102,7 @@ impl<S> Metering<S> {
                 return ResponseFuture::unmetered(inner.call(req.map(RequestBody::passthrough)))
             }
             Admission::FailedOpen => {
+                crate::observe::decision(crate::observe::Outcome::FailedOpen, None, None);
                 tracing::warn!(
                     target: "tower_402::metering",
                     "gate failed open; request served unmetered"
@@ -264,7 +265,14 @@ where
             let request = reserve_request(config, &start, key, &charges, peeked.as_deref());
             let outcome = match in_process {
                 Some(ledger) => ledger.reserve(&request),
-                None => bounded(config.timeout, config.ledger.reserve(&request)).await,
+                None => {
+                    bounded(
+                        "ledger.reserve",
+                        config.timeout,
+                        config.ledger.reserve(&request),
+                    )
+                    .await
+                }
             };
             on_reserve(config, account, outcome, charges)
         }
@@ -309,7 +317,7 @@ where
         key: key.clone(),
     };
     let record = match config.ledger.records() {
-        Some(records) => bounded(config.timeout, records.get(&id, start.now)).await,
+        Some(records) => bounded("records.get", config.timeout, records.get(&id, start.now)).await,
         None => Ok(None),
     };
     let record = match record {
@@ -363,6 +371,7 @@ where
                 "idempotent retry of a settled request; replaying the recorded response, not \
                  charged again"
             );
+            crate::observe::decision(crate::observe::Outcome::Replayed, None, Some(account));
             Prepared::Replay(response)
         }
         _ => {
@@ -464,7 +473,7 @@ fn on_reserve(
 ) -> Result<Booked, Denial> {
     match outcome {
         Ok(ReserveOutcome::Reserved(r)) => Ok(Booked::Held(Ticket {
-            guard: Guard::new(config.clone(), Held::Reservation(r.id), charges),
+            guard: Guard::new(config.clone(), Held::Reservation(r.id), r.credits, charges),
             available_after: r.available_after,
             allowance_units: r.allowance_units,
             allowance_left: r.allowance_left,
@@ -487,13 +496,19 @@ fn on_hold(
 ) -> Result<Booked, Denial> {
     match outcome {
         Ok(Ok(hold)) => {
-            let (available_after, allowance_units, allowance_left) = (
+            let (credits, available_after, allowance_units, allowance_left) = (
+                hold.credits,
                 hold.available_after,
                 hold.allowance_units.clone(),
                 hold.allowance_left.clone(),
             );
             Ok(Booked::Held(Ticket {
-                guard: Guard::new(config.clone(), Held::Hold(account.clone(), hold), charges),
+                guard: Guard::new(
+                    config.clone(),
+                    Held::Hold(account.clone(), hold),
+                    credits,
+                    charges,
+                ),
                 available_after,
                 allowance_units,
                 allowance_left,
@@ -517,6 +532,11 @@ fn admitted<B>(
         mut entitlement,
         ..
     } = start;
+    let outcome = match booked {
+        Some(Booked::Unmetered) => crate::observe::Outcome::FailedOpen,
+        _ => crate::observe::Outcome::Allowed,
+    };
+    crate::observe::decision(outcome, None, Some(&entitlement.account));
     let ticket = match booked {
         // A replay never gets here (see `replay`).
         None | Some(Booked::Unmetered) | Some(Booked::Replayed) => None,
