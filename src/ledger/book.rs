@@ -624,7 +624,13 @@ impl AccountBook {
                 unit_shortfall.push((charge.meter.clone(), over));
             }
             consumed.push(allowance_units);
-            cost = cost.checked_add(credits).unwrap_or(Credits::MAX_EXACT);
+            // A cost beyond the largest exact amount can never be paid from any balance:
+            // it is counted as that amount, so every backend (Lua's numbers are doubles)
+            // reports the same shortfall.
+            cost = cost
+                .checked_add(credits)
+                .filter(|c| *c <= Credits::MAX_EXACT)
+                .unwrap_or(Credits::MAX_EXACT);
         }
         let from_hold = cost.min(held_credits);
         let beyond = cost.saturating_sub(from_hold);

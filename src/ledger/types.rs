@@ -239,7 +239,8 @@ pub enum OverEstimate {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shortfall {
     /// Credits that were owed but not available (or beyond the hold under
-    /// [`OverEstimate::CapAtHold`]).
+    /// [`OverEstimate::CapAtHold`]). A cost beyond [`Credits::MAX_EXACT`] (no balance can
+    /// ever hold it) is counted as that amount, on every backend.
     pub credits: Credits,
     /// Units beyond an allowance on a plan without overage, per meter with any.
     pub units: Vec<(Meter, u64)>,

@@ -652,8 +652,21 @@ impl Rng {
 const ACCOUNTS: [&str; 3] = ["r0", "r1", "r2"];
 const KEYS: [&str; 6] = ["k0", "k1", "k2", "k3", "k4", "k5"];
 
-fn random_ops(seed: u64, n: usize) -> Vec<(Timestamp, Op)> {
+/// With `huge`, amounts and prices sit near 2^53 (the largest exact credit amount), so sums
+/// and products overflow on several meters at once: every backend must refuse, or shortfall,
+/// exactly as the book does.
+fn random_ops(seed: u64, n: usize, huge: bool) -> Vec<(Timestamp, Op)> {
     let mut rng = Rng(seed | 1);
+    let max = Credits::MAX_EXACT.get();
+    let amount = |rng: &mut Rng, small: u64| {
+        if !huge {
+            small
+        } else if rng.below(2) == 0 {
+            max - rng.below(4)
+        } else {
+            rng.below(max / 3)
+        }
+    };
     let mut now = 0u64;
     let mut ops = Vec::with_capacity(n);
     for _ in 0..n {
@@ -664,14 +677,21 @@ fn random_ops(seed: u64, n: usize) -> Vec<(Timestamp, Op)> {
         // Windows of 50 s, so several pass during a run.
         let start = at(now - now % 50);
         let op = match rng.below(10) {
-            0 | 1 => Op::Deposit(a, 1 + rng.below(30), rng.below(4) as usize),
+            0 | 1 => {
+                let small = 1 + rng.below(30);
+                Op::Deposit(a, amount(&mut rng, small).max(1), rng.below(4) as usize)
+            }
             2..=4 => {
-                let mut charges = vec![paid("req", rng.below(6), rng.below(3))];
+                let (units, small) = (rng.below(6), rng.below(3));
+                let mut charges = vec![paid("req", units, amount(&mut rng, small))];
                 if rng.below(2) == 0 {
                     charges.push(Charge {
                         meter: Meter::new("calls"),
                         units: rng.below(4),
-                        unit_price: Credits::new(rng.below(3)),
+                        unit_price: Credits::new({
+                            let small = rng.below(3);
+                            amount(&mut rng, small)
+                        }),
                         // Prices per 1, 3 or 1,000 units: rounding up must agree everywhere.
                         price_per: [1, 3, 1000][rng.below(3) as usize],
                         allowance: Some(AllowanceWindow {
@@ -716,9 +736,9 @@ fn random_ops(seed: u64, n: usize) -> Vec<(Timestamp, Op)> {
 
 /// Runs a few hundred random operations on the ledger and on [`AccountBook`]s side by side:
 /// every answer must be the same and every account must stay conserved.
-pub async fn matches_the_book(l: &impl Ledger, seed: u64) {
+pub async fn matches_the_book(l: &impl Ledger, seed: u64, huge: bool) {
     let mut books: HashMap<usize, AccountBook> = HashMap::new();
-    for (i, (now, op)) in random_ops(seed, 300).into_iter().enumerate() {
+    for (i, (now, op)) in random_ops(seed, 300, huge).into_iter().enumerate() {
         let (a, got, want) = match &op {
             Op::Deposit(a, amount, k) => {
                 let key = format!("dep{k}");
@@ -1029,7 +1049,16 @@ macro_rules! conformance_tests {
         async fn matches_the_book_on_random_sequences() {
             for seed in [1u64, 42, 0xdead_beef] {
                 let Some(l) = $ledger else { return };
-                conformance::matches_the_book(&l, seed).await;
+                conformance::matches_the_book(&l, seed, false).await;
+            }
+        }
+
+        /// Amounts near 2^53 and several meters overflowing at once.
+        #[tokio::test]
+        async fn matches_the_book_near_the_largest_amounts() {
+            for seed in [7u64, 99, 0xfeed] {
+                let Some(l) = $ledger else { return };
+                conformance::matches_the_book(&l, seed, true).await;
             }
         }
 

@@ -1,5 +1,5 @@
 -- Mirrors AccountBook::allowance_usage.
--- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+-- Loaded by src/store/redis/scripts.rs with include_str!; see it for KEYS and ARGV.
 expire_due()
 prune_counter(ARGV[4], ARGV[5])
 local c = get_counter(ARGV[4], ARGV[5])

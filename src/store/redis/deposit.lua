@@ -1,5 +1,5 @@
 -- Mirrors AccountBook::deposit.
--- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+-- Loaded by src/store/redis/scripts.rs with include_str!; see it for KEYS and ARGV.
 local key, amount = ARGV[4], tonumber(ARGV[5])
 expire_due()
 local dk = B .. ':d:' .. key

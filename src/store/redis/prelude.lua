@@ -1,5 +1,5 @@
 -- Mirrors (shared) AccountBook::expire and Charge::split: state loading, lazy expiry, the split of a charge.
--- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+-- Loaded by src/store/redis/scripts.rs with include_str!; see it for KEYS and ARGV.
 local B = KEYS[1]
 local NOW = tonumber(ARGV[1])
 local RETENTION = tonumber(ARGV[2])

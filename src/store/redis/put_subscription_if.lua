@@ -1,5 +1,5 @@
 -- Mirrors MemoryPlanStore::put_subscription_if (compare the sync mark, then write).
--- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+-- Loaded by src/store/redis/scripts.rs with include_str!; see it for KEYS and ARGV.
 local cur = redis.call('GET', KEYS[1])
 local mark = nil
 if cur then

@@ -1,5 +1,5 @@
 -- Mirrors AccountBook::release.
--- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+-- Loaded by src/store/redis/scripts.rs with include_str!; see it for KEYS and ARGV.
 local key = ARGV[4]
 expire_due()
 local rec, rk = load_rec(key)

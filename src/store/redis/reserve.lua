@@ -1,5 +1,5 @@
 -- Mirrors AccountBook::reserve.
--- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+-- Loaded by src/store/redis/scripts.rs with include_str!; see it for KEYS and ARGV.
 local key, fp, ex, ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local keep = ARGV[9 + n * 9] or '1'
 local ch = {}

@@ -1,5 +1,5 @@
 -- Mirrors AccountBook::settle.
--- Loaded by src/store/redis.rs with include_str!; see it for KEYS and ARGV.
+-- Loaded by src/store/redis/scripts.rs with include_str!; see it for KEYS and ARGV.
 local key, policy, m = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local usage = {}
 for j = 1, m do usage[ARGV[5 + 2 * j]] = tonumber(ARGV[6 + 2 * j]) end
@@ -48,7 +48,8 @@ for i = 1, n do
   end
   if over > 0 then short[#short + 1] = {c.m, over} end
   f[#f + 1] = 'sa' .. i; f[#f + 1] = s(au)
-  cost = cost + cr
+  -- Counted at most MAX, as AccountBook::charge_usage does (exact: both terms are <= MAX).
+  cost = math.min(cost + cr, MAX)
 end
 local from_hold = math.min(cost, held_credits)
 local beyond = cost - from_hold

@@ -1,0 +1,106 @@
+//! Where Redis is and where the keys live, and the connection opened on first use.
+
+use super::*;
+
+/// How to reach Redis and where the keys live: shared by [`RedisLedger`] and
+/// [`RedisPlanStore`].
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub(super) client: redis::Client,
+    pub(super) prefix: String,
+    pub(super) retention_secs: u64,
+    pub(super) connect_timeout: Duration,
+    pub(super) response_timeout: Duration,
+    pub(super) reconnect_attempts: usize,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL can hold a password: leave it out.
+        f.debug_struct("RedisConfig")
+            .field("prefix", &self.prefix)
+            .field("retention_secs", &self.retention_secs)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisConfig {
+    /// Parses a URL (`redis://host:port/db`). Nothing connects yet. Defaults: prefix
+    /// `tower402:`, [`DEFAULT_RETENTION_SECS`], 2 s to connect, 2 s per response.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::unavailable)?;
+        Ok(RedisConfig {
+            client,
+            prefix: "tower402:".to_owned(),
+            retention_secs: DEFAULT_RETENTION_SECS,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            reconnect_attempts: 2,
+        })
+    }
+
+    /// The prefix of every key.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long finished reservations and deposit keys are remembered for idempotency.
+    pub fn retention_secs(mut self, secs: u64) -> Self {
+        self.retention_secs = secs.min(MAX_EXACT);
+        self
+    }
+
+    /// How long one connection attempt may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for the answer to one command before [`StoreError::Timeout`].
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How many times one (re)connection is retried, with backoff, before an operation fails
+    /// with [`StoreError::Unavailable`] (default 2).
+    pub fn reconnect_attempts(mut self, attempts: usize) -> Self {
+        self.reconnect_attempts = attempts;
+        self
+    }
+
+    pub(super) fn connection(&self) -> Conn {
+        Conn {
+            client: self.client.clone(),
+            config: ConnectionManagerConfig::new()
+                .set_connection_timeout(self.connect_timeout)
+                .set_response_timeout(self.response_timeout)
+                .set_number_of_retries(self.reconnect_attempts)
+                .set_max_delay(200),
+            cell: Arc::new(OnceCell::new()),
+        }
+    }
+}
+
+/// A connection opened on first use; the manager reconnects by itself afterwards.
+#[derive(Clone)]
+pub(super) struct Conn {
+    pub(super) client: redis::Client,
+    pub(super) config: ConnectionManagerConfig,
+    pub(super) cell: Arc<OnceCell<ConnectionManager>>,
+}
+
+impl Conn {
+    pub(super) async fn get(&self) -> Result<ConnectionManager, StoreError> {
+        self.cell
+            .get_or_try_init(|| {
+                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+            })
+            .await
+            .cloned()
+            .map_err(redis_error)
+    }
+}
