@@ -149,6 +149,9 @@ pub mod plan;
 pub mod problem;
 pub mod store;
 pub mod time;
+#[cfg(feature = "usage")]
+#[cfg_attr(docsrs, doc(cfg(feature = "usage")))]
+pub mod usage;
 #[cfg(feature = "stripe")]
 pub mod webhook;
 

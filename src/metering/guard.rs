@@ -16,6 +16,14 @@ use crate::metering::layer::{DisconnectPolicy, StreamErrorPolicy};
 use crate::metering::replay::Recorder;
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
+/// What a settlement exports: the request's usage-event context (feature `usage`), taken
+/// once when the reservation is finished.
+#[cfg(feature = "usage")]
+pub(crate) type Export = Option<Box<crate::usage::UsageContext>>;
+/// Nothing to export without the `usage` feature.
+#[cfg(not(feature = "usage"))]
+pub(crate) type Export = ();
+
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The charges of one request: the gate's one route cost (no allocation), or what a pricing
@@ -90,6 +98,7 @@ pub(crate) struct Guard {
     done: bool,
     /// Records the response of a request with an `Idempotency-Key`.
     recorder: Option<Box<Recorder>>,
+    export: Export,
 }
 
 impl Guard {
@@ -114,6 +123,22 @@ impl Guard {
             grpc_failed: None,
             done: false,
             recorder: None,
+            export: Export::default(),
+        }
+    }
+
+    /// The request's usage-event context: its event is sent when it is settled.
+    #[cfg(feature = "usage")]
+    pub(crate) fn export(&mut self, context: crate::usage::UsageContext) {
+        self.export = Some(Box::new(context));
+    }
+
+    /// The reservation's key, if the hold has a record.
+    #[cfg(feature = "usage")]
+    pub(crate) fn reservation_key(&self) -> Option<&str> {
+        match &self.held {
+            Held::Reservation(id) => Some(id.key.as_str()),
+            Held::Hold(..) => None,
         }
     }
 
@@ -300,6 +325,7 @@ impl Guard {
     /// future that does. The guard is finished from here on.
     pub(crate) fn finish(&mut self, action: Action) -> Option<BoxFuture> {
         self.done = true;
+        let export = std::mem::take(&mut self.export);
         if let Some(ledger) = self.config.ledger.in_process() {
             run_now(
                 ledger,
@@ -308,6 +334,7 @@ impl Guard {
                 self.held_credits,
                 self.charges.as_slice(),
                 action,
+                export,
             );
             return None;
         }
@@ -329,6 +356,7 @@ impl Guard {
             self.held_credits,
             charges,
             action,
+            export,
         )))
     }
 
@@ -387,6 +415,7 @@ async fn run(
     held: Credits,
     charges: Arc<[Charge]>,
     action: Action,
+    export: Export,
 ) {
     let now = config.clock.now();
     // This path allocates its future anyway: the estimate is simply a usage list here.
@@ -395,7 +424,7 @@ async fn run(
         Action::Settle(usage) => Some(usage),
         Action::SettleEstimate => Some(estimate(&charges)),
     };
-    let outcome = match usage {
+    let outcome = match &usage {
         None => Outcome::Released(
             bounded::<_, LedgerError>(
                 "ledger.release",
@@ -408,12 +437,20 @@ async fn run(
             bounded::<_, LedgerError>(
                 "ledger.settle",
                 config.timeout,
-                config.ledger.settle(&id, &usage, config.over_estimate, now),
+                config.ledger.settle(&id, usage, config.over_estimate, now),
             )
             .await,
         ),
     };
-    report(&config, &id.account, held, &charges, outcome);
+    report(
+        &config,
+        &id.account,
+        held,
+        &charges,
+        outcome,
+        usage.as_deref(),
+        export,
+    );
 }
 
 /// The same as [`run`] on a ledger that answers without I/O, for a record or a hold.
@@ -424,6 +461,7 @@ fn run_now(
     held_credits: Credits,
     charges: &[Charge],
     action: Action,
+    export: Export,
 ) {
     let now = config.clock.now();
     let policy = config.over_estimate;
@@ -447,7 +485,20 @@ fn run_now(
             })
         }
     };
-    report(config, held.account(), held_credits, charges, outcome);
+    // `None` for a settled estimate: the units reserved, read from the charges.
+    let usage = match &action {
+        Action::Settle(usage) => Some(&usage[..]),
+        _ => None,
+    };
+    report(
+        config,
+        held.account(),
+        held_credits,
+        charges,
+        outcome,
+        usage,
+        export,
+    );
 }
 
 /// Logs and counts how a reservation ended, and reports threshold crossings.
@@ -457,6 +508,8 @@ fn report(
     held: Credits,
     charges: &[Charge],
     outcome: Outcome,
+    usage: Option<&[Usage]>,
+    export: Export,
 ) {
     let account = payer.as_str();
     match &outcome {
@@ -500,6 +553,8 @@ fn report(
             if let Some(t) = &config.thresholds {
                 t.after_settle(payer, charges, &s);
             }
+            #[cfg(feature = "usage")]
+            export_usage(config, payer, charges, usage, &s, export);
         }
         Outcome::Settled(Err(e)) => tracing::error!(
             target: "tower_402::metering",
@@ -508,6 +563,44 @@ fn report(
             "settlement failed; the hold comes back when the reservation expires"
         ),
     }
+}
+
+/// Hands the settled request's usage event to the outbox (never waits).
+#[cfg(feature = "usage")]
+fn export_usage(
+    config: &MeterConfig,
+    payer: &AccountId,
+    charges: &[Charge],
+    usage: Option<&[Usage]>,
+    s: &Settlement,
+    export: Export,
+) {
+    let (Some(outbox), Some(context)) = (&config.outbox, export) else {
+        return;
+    };
+    let mut meters = std::collections::BTreeMap::new();
+    match usage {
+        Some(usage) => {
+            for u in usage {
+                let m = meters.entry(u.meter.as_str().to_owned()).or_insert(0u64);
+                *m = m.saturating_add(u.units);
+            }
+        }
+        None => {
+            for c in charges {
+                meters.insert(c.meter.as_str().to_owned(), c.units);
+            }
+        }
+    }
+    let event = (*context).event(
+        outbox.source(),
+        outbox.event_type(),
+        payer,
+        meters,
+        s.charged,
+        config.clock.now(),
+    );
+    outbox.push(event);
 }
 
 impl Drop for Guard {

@@ -131,6 +131,8 @@ impl<S> Metering<S> {
             gate_charge,
             idem,
             now,
+            #[cfg(feature = "usage")]
+            model: None,
         };
         // With an in-process ledger and no body to read, preparing needs no I/O: it runs here,
         // with no future to allocate.
@@ -159,6 +161,9 @@ pub(crate) struct Start {
     gate_charge: Option<crate::charge::Charge>,
     idem: Option<crate::ledger::ReservationKey>,
     now: Timestamp,
+    /// The model an LLM request's body names, for its usage event.
+    #[cfg(feature = "usage")]
+    model: Option<String>,
 }
 
 /// What the ledger step came to.
@@ -239,6 +244,17 @@ where
     } else {
         (RequestBody::passthrough(body), None, None)
     };
+    #[cfg(feature = "usage")]
+    let start = {
+        let mut start = start;
+        start.model = config
+            .outbox
+            .as_ref()
+            .and(peeked.as_deref())
+            .and_then(model_of);
+        start
+    };
+    let account = &start.entitlement.account;
     let charges = match price(
         config,
         &start.parts,
@@ -527,6 +543,11 @@ fn admitted<B>(
     body: RequestBody<B>,
     booked: Option<Booked>,
 ) -> Prepared<B> {
+    #[cfg(feature = "usage")]
+    let export = config
+        .outbox
+        .as_ref()
+        .map(|_| (start.idem.clone(), start.now, start.model.clone()));
     let Start {
         mut parts,
         mut entitlement,
@@ -545,6 +566,15 @@ fn admitted<B>(
             if let Some(w) = crate::metering::headers::soft_limit(config, &ticket) {
                 entitlement.warnings.push(w);
             }
+            #[cfg(feature = "usage")]
+            let ticket = {
+                let mut ticket = ticket;
+                if let Some((idem, now, model)) = export {
+                    let context = usage_context(&parts, idem.as_deref(), &ticket, now, model);
+                    ticket.guard.export(context);
+                }
+                ticket
+            };
             Some(ticket)
         }
     };
@@ -554,5 +584,44 @@ fn admitted<B>(
         req: Request::from_parts(parts, body),
         ticket,
         warnings,
+    }
+}
+
+/// The `model` an LLM request's JSON body names (other members are skipped unread).
+#[cfg(feature = "usage")]
+fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
+}
+
+/// What the usage event of this request will say besides its settlement.
+#[cfg(feature = "usage")]
+fn usage_context(
+    parts: &http::request::Parts,
+    idem: Option<&str>,
+    ticket: &Ticket,
+    now: Timestamp,
+    model: Option<String>,
+) -> crate::usage::UsageContext {
+    let reservation = match ticket.guard.reservation_key() {
+        Some(key) => key.to_owned(),
+        None => crate::metering::idempotency::unique_key().to_string(),
+    };
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    crate::usage::UsageContext {
+        reservation,
+        route: format!("{} {}", parts.method, parts.uri.path()),
+        model,
+        request_id,
+        idempotency_key_sha256: idem
+            .map(|k| crate::usage::sha256_hex(&[k.strip_prefix("idem:").unwrap_or(k).as_bytes()])),
+        started_at: now,
     }
 }

@@ -152,6 +152,17 @@ mod imp {
         }
     }
 
+    #[cfg_attr(not(feature = "usage"), allow(dead_code))]
+    pub(crate) fn usage_events(what: &'static str, n: u64) {
+        let name = match what {
+            "dropped" => "tower402_usage_events_dropped_total",
+            "delivered" => "tower402_usage_events_delivered_total",
+            "rejected" => "tower402_usage_events_rejected_total",
+            _ => "tower402_usage_sink_retries_total",
+        };
+        counter!(name).increment(n);
+    }
+
     pub(crate) fn threshold(kind: &'static str) {
         counter!("tower402_threshold_events_total", "kind" => kind).increment(1);
     }
@@ -200,6 +211,22 @@ mod imp {
             "Settlements or releases the ledger refused or could not take"
         );
         describe_counter!(
+            "tower402_usage_events_dropped_total",
+            "Usage events dropped because the outbox was full"
+        );
+        describe_counter!(
+            "tower402_usage_events_delivered_total",
+            "Usage events delivered to the sink"
+        );
+        describe_counter!(
+            "tower402_usage_events_rejected_total",
+            "Usage events the sink refused for good"
+        );
+        describe_counter!(
+            "tower402_usage_sink_retries_total",
+            "Usage batch deliveries that failed and were retried"
+        );
+        describe_counter!(
             "tower402_threshold_events_total",
             "Soft-limit crossings reported to on_threshold"
         );
@@ -222,10 +249,15 @@ mod imp {
     pub(crate) fn store_call(_: &'static str, _: Duration, _: bool) {}
     #[inline(always)]
     pub(crate) fn threshold(_: &'static str) {}
+    #[inline(always)]
+    #[cfg_attr(not(feature = "usage"), allow(dead_code))]
+    pub(crate) fn usage_events(_: &'static str, _: u64) {}
     pub(crate) fn describe() {}
 }
 
-pub(crate) use imp::{decision, held_released, held_reserved, settled, store_call, threshold};
+pub(crate) use imp::{
+    decision, held_released, held_reserved, settled, store_call, threshold, usage_events,
+};
 
 /// Gives every tower-402 metric its help text and unit in the installed recorder. Call it
 /// once, after installing the recorder. Does nothing without the `metrics` feature.

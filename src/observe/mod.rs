@@ -19,6 +19,8 @@
 //! | `tower402_store_call_seconds` | histogram | `call` (`ledger.reserve`, `plans.subscription`, ...) | latency of each call to a remote store |
 //! | `tower402_store_outages_total` | counter | `call` | store calls that failed because the store was unreachable or timed out |
 //! | `tower402_settlement_failures_total` | counter | | settlements or releases a ledger refused or could not take |
+//! | `tower402_usage_events_dropped_total`, `..._delivered_total`, `..._rejected_total` | counter | | usage events ([`usage`](crate::usage)) the outbox dropped (full), delivered, or saw refused |
+//! | `tower402_usage_sink_retries_total` | counter | | usage batches retried while the sink was down |
 //! | `tower402_threshold_events_total` | counter | `kind` (`balance`, `allowance`) | soft-limit crossings reported to [`on_threshold`](crate::Billing::on_threshold) |
 //!
 //! Labels carry no account id by default: one series per customer would grow without bound.
@@ -43,6 +45,6 @@ pub use self::metrics::{describe, label_accounts};
 pub use self::trace::gen_ai;
 
 pub(crate) use self::metrics::{
-    decision, held_released, held_reserved, settled, store_call, threshold, Outcome,
+    decision, held_released, held_reserved, settled, store_call, threshold, usage_events, Outcome,
 };
 pub(crate) use self::trace::{request_span, RequestSpan};
