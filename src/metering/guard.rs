@@ -99,6 +99,9 @@ pub(crate) struct Guard {
     /// Records the response of a request with an `Idempotency-Key`.
     recorder: Option<Box<Recorder>>,
     export: Export,
+    /// The request's span (the current one when the hold was made): settlement is recorded
+    /// on it, and logged inside it.
+    span: tracing::Span,
 }
 
 impl Guard {
@@ -124,6 +127,7 @@ impl Guard {
             done: false,
             recorder: None,
             export: Export::default(),
+            span: tracing::Span::current(),
         }
     }
 
@@ -326,6 +330,7 @@ impl Guard {
     pub(crate) fn finish(&mut self, action: Action) -> Option<BoxFuture> {
         self.done = true;
         let export = std::mem::take(&mut self.export);
+        let _entered = self.span.enter();
         if let Some(ledger) = self.config.ledger.in_process() {
             run_now(
                 ledger,
@@ -350,13 +355,10 @@ impl Guard {
         let config = self.config.clone();
         // Reference counts, not copies.
         let (id, charges) = (id.clone(), self.charges.to_arc());
-        Some(Box::pin(run(
-            config,
-            id,
-            self.held_credits,
-            charges,
-            action,
-            export,
+        let run = run(config, id, self.held_credits, charges, action, export);
+        Some(Box::pin(tracing::Instrument::instrument(
+            run,
+            self.span.clone(),
         )))
     }
 
@@ -550,6 +552,7 @@ fn report(
                     "request settled with a shortfall: usage exceeded what could be charged"
                 );
             }
+            crate::observe::record_settlement(s.charged.get(), usage);
             if let Some(t) = &config.thresholds {
                 t.after_settle(payer, charges, &s);
             }

@@ -254,6 +254,15 @@ where
             .and_then(model_of);
         start
     };
+    if crate::observe::tracing_request() {
+        #[cfg(feature = "usage")]
+        let model = start.model.clone();
+        #[cfg(not(feature = "usage"))]
+        let model = peeked.as_deref().and_then(model_of);
+        if let Some(model) = model.or_else(|| peeked.as_deref().and_then(model_of)) {
+            crate::observe::record_model(&model);
+        }
+    }
     let account = &start.entitlement.account;
     let charges = match price(
         config,
@@ -588,7 +597,6 @@ fn admitted<B>(
 }
 
 /// The `model` an LLM request's JSON body names (other members are skipped unread).
-#[cfg(feature = "usage")]
 fn model_of(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Named {

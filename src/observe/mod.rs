@@ -44,7 +44,18 @@ mod trace;
 pub use self::metrics::{describe, label_accounts};
 pub use self::trace::gen_ai;
 
+#[cfg_attr(not(feature = "metrics"), allow(unused_imports))]
 pub(crate) use self::metrics::{
-    decision, held_released, held_reserved, settled, store_call, threshold, usage_events, Outcome,
+    held_released, held_reserved, settled, store_call, threshold, usage_events, Outcome,
 };
-pub(crate) use self::trace::{request_span, RequestSpan};
+pub(crate) use self::trace::{record_model, record_settlement, request_span, tracing_request};
+
+/// Counts a metered request's decision and records it on the request span.
+pub(crate) fn decision(
+    outcome: Outcome,
+    denial: Option<&crate::denial::Denial>,
+    account: Option<&crate::account::AccountId>,
+) {
+    trace::record_decision(denial.map_or("OK", |d| d.code()), account);
+    metrics::decision(outcome, denial, account);
+}
