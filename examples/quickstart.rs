@@ -15,6 +15,8 @@
 //! curl -i localhost:3000/v1/topup -H 'x-api-key: demo-broke' \
 //!      -H 'Idempotency-Key: order-1' -H 'content-type: application/json' -d '{"credits": 50}'
 //! curl -i localhost:3000/v1/balance  -H 'x-api-key: demo-free'
+//! curl -s 'localhost:3000/v1/history?limit=10' -H 'x-api-key: demo-pro'   # spend history
+//! curl -s localhost:3000/metrics | grep tower402_                # Prometheus metrics
 //! # An Idempotency-Key: the retry gets the recorded answer (idempotent-replayed: true), charged
 //! # once; the same key on another query is 409 IDEMPOTENCY_KEY_REUSED.
 //! curl -i 'localhost:3000/v1/forecast?day=1' -H 'x-api-key: demo-pro' -H 'Idempotency-Key: f-1'
@@ -49,6 +51,8 @@ pub struct Demo {
 /// Builds the demo with every demo account (`plain::DEMO_KEYS`) in its documented state at `clock`'s
 /// current time.
 pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
+    // Metrics go to a Prometheus recorder, scraped at GET /metrics.
+    common::prometheus();
     // The demo accounts and layers, shared with the hyper and gRPC examples:
     // examples/common/plain.rs. The routes are this example's.
     let plain::Demo {
@@ -58,6 +62,8 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
     } = plain::billing(clock.clone(), |billing| {
         billing
             .route("GET /health", Requirement::public())
+            .route("GET /metrics", Requirement::public())
+            .route("GET /v1/history", Requirement::identify_only())
             .route("/webhooks/stripe", Requirement::public())
             .route("GET /v1/balance", Requirement::identify_only())
             .route("POST /v1/topup", Requirement::identify_only())
@@ -73,6 +79,8 @@ pub async fn demo<C: Clock + Clone>(clock: C) -> Demo {
     };
     let router = Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(common::metrics))
+        .route("/v1/history", get(common::history::<C>))
         .route("/v1/forecast", get(forecast))
         .route("/v1/premium", get(premium))
         .route("/v1/balance", get(common::balance::<C>))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Load test: the same route served bare, behind tower-402's three layers (in-memory, Redis,
-# PostgreSQL), behind tower_governor, behind a hand-written minimal paid-API check (the
+# PostgreSQL; in memory also `observed`: metrics recorded and a usage event exported per
+# request, against `layers` with neither), behind tower_governor, behind a hand-written minimal paid-API check (the
 # "floor": what any implementation must at least do), and behind an nginx reverse proxy, each
 # under the same wrk load on loopback, in alternating rounds. Prints medians of requests/s and p99 latency
 # and the ratio to the bare app, then the Redis and PostgreSQL ceilings measured with
@@ -39,7 +40,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-modes=(bare layers layers-once governor floor redis redis-once postgres postgres-once)
+modes=(bare layers layers-once observed governor floor redis redis-once postgres postgres-once)
 declare -A port pid_of
 i=0
 for m in "${modes[@]}"; do
@@ -118,7 +119,7 @@ bare = statistics.median(r for r, _, _ in rows["bare"])
 print()
 print(f"| server | req/s (median) | p99 µs (median) | ratio to bare | non-2xx |")
 print(f"|---|---:|---:|---:|---:|")
-for m in ["bare", "layers", "layers-once", "governor", "floor", "nginx", "redis", "redis-once",
+for m in ["bare", "layers", "layers-once", "observed", "governor", "floor", "nginx", "redis", "redis-once",
           "postgres", "postgres-once"]:
     if m not in rows: continue
     rps = statistics.median(r for r, _, _ in rows[m])

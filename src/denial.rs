@@ -210,6 +210,15 @@ impl Denial {
     /// The stable machine code.
     pub fn code(&self) -> &str {
         match self {
+            Denial::Custom(c) => &c.code,
+            _ => self.static_code().unwrap_or_default(),
+        }
+    }
+
+    /// The code of a built-in denial, `None` for a custom one (whose code is the
+    /// application's): a metric label without a copy.
+    pub(crate) fn static_code(&self) -> Option<&'static str> {
+        Some(match self {
             Denial::Unauthenticated(_) => "UNAUTHENTICATED",
             Denial::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
             Denial::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
@@ -225,8 +234,8 @@ impl Denial {
             Denial::IdempotencyConflict { in_progress: true } => "IDEMPOTENCY_KEY_IN_USE",
             Denial::IdempotencyResponseNotRecorded => "IDEMPOTENCY_RESPONSE_NOT_RECORDED",
             Denial::Unavailable { .. } => "SERVICE_UNAVAILABLE",
-            Denial::Custom(c) => &c.code,
-        }
+            Denial::Custom(_) => return None,
+        })
     }
 
     /// The HTTP status.
@@ -292,9 +301,10 @@ pub(crate) fn rule_of(denial: &Denial) -> &'static str {
     }
 }
 
-/// Logs a refusal: who, which rule, which code. Never a key or a secret.
-pub(crate) fn log_denial(account: Option<&AccountId>, denial: &Denial) {
-    let account = account.map_or("-", AccountId::as_str);
+/// Logs a refusal (who, which rule, which code; never a key or a secret) and counts it.
+pub(crate) fn log_denial(account_id: Option<&AccountId>, denial: &Denial) {
+    crate::observe::decision(crate::observe::Outcome::Denied, Some(denial), account_id);
+    let account = account_id.map_or("-", AccountId::as_str);
     tracing::info!(
         target: "tower_402::gate",
         account,

@@ -147,10 +147,14 @@ pub mod in_process;
 pub mod keys;
 pub mod ledger;
 pub mod metering;
+pub mod observe;
 pub mod plan;
 pub mod problem;
 pub mod store;
 pub mod time;
+#[cfg(feature = "usage")]
+#[cfg_attr(docsrs, doc(cfg(feature = "usage")))]
+pub mod usage;
 #[cfg(feature = "stripe")]
 pub mod webhook;
 

@@ -512,3 +512,35 @@ async fn the_handler_still_receives_the_body_intact() {
     assert_eq!(a.body, BODY);
     let _ = json!(null);
 }
+
+/// Issue 16: a streamed request the client abandons still produces its usage event, with the
+/// credits actually charged (not $0), the model, and the tokens seen.
+#[cfg(feature = "usage")]
+#[tokio::test]
+async fn an_abandoned_stream_still_exports_its_usage_event_with_what_was_charged() {
+    use tower_402::usage::{ChannelSink, Outbox, OutboxConfig};
+    let s = Setup::new(100_000).await;
+    let (sink, mut events) = ChannelSink::new(16);
+    let outbox = Outbox::start(sink, OutboxConfig::default());
+    let app = s.app(Plan::new("basic", "Basic", 1).overage(true), |m| {
+        m.on_disconnect(DisconnectPolicy::ChargeUsageSoFar)
+            .usage_outbox(outbox.clone())
+    });
+    let res = app.oneshot(call("sse-endless")).await.unwrap();
+    let mut body = res.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    drop(body); // the client goes away mid-stream
+    s.drain().await;
+    let charged = 100_000 - s.available().await;
+    assert_eq!(charged, 3 + 2);
+    let event = events.recv().await.expect("one usage event");
+    assert_eq!(event.data.credits.get(), charged, "{event:?}");
+    assert_eq!(event.data.model.as_deref(), Some("m"));
+    assert_eq!(event.data.meters["input_tokens"], 3, "{event:?}");
+    assert_eq!(event.data.meters["output_tokens"], 1, "{event:?}");
+    assert_eq!(event.data.route, "POST /v1/chat/completions");
+    assert_eq!(event.subject, "acme");
+    outbox.drained().await;
+    assert_eq!(outbox.stats().delivered, 1);
+    assert!(events.try_recv().is_err(), "exactly one event");
+}

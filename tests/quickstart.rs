@@ -634,3 +634,128 @@ async fn one_idempotency_key_replays_its_forecast_and_refuses_another_query() {
         "charged once"
     );
 }
+
+/// One request over a fresh connection: the status and the body.
+async fn over_socket(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let key = key.map_or(String::new(), |k| format!("x-api-key: {k}\r\n"));
+    let head = format!("GET {path} HTTP/1.1\r\nhost: x\r\n{key}connection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+/// The value of the first sample of `metric` whose labels contain every one of `labels`.
+fn sample(scrape: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Issue 16's quickstart contract: `GET /metrics` in the Prometheus text format counts the
+/// refusal and the settlement; `GET /v1/history` is the caller's own journal, newest first,
+/// with `limit` and `since`.
+#[tokio::test]
+async fn metrics_and_history_over_a_real_socket() {
+    let (demo, clock) = demo().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, demo.router).await });
+    // Other tests in this process count too (the recorder is process-wide): compare with
+    // what the counters were before, which they can only exceed.
+    let refusals = [
+        "code=\"INSUFFICIENT_CREDITS\"",
+        "outcome=\"denied\"",
+        "rule=\"credit\"",
+    ];
+    let (_, before) = over_socket(addr, "/metrics", None).await;
+    let refused_before = sample(&before, "tower402_decisions_total", &refusals).unwrap_or(0.0);
+    let settled_before = sample(&before, "tower402_credits_settled_total", &[]).unwrap_or(0.0);
+
+    let (status, body) = over_socket(addr, "/v1/forecast", Some("demo-broke")).await;
+    assert_eq!(status, 402);
+    assert!(body.contains("INSUFFICIENT_CREDITS"), "{body}");
+    clock.advance(10);
+    let (status, body) = over_socket(addr, "/v1/forecast", Some("demo-pro")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("sunny"), "the handler ran: {body}");
+
+    let (status, scrape) = over_socket(addr, "/metrics", None).await;
+    assert_eq!(status, 200);
+    let refused = sample(&scrape, "tower402_decisions_total", &refusals);
+    assert!(
+        refused.is_some_and(|n| n >= 1.0 && n >= refused_before + 1.0),
+        "{scrape}"
+    );
+    let settled = sample(&scrape, "tower402_credits_settled_total", &[]);
+    assert!(
+        settled.is_some_and(|n| n >= 1.0 && n >= settled_before + 1.0),
+        "{scrape}"
+    );
+    assert!(scrape.contains("# TYPE tower402_decisions_total counter"));
+    assert!(
+        !scrape.contains("acct_"),
+        "no account label by default: {scrape}"
+    );
+
+    let (status, body) = over_socket(addr, "/v1/history", Some("demo-pro")).await;
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["account"], "acct_pro");
+    let entries = doc["entries"].as_array().unwrap();
+    assert_eq!(
+        entries.len(),
+        2,
+        "the demo deposit, then the forecast: {doc}"
+    );
+    assert_eq!(entries[0]["kind"], "settle", "newest first: {doc}");
+    assert_eq!(entries[0]["credits"], 1);
+    assert_eq!(entries[0]["available_after"], 999);
+    assert_eq!(entries[1]["kind"], "deposit");
+    let settled_at = entries[0]["at"].as_u64().unwrap();
+
+    let (_, body) = over_socket(addr, "/v1/history?limit=1", Some("demo-pro")).await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["entries"][0]["kind"], "settle");
+    let (_, body) = over_socket(
+        addr,
+        &format!("/v1/history?since={settled_at}"),
+        Some("demo-pro"),
+    )
+    .await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let kinds: Vec<_> = doc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["kind"])
+        .collect();
+    assert_eq!(kinds, ["settle"], "only what happened since: {doc}");
+
+    // Another caller sees only their own journal; bad parameters are a 400 problem.
+    let (_, body) = over_socket(addr, "/v1/history", Some("demo-broke")).await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(doc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["kind"] != "settle"));
+    let (status, body) = over_socket(addr, "/v1/history?limit=0", Some("demo-pro")).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = over_socket(addr, "/v1/history?since=yesterday", Some("demo-pro")).await;
+    assert_eq!(status, 400);
+    let (status, _) = over_socket(addr, "/v1/history", None).await;
+    assert_eq!(status, 401);
+    server.abort();
+}

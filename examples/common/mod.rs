@@ -197,3 +197,84 @@ pub async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
         .await
         .expect("server");
 }
+
+/// The largest `limit` of `GET /v1/history`.
+pub const MAX_HISTORY: usize = 1000;
+
+/// `GET /v1/history?limit=N&since=UNIX_SECONDS`: the caller's own spend history (deposits,
+/// settlements, releases, expiries, shortfalls, adjustments), newest first.
+pub async fn history<C: Clock>(
+    State(state): State<Billing<C>>,
+    entitlement: Entitlement,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<serde_json::Value>, Response> {
+    let mut q = tower_402::ledger::JournalQuery::default();
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = value.parse::<u64>().ok();
+        match (name, number) {
+            ("limit", Some(n)) if (1..=MAX_HISTORY as u64).contains(&n) => q.limit = n as usize,
+            ("since", Some(s)) => q.since = Some(tower_402::Timestamp::from_unix(s)),
+            ("limit", _) => {
+                return Err(bad_request(
+                    "INVALID_REQUEST",
+                    "limit must be a whole number from 1 to 1000.",
+                ))
+            }
+            ("since", _) => {
+                return Err(bad_request(
+                    "INVALID_REQUEST",
+                    "since must be a time in whole seconds since the Unix epoch.",
+                ))
+            }
+            _ => {}
+        }
+    }
+    let Some(journal) = state.ledger.journal() else {
+        return Err(bad_request(
+            "HISTORY_UNAVAILABLE",
+            "This ledger keeps no spend history.",
+        ));
+    };
+    let account = &entitlement.account;
+    let entries = journal
+        .entries(account, &q, state.clock.now())
+        .await
+        .map_err(internal)?;
+    Ok(Json(json!({
+        "account": account,
+        "entries": entries,
+    })))
+}
+
+/// The process's Prometheus recorder, installed on first use (metrics recorders are
+/// process-wide), with tower-402's metrics described.
+pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("no other metrics recorder in this process");
+        tower_402::observe::describe();
+        handle
+    })
+}
+
+/// `GET /metrics`: every metric in the Prometheus text format.
+pub async fn metrics() -> impl IntoResponse {
+    let handle = prometheus();
+    handle.run_upkeep();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+}

@@ -213,6 +213,8 @@ impl Billing {
             failure: FailureMode::Closed,
             retry_after_secs: 5,
             timeout: Some(Duration::from_secs(5)),
+            #[cfg(feature = "usage")]
+            outbox: None,
         });
         let gate = Arc::new(GateConfig {
             resolver: Arc::new(resolver),
@@ -387,6 +389,15 @@ impl Billing {
     /// settled as a success.
     pub fn bill_grpc_errors(mut self, bill: bool) -> Self {
         self.meter_mut(|m| m.bill_grpc_errors = bill);
+        self
+    }
+
+    /// Sends one usage event per settled request to `outbox` (see [`usage`](crate::usage)):
+    /// handed over without waiting, delivered off the request path.
+    #[cfg(feature = "usage")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "usage")))]
+    pub fn usage_outbox(mut self, outbox: crate::usage::Outbox) -> Self {
+        self.meter_mut(|m| m.outbox = Some(outbox));
         self
     }
 

@@ -78,14 +78,24 @@ pub(crate) async fn check_later(
 ) -> Checked {
     let account = match identity {
         Identity::Account(a) => a,
-        Identity::Key(key) => match bounded(config.timeout, config.resolver.resolve(&key)).await {
+        Identity::Key(key) => match bounded(
+            "identity.resolve",
+            config.timeout,
+            config.resolver.resolve(&key),
+        )
+        .await
+        {
             Ok(Some(a)) => a,
             Ok(None) => return unknown_key(),
             Err(e) => return outage(&config, None, "identity resolver", &e),
         },
     };
-    let sub: Result<_, StoreError> =
-        bounded(config.timeout, config.plans.subscription(&account)).await;
+    let sub: Result<_, StoreError> = bounded(
+        "plans.subscription",
+        config.timeout,
+        config.plans.subscription(&account),
+    )
+    .await;
     match sub {
         Ok(sub) => admit(&config, &requirement, account, sub.map(Arc::new), now),
         Err(e) => outage(&config, Some(&account), "plan store", &e),

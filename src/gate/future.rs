@@ -27,6 +27,8 @@ pin_project! {
     {
         #[pin]
         state: State<S, ReqBody>,
+        // The request's span, entered while the future is polled.
+        span: tracing::Span,
     }
 }
 
@@ -60,9 +62,11 @@ where
     S: Service<Request<RequestBody<ReqBody>>> + Clone + Send + 'static,
     ReqBody: Body<Data = Bytes> + Send + 'static,
 {
+    /// A public route's: no span, nothing billed.
     pub(crate) fn metered(fut: metering::ResponseFuture<S, ReqBody>) -> Self {
         ResponseFuture {
             state: State::Metered { fut },
+            span: tracing::Span::none(),
         }
     }
 
@@ -71,6 +75,7 @@ where
         config: Arc<GateConfig>,
         now: Timestamp,
         grpc: bool,
+        span: tracing::Span,
     ) -> Self {
         ResponseFuture {
             state: State::Refused {
@@ -79,6 +84,7 @@ where
                 now,
                 grpc,
             },
+            span,
         }
     }
 
@@ -88,6 +94,7 @@ where
         req: Request<ReqBody>,
         config: Arc<GateConfig>,
         now: Timestamp,
+        span: tracing::Span,
     ) -> Self {
         ResponseFuture {
             state: State::Checking {
@@ -96,6 +103,7 @@ where
                 config,
                 now,
             },
+            span,
         }
     }
 
@@ -106,9 +114,11 @@ where
         req: Request<ReqBody>,
         config: &Arc<GateConfig>,
         now: Timestamp,
+        span: tracing::Span,
     ) -> Self {
         ResponseFuture {
             state: after_check(checked, inner, req, config, now),
+            span,
         }
     }
 }
@@ -157,6 +167,7 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let mut this = self.as_mut().project();
+            let _entered = this.span.enter();
             let next = match this.state.as_mut().project() {
                 StateProj::Checking {
                     check,

@@ -87,6 +87,9 @@ where
         if requirement.public {
             return ResponseFuture::metered(self.inner.call_admitted(req, Admission::Public, now));
         }
+        // One span per billed request, entered whenever its work runs.
+        let span = crate::observe::request_span(req.method(), req.uri().path());
+        let _entered = span.enter();
         let identity = match req.extensions().get::<AccountId>() {
             Some(account) => IdentityRef::Account(account),
             None => match key_in_headers(req.headers()) {
@@ -99,6 +102,7 @@ where
                         config.clone(),
                         now,
                         is_grpc(req.headers()),
+                        span.clone(),
                     );
                 }
                 Err(CredentialError::Malformed(why)) => {
@@ -109,6 +113,7 @@ where
                         config.clone(),
                         now,
                         is_grpc(req.headers()),
+                        span.clone(),
                     );
                 }
             },
@@ -116,7 +121,14 @@ where
         // First without I/O: with in-process stores the whole check finishes here, with no
         // future to allocate.
         if let Some(checked) = check_now(config, requirement, &identity, now) {
-            return ResponseFuture::checked(checked, &mut self.inner, req, config, now);
+            return ResponseFuture::checked(
+                checked,
+                &mut self.inner,
+                req,
+                config,
+                now,
+                span.clone(),
+            );
         }
         let check = check_later(
             config.clone(),
@@ -127,6 +139,13 @@ where
         // Keep the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::checking(Box::pin(check), inner, req, config.clone(), now)
+        ResponseFuture::checking(
+            Box::pin(check),
+            inner,
+            req,
+            config.clone(),
+            now,
+            span.clone(),
+        )
     }
 }

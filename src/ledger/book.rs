@@ -7,6 +7,9 @@ use crate::charge::Charge;
 use crate::credits::Credits;
 use crate::denial::Denial;
 use crate::error::LedgerError;
+use crate::ledger::journal::{
+    Adjusted, Adjustment, Direction, Entries, EntryKind, JournalEntry, JournalLimits, JournalQuery,
+};
 use crate::ledger::types::*;
 use crate::ledger::PerCharge;
 use crate::plan::Meter;
@@ -60,6 +63,10 @@ pub(crate) struct Parts {
     pub(crate) reservations: FastMap<ReservationKey, Record>,
     pub(crate) allowances: FastMap<(Meter, Timestamp), Counter>,
     pub(crate) deposits: FastMap<String, (Credits, Timestamp)>,
+    pub(crate) adjustments: FastMap<String, (Direction, Credits, Timestamp)>,
+    /// Journal entries the operation wrote (on the way out of [`AccountBook::into_parts`]).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) journal: Vec<JournalEntry>,
 }
 
 /// One account's ledger as a pure state machine: no I/O, no clock, no locks.
@@ -83,6 +90,11 @@ pub struct AccountBook {
     /// Finished reservations and deposits in the order they finished, for retention.
     finished: VecDeque<(Timestamp, ReservationKey)>,
     deposited_at: VecDeque<(Timestamp, String)>,
+    /// Adjustment keys, for idempotency, forgotten after the retention time like deposits.
+    adjustments: FastMap<String, (Direction, Credits, Timestamp)>,
+    adjusted_at: VecDeque<(Timestamp, String)>,
+    /// The spend history.
+    journal: Entries,
 }
 
 impl Default for AccountBook {
@@ -106,7 +118,22 @@ impl AccountBook {
             open: BTreeSet::new(),
             finished: VecDeque::new(),
             deposited_at: VecDeque::new(),
+            adjustments: FastMap::default(),
+            adjusted_at: VecDeque::new(),
+            journal: Entries::new(JournalLimits::default()),
         }
+    }
+
+    /// The same book with another journal bound ([`JournalLimits`]).
+    pub fn with_journal(mut self, limits: JournalLimits) -> Self {
+        self.journal.limits = limits;
+        self
+    }
+
+    /// The account's journal entries matching `query`, newest first.
+    pub fn journal(&mut self, query: &JournalQuery, now: Timestamp) -> Vec<JournalEntry> {
+        self.expire(now);
+        self.journal.read(query)
     }
 
     /// A book made of a subset of an account's records. Operations give the same answers as
@@ -131,6 +158,12 @@ impl AccountBook {
             .map(|(k, (_, at))| (*at, k.clone()))
             .collect();
         deposited_at.sort();
+        let mut adjusted_at: Vec<(Timestamp, String)> = parts
+            .adjustments
+            .iter()
+            .map(|(k, (_, _, at))| (*at, k.clone()))
+            .collect();
+        adjusted_at.sort();
         AccountBook {
             available: parts.balance.available,
             held: parts.balance.held,
@@ -143,6 +176,13 @@ impl AccountBook {
             open,
             finished: finished.into(),
             deposited_at: deposited_at.into(),
+            adjustments: parts.adjustments,
+            adjusted_at: adjusted_at.into(),
+            // Only what this operation writes: the store keeps the rest.
+            journal: Entries::new(JournalLimits {
+                retention_secs: u64::MAX,
+                max_entries: usize::MAX,
+            }),
         }
     }
 
@@ -159,6 +199,8 @@ impl AccountBook {
             reservations: self.reservations,
             allowances: self.allowances,
             deposits: self.deposits,
+            adjustments: self.adjustments,
+            journal: self.journal.entries.into(),
         }
     }
 
@@ -195,7 +237,20 @@ impl AccountBook {
                 .available
                 .checked_add(rec.credits)
                 .unwrap_or(self.available);
+            if !rec.credits.is_zero() {
+                let (credits, at) = (rec.credits, rec.expires_at);
+                self.journal.push(
+                    at,
+                    EntryKind::Expiry,
+                    credits,
+                    None,
+                    self.available,
+                    None,
+                    None,
+                );
+            }
         }
+        self.journal.expire(now);
         let retention = self.retention_secs;
         while self
             .finished
@@ -224,6 +279,18 @@ impl AccountBook {
             };
             if self.deposits.get(&key).is_some_and(|(_, t)| *t == at) {
                 self.deposits.remove(&key);
+            }
+        }
+        while self
+            .adjusted_at
+            .front()
+            .is_some_and(|(at, _)| at.plus_secs(retention) <= now)
+        {
+            let Some((at, key)) = self.adjusted_at.pop_front() else {
+                break;
+            };
+            if self.adjustments.get(&key).is_some_and(|(_, _, t)| *t == at) {
+                self.adjustments.remove(&key);
             }
         }
         if self
@@ -451,7 +518,7 @@ impl AccountBook {
     /// Gives a [`hold`](Self::hold) back.
     pub fn release_hold(&mut self, hold: &Hold, charges: &[Charge], now: Timestamp) {
         self.expire(now);
-        self.give_back(charges, hold.credits, &hold.allowance_units);
+        self.give_back(charges, hold.credits, &hold.allowance_units, now);
     }
 
     /// Charges actual usage. See [`Ledger::settle`](crate::Ledger::settle).
@@ -583,11 +650,29 @@ impl AccountBook {
             .saturating_sub(from_available);
         let charged = from_hold.checked_add(from_available).unwrap_or(from_hold);
         self.settled = self.settled.checked_add(charged).unwrap_or(self.settled);
+        let short = beyond.saturating_sub(from_available);
+        let available = self.available;
+        if !charged.is_zero() {
+            let j = &mut self.journal;
+            j.push(now, EntryKind::Settle, charged, None, available, None, None);
+        }
+        if !short.is_zero() {
+            let j = &mut self.journal;
+            j.push(
+                now,
+                EntryKind::Shortfall,
+                short,
+                None,
+                available,
+                None,
+                None,
+            );
+        }
         Settlement {
             charged,
             allowance_units: consumed,
             shortfall: Shortfall {
-                credits: beyond.saturating_sub(from_available),
+                credits: short,
                 units: unit_shortfall,
             },
             available_after: self.available,
@@ -600,7 +685,7 @@ impl AccountBook {
     }
 
     /// Gives back `credits` and the allowance `units` per charge that a hold took.
-    fn give_back(&mut self, charges: &[Charge], credits: Credits, units: &[u64]) {
+    fn give_back(&mut self, charges: &[Charge], credits: Credits, units: &[u64], now: Timestamp) {
         for (charge, units) in charges.iter().zip(units) {
             if let Some(w) = charge.allowance {
                 if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
@@ -613,6 +698,19 @@ impl AccountBook {
             .available
             .checked_add(credits)
             .unwrap_or(self.available);
+        if !credits.is_zero() {
+            let available = self.available;
+            let j = &mut self.journal;
+            j.push(
+                now,
+                EntryKind::Release,
+                credits,
+                None,
+                available,
+                None,
+                None,
+            );
+        }
     }
 
     /// Gives a hold back. See [`Ledger::release`](crate::Ledger::release).
@@ -635,7 +733,7 @@ impl AccountBook {
         }
         rec.state = State::Released;
         rec.touched_at = now;
-        self.give_back(&rec.charges, rec.credits, &rec.allowance_units);
+        self.give_back(&rec.charges, rec.credits, &rec.allowance_units, now);
         self.finish(key, rec, now);
         Ok(())
     }
@@ -672,9 +770,82 @@ impl AccountBook {
             .ok_or(LedgerError::AmountOutOfRange)?;
         self.deposits.insert(key.to_owned(), (amount, now));
         self.deposited_at.push_back((now, key.to_owned()));
+        let available = self.available;
+        self.journal.push(
+            now,
+            EntryKind::Deposit,
+            amount,
+            None,
+            available,
+            Some(key),
+            None,
+        );
         Ok(Deposit {
             applied: true,
             balance: self.balance(now),
+        })
+    }
+
+    /// Credits or debits the account once per key, with a journal entry. See
+    /// [`Journal::adjust`](crate::ledger::Journal::adjust).
+    pub fn adjust(
+        &mut self,
+        adjustment: &Adjustment,
+        now: Timestamp,
+    ) -> Result<Adjusted, LedgerError> {
+        self.expire(now);
+        let Adjustment {
+            key,
+            direction,
+            credits,
+            reason,
+        } = adjustment;
+        let (direction, amount) = (*direction, *credits);
+        if amount.is_zero() || amount > Credits::MAX_EXACT {
+            return Err(LedgerError::AmountOutOfRange);
+        }
+        if let Some((d, c, _)) = self.adjustments.get(key.as_str()) {
+            if (*d, *c) != (direction, amount) {
+                return Err(LedgerError::KeyConflict);
+            }
+            return Ok(Adjusted {
+                applied: false,
+                available_after: self.available,
+            });
+        }
+        // `deposited` is what was put in net of adjustments: conservation still holds.
+        let (deposited, available) = match direction {
+            Direction::Credit => (
+                self.deposited
+                    .checked_add(amount)
+                    .filter(|d| *d <= Credits::MAX_EXACT),
+                self.available.checked_add(amount),
+            ),
+            Direction::Debit => (
+                self.deposited.checked_sub(amount),
+                self.available.checked_sub(amount),
+            ),
+        };
+        let (Some(deposited), Some(available)) = (deposited, available) else {
+            return Err(LedgerError::AmountOutOfRange);
+        };
+        self.deposited = deposited;
+        self.available = available;
+        self.adjustments
+            .insert(key.clone(), (direction, amount, now));
+        self.adjusted_at.push_back((now, key.clone()));
+        self.journal.push(
+            now,
+            EntryKind::Adjustment,
+            amount,
+            Some(direction),
+            available,
+            Some(key),
+            Some(reason),
+        );
+        Ok(Adjusted {
+            applied: true,
+            available_after: available,
         })
     }
 

@@ -27,6 +27,41 @@
 //!   no sweeper is needed for correctness.
 //! - [`deposit`](Ledger::deposit): idempotent top-up.
 //!
+//! # Spend history
+//!
+//! A ledger may keep a [`Journal`] ([`Ledger::journal`]): one [`JournalEntry`] per deposit,
+//! settlement, release, expiry, shortfall and [adjustment](Adjustment), readable per account
+//! and time range, newest first, and bounded by [`JournalLimits`] (a retention time and a
+//! number of entries per account). Entries that move no credit (a request paid entirely from
+//! its allowance) are not written. An operator's [`Journal::adjust`] credits or debits an
+//! account once per key, with a reason, and lands in the journal like any other entry.
+//!
+//! ```
+//! use tower_402::{AccountId, Credits, Ledger, MemoryLedger, Timestamp};
+//! use tower_402::ledger::{Adjustment, Direction, EntryKind, JournalQuery};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let ledger = MemoryLedger::new();
+//! let acme = AccountId::new("acme");
+//! let now = Timestamp::from_unix(1_000);
+//! ledger.deposit(&acme, Credits::new(50), "topup-1", now).await.unwrap();
+//! let journal = ledger.journal().unwrap();
+//! let goodwill = Adjustment {
+//!     key: "ticket-7".into(),
+//!     direction: Direction::Credit,
+//!     credits: Credits::new(5),
+//!     reason: "outage on the 3rd".into(),
+//! };
+//! assert!(journal.adjust(&acme, &goodwill, now).await.unwrap().applied);
+//! assert!(!journal.adjust(&acme, &goodwill, now).await.unwrap().applied, "once per key");
+//! let entries = journal.entries(&acme, &JournalQuery::default(), now).await.unwrap();
+//! assert_eq!(entries[0].kind, EntryKind::Adjustment); // newest first
+//! assert_eq!(entries[1].kind, EntryKind::Deposit);
+//! assert_eq!(entries[0].available_after, Credits::new(55));
+//! # }
+//! ```
+//!
 //! Amounts above [`Credits::MAX_EXACT`](crate::Credits::MAX_EXACT) are refused with
 //! [`LedgerError::AmountOutOfRange`] on every backend.
 //!
@@ -99,11 +134,16 @@
 //! ```
 
 mod book;
+mod journal;
 mod per_charge;
 mod records;
 mod types;
 
 pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
+pub use journal::{
+    Adjusted, Adjustment, Direction, EntryKind, Journal, JournalEntry, JournalLimits, JournalQuery,
+    DEFAULT_JOURNAL_MAX_ENTRIES, DEFAULT_JOURNAL_RETENTION_SECS,
+};
 pub use per_charge::PerCharge;
 pub use records::{
     BodyDigest, RecordLimits, RecordedResponse, Recording, ResponseRecord, ResponseRecords,
@@ -181,6 +221,13 @@ pub trait Ledger: Send + Sync + 'static {
     fn records(&self) -> Option<&dyn ResponseRecords> {
         None
     }
+
+    /// The ledger's [spend history](Journal): every deposit, settlement, release, expiry,
+    /// shortfall and adjustment per account, written in the same step as the operation.
+    /// `None` (the default) for a ledger that keeps none.
+    fn journal(&self) -> Option<&dyn Journal> {
+        None
+    }
 }
 
 #[async_trait]
@@ -228,5 +275,8 @@ impl<T: Ledger + ?Sized> Ledger for Arc<T> {
     }
     fn records(&self) -> Option<&dyn ResponseRecords> {
         (**self).records()
+    }
+    fn journal(&self) -> Option<&dyn Journal> {
+        (**self).journal()
     }
 }

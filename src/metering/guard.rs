@@ -17,6 +17,14 @@ use crate::metering::layer::{DisconnectPolicy, DryStreamPolicy, StreamErrorPolic
 use crate::metering::replay::Recorder;
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
+/// What a settlement exports: the request's usage-event context (feature `usage`), taken
+/// once when the reservation is finished.
+#[cfg(feature = "usage")]
+pub(crate) type Export = Option<Box<crate::usage::UsageContext>>;
+/// Nothing to export without the `usage` feature.
+#[cfg(not(feature = "usage"))]
+pub(crate) type Export = ();
+
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The charges of one request: the gate's one route cost (no allocation), or what a pricing
@@ -77,6 +85,8 @@ pub(crate) enum Action {
 pub(crate) struct Guard {
     config: Arc<MeterConfig>,
     held: Held,
+    /// Credits the reservation holds (for the metrics of how it ends).
+    held_credits: Credits,
     charges: Charges,
     known: Option<Vec<Usage>>,
     scanner: Option<Box<dyn UsageScanner>>,
@@ -91,6 +101,10 @@ pub(crate) struct Guard {
     recorder: Option<Box<Recorder>>,
     /// Watching for a stream that runs dry ([`DryStreamPolicy::Cut`]).
     dry: Option<Box<DryWatch>>,
+    export: Export,
+    /// The request's span (the current one when the hold was made): settlement is recorded
+    /// on it, and logged inside it.
+    span: tracing::Span,
 }
 
 /// What a stream may still draw on beyond its hold, and what it delivered that was paid for.
@@ -185,10 +199,17 @@ fn runs_dry(
 
 impl Guard {
     /// Takes the hold and the request's charges over.
-    pub(crate) fn new(config: Arc<MeterConfig>, held: Held, charges: Charges) -> Self {
+    pub(crate) fn new(
+        config: Arc<MeterConfig>,
+        held: Held,
+        held_credits: Credits,
+        charges: Charges,
+    ) -> Self {
+        crate::observe::held_reserved(held_credits, Some(held.account()));
         Guard {
             config,
             held,
+            held_credits,
             charges,
             known: None,
             scanner: None,
@@ -199,6 +220,8 @@ impl Guard {
             done: false,
             recorder: None,
             dry: None,
+            export: Export::default(),
+            span: tracing::Span::current(),
         }
     }
 
@@ -221,6 +244,21 @@ impl Guard {
                     pending: bytes::BytesMut::new(),
                 }));
             }
+        }
+    }
+
+    /// The request's usage-event context: its event is sent when it is settled.
+    #[cfg(feature = "usage")]
+    pub(crate) fn export(&mut self, context: crate::usage::UsageContext) {
+        self.export = Some(Box::new(context));
+    }
+
+    /// The reservation's key, if the hold has a record.
+    #[cfg(feature = "usage")]
+    pub(crate) fn reservation_key(&self) -> Option<&str> {
+        match &self.held {
+            Held::Reservation(id) => Some(id.key.as_str()),
+            Held::Hold(..) => None,
         }
     }
 
@@ -550,13 +588,17 @@ impl Guard {
     /// future that does. The guard is finished from here on.
     pub(crate) fn finish(&mut self, action: Action) -> Option<BoxFuture> {
         self.done = true;
+        let export = std::mem::take(&mut self.export);
+        let _entered = self.span.enter();
         if let Some(ledger) = self.config.ledger.in_process() {
             run_now(
                 ledger,
                 &self.config,
                 &self.held,
+                self.held_credits,
                 self.charges.as_slice(),
                 action,
+                export,
             );
             return None;
         }
@@ -572,7 +614,11 @@ impl Guard {
         let config = self.config.clone();
         // Reference counts, not copies.
         let (id, charges) = (id.clone(), self.charges.to_arc());
-        Some(Box::pin(run(config, id, charges, action)))
+        let run = run(config, id, self.held_credits, charges, action, export);
+        Some(Box::pin(tracing::Instrument::instrument(
+            run,
+            self.span.clone(),
+        )))
     }
 
     /// Carries out the action of a body that ended, with the response's record when it is
@@ -624,7 +670,14 @@ enum Outcome {
     Settled(Result<Settlement, LedgerError>),
 }
 
-async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>, action: Action) {
+async fn run(
+    config: Arc<MeterConfig>,
+    id: ReservationId,
+    held: Credits,
+    charges: Arc<[Charge]>,
+    action: Action,
+    export: Export,
+) {
     let now = config.clock.now();
     // This path allocates its future anyway: the estimate is simply a usage list here.
     let usage = match action {
@@ -632,19 +685,33 @@ async fn run(config: Arc<MeterConfig>, id: ReservationId, charges: Arc<[Charge]>
         Action::Settle(usage) => Some(usage),
         Action::SettleEstimate => Some(estimate(&charges)),
     };
-    let outcome = match usage {
+    let outcome = match &usage {
         None => Outcome::Released(
-            bounded::<_, LedgerError>(config.timeout, config.ledger.release(&id, now)).await,
+            bounded::<_, LedgerError>(
+                "ledger.release",
+                config.timeout,
+                config.ledger.release(&id, now),
+            )
+            .await,
         ),
         Some(usage) => Outcome::Settled(
             bounded::<_, LedgerError>(
+                "ledger.settle",
                 config.timeout,
-                config.ledger.settle(&id, &usage, config.over_estimate, now),
+                config.ledger.settle(&id, usage, config.over_estimate, now),
             )
             .await,
         ),
     };
-    report(&config, &id.account, &charges, outcome);
+    report(
+        &config,
+        &id.account,
+        held,
+        &charges,
+        outcome,
+        usage.as_deref(),
+        export,
+    );
 }
 
 /// The same as [`run`] on a ledger that answers without I/O, for a record or a hold.
@@ -652,8 +719,10 @@ fn run_now(
     ledger: &dyn InProcessLedger,
     config: &MeterConfig,
     held: &Held,
+    held_credits: Credits,
     charges: &[Charge],
     action: Action,
+    export: Export,
 ) {
     let now = config.clock.now();
     let policy = config.over_estimate;
@@ -677,12 +746,40 @@ fn run_now(
             })
         }
     };
-    report(config, held.account(), charges, outcome);
+    // `None` for a settled estimate: the units reserved, read from the charges.
+    let usage = match &action {
+        Action::Settle(usage) => Some(&usage[..]),
+        _ => None,
+    };
+    report(
+        config,
+        held.account(),
+        held_credits,
+        charges,
+        outcome,
+        usage,
+        export,
+    );
 }
 
-/// Logs how a reservation ended and reports threshold crossings.
-fn report(config: &MeterConfig, payer: &AccountId, charges: &[Charge], outcome: Outcome) {
+/// Logs and counts how a reservation ended, and reports threshold crossings.
+fn report(
+    config: &MeterConfig,
+    payer: &AccountId,
+    held: Credits,
+    charges: &[Charge],
+    outcome: Outcome,
+    usage: Option<&[Usage]>,
+    export: Export,
+) {
     let account = payer.as_str();
+    match &outcome {
+        Outcome::Released(Ok(())) => crate::observe::held_released(held, Some(payer)),
+        Outcome::Settled(Ok(s)) => crate::observe::settled(held, Some(s), Some(payer)),
+        Outcome::Released(Err(_)) | Outcome::Settled(Err(_)) => {
+            crate::observe::settled(held, None, Some(payer))
+        }
+    }
     match outcome {
         Outcome::Released(Ok(())) => tracing::debug!(
             target: "tower_402::metering",
@@ -714,9 +811,12 @@ fn report(config: &MeterConfig, payer: &AccountId, charges: &[Charge], outcome: 
                     "request settled with a shortfall: usage exceeded what could be charged"
                 );
             }
+            crate::observe::record_settlement(s.charged.get(), usage);
             if let Some(t) = &config.thresholds {
                 t.after_settle(payer, charges, &s);
             }
+            #[cfg(feature = "usage")]
+            export_usage(config, payer, charges, usage, &s, export);
         }
         Outcome::Settled(Err(e)) => tracing::error!(
             target: "tower_402::metering",
@@ -725,6 +825,44 @@ fn report(config: &MeterConfig, payer: &AccountId, charges: &[Charge], outcome: 
             "settlement failed; the hold comes back when the reservation expires"
         ),
     }
+}
+
+/// Hands the settled request's usage event to the outbox (never waits).
+#[cfg(feature = "usage")]
+fn export_usage(
+    config: &MeterConfig,
+    payer: &AccountId,
+    charges: &[Charge],
+    usage: Option<&[Usage]>,
+    s: &Settlement,
+    export: Export,
+) {
+    let (Some(outbox), Some(context)) = (&config.outbox, export) else {
+        return;
+    };
+    let mut meters = std::collections::BTreeMap::new();
+    match usage {
+        Some(usage) => {
+            for u in usage {
+                let m = meters.entry(u.meter.as_str().to_owned()).or_insert(0u64);
+                *m = m.saturating_add(u.units);
+            }
+        }
+        None => {
+            for c in charges {
+                meters.insert(c.meter.as_str().to_owned(), c.units);
+            }
+        }
+    }
+    let event = (*context).event(
+        outbox.source(),
+        outbox.event_type(),
+        payer,
+        meters,
+        s.charged,
+        config.clock.now(),
+    );
+    outbox.push(event);
 }
 
 impl Drop for Guard {

@@ -94,6 +94,7 @@ pub(crate) fn soft_limit(config: &MeterConfig, ticket: &Ticket) -> Option<Warnin
                 limit = w.limit,
                 "allowance past the soft limit; served with a warning"
             );
+            crate::observe::threshold("soft_limit");
             return Some(Warning::SoftLimit {
                 meter: charge.meter.clone(),
                 used,

@@ -100,6 +100,9 @@ pub(crate) struct MeterConfig {
     pub(crate) failure: FailureMode,
     pub(crate) retry_after_secs: u64,
     pub(crate) timeout: Option<Duration>,
+    /// Where usage events go.
+    #[cfg(feature = "usage")]
+    pub(crate) outbox: Option<crate::usage::Outbox>,
 }
 
 /// Applies [`Metering`] to a service. See the [module docs](crate::metering).

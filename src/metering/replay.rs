@@ -211,7 +211,7 @@ impl Recorder {
         };
         let now = config.clock.now();
         let put = records.put(&id, &record, config.records, now);
-        match bounded::<_, LedgerError>(config.timeout, put).await {
+        match bounded::<_, LedgerError>("records.put", config.timeout, put).await {
             Ok(()) => tracing::debug!(
                 target: "tower_402::metering",
                 account = id.account.as_str(),

@@ -102,6 +102,7 @@ impl<S> Metering<S> {
                 return ResponseFuture::unmetered(inner.call(req.map(RequestBody::passthrough)))
             }
             Admission::FailedOpen => {
+                crate::observe::decision(crate::observe::Outcome::FailedOpen, None, None);
                 tracing::warn!(
                     target: "tower_402::metering",
                     "gate failed open; request served unmetered"
@@ -130,6 +131,8 @@ impl<S> Metering<S> {
             gate_charge,
             idem,
             now,
+            #[cfg(feature = "usage")]
+            model: None,
         };
         // With an in-process ledger and no body to read, preparing needs no I/O: it runs here,
         // with no future to allocate.
@@ -158,6 +161,9 @@ pub(crate) struct Start {
     gate_charge: Option<crate::charge::Charge>,
     idem: Option<crate::ledger::ReservationKey>,
     now: Timestamp,
+    /// The model an LLM request's body names, for its usage event.
+    #[cfg(feature = "usage")]
+    model: Option<String>,
 }
 
 /// What the ledger step came to.
@@ -249,6 +255,26 @@ where
     } else {
         (RequestBody::passthrough(body), None, None)
     };
+    #[cfg(feature = "usage")]
+    let start = {
+        let mut start = start;
+        start.model = config
+            .outbox
+            .as_ref()
+            .and(peeked.as_deref())
+            .and_then(model_of);
+        start
+    };
+    if crate::observe::tracing_request() {
+        #[cfg(feature = "usage")]
+        let model = start.model.clone();
+        #[cfg(not(feature = "usage"))]
+        let model = peeked.as_deref().and_then(model_of);
+        if let Some(model) = model.or_else(|| peeked.as_deref().and_then(model_of)) {
+            crate::observe::record_model(&model);
+        }
+    }
+    let account = &start.entitlement.account;
     let priced = match price(
         config,
         &start.parts,
@@ -270,6 +296,7 @@ where
             Some(ledger) => ledger.allowance_usage(account, &c.meter, w.start, start.now),
             None => {
                 bounded(
+                    "ledger.allowance_usage",
                     config.timeout,
                     config
                         .ledger
@@ -299,7 +326,14 @@ where
                 reserve_request(config, &start, key, &charges, &estimated, peeked.as_deref());
             let outcome = match in_process {
                 Some(ledger) => ledger.reserve(&request),
-                None => bounded(config.timeout, config.ledger.reserve(&request)).await,
+                None => {
+                    bounded(
+                        "ledger.reserve",
+                        config.timeout,
+                        config.ledger.reserve(&request),
+                    )
+                    .await
+                }
             };
             on_reserve(config, account, outcome, charges)
         }
@@ -344,7 +378,7 @@ where
         key: key.clone(),
     };
     let record = match config.ledger.records() {
-        Some(records) => bounded(config.timeout, records.get(&id, start.now)).await,
+        Some(records) => bounded("records.get", config.timeout, records.get(&id, start.now)).await,
         None => Ok(None),
     };
     let record = match record {
@@ -398,6 +432,7 @@ where
                 "idempotent retry of a settled request; replaying the recorded response, not \
                  charged again"
             );
+            crate::observe::decision(crate::observe::Outcome::Replayed, None, Some(account));
             Prepared::Replay(response)
         }
         _ => {
@@ -526,7 +561,7 @@ fn on_reserve(
 ) -> Result<Booked, Denial> {
     match outcome {
         Ok(ReserveOutcome::Reserved(r)) => Ok(Booked::Held(Ticket {
-            guard: Guard::new(config.clone(), Held::Reservation(r.id), charges),
+            guard: Guard::new(config.clone(), Held::Reservation(r.id), r.credits, charges),
             available_after: r.available_after,
             allowance_units: r.allowance_units,
             allowance_left: r.allowance_left,
@@ -549,13 +584,19 @@ fn on_hold(
 ) -> Result<Booked, Denial> {
     match outcome {
         Ok(Ok(hold)) => {
-            let (available_after, allowance_units, allowance_left) = (
+            let (credits, available_after, allowance_units, allowance_left) = (
+                hold.credits,
                 hold.available_after,
                 hold.allowance_units.clone(),
                 hold.allowance_left.clone(),
             );
             Ok(Booked::Held(Ticket {
-                guard: Guard::new(config.clone(), Held::Hold(account.clone(), hold), charges),
+                guard: Guard::new(
+                    config.clone(),
+                    Held::Hold(account.clone(), hold),
+                    credits,
+                    charges,
+                ),
                 available_after,
                 allowance_units,
                 allowance_left,
@@ -574,11 +615,21 @@ fn admitted<B>(
     body: RequestBody<B>,
     booked: Option<Booked>,
 ) -> Prepared<B> {
+    #[cfg(feature = "usage")]
+    let export = config
+        .outbox
+        .as_ref()
+        .map(|_| (start.idem.clone(), start.now, start.model.clone()));
     let Start {
         mut parts,
         mut entitlement,
         ..
     } = start;
+    let outcome = match booked {
+        Some(Booked::Unmetered) => crate::observe::Outcome::FailedOpen,
+        _ => crate::observe::Outcome::Allowed,
+    };
+    crate::observe::decision(outcome, None, Some(&entitlement.account));
     let ticket = match booked {
         // A replay never gets here (see `replay`).
         None | Some(Booked::Unmetered) | Some(Booked::Replayed) => None,
@@ -587,6 +638,15 @@ fn admitted<B>(
             if let Some(w) = crate::metering::headers::soft_limit(config, &ticket) {
                 entitlement.warnings.push(w);
             }
+            #[cfg(feature = "usage")]
+            let ticket = {
+                let mut ticket = ticket;
+                if let Some((idem, now, model)) = export {
+                    let context = usage_context(&parts, idem.as_deref(), &ticket, now, model);
+                    ticket.guard.export(context);
+                }
+                ticket
+            };
             Some(ticket)
         }
     };
@@ -596,5 +656,43 @@ fn admitted<B>(
         req: Request::from_parts(parts, body),
         ticket,
         warnings,
+    }
+}
+
+/// The `model` an LLM request's JSON body names (other members are skipped unread).
+fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
+}
+
+/// What the usage event of this request will say besides its settlement.
+#[cfg(feature = "usage")]
+fn usage_context(
+    parts: &http::request::Parts,
+    idem: Option<&str>,
+    ticket: &Ticket,
+    now: Timestamp,
+    model: Option<String>,
+) -> crate::usage::UsageContext {
+    let reservation = match ticket.guard.reservation_key() {
+        Some(key) => key.to_owned(),
+        None => crate::metering::idempotency::unique_key().to_string(),
+    };
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    crate::usage::UsageContext {
+        reservation,
+        route: format!("{} {}", parts.method, parts.uri.path()),
+        model,
+        request_id,
+        idempotency_key_sha256: idem
+            .map(|k| crate::usage::sha256_hex(&[k.strip_prefix("idem:").unwrap_or(k).as_bytes()])),
+        started_at: now,
     }
 }

@@ -88,6 +88,10 @@ impl Thresholds {
             crossing = ?crossing,
             "threshold crossed"
         );
+        crate::observe::threshold(match crossing {
+            Crossing::Balance { .. } => "balance",
+            _ => "allowance",
+        });
         (self.hook)(ThresholdEvent {
             account: account.clone(),
             crossing,

@@ -10,10 +10,12 @@ use crate::credits::Credits;
 use crate::denial::Denial;
 use crate::error::{LedgerError, StoreError};
 use crate::in_process::{InProcessLedger, InProcessPlanStore};
-use crate::ledger::ResponseRecords;
 use crate::ledger::{
     AccountBook, AllowanceUsage, Balance, Deposit, Hold, Ledger, OverEstimate, ReservationId,
     ReserveOutcome, ReserveRequest, Settlement, Usage, DEFAULT_RETENTION_SECS,
+};
+use crate::ledger::{
+    Adjusted, Adjustment, Journal, JournalEntry, JournalLimits, JournalQuery, ResponseRecords,
 };
 use crate::plan::{Meter, PlanStore, Subscription, SyncMark};
 use crate::store::records_memory::MemoryRecords;
@@ -30,6 +32,7 @@ const SHARDS: usize = 16;
 pub struct MemoryLedger {
     shards: Arc<[Mutex<FastMap<AccountId, AccountBook>>; SHARDS]>,
     retention_secs: u64,
+    journal: JournalLimits,
     records: MemoryRecords,
 }
 
@@ -53,6 +56,7 @@ impl MemoryLedger {
         MemoryLedger {
             shards: Arc::new(std::array::from_fn(|_| Mutex::new(FastMap::default()))),
             retention_secs: DEFAULT_RETENTION_SECS,
+            journal: JournalLimits::default(),
             records: MemoryRecords::default(),
         }
     }
@@ -60,6 +64,13 @@ impl MemoryLedger {
     /// How long idempotency records are kept (default 7 days).
     pub fn with_retention(mut self, secs: u64) -> Self {
         self.retention_secs = secs;
+        self
+    }
+
+    /// How much spend history each account keeps (default: 90 days, 1,000 entries). Set
+    /// before the first operation: books already made keep the bound they were made with.
+    pub fn with_journal(mut self, limits: JournalLimits) -> Self {
+        self.journal = limits;
         self
     }
 
@@ -81,9 +92,9 @@ impl MemoryLedger {
         if let Some(book) = shard.get_mut(account) {
             return f(book);
         }
-        let book = shard
-            .entry(account.clone())
-            .or_insert_with(|| AccountBook::with_retention(self.retention_secs));
+        let book = shard.entry(account.clone()).or_insert_with(|| {
+            AccountBook::with_retention(self.retention_secs).with_journal(self.journal)
+        });
         f(book)
     }
 
@@ -174,6 +185,10 @@ impl Ledger for MemoryLedger {
         Some(&self.records)
     }
 
+    fn journal(&self) -> Option<&dyn Journal> {
+        Some(self)
+    }
+
     // Each async method is its synchronous twin (InProcessLedger), already answered.
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
         InProcessLedger::reserve(self, req)
@@ -215,6 +230,27 @@ impl Ledger for MemoryLedger {
         now: Timestamp,
     ) -> Result<AllowanceUsage, LedgerError> {
         InProcessLedger::allowance_usage(self, account, meter, window_start, now)
+    }
+}
+
+#[async_trait]
+impl Journal for MemoryLedger {
+    async fn entries(
+        &self,
+        account: &AccountId,
+        query: &JournalQuery,
+        now: Timestamp,
+    ) -> Result<Vec<JournalEntry>, LedgerError> {
+        Ok(self.with(account, |b| b.journal(query, now)))
+    }
+
+    async fn adjust(
+        &self,
+        account: &AccountId,
+        adjustment: &Adjustment,
+        now: Timestamp,
+    ) -> Result<Adjusted, LedgerError> {
+        self.with(account, |b| b.adjust(adjustment, now))
     }
 }
 

@@ -793,6 +793,197 @@ pub async fn matches_the_book(l: &impl Ledger, seed: u64, huge: bool) {
     }
 }
 
+/// The spend history (issue 16): one entry per deposit, settlement, release, expiry,
+/// shortfall and adjustment, newest first, per account and time range; adjustments once per
+/// key, never below zero; entries past the retention time are gone.
+pub async fn journal(l: &impl Ledger) {
+    let j = l.journal().expect("this backend keeps a journal");
+    let a = acct("jrn");
+    let q = JournalQuery::default();
+    l.deposit(&a, Credits::new(100), "top-1", at(1))
+        .await
+        .unwrap();
+    reserved(
+        l.reserve(&request("jrn", "a", vec![paid("req", 30, 1)], at(2)))
+            .await
+            .unwrap(),
+    );
+    l.settle(
+        &id("jrn", "a"),
+        &[Usage::new("req", 20)],
+        OverEstimate::DrawBalance,
+        at(3),
+    )
+    .await
+    .unwrap();
+    reserved(
+        l.reserve(&request("jrn", "b", vec![paid("req", 10, 1)], at(4)))
+            .await
+            .unwrap(),
+    );
+    l.release(&id("jrn", "b"), at(5)).await.unwrap();
+    // Held at 6, expires at 66 (ttl 60), found expired by the next operation at 100.
+    reserved(
+        l.reserve(&request("jrn", "c", vec![paid("req", 5, 1)], at(6)))
+            .await
+            .unwrap(),
+    );
+    reserved(
+        l.reserve(&request("jrn", "d", vec![paid("req", 1, 1)], at(100)))
+            .await
+            .unwrap(),
+    );
+    // 200 used against a hold of 1 with 79 available: 80 charged, 120 short.
+    let s = l
+        .settle(
+            &id("jrn", "d"),
+            &[Usage::new("req", 200)],
+            OverEstimate::DrawBalance,
+            at(101),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.charged, s.shortfall.credits),
+        (Credits::new(80), Credits::new(120))
+    );
+    // An allowance-free request paid in full moved credit; one that moved none is not written.
+    let goodwill = Adjustment {
+        key: "ticket-7".into(),
+        direction: Direction::Credit,
+        credits: Credits::new(7),
+        reason: "outage on the 3rd".into(),
+    };
+    let done = j.adjust(&a, &goodwill, at(102)).await.unwrap();
+    assert_eq!(
+        (done.applied, done.available_after),
+        (true, Credits::new(7))
+    );
+    let again = j.adjust(&a, &goodwill, at(103)).await.unwrap();
+    assert_eq!(
+        (again.applied, again.available_after),
+        (false, Credits::new(7))
+    );
+    let flipped = Adjustment {
+        direction: Direction::Debit,
+        ..goodwill.clone()
+    };
+    assert!(matches!(
+        j.adjust(&a, &flipped, at(103)).await,
+        Err(LedgerError::KeyConflict)
+    ));
+    let too_much = Adjustment {
+        key: "chargeback-1".into(),
+        direction: Direction::Debit,
+        credits: Credits::new(8),
+        reason: "chargeback".into(),
+    };
+    assert!(matches!(
+        j.adjust(&a, &too_much, at(104)).await,
+        Err(LedgerError::AmountOutOfRange)
+    ));
+    let zero = Adjustment {
+        key: "zero".into(),
+        credits: Credits::ZERO,
+        ..goodwill.clone()
+    };
+    assert!(matches!(
+        j.adjust(&a, &zero, at(104)).await,
+        Err(LedgerError::AmountOutOfRange)
+    ));
+    let debit = Adjustment {
+        credits: Credits::new(2),
+        ..too_much.clone()
+    };
+    assert!(j.adjust(&a, &debit, at(105)).await.unwrap().applied);
+    let b = conserved(l, "jrn", at(106)).await;
+    assert_eq!(b.available, Credits::new(5));
+
+    let entries = j.entries(&a, &q, at(106)).await.unwrap();
+    let got: Vec<_> = entries
+        .iter()
+        .map(|e| (e.kind, e.credits.get(), e.available_after.get(), e.at))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (EntryKind::Adjustment, 2, 5, at(105)),
+            (EntryKind::Adjustment, 7, 7, at(102)),
+            (EntryKind::Shortfall, 120, 0, at(101)),
+            (EntryKind::Settle, 80, 0, at(101)),
+            (EntryKind::Expiry, 5, 80, at(66)),
+            (EntryKind::Release, 10, 80, at(5)),
+            (EntryKind::Settle, 20, 80, at(3)),
+            (EntryKind::Deposit, 100, 100, at(1)),
+        ],
+        "{entries:#?}"
+    );
+    assert!(
+        entries.windows(2).all(|w| w[0].seq > w[1].seq),
+        "newest first"
+    );
+    assert_eq!(entries[0].direction, Some(Direction::Debit));
+    assert_eq!(entries[0].reason.as_deref(), Some("chargeback"));
+    assert_eq!(entries[0].reference.as_deref(), Some("chargeback-1"));
+    assert_eq!(entries[1].direction, Some(Direction::Credit));
+    assert_eq!(entries[7].reference.as_deref(), Some("top-1"));
+    assert_eq!(entries[7].direction, None);
+
+    // A time range and a limit.
+    let range = JournalQuery {
+        since: Some(at(3)),
+        until: Some(at(101)),
+        limit: 100,
+    };
+    let kinds: Vec<_> = j
+        .entries(&a, &range, at(106))
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [EntryKind::Expiry, EntryKind::Release, EntryKind::Settle]
+    );
+    let two = JournalQuery { limit: 2, ..q };
+    assert_eq!(j.entries(&a, &two, at(106)).await.unwrap().len(), 2);
+    // Another account's journal is its own.
+    assert!(j
+        .entries(&acct("jrn-other"), &q, at(106))
+        .await
+        .unwrap()
+        .is_empty());
+    // Past the retention time (90 days by default) the entries are gone.
+    let later = at(101).plus_secs(DEFAULT_JOURNAL_RETENTION_SECS);
+    let kept: Vec<_> = j.entries(&a, &q, later).await.unwrap();
+    assert_eq!(
+        kept.len(),
+        2,
+        "the two adjustments, younger than 90 days: {kept:#?}"
+    );
+    assert!(kept.iter().all(|e| e.kind == EntryKind::Adjustment));
+    // An entry moving no credit is not written: a request paid from its allowance.
+    let free = Charge {
+        allowance: Some(window(later, 10)),
+        ..paid("free", 1, 1)
+    };
+    reserved(
+        l.reserve(&request("jrn", "e", vec![free], later))
+            .await
+            .unwrap(),
+    );
+    l.settle(
+        &id("jrn", "e"),
+        &[Usage::new("free", 1)],
+        OverEstimate::DrawBalance,
+        later,
+    )
+    .await
+    .unwrap();
+    assert_eq!(j.entries(&a, &q, later).await.unwrap().len(), 2);
+}
+
 pub async fn plan_store(p: &impl PlanStore) {
     let a = acct("sub");
     assert_eq!(p.subscription(&a).await.unwrap(), None);
@@ -1049,6 +1240,7 @@ macro_rules! conformance_tests {
         conformance_tests!(@one $ledger, unique_keys_are_forgotten, unique_keys_are_forgotten);
         conformance_tests!(@one $ledger, recorded_responses, recorded_responses);
         conformance_tests!(@one $ledger, recorded_responses_are_bounded, recorded_responses_are_bounded);
+        conformance_tests!(@one $ledger, journal, journal);
 
         #[tokio::test]
         async fn matches_the_book_on_random_sequences() {

@@ -5,7 +5,9 @@
 //!                                  layers-once | redis-once | postgres-once (the same stacks
 //!                                  as layers | redis | postgres, see below),
 //!                                  and for ablation (one layer or two alone, in memory):
-//!                                  problem-only | gate-only | no-problem | once-no-problem
+//!                                  problem-only | gate-only | no-problem | once-no-problem,
+//!                                  observed (layers with a Prometheus recorder installed
+//!                                  and a usage event per request through the outbox)
 //! loadtest redis-prepare <file>    seeds the Redis bench account, writes the ledger's reserve
 //!                                  script (its `.lua` files) to <file>, prints its KEYS[1] and
 //!                                  ARGV for redis-benchmark
@@ -64,6 +66,9 @@ enum Stack {
     GateOnly,
     /// Gate and metering, no problem layer (`once-no-problem` too).
     NoProblem,
+    /// `Full`, observed: a Prometheus recorder installed (every metric recorded), and a usage
+    /// event per request through the outbox to a channel a task drains.
+    Observed,
 }
 
 /// tower-402's layers on `ledger`, as `stack` says.
@@ -92,6 +97,25 @@ async fn layered(ledger: impl Ledger + Clone, stack: Stack) -> Router {
     .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
     match stack {
         Stack::Full => bare().layer(billing.layer()),
+        Stack::Observed => {
+            let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("one recorder");
+            tower_402::observe::describe();
+            let (sink, mut events) = tower_402::usage::ChannelSink::new(4096);
+            tokio::spawn(async move { while events.recv().await.is_some() {} });
+            let outbox = tower_402::usage::Outbox::start(sink, Default::default());
+            let billing = billing.usage_outbox(outbox);
+            bare()
+                .route(
+                    "/metrics",
+                    get(move || {
+                        let p = prometheus.clone();
+                        async move { p.render() }
+                    }),
+                )
+                .layer(billing.layer())
+        }
         Stack::ProblemOnly => bare().layer(billing.problems()),
         Stack::GateOnly => {
             let free = billing.default_requirement(Requirement::new());
@@ -316,6 +340,7 @@ async fn main() {
                 "bare" => bare(),
                 "layers" => layered(MemoryLedger::new(), Stack::Full).await,
                 "layers-once" => layered(MemoryLedger::new(), Stack::Full).await,
+                "observed" => layered(MemoryLedger::new(), Stack::Observed).await,
                 "problem-only" => layered(MemoryLedger::new(), Stack::ProblemOnly).await,
                 "gate-only" => layered(MemoryLedger::new(), Stack::GateOnly).await,
                 "no-problem" => layered(MemoryLedger::new(), Stack::NoProblem).await,
@@ -383,6 +408,9 @@ async fn main() {
                 "0".into(),
                 "0".into(),
                 "0".into(),
+                // The journal's bounds, which every script takes last.
+                tower_402::ledger::DEFAULT_JOURNAL_RETENTION_SECS.to_string(),
+                tower_402::ledger::DEFAULT_JOURNAL_MAX_ENTRIES.to_string(),
             ];
             println!("{key} {}", argv.join(" "));
         }

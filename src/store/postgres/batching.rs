@@ -7,6 +7,7 @@ pub(super) struct Need<'a> {
     pub(super) reservations: Vec<&'a str>,
     pub(super) allowances: Vec<(Meter, Timestamp)>,
     pub(super) deposits: Vec<&'a str>,
+    pub(super) adjustments: Vec<&'a str>,
 }
 
 impl<'a> Need<'a> {
@@ -21,7 +22,8 @@ impl<'a> Need<'a> {
                 .clone()
                 .flat_map(|n| n.allowances.iter().cloned())
                 .collect(),
-            deposits: needs.filter_map(|n| n.deposit.as_deref()).collect(),
+            deposits: needs.clone().filter_map(|n| n.deposit.as_deref()).collect(),
+            adjustments: needs.filter_map(|n| n.adjustment.as_deref()).collect(),
         }
     }
 
@@ -39,7 +41,7 @@ impl<'a> Need<'a> {
         account: &'p &'p str,
         now: &'p i64,
         windows: &'p (Vec<&'p str>, Vec<i64>),
-    ) -> [&'p (dyn ToSql + Sync); 6] {
+    ) -> [&'p (dyn ToSql + Sync); 7] {
         [
             account,
             now,
@@ -47,6 +49,7 @@ impl<'a> Need<'a> {
             &windows.0,
             &windows.1,
             &self.deposits,
+            &self.adjustments,
         ]
     }
 }
@@ -57,6 +60,7 @@ pub(super) struct OwnedNeed {
     pub(super) reservation: Option<ReservationKey>,
     pub(super) allowances: Vec<(Meter, Timestamp)>,
     pub(super) deposit: Option<String>,
+    pub(super) adjustment: Option<String>,
 }
 
 /// Operations on one account wait here for the account's next transaction, so that a busy

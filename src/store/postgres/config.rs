@@ -13,6 +13,7 @@ pub struct PostgresConfig {
     pub(super) connect_timeout: Duration,
     pub(super) op_timeout: Duration,
     pub(super) retention_secs: u64,
+    pub(super) journal: crate::ledger::JournalLimits,
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -61,6 +62,7 @@ impl PostgresConfig {
             connect_timeout: Duration::from_secs(5),
             op_timeout: Duration::from_secs(10),
             retention_secs: DEFAULT_RETENTION_SECS,
+            journal: crate::ledger::JournalLimits::default(),
         })
     }
 
@@ -80,6 +82,17 @@ impl PostgresConfig {
         }
         self.prefix = prefix.to_owned();
         Ok(self)
+    }
+
+    /// How much spend history each account keeps (default: 90 days, 1,000 entries): rows of
+    /// `{prefix}journal`, trimmed by count when written, and by age when read and by
+    /// [`sweep`](crate::store::PostgresLedger::sweep).
+    pub fn journal(mut self, limits: crate::ledger::JournalLimits) -> Self {
+        self.journal = crate::ledger::JournalLimits {
+            retention_secs: limits.retention_secs.min(i64::MAX as u64 / 2),
+            max_entries: limits.max_entries.min(i64::MAX as usize),
+        };
+        self
     }
 
     /// The most connections the pool opens.

@@ -81,6 +81,12 @@ impl PostgresLedger {
         let res = self.config.table("reservations");
         let dep = self.config.table("deposits");
         let allow = self.config.table("allowances");
+        let adj = self.config.table("adjustments");
+        let jrn = self.config.table("journal");
+        let journal_horizon = ts_to_sql(Timestamp::from_unix(
+            now.unix()
+                .saturating_sub(self.config.journal.retention_secs),
+        ));
         let now_sql = ts_to_sql(now);
         let horizon = ts_to_sql(Timestamp::from_unix(
             now.unix().saturating_sub(self.config.retention_secs),
@@ -122,6 +128,20 @@ impl PostgresLedger {
                      WHERE at <= $1 LIMIT $2)"
                 ),
                 horizon,
+            ),
+            (
+                format!(
+                    "DELETE FROM {adj} WHERE (account, key) IN (SELECT account, key FROM {adj} \
+                     WHERE at <= $1 LIMIT $2)"
+                ),
+                horizon,
+            ),
+            (
+                format!(
+                    "DELETE FROM {jrn} WHERE seq IN (SELECT seq FROM {jrn} \
+                     WHERE at <= $1 LIMIT $2)"
+                ),
+                journal_horizon,
             ),
             (
                 format!(
@@ -231,6 +251,10 @@ impl Ledger for PostgresLedger {
         Some(self)
     }
 
+    fn journal(&self) -> Option<&dyn Journal> {
+        Some(self)
+    }
+
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
         let need = OwnedNeed {
             reservation: Some(req.key.clone()),
@@ -240,6 +264,7 @@ impl Ledger for PostgresLedger {
                 .filter_map(|c| c.allowance.map(|w| (c.meter.clone(), w.start)))
                 .collect(),
             deposit: None,
+            adjustment: None,
         };
         let owned = req.clone();
         self.with_book(&req.account, req.now, need, move |b| b.reserve(&owned))
@@ -317,5 +342,58 @@ impl Ledger for PostgresLedger {
             Ok(b.allowance_usage(&meter, window_start, now))
         })
         .await
+    }
+}
+
+#[async_trait]
+impl Journal for PostgresLedger {
+    async fn entries(
+        &self,
+        account: &AccountId,
+        query: &JournalQuery,
+        now: Timestamp,
+    ) -> Result<Vec<JournalEntry>, LedgerError> {
+        let horizon = ts_to_sql(Timestamp::from_unix(
+            now.unix()
+                .saturating_sub(self.config.journal.retention_secs),
+        ));
+        let since = query.since.map_or(i64::MIN, ts_to_sql);
+        let until = query.until.map_or(i64::MAX, ts_to_sql);
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let acct = account.as_str();
+        let rows = timed(self.config.op_timeout, async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let read = client
+                .prepare_cached(&self.sql.journal_read)
+                .await
+                .map_err(pg_error)?;
+            client
+                .query(&read, &[&acct, &horizon, &since, &until, &limit])
+                .await
+                .map_err(pg_error)
+        })
+        .await?;
+        rows.iter()
+            .map(|row| journal_from_row(row).map_err(LedgerError::from))
+            .collect()
+    }
+
+    async fn adjust(
+        &self,
+        account: &AccountId,
+        adjustment: &Adjustment,
+        now: Timestamp,
+    ) -> Result<Adjusted, LedgerError> {
+        let amount = adjustment.credits;
+        if amount.is_zero() || amount > Credits::MAX_EXACT {
+            return Err(LedgerError::AmountOutOfRange);
+        }
+        let need = OwnedNeed {
+            adjustment: Some(adjustment.key.clone()),
+            ..OwnedNeed::default()
+        };
+        let adjustment = adjustment.clone();
+        self.with_book(account, now, need, move |b| b.adjust(&adjustment, now))
+            .await
     }
 }

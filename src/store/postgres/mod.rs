@@ -128,7 +128,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
-use futures_util::future::{try_join, try_join3};
+use futures_util::future::{try_join, try_join3, try_join4};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
@@ -136,7 +136,8 @@ use crate::account::AccountId;
 use crate::credits::Credits;
 use crate::error::{BoxError, LedgerError, StoreError};
 use crate::ledger::{
-    AccountBook, AllowanceUsage, Balance, Counter, Deposit, Ledger, OverEstimate, Parts, Record,
+    AccountBook, Adjusted, Adjustment, AllowanceUsage, Balance, Counter, Deposit, Direction,
+    EntryKind, Journal, JournalEntry, JournalQuery, Ledger, OverEstimate, Parts, Record,
     ReservationId, ReservationKey, ReserveOutcome, ReserveRequest, Settlement, State, Usage,
     DEFAULT_RETENTION_SECS,
 };

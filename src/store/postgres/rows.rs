@@ -71,6 +71,16 @@ pub(super) fn add_rows(parts: &mut Parts, rows: &[Row]) -> Result<(), StoreError
                 let at = Timestamp::from_unix(from_sql(row.get(4))?);
                 parts.deposits.insert(key, (amount, at));
             }
+            "x" => {
+                let direction = match row.get::<_, &str>(2) {
+                    "credit" => Direction::Credit,
+                    "debit" => Direction::Debit,
+                    _ => return Err(corrupt("unknown adjustment direction")),
+                };
+                let amount = Credits::new(from_sql(row.get(3))?);
+                let at = Timestamp::from_unix(from_sql(row.get(4))?);
+                parts.adjustments.insert(key, (direction, amount, at));
+            }
             _ => return Err(corrupt("unknown row kind in the ledger load")),
         }
     }
@@ -107,4 +117,33 @@ pub(super) fn ts_col(row: &Row, i: usize) -> Result<Option<Timestamp>, StoreErro
     row.get::<_, Option<i64>>(i)
         .map(|v| from_sql(v).map(Timestamp::from_unix))
         .transpose()
+}
+
+/// A row of [`LedgerSql::journal_read`].
+pub(super) fn journal_from_row(row: &Row) -> Result<JournalEntry, StoreError> {
+    let kind = match row.get::<_, &str>(2) {
+        "deposit" => EntryKind::Deposit,
+        "settle" => EntryKind::Settle,
+        "release" => EntryKind::Release,
+        "expiry" => EntryKind::Expiry,
+        "shortfall" => EntryKind::Shortfall,
+        "adjustment" => EntryKind::Adjustment,
+        _ => return Err(corrupt("unknown journal entry kind")),
+    };
+    let direction = match row.get::<_, Option<&str>>(4) {
+        None => None,
+        Some("credit") => Some(Direction::Credit),
+        Some("debit") => Some(Direction::Debit),
+        Some(_) => return Err(corrupt("unknown adjustment direction")),
+    };
+    Ok(JournalEntry {
+        seq: from_sql(row.get(0))?,
+        at: Timestamp::from_unix(from_sql(row.get(1))?),
+        kind,
+        credits: Credits::new(from_sql(row.get(3))?),
+        direction,
+        available_after: Credits::new(from_sql(row.get(5))?),
+        reference: row.get(6),
+        reason: row.get(7),
+    })
 }

@@ -10,6 +10,8 @@ impl PostgresConfig {
         let allow = self.table("allowances");
         let dep = self.table("deposits");
         let subs = self.table("subscriptions");
+        let adj = self.table("adjustments");
+        let jrn = self.table("journal");
         format!(
             r#"
 CREATE SCHEMA IF NOT EXISTS "{schema}";
@@ -64,6 +66,31 @@ CREATE TABLE IF NOT EXISTS {dep} (
     PRIMARY KEY (account, key)
 );
 CREATE INDEX IF NOT EXISTS "{p}deposits_at" ON {dep} (at);
+-- Adjustment keys, for idempotency, kept for the retention time like deposit keys.
+CREATE TABLE IF NOT EXISTS {adj} (
+    account   text   NOT NULL,
+    key       text   NOT NULL,
+    direction text   NOT NULL CHECK (direction IN ('credit', 'debit')),
+    amount    bigint NOT NULL CHECK (amount > 0),
+    at        bigint NOT NULL,
+    PRIMARY KEY (account, key)
+);
+CREATE INDEX IF NOT EXISTS "{p}adjustments_at" ON {adj} (at);
+-- The spend history: one row per ledger entry that moved credit.
+CREATE TABLE IF NOT EXISTS {jrn} (
+    seq             bigserial PRIMARY KEY,
+    account         text   NOT NULL,
+    at              bigint NOT NULL,
+    kind            text   NOT NULL CHECK (kind IN ('deposit', 'settle', 'release', 'expiry',
+                                                    'shortfall', 'adjustment')),
+    credits         bigint NOT NULL CHECK (credits > 0),
+    direction       text   CHECK (direction IN ('credit', 'debit')),
+    available_after bigint NOT NULL CHECK (available_after >= 0),
+    reference       text,
+    reason          text
+);
+CREATE INDEX IF NOT EXISTS "{p}journal_account" ON {jrn} (account, seq);
+CREATE INDEX IF NOT EXISTS "{p}journal_at" ON {jrn} (at);
 CREATE TABLE IF NOT EXISTS {subs} (
     account              text PRIMARY KEY,
     plan                 text NOT NULL,
@@ -126,6 +153,12 @@ pub(super) struct LedgerSql {
     pub(super) load: String,
     pub(super) peek: String,
     pub(super) write: String,
+    /// Appends the journal entries of a transaction's operations.
+    pub(super) journal_write: String,
+    /// Keeps the newest `max_entries` of an account's journal.
+    pub(super) journal_trim: String,
+    /// An account's entries, newest first, in a time range and the retention time.
+    pub(super) journal_read: String,
 }
 
 impl LedgerSql {
@@ -134,6 +167,8 @@ impl LedgerSql {
         let res = config.table("reservations");
         let allow = config.table("allowances");
         let dep = config.table("deposits");
+        let adj = config.table("adjustments");
+        let jrn = config.table("journal");
         // Everything the operations of a transaction read besides the balance, as one row
         // per record, tagged by its kind (see `add_rows`): the reservations under their keys
         // and the due open ones ('r'); the allowance counters of the windows the requests
@@ -163,7 +198,10 @@ impl LedgerSql {
               WHERE a.account = $1 \
              UNION ALL \
              SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL, NULL \
-               FROM {dep} WHERE account = $1 AND key = ANY($6::text[])"
+               FROM {dep} WHERE account = $1 AND key = ANY($6::text[]) \
+             UNION ALL \
+             SELECT 'x', key, direction, amount, at, NULL, NULL, NULL, NULL, NULL, NULL \
+               FROM {adj} WHERE account = $1 AND key = ANY($7::text[])"
         );
         // The same plus the balance row ('b'), for a read on one snapshot without the lock.
         let peek = format!(
@@ -227,7 +265,37 @@ impl LedgerSql {
                      SELECT $1::text, * FROM unnest($25::text[], $26::bigint[], $27::bigint[]) \
                      ON CONFLICT (account, key) DO UPDATE \
                          SET amount = EXCLUDED.amount, at = EXCLUDED.at \
+                 ), adjustments_gone AS ( \
+                     DELETE FROM {adj} WHERE account = $1 AND key = ANY($29::text[]) \
+                 ), adjustments AS ( \
+                     INSERT INTO {adj} (account, key, direction, amount, at) \
+                     SELECT $1::text, * FROM unnest($30::text[], $31::text[], $32::bigint[], \
+                         $33::bigint[]) \
+                     ON CONFLICT (account, key) DO UPDATE SET direction = EXCLUDED.direction, \
+                         amount = EXCLUDED.amount, at = EXCLUDED.at \
                  ) SELECT 1"
+            ),
+            journal_write: format!(
+                "INSERT INTO {jrn} (account, at, kind, credits, direction, available_after, \
+                     reference, reason) \
+                 SELECT $1::text, at, kind, credits, direction, available_after, reference, \
+                        reason \
+                   FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[], \
+                        $6::bigint[], $7::text[], $8::text[]) WITH ORDINALITY \
+                        AS e (at, kind, credits, direction, available_after, reference, \
+                              reason, n) \
+                  ORDER BY n"
+            ),
+            journal_trim: format!(
+                "DELETE FROM {jrn} WHERE account = $1 AND seq <= ( \
+                     SELECT seq FROM {jrn} WHERE account = $1 \
+                      ORDER BY seq DESC OFFSET $2 LIMIT 1)"
+            ),
+            journal_read: format!(
+                "SELECT seq, at, kind, credits, direction, available_after, reference, reason \
+                   FROM {jrn} \
+                  WHERE account = $1 AND at > $2 AND at >= $3 AND at < $4 \
+                  ORDER BY seq DESC LIMIT $5"
             ),
         }
     }

@@ -146,7 +146,7 @@ impl PostgresLedger {
         let out = op(&mut book);
         let after = book.into_parts();
         match Changes::between(&parts, &after) {
-            Ok(c) if c.is_empty() => Ok(Some(out)),
+            Ok(c) if c.is_empty() && after.journal.is_empty() => Ok(Some(out)),
             Ok(_) => Ok(None),
             Err(LedgerError::Store(e)) => Err(e),
             Err(e) => Ok(Some(Err(e))),
@@ -210,12 +210,39 @@ impl PostgresLedger {
         // reports the write's error. If the write never went out (an encoding error on
         // its first poll), `try_join` returns before polling COMMIT and `tx` closes the
         // connection: the transaction is rolled back either way.
-        try_join(
-            client.execute(&write, &changes.params(&acct)),
-            client.batch_execute("COMMIT"),
-        )
-        .await
-        .map_err(pg_error)?;
+        if after.journal.is_empty() {
+            try_join(
+                client.execute(&write, &changes.params(&acct)),
+                client.batch_execute("COMMIT"),
+            )
+            .await
+            .map_err(pg_error)?;
+        } else {
+            // The journal entries and their trim go in the same pipeline and transaction.
+            let journal_write = client
+                .prepare_cached(&sql.journal_write)
+                .await
+                .map_err(pg_error)?;
+            let journal_trim = client
+                .prepare_cached(&sql.journal_trim)
+                .await
+                .map_err(pg_error)?;
+            // Dropping `tx` on an error closes the connection: the transaction rolls back.
+            let entries = match JournalColumns::of(&after.journal) {
+                Ok(entries) => entries,
+                Err(LedgerError::Store(e)) => return Err(e),
+                Err(e) => return Ok(Err(e)),
+            };
+            let keep = i64::try_from(self.config.journal.max_entries).unwrap_or(i64::MAX);
+            try_join4(
+                client.execute(&write, &changes.params(&acct)),
+                client.execute(&journal_write, &entries.params(&acct)),
+                client.execute(&journal_trim, &[&acct, &keep]),
+                client.batch_execute("COMMIT"),
+            )
+            .await
+            .map_err(pg_error)?;
+        }
         tx.close();
         Ok(out)
     }
@@ -262,6 +289,8 @@ pub(super) struct Changes<'a> {
     pub(super) allowances: AllowanceColumns<'a>,
     pub(super) deposits_gone: Vec<&'a str>,
     pub(super) deposits: (Vec<&'a str>, Vec<i64>, Vec<i64>),
+    pub(super) adjustments_gone: Vec<&'a str>,
+    pub(super) adjustments: (Vec<&'a str>, Vec<&'static str>, Vec<i64>, Vec<i64>),
 }
 
 #[derive(Default)]
@@ -360,6 +389,21 @@ impl<'a> Changes<'a> {
             c.deposits.1.push(u64_to_sql(amount.get())?);
             c.deposits.2.push(ts_to_sql(*at));
         }
+        for key in before.adjustments.keys() {
+            if !after.adjustments.contains_key(key) {
+                c.adjustments_gone.push(key);
+            }
+        }
+        for (key, adj) in &after.adjustments {
+            if before.adjustments.get(key) == Some(adj) {
+                continue;
+            }
+            let (direction, amount, at) = adj;
+            c.adjustments.0.push(key);
+            c.adjustments.1.push(direction_name(*direction));
+            c.adjustments.2.push(u64_to_sql(amount.get())?);
+            c.adjustments.3.push(ts_to_sql(*at));
+        }
         Ok(c)
     }
 
@@ -371,10 +415,12 @@ impl<'a> Changes<'a> {
             && self.allowances.meter.is_empty()
             && self.deposits_gone.is_empty()
             && self.deposits.0.is_empty()
+            && self.adjustments_gone.is_empty()
+            && self.adjustments.0.is_empty()
     }
 
     /// The parameters of [`LedgerSql::write`], in order.
-    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 28] {
+    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 33] {
         let (b, r, a) = (&self.balance, &self.reservations, &self.allowances);
         [
             account,
@@ -405,6 +451,71 @@ impl<'a> Changes<'a> {
             &self.deposits.1,
             &self.deposits.2,
             &r.retain,
+            &self.adjustments_gone,
+            &self.adjustments.0,
+            &self.adjustments.1,
+            &self.adjustments.2,
+            &self.adjustments.3,
         ]
+    }
+}
+
+/// Journal entries as the columns of [`LedgerSql::journal_write`].
+#[derive(Default)]
+pub(super) struct JournalColumns<'a> {
+    at: Vec<i64>,
+    kind: Vec<&'static str>,
+    credits: Vec<i64>,
+    direction: Vec<Option<&'static str>>,
+    available_after: Vec<i64>,
+    reference: Vec<Option<&'a str>>,
+    reason: Vec<Option<&'a str>>,
+}
+
+impl<'a> JournalColumns<'a> {
+    pub(super) fn of(entries: &'a [JournalEntry]) -> Result<Self, LedgerError> {
+        let mut c = JournalColumns::default();
+        for e in entries {
+            c.at.push(ts_to_sql(e.at));
+            c.kind.push(kind_name(e.kind));
+            c.credits.push(u64_to_sql(e.credits.get())?);
+            c.direction.push(e.direction.map(direction_name));
+            c.available_after.push(u64_to_sql(e.available_after.get())?);
+            c.reference.push(e.reference.as_deref());
+            c.reason.push(e.reason.as_deref());
+        }
+        Ok(c)
+    }
+
+    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 8] {
+        [
+            account,
+            &self.at,
+            &self.kind,
+            &self.credits,
+            &self.direction,
+            &self.available_after,
+            &self.reference,
+            &self.reason,
+        ]
+    }
+}
+
+pub(super) fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Credit => "credit",
+        Direction::Debit => "debit",
+    }
+}
+
+pub(super) fn kind_name(k: EntryKind) -> &'static str {
+    match k {
+        EntryKind::Deposit => "deposit",
+        EntryKind::Settle => "settle",
+        EntryKind::Release => "release",
+        EntryKind::Expiry => "expiry",
+        EntryKind::Shortfall => "shortfall",
+        EntryKind::Adjustment => "adjustment",
+        // `EntryKind` is non-exhaustive only for other crates.
     }
 }

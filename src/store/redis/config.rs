@@ -9,6 +9,7 @@ pub struct RedisConfig {
     pub(super) client: redis::Client,
     pub(super) prefix: String,
     pub(super) retention_secs: u64,
+    pub(super) journal: crate::ledger::JournalLimits,
     pub(super) connect_timeout: Duration,
     pub(super) response_timeout: Duration,
     pub(super) reconnect_attempts: usize,
@@ -35,6 +36,7 @@ impl RedisConfig {
             client,
             prefix: "tower402:".to_owned(),
             retention_secs: DEFAULT_RETENTION_SECS,
+            journal: crate::ledger::JournalLimits::default(),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
             reconnect_attempts: 2,
@@ -61,6 +63,16 @@ impl RedisConfig {
     /// How long one connection attempt may take.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How much spend history each account keeps (default: 90 days, 1,000 entries): one
+    /// list per account, trimmed by every write and read against the ledger's `now`.
+    pub fn journal(mut self, limits: crate::ledger::JournalLimits) -> Self {
+        self.journal = crate::ledger::JournalLimits {
+            retention_secs: limits.retention_secs.min(MAX_EXACT),
+            max_entries: limits.max_entries.min(1 << 32),
+        };
         self
     }
 

@@ -18,4 +18,5 @@ bal.available = bal.available + amount
 dirty = true
 redis.call('HSET', dk, 'amount', s(amount), 'at', s(NOW))
 redis.call('EXPIRE', dk, s(GC))
+journal(NOW, 'deposit', amount, nil, key)
 return done(bal_reply('applied'))

@@ -8,6 +8,7 @@ pub struct RedisLedger {
     pub(super) conn: Conn,
     pub(super) prefix: String,
     pub(super) retention_secs: u64,
+    pub(super) journal: crate::ledger::JournalLimits,
     pub(super) scripts: Arc<Scripts>,
     pub(super) records: records::RedisRecords,
 }
@@ -31,6 +32,7 @@ impl RedisLedger {
             conn,
             prefix: config.prefix.clone(),
             retention_secs: config.retention_secs,
+            journal: config.journal,
             scripts: Arc::new(Scripts::new()),
         }
     }
@@ -54,6 +56,10 @@ impl RedisLedger {
         for a in args {
             inv.arg(a);
         }
+        // Last, so each script's own arguments keep their places: the prelude reads these
+        // two from the end.
+        inv.arg(self.journal.retention_secs)
+            .arg(self.journal.max_entries);
         let v: Value = inv.invoke_async(&mut conn).await.map_err(redis_error)?;
         Reply::new(v)
     }
@@ -87,6 +93,10 @@ impl RedisLedger {
 impl Ledger for RedisLedger {
     fn records(&self) -> Option<&dyn crate::ledger::ResponseRecords> {
         Some(&self.records)
+    }
+
+    fn journal(&self) -> Option<&dyn Journal> {
+        Some(self)
     }
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
@@ -247,4 +257,116 @@ impl Ledger for RedisLedger {
             (tag, _) => Err(unexpected(&tag)),
         }
     }
+}
+
+#[async_trait]
+impl Journal for RedisLedger {
+    /// Reads the account's list (at most `max_entries` long) and keeps what the query and
+    /// the retention time select.
+    async fn entries(
+        &self,
+        account: &AccountId,
+        query: &JournalQuery,
+        now: Timestamp,
+    ) -> Result<Vec<JournalEntry>, LedgerError> {
+        let mut conn = self.conn.get().await?;
+        let lines: Vec<String> = redis::cmd("LRANGE")
+            .arg(format!("{}:j", self.base(account)))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let retention = self.journal.retention_secs;
+        let mut out = Vec::new();
+        for line in lines.iter().rev() {
+            let e = journal_entry(line)?;
+            if e.at.plus_secs(retention) > now && query.covers(e.at) {
+                out.push(e);
+                if out.len() >= query.limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn adjust(
+        &self,
+        account: &AccountId,
+        adjustment: &Adjustment,
+        now: Timestamp,
+    ) -> Result<Adjusted, LedgerError> {
+        let amount = adjustment.credits;
+        if amount.is_zero() || amount > Credits::MAX_EXACT {
+            return Err(LedgerError::AmountOutOfRange);
+        }
+        let direction = match adjustment.direction {
+            Direction::Credit => "credit",
+            Direction::Debit => "debit",
+        };
+        let args = [
+            adjustment.key.clone(),
+            direction.to_owned(),
+            amount.get().to_string(),
+            adjustment.reason.clone(),
+        ];
+        let (tag, mut r) = self.run(&self.scripts.adjust, account, now, &args).await?;
+        match tag.as_str() {
+            "applied" | "unchanged" => Ok(Adjusted {
+                applied: tag == "applied",
+                available_after: r.credits()?,
+            }),
+            "conflict" => Err(LedgerError::KeyConflict),
+            "range" => Err(LedgerError::AmountOutOfRange),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// One journal line as the scripts write it: `seq|at|kind|credits|direction|available|`
+/// then a JSON object of the strings (`r` the reference, `w` the reason).
+fn journal_entry(line: &str) -> Result<JournalEntry, LedgerError> {
+    let bad = || corrupt("unreadable journal entry");
+    let mut f = line.splitn(7, '|');
+    let mut num =
+        || -> Result<u64, LedgerError> { f.next().and_then(|v| v.parse().ok()).ok_or_else(bad) };
+    let (seq, at) = (num()?, num()?);
+    let kind = match f.next() {
+        Some("deposit") => EntryKind::Deposit,
+        Some("settle") => EntryKind::Settle,
+        Some("release") => EntryKind::Release,
+        Some("expiry") => EntryKind::Expiry,
+        Some("shortfall") => EntryKind::Shortfall,
+        Some("adjustment") => EntryKind::Adjustment,
+        _ => return Err(bad()),
+    };
+    let credits = f.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let direction = match f.next() {
+        Some("credit") => Some(Direction::Credit),
+        Some("debit") => Some(Direction::Debit),
+        Some("") => None,
+        _ => return Err(bad()),
+    };
+    let available = f.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    #[derive(serde::Deserialize)]
+    struct Strings {
+        r: Option<String>,
+        w: Option<String>,
+    }
+    // cjson encodes an empty table as `{}`, and a missing string as an absent member.
+    let strings: Strings = f
+        .next()
+        .and_then(|v| serde_json::from_str(v).ok())
+        .ok_or_else(bad)?;
+    Ok(JournalEntry {
+        seq,
+        at: Timestamp::from_unix(at),
+        kind,
+        credits: Credits::new(credits),
+        direction,
+        available_after: Credits::new(available),
+        reference: strings.r,
+        reason: strings.w,
+    })
 }

@@ -22,6 +22,11 @@
 //!   ([`ReserveRequest::idempotent`] false) is deleted when it is settled or released, as in
 //!   the book, so a busy API does not keep a record per request for a day. Balances never
 //!   expire.
+//! - **Spend history.** Each script that moves credit appends its
+//!   [`JournalEntry`] to the account's list `:j` in the same atomic step (numbers written
+//!   with `%d`, strings JSON-encoded), trimmed to the configured
+//!   [`JournalLimits`](crate::ledger::JournalLimits) by count and, against the ledger's
+//!   `now`, by age.
 //! - **Amounts.** Redis Lua computes with doubles, exact for integers up to 2^53 − 1. So every
 //!   amount is kept at or below [`Credits::MAX_EXACT`]: deposits beyond it and totals that
 //!   would pass it are refused with [`LedgerError::AmountOutOfRange`] (as on every backend),
@@ -98,7 +103,8 @@ use crate::credits::Credits;
 use crate::denial::Denial;
 use crate::error::{BoxError, LedgerError, StoreError};
 use crate::ledger::{
-    AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, Replay, Reservation, ReservationId,
+    Adjusted, Adjustment, AllowanceUsage, Balance, Deposit, Direction, EntryKind, Journal,
+    JournalEntry, JournalQuery, Ledger, OverEstimate, Replay, Reservation, ReservationId,
     ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage, DEFAULT_RETENTION_SECS,
 };
 use crate::plan::{Meter, PlanStore, Subscription, SyncMark};

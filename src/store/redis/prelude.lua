@@ -5,6 +5,9 @@ local NOW = tonumber(ARGV[1])
 local RETENTION = tonumber(ARGV[2])
 local GC = tonumber(ARGV[3])
 local MAX = 9007199254740991
+-- The journal's bounds come last in ARGV (after each script's own arguments).
+local JRET = tonumber(ARGV[#ARGV - 1])
+local JMAX = tonumber(ARGV[#ARGV])
 local function s(n) return string.format('%d', n) end
 local function hgetall(key)
   local flat = redis.call('HGETALL', key)
@@ -28,6 +31,25 @@ local function done(reply)
       'settled', s(bal.settled), 'deposited', s(bal.deposited))
   end
   return reply
+end
+-- Mirrors journal::Entries::push and expire: one line per entry that moved credit.
+local function journal(at, kind, credits, dir, ref, reason)
+  if JMAX == 0 or credits == 0 then return end
+  local jk = B .. ':j'
+  local seq = redis.call('INCR', B .. ':jseq')
+  local strings = cjson.encode({r = ref, w = reason})
+  redis.call('RPUSH', jk, s(seq) .. '|' .. s(at) .. '|' .. kind .. '|' .. s(credits) .. '|' ..
+    (dir or '') .. '|' .. s(bal.available) .. '|' .. strings)
+  redis.call('LTRIM', jk, -JMAX, -1)
+  while true do
+    local first = redis.call('LINDEX', jk, 0)
+    if not first then break end
+    local t = tonumber(string.match(first, '^%d+|(%d+)|'))
+    if t + JRET > NOW then break end
+    redis.call('LPOP', jk)
+  end
+  redis.call('EXPIRE', jk, s(math.max(JRET, GC)))
+  redis.call('EXPIRE', B .. ':jseq', s(math.max(JRET, GC)))
 end
 local function ckey(meter, start) return B .. ':a:' .. string.len(meter) .. ':' .. meter .. ':' .. start end
 local function get_counter(meter, start)
@@ -65,19 +87,20 @@ end
 local function expire_due()
   local due = redis.call('ZRANGEBYSCORE', B .. ':open', '-inf', s(NOW))
   if #due == 0 then return end
-  local released = 0
+  -- In expiry order, as the book releases them (each one journaled as it comes back).
   for _, k in ipairs(due) do
     local rk = B .. ':r:' .. k
     local rec = hgetall(rk)
     if rec and rec.st == 'o' then
-      released = released + tonumber(rec.cr)
+      local cr = tonumber(rec.cr)
       release_units(rec)
       redis.call('HSET', rk, 'st', 'e', 'tt', rec.ex)
       redis.call('EXPIRE', rk, s(GC))
+      bal.held = math.max(bal.held - cr, 0)
+      bal.available = bal.available + cr
+      journal(tonumber(rec.ex), 'expiry', cr)
     end
   end
-  bal.held = math.max(bal.held - released, 0)
-  bal.available = bal.available + released
   dirty = true
   redis.call('ZREMRANGEBYSCORE', B .. ':open', '-inf', s(NOW))
 end

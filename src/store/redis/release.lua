@@ -18,4 +18,5 @@ local cr = tonumber(rec.cr)
 bal.held = math.max(bal.held - cr, 0)
 bal.available = bal.available + cr
 dirty = true
+journal(NOW, 'release', cr)
 return done({'ok'})

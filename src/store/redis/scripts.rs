@@ -28,6 +28,8 @@ pub(super) const ALLOWANCE: &str = include_str!("allowance.lua");
 
 pub(super) const OPEN: &str = include_str!("open.lua");
 
+pub(super) const ADJUST: &str = include_str!("adjust.lua");
+
 /// ARGV 4 onwards of the reserve script for `req` (see `RESERVE`).
 pub(super) fn reserve_args(req: &ReserveRequest) -> Result<Vec<String>, LedgerError> {
     let ttl = exact(req.ttl_secs)?;
@@ -73,6 +75,7 @@ pub(super) struct Scripts {
     pub(super) balance: Script,
     pub(super) allowance: Script,
     pub(super) open: Script,
+    pub(super) adjust: Script,
 }
 
 impl Scripts {
@@ -86,6 +89,7 @@ impl Scripts {
             balance: s(BALANCE),
             allowance: s(ALLOWANCE),
             open: s(OPEN),
+            adjust: s(ADJUST),
         }
     }
 }

@@ -61,6 +61,8 @@ bal.available = math.max(bal.available + (held_credits - from_hold) - from_avail
 local charged = from_hold + from_available
 bal.settled = bal.settled + charged
 dirty = true
+journal(NOW, 'settle', charged)
+journal(NOW, 'shortfall', beyond - from_available)
 for _, v in ipairs({'sc', s(charged), 'saa', s(bal.available), 'sun', s(bal.available + bal.held), 'ssc', s(beyond - from_available), 'sk', s(#short)}) do
   f[#f + 1] = v
 end
