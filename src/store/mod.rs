@@ -6,11 +6,13 @@
 //! | `RedisLedger`, `RedisPlanStore` | `redis` | several instances; one atomic Lua script per ledger operation; see the `redis` module |
 //! | `PostgresLedger`, `PostgresPlanStore` | `postgres` | several instances; durable; row lock + the shared state machine in one transaction; an idempotent `migrate()`; see the `postgres` module |
 //! | [`CachingPlanStore`] | always | a read-through cache with a TTL in front of any plan store |
+//! | [`LeasedLedger`] | always | leased credit in front of any shared ledger: requests paid in memory, zero overspend; see the [`lease`] module |
 //!
 //! Every backend keeps the semantics documented on [`Ledger`](crate::Ledger) exactly; one
 //! conformance suite (`tests/conformance/`) runs the same assertions against each.
 
 mod cache;
+pub mod lease;
 mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -19,6 +21,7 @@ mod records_memory;
 pub mod redis;
 
 pub use cache::CachingPlanStore;
+pub use lease::{LeaseConfig, LeasedLedger, Parked};
 pub use memory::{MemoryLedger, MemoryPlanStore};
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresConfig, PostgresLedger, PostgresPlanStore, TransactionCounts};
