@@ -252,9 +252,7 @@ impl Local {
             // Charge what was spent, or more if requests in flight hold some of it
             // (prepaid, refunded if not spent).
             let charge = amount.min(self.spent.max(amount.saturating_sub(self.available)));
-            self.available = self
-                .available
-                .saturating_sub(amount.saturating_sub(charge));
+            self.available = self.available.saturating_sub(amount.saturating_sub(charge));
             let from_spent = charge.min(self.spent);
             self.spent = self.spent.saturating_sub(from_spent);
             self.prepaid = self
@@ -547,9 +545,10 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
             };
             if !recalled {
                 recalled = true;
-                let had = shared.lock().get(&request.account).is_some_and(|l| {
-                    !l.leases.is_empty() || !l.prepaid.is_zero()
-                });
+                let had = shared
+                    .lock()
+                    .get(&request.account)
+                    .is_some_and(|l| !l.leases.is_empty() || !l.prepaid.is_zero());
                 if had {
                     tracing::debug!(
                         target: "tower_402::lease",
@@ -755,8 +754,8 @@ impl<L: Ledger, C: Clock> Shared<L, C> {
             );
             return;
         }
-        let share = u128::from(balance.available.get()) * u128::from(self.config.share_percent)
-            / 100;
+        let share =
+            u128::from(balance.available.get()) * u128::from(self.config.share_percent) / 100;
         let size = size.min(Credits::new(u64::try_from(share).unwrap_or(u64::MAX)));
         if size.is_zero() {
             return;
@@ -775,7 +774,10 @@ impl<L: Ledger, C: Clock> Shared<L, C> {
                 let local = accounts
                     .entry(account.clone())
                     .or_insert_with(|| Local::new(now));
-                local.available = local.available.checked_add(r.credits).unwrap_or(local.available);
+                local.available = local
+                    .available
+                    .checked_add(r.credits)
+                    .unwrap_or(local.available);
                 local.size = r.credits;
                 local.shared_available = r.available_after;
                 local.leases.push_back(Lease {
@@ -886,7 +888,15 @@ impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
                 if schedule {
                     local.scheduled = true;
                 }
-                Some((hold.charges, charged, rest, local.shared_available, local.available, local.held, schedule))
+                Some((
+                    hold.charges,
+                    charged,
+                    rest,
+                    local.shared_available,
+                    local.available,
+                    local.held,
+                    schedule,
+                ))
             })
         };
         let Some((charges, mut charged, rest, shared_available, available, held, schedule)) = local

@@ -42,7 +42,11 @@ impl Fixture {
 
     /// Leases of exactly 10 credits (where the test is not about sizing).
     fn fixed(&self, config: LeaseConfig) -> LeasedLedger<MemoryLedger, ManualClock> {
-        self.leased(config.min_lease(Credits::new(10)).max_lease(Credits::new(10)))
+        self.leased(
+            config
+                .min_lease(Credits::new(10))
+                .max_lease(Credits::new(10)),
+        )
     }
 
     fn leased(&self, config: LeaseConfig) -> LeasedLedger<MemoryLedger, ManualClock> {
@@ -86,9 +90,14 @@ impl Fixture {
         match l.reserve(&req).await.unwrap() {
             ReserveOutcome::Reserved(_) => {
                 let usage = [Usage::new("requests", units)];
-                l.settle(&req.id(), &usage, OverEstimate::DrawBalance, self.clock.now())
-                    .await
-                    .unwrap();
+                l.settle(
+                    &req.id(),
+                    &usage,
+                    OverEstimate::DrawBalance,
+                    self.clock.now(),
+                )
+                .await
+                .unwrap();
                 true
             }
             ReserveOutcome::Denied(Denial::InsufficientCredits { .. }) => false,
@@ -105,14 +114,25 @@ async fn a_miss_goes_direct_then_requests_are_paid_from_the_lease() {
     assert_eq!(f.balance().await.settled.get(), 1);
     l.tick().await;
     let p = l.parked(&"a".into());
-    assert_eq!((p.leased.get(), p.leases), (10, 1), "min_lease, within 10 % of 999");
-    assert_eq!(f.balance().await.held.get(), 10, "the lease is a hold in the shared ledger");
+    assert_eq!(
+        (p.leased.get(), p.leases),
+        (10, 1),
+        "min_lease, within 10 % of 999"
+    );
+    assert_eq!(
+        f.balance().await.held.get(),
+        10,
+        "the lease is a hold in the shared ledger"
+    );
     for _ in 0..10 {
         assert!(f.serve(&l, 1).await);
     }
     // Ten requests and not one shared operation: the shared book has not moved.
     let b = f.balance().await;
-    assert_eq!((b.available.get(), b.held.get(), b.settled.get()), (989, 10, 1));
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (989, 10, 1)
+    );
     assert_eq!(l.parked(&"a".into()).unsettled.get(), 10);
     // The lease is used up: the next request goes direct, and the tick settles it in one batch.
     assert!(f.serve(&l, 1).await);
@@ -122,16 +142,27 @@ async fn a_miss_goes_direct_then_requests_are_paid_from_the_lease() {
     assert_eq!(l.parked(&"a".into()).unsettled.get(), 0);
     l.shutdown().await;
     let b = f.balance().await;
-    assert_eq!((b.available.get(), b.held.get(), b.settled.get()), (988, 0, 12));
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (988, 0, 12)
+    );
 }
 
 #[tokio::test]
 async fn a_lease_never_exceeds_its_share_and_adapts_to_the_rate() {
     let mut f = Fixture::new(100_000).await;
-    let l = f.leased(LeaseConfig::new().share_percent(5).max_lease(Credits::new(1_000)));
+    let l = f.leased(
+        LeaseConfig::new()
+            .share_percent(5)
+            .max_lease(Credits::new(1_000)),
+    );
     f.serve(&l, 1).await;
     l.tick().await;
-    assert_eq!(l.parked(&"a".into()).leased.get(), 15, "1 credit/s for half the TTL");
+    assert_eq!(
+        l.parked(&"a".into()).leased.get(),
+        15,
+        "1 credit/s for half the TTL"
+    );
     // 200 credits a second for one second: the next lease covers half a TTL (15 s) of that,
     // capped at max_lease.
     for _ in 0..200 {
@@ -141,7 +172,11 @@ async fn a_lease_never_exceeds_its_share_and_adapts_to_the_rate() {
     l.tick().await;
     let p = l.parked(&"a".into());
     assert_eq!(p.leases, 1);
-    assert_eq!(p.leased.get(), 1_000, "rate × 15 s = 3,000, capped at max_lease");
+    assert_eq!(
+        p.leased.get(),
+        1_000,
+        "rate × 15 s = 3,000, capped at max_lease"
+    );
     // The share caps it when the balance is smaller.
     let mut g = Fixture::new(2_000).await;
     let l = g.leased(LeaseConfig::new().share_percent(5));
@@ -170,7 +205,10 @@ async fn below_the_threshold_every_request_is_direct_and_exact() {
     }
     assert_eq!(served, 50);
     let b = f.balance().await;
-    assert_eq!((b.available.get(), b.held.get(), b.settled.get()), (0, 0, 50));
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (0, 0, 50)
+    );
 }
 
 #[tokio::test]
@@ -194,14 +232,20 @@ async fn two_instances_never_serve_more_than_the_balance() {
         }
         let bal = f.balance().await;
         let parked = a.parked(&"a".into()).unsettled.get() + b.parked(&"a".into()).unsettled.get();
-        assert!(bal.settled.get() + parked <= 500, "overspent: {bal:?} + {parked}");
+        assert!(
+            bal.settled.get() + parked <= 500,
+            "overspent: {bal:?} + {parked}"
+        );
     }
     a.shutdown().await;
     b.shutdown().await;
     let bal = f.balance().await;
     assert_eq!(bal.settled.get(), served, "every credit served is charged");
     assert_eq!(bal.held.get(), 0);
-    assert!(bal.available.get() < 3, "only what no request could use is left: {bal:?}");
+    assert!(
+        bal.available.get() < 3,
+        "only what no request could use is left: {bal:?}"
+    );
 }
 
 #[tokio::test]
@@ -220,7 +264,10 @@ async fn a_dead_instances_lease_expires_back() {
     f.clock.advance(1);
     let b = f.balance().await;
     // All of it back: the 4 requests it served but had not settled are not charged.
-    assert_eq!((b.available.get(), b.held.get(), b.settled.get()), (999, 0, 1));
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (999, 0, 1)
+    );
 }
 
 #[tokio::test]
@@ -231,7 +278,10 @@ async fn a_lease_is_renewed_after_half_its_ttl() {
     l.tick().await;
     // A long request holds 8 of the 10 leased credits.
     let long = f.request(8);
-    assert!(matches!(l.reserve(&long).await.unwrap(), ReserveOutcome::Reserved(_)));
+    assert!(matches!(
+        l.reserve(&long).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
     assert!(f.serve(&l, 1).await);
     f.clock.advance(4); // renew_after: a new lease; the old one waits, its credit is held
     l.tick().await;
@@ -241,11 +291,20 @@ async fn a_lease_is_renewed_after_half_its_ttl() {
     l.tick().await;
     let p = l.parked(&"a".into());
     // Settled with the 1 spent; 2 free were left, so a new lease came too.
-    assert_eq!((p.leases, p.in_flight.get(), p.unsettled.get()), (2, 8, 0), "{p:?}");
+    assert_eq!(
+        (p.leases, p.in_flight.get(), p.unsettled.get()),
+        (2, 8, 0),
+        "{p:?}"
+    );
     assert_eq!(f.balance().await.settled.get(), 2);
-    l.settle(&long.id(), &[Usage::new("requests", 8)], OverEstimate::DrawBalance, f.clock.now())
-        .await
-        .unwrap();
+    l.settle(
+        &long.id(),
+        &[Usage::new("requests", 8)],
+        OverEstimate::DrawBalance,
+        f.clock.now(),
+    )
+    .await
+    .unwrap();
     l.shutdown().await;
     let b = f.balance().await;
     assert_eq!((b.held.get(), b.settled.get()), (0, 10));
@@ -258,13 +317,19 @@ async fn a_lease_is_settled_before_it_expires_whatever_is_in_flight() {
     f.serve(&l, 1).await;
     l.tick().await;
     let long = f.request(8);
-    assert!(matches!(l.reserve(&long).await.unwrap(), ReserveOutcome::Reserved(_)));
+    assert!(matches!(
+        l.reserve(&long).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
     assert!(f.serve(&l, 1).await);
     // Someone else holds most of the balance: no new lease can be had.
     let mut big = f.request(900);
     big.idempotent = true;
     big.key = "idem:big".into();
-    assert!(matches!(f.shared.reserve(&big).await.unwrap(), ReserveOutcome::Reserved(_)));
+    assert!(matches!(
+        f.shared.reserve(&big).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
     f.clock.advance(6); // settle_by (8 - 2): settled with the 8 in flight charged ahead
     l.tick().await;
     let p = l.parked(&"a".into());
@@ -274,15 +339,24 @@ async fn a_lease_is_settled_before_it_expires_whatever_is_in_flight() {
     f.clock.advance(2); // past the lease's TTL: nothing was left to lapse
     assert_eq!(f.balance().await.settled.get(), 10);
     // The long request uses 3: the other 5 are refunded when the lease is given back.
-    l.settle(&long.id(), &[Usage::new("requests", 3)], OverEstimate::DrawBalance, f.clock.now())
-        .await
-        .unwrap();
+    l.settle(
+        &long.id(),
+        &[Usage::new("requests", 3)],
+        OverEstimate::DrawBalance,
+        f.clock.now(),
+    )
+    .await
+    .unwrap();
     l.shutdown().await;
     f.shared.release(&big.id(), f.clock.now()).await.unwrap();
     let b = f.balance().await;
     assert_eq!(b.held.get(), 0);
     assert_eq!(b.deposited.get(), 1_005, "5 refunded: {b:?}");
-    assert_eq!(1_000 - b.available.get(), 1 + 1 + 3, "charged exactly what was used: {b:?}");
+    assert_eq!(
+        1_000 - b.available.get(),
+        1 + 1 + 3,
+        "charged exactly what was used: {b:?}"
+    );
 }
 
 #[tokio::test]
@@ -299,7 +373,10 @@ async fn an_idle_account_gives_its_lease_back() {
     l.tick().await;
     assert_eq!(l.parked(&"a".into()), Parked::default());
     let b = f.balance().await;
-    assert_eq!((b.available.get(), b.held.get(), b.settled.get()), (998, 0, 2));
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (998, 0, 2)
+    );
     l.tick().await; // forgotten
     assert!(l.shared.lock().is_empty());
 }
@@ -313,8 +390,15 @@ async fn keyed_and_allowance_requests_go_direct() {
     let mut keyed = f.request(2);
     keyed.idempotent = true;
     keyed.key = "idem:k".into();
-    assert!(matches!(l.reserve(&keyed).await.unwrap(), ReserveOutcome::Reserved(_)));
-    assert_eq!(f.balance().await.held.get(), 12, "its own hold in the shared ledger");
+    assert!(matches!(
+        l.reserve(&keyed).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    assert_eq!(
+        f.balance().await.held.get(),
+        12,
+        "its own hold in the shared ledger"
+    );
     l.settle(
         &keyed.id(),
         &[Usage::new("requests", 2)],
@@ -339,13 +423,19 @@ async fn keyed_and_allowance_requests_go_direct() {
         ..paid(1)
     }]
     .into();
-    assert!(matches!(l.reserve(&quota).await.unwrap(), ReserveOutcome::Reserved(_)));
+    assert!(matches!(
+        l.reserve(&quota).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
     let used = f
         .shared
         .allowance_usage(&"a".into(), &Meter::new("requests"), T0, f.clock.now())
         .await
         .unwrap();
-    assert_eq!(used.held, 1, "the allowance is counted in the shared ledger");
+    assert_eq!(
+        used.held, 1,
+        "the allowance is counted in the shared ledger"
+    );
     assert_eq!(l.parked(&"a".into()).in_flight.get(), 0);
 }
 
@@ -358,15 +448,28 @@ async fn over_estimates_draw_the_lease_then_the_shared_balance() {
     let req = f.request(1);
     l.reserve(&req).await.unwrap();
     let s = l
-        .settle(&req.id(), &[Usage::new("requests", 15)], OverEstimate::DrawBalance, f.clock.now())
+        .settle(
+            &req.id(),
+            &[Usage::new("requests", 15)],
+            OverEstimate::DrawBalance,
+            f.clock.now(),
+        )
         .await
         .unwrap();
     // 10 from the lease (1 held + 9 free), 5 directly from the shared balance.
     assert_eq!((s.charged.get(), s.shortfall.credits.get()), (15, 0));
     let req = f.request(1);
-    assert!(matches!(l.reserve(&req).await.unwrap(), ReserveOutcome::Reserved(_)));
+    assert!(matches!(
+        l.reserve(&req).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
     let s = l
-        .settle(&req.id(), &[Usage::new("requests", 4)], OverEstimate::CapAtHold, f.clock.now())
+        .settle(
+            &req.id(),
+            &[Usage::new("requests", 4)],
+            OverEstimate::CapAtHold,
+            f.clock.now(),
+        )
         .await
         .unwrap();
     assert_eq!((s.charged.get(), s.shortfall.credits.get()), (1, 3));
@@ -378,7 +481,11 @@ async fn over_estimates_draw_the_lease_then_the_shared_balance() {
 #[tokio::test]
 async fn a_refused_direct_request_takes_this_instances_lease_back_first() {
     let mut f = Fixture::new(200).await;
-    let l = f.fixed(LeaseConfig::new().share_percent(50).threshold(Credits::new(10)));
+    let l = f.fixed(
+        LeaseConfig::new()
+            .share_percent(50)
+            .threshold(Credits::new(10)),
+    );
     f.serve(&l, 1).await;
     l.tick().await;
     assert_eq!(l.parked(&"a".into()).leased.get(), 10);
@@ -386,6 +493,9 @@ async fn a_refused_direct_request_takes_this_instances_lease_back_first() {
     let mut keyed = f.request(199);
     keyed.idempotent = true;
     keyed.key = "idem:all".into();
-    assert!(matches!(l.reserve(&keyed).await.unwrap(), ReserveOutcome::Reserved(_)));
+    assert!(matches!(
+        l.reserve(&keyed).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
     assert_eq!(l.parked(&"a".into()).leased.get(), 0);
 }
