@@ -7,11 +7,13 @@
 //! | `PostgresLedger`, `PostgresPlanStore` | `postgres` | several instances; durable; row lock + the shared state machine in one transaction; an idempotent `migrate()`; see the `postgres` module |
 //! | [`CachingPlanStore`] | always | a read-through cache with a TTL in front of any plan store |
 //! | [`MemoryKeyStore`](crate::keys::MemoryKeyStore), `RedisKeyStore`, `PostgresKeyStore` | always, `redis`, `postgres` | API key digests for [`Keys`](crate::keys::Keys): many keys per account, rotated and revoked at run time |
+//! | [`LeasedLedger`] | always | leased credit in front of any shared ledger: requests paid in memory, zero overspend; see the [`lease`] module |
 //!
 //! Every backend keeps the semantics documented on [`Ledger`](crate::Ledger) exactly; one
 //! conformance suite (`tests/conformance/`) runs the same assertions against each.
 
 mod cache;
+pub mod lease;
 mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -20,6 +22,7 @@ mod records_memory;
 pub mod redis;
 
 pub use cache::CachingPlanStore;
+pub use lease::{LeaseConfig, LeasedLedger, Parked};
 pub use memory::{MemoryLedger, MemoryPlanStore};
 #[cfg(feature = "postgres")]
 pub use postgres::{

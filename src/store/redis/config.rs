@@ -6,7 +6,7 @@ use super::*;
 /// [`RedisPlanStore`].
 #[derive(Clone)]
 pub struct RedisConfig {
-    pub(super) client: redis::Client,
+    pub(super) client: Target,
     pub(super) prefix: String,
     pub(super) retention_secs: u64,
     pub(super) journal: crate::ledger::JournalLimits,
@@ -32,7 +32,22 @@ impl RedisConfig {
     /// `tower402:`, [`DEFAULT_RETENTION_SECS`], 2 s to connect, 2 s per response.
     pub fn new(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::unavailable)?;
-        Ok(RedisConfig {
+        Ok(RedisConfig::with_target(Target::Single(client)))
+    }
+
+    /// A Redis Cluster reached through any of `nodes` (`redis://host:port` each; the others
+    /// are discovered). Nothing connects yet. The ledger and plan store run unchanged on it:
+    /// every key of an account carries the hash tag `{<len>:<account>}`, so an account's
+    /// keys live in one hash slot and each script runs on the one node that owns them.
+    /// Commands are routed by key and follow `MOVED`/`ASK` redirections when slots move.
+    pub fn cluster(nodes: &[&str]) -> Result<Self, StoreError> {
+        let client =
+            redis::cluster::ClusterClient::new(nodes.to_vec()).map_err(StoreError::unavailable)?;
+        Ok(RedisConfig::with_target(Target::Cluster(client)))
+    }
+
+    fn with_target(client: Target) -> Self {
+        RedisConfig {
             client,
             prefix: "tower402:".to_owned(),
             retention_secs: DEFAULT_RETENTION_SECS,
@@ -40,7 +55,7 @@ impl RedisConfig {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
             reconnect_attempts: 2,
-        })
+        }
     }
 
     /// The prefix of every key.
@@ -97,27 +112,89 @@ impl RedisConfig {
                 .set_response_timeout(self.response_timeout)
                 .set_number_of_retries(self.reconnect_attempts)
                 .set_max_delay(200),
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
             cell: Arc::new(OnceCell::new()),
         }
     }
 }
 
-/// A connection opened on first use; the manager reconnects by itself afterwards.
+/// One server, or a cluster.
+#[derive(Clone)]
+pub(super) enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A connection opened on first use; the manager (or the cluster connection) reconnects by
+/// itself afterwards.
 #[derive(Clone)]
 pub(super) struct Conn {
-    pub(super) client: redis::Client,
-    pub(super) config: ConnectionManagerConfig,
-    pub(super) cell: Arc<OnceCell<ConnectionManager>>,
+    client: Target,
+    config: ConnectionManagerConfig,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    cell: Arc<OnceCell<Connection>>,
 }
 
 impl Conn {
-    pub(super) async fn get(&self) -> Result<ConnectionManager, StoreError> {
+    pub(super) async fn get(&self) -> Result<Connection, StoreError> {
         self.cell
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+            .get_or_try_init(|| async {
+                match &self.client {
+                    Target::Single(client) => {
+                        ConnectionManager::new_with_config(client.clone(), self.config.clone())
+                            .await
+                            .map(Connection::Single)
+                    }
+                    Target::Cluster(client) => {
+                        let config = redis::cluster::ClusterConfig::new()
+                            .set_connection_timeout(self.connect_timeout)
+                            .set_response_timeout(self.response_timeout);
+                        client
+                            .get_async_connection_with_config(config)
+                            .await
+                            .map(Connection::Cluster)
+                    }
+                }
             })
             .await
             .cloned()
             .map_err(redis_error)
+    }
+}
+
+/// A connection to one server or to a cluster: commands are routed by their first key.
+#[derive(Clone)]
+pub(super) enum Connection {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
     }
 }

@@ -1,0 +1,987 @@
+//! Leased credit: requests on a shared ledger paid at memory speed, with zero overspend.
+//!
+//! [`LeasedLedger`] composes over any [`Ledger`] (as [`CachingPlanStore`](super::CachingPlanStore)
+//! composes over any plan store). Per active account each instance holds a **lease**: one
+//! ordinary reservation in the shared ledger, under a key of its own (`lease:<instance>:<n>`,
+//! on the meter `tower402.lease`). A request without an `Idempotency-Key` whose charges are
+//! paid from credit is held against the lease in this process, with no network round trip,
+//! and settled there. In the background the lease is refilled ahead of need (a new one taken
+//! when what is left falls below half the last one), settled back in batches (a lease is
+//! settled with what was spent from it when it is used up, after half its TTL, when the
+//! account is idle, and on [`shutdown`](LeasedLedger::shutdown)), and returned when idle.
+//!
+//! # Zero overspend
+//!
+//! Credit served from a lease was held for this instance by the shared ledger, so no other
+//! instance can spend it: the fleet never serves more than the account holds. A lease is
+//! settled at the latest a quarter of its TTL before it expires; a request still in flight
+//! then has its estimate charged with the lease, and whatever of it is not spent is refunded
+//! when the account is idle (a deposit under `lease-refund:<instance>:<n>`). An instance that
+//! dies mid-lease loses nothing of the account's: its lease is a hold that expires back within
+//! the TTL ([`LeaseConfig::ttl_secs`]). What it had served from the lease but not yet settled
+//! is not charged (as with any backend, a request whose settlement never ran is not charged):
+//! the provider, never the account, bears the loss, bounded by one lease.
+//!
+//! # Exactness
+//!
+//! - Size: a lease is sized to the account's rate (credits spent per second over the last
+//!   lease, times half the TTL), between [`min_lease`](LeaseConfig::min_lease) and
+//!   [`max_lease`](LeaseConfig::max_lease), and never more than
+//!   [`share_percent`](LeaseConfig::share_percent) of the account's available credit.
+//! - Small balances: below [`threshold`](LeaseConfig::threshold) available, no lease is
+//!   taken; requests are direct reservations in the shared ledger, exactly as without leasing.
+//! - A request the lease cannot pay is a direct reservation. If the shared ledger refuses it
+//!   for credit, this instance first gives its own leases of the account back and retries;
+//!   if credit is still parked (held) elsewhere, the request waits up to
+//!   [`recall_wait`](LeaseConfig::recall_wait) for it to be spent or given back before its
+//!   402. So a 402 means the credit is gone, or parked by an instance that died.
+//!
+//! # Idempotency keys, allowances, recorded responses
+//!
+//! - A request with an `Idempotency-Key` (`idempotent` in the [`ReserveRequest`]) goes
+//!   direct: its keyed reservation lives in the shared ledger, so a retry on any instance is
+//!   recognized (`Replayed`), conflicts are detected, and it is charged once.
+//! - A request with an allowance on any meter (or a meter without overage) goes direct: the
+//!   allowance counters are the shared ledger's, so the allowance is never overspent either.
+//! - [`records`](Ledger::records) are the inner ledger's: recorded responses of keyed
+//!   requests live in the shared backend, untouched.
+//!
+//! # Balance reads
+//!
+//! [`balance`](Ledger::balance) is the shared ledger's: credit parked in leases (this
+//! instance's and every other's) is in `held`, not `available`, and credit spent from a lease
+//! moves to `settled` when the lease is settled. `deposited = available + held + settled`
+//! holds throughout. [`parked`](LeasedLedger::parked) shows this instance's share.
+//!
+//! # Example
+//!
+//! ```
+//! use tower_402::ledger::{ReserveOutcome, ReserveRequest, Usage};
+//! use tower_402::store::{LeaseConfig, LeasedLedger};
+//! use tower_402::{Credits, Ledger, ManualClock, MemoryLedger, Timestamp};
+//! # use tower_402::decision::Cost;
+//! # use tower_402::plan::Plan;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_402::LedgerError> {
+//! let shared = MemoryLedger::new();
+//! shared.deposit(&"acme".into(), Credits::new(10_000), "top-up", Timestamp::EPOCH).await?;
+//! let clock = ManualClock::new(Timestamp::EPOCH);
+//! let ledger = LeasedLedger::with_clock(shared.clone(), LeaseConfig::new().background(false), clock);
+//! ledger.tick().await; // nothing to do yet
+//! let charge = Cost::new("requests", 1, Credits::new(1)).charge(&Plan::new("p", "P", 1).overage(true), Timestamp::EPOCH);
+//! let request = |key: &str| ReserveRequest {
+//!     account: "acme".into(), key: key.into(), fingerprint: 0,
+//!     charges: vec![charge.clone()].into(), ttl_secs: 60, idempotent: false,
+//!     now: Timestamp::EPOCH,
+//! };
+//! // No lease yet: a direct reservation; the miss asks for a lease at the next tick.
+//! assert!(matches!(ledger.reserve(&request("r1")).await?, ReserveOutcome::Reserved(_)));
+//! ledger.tick().await;
+//! assert!(ledger.parked(&"acme".into()).leased > Credits::ZERO);
+//! // Now held and settled in this process.
+//! ledger.reserve(&request("r2")).await?;
+//! let id = request("r2").id();
+//! ledger.settle(&id, &[Usage::new("requests", 1)], Default::default(), Timestamp::EPOCH).await?;
+//! ledger.shutdown().await; // everything settled and given back
+//! # ledger.release(&request("r1").id(), Timestamp::EPOCH).await?;
+//! let b = shared.balance(&"acme".into(), Timestamp::EPOCH).await?;
+//! assert_eq!((b.available.get(), b.held.get(), b.settled.get()), (9_999, 0, 1));
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+#[cfg(test)]
+mod tests;
+
+pub use config::LeaseConfig;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use crate::account::AccountId;
+use crate::charge::Charge;
+use crate::credits::Credits;
+use crate::denial::Denial;
+use crate::error::LedgerError;
+use crate::ledger::{
+    AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, PerCharge, Replay, Reservation,
+    ReservationId, ReservationKey, ReserveOutcome, ReserveRequest, ResponseRecords, Settlement,
+    Shortfall, Usage,
+};
+use crate::plan::Meter;
+use crate::time::{Clock, SystemClock, Timestamp};
+use crate::FastMap;
+
+/// The meter a lease's reservation is made on: one unit per credit.
+pub const LEASE_METER: &str = "tower402.lease";
+
+/// One lease: a reservation in the shared ledger.
+#[derive(Debug)]
+struct Lease {
+    id: ReservationId,
+    amount: Credits,
+    taken_at: Timestamp,
+}
+
+/// A request held against this instance's leases.
+struct LocalHold {
+    credits: Credits,
+    charges: Arc<[Charge]>,
+}
+
+/// One account's leases in this process.
+///
+/// Invariant: `available + held + spent = Σ lease amounts + prepaid`, and `spent` and
+/// `prepaid` are never both above zero.
+struct Local {
+    leases: VecDeque<Lease>,
+    /// Leased, not held, not spent: what requests may take.
+    available: Credits,
+    /// Held by requests in flight.
+    held: Credits,
+    /// Spent by requests, not yet settled with a lease.
+    spent: Credits,
+    /// Settled with a lease ahead of being spent (a lease settled with requests in flight):
+    /// paid for, refunded if not spent.
+    prepaid: Credits,
+    holds: FastMap<ReservationKey, LocalHold>,
+    last_active: Timestamp,
+    /// Credits asked for by requests a lease may pay since `window_start` (served from the
+    /// lease or not), for the rate.
+    window_start: Timestamp,
+    window_spent: u64,
+    /// The last lease's size.
+    size: Credits,
+    /// A background maintenance run is scheduled.
+    scheduled: bool,
+    /// No refill before this (after a refusal or a balance below the threshold).
+    next_refill: Timestamp,
+    /// The shared ledger's `available`, as last seen.
+    shared_available: Credits,
+}
+
+impl Local {
+    fn new(now: Timestamp) -> Self {
+        Local {
+            leases: VecDeque::new(),
+            available: Credits::ZERO,
+            held: Credits::ZERO,
+            spent: Credits::ZERO,
+            prepaid: Credits::ZERO,
+            holds: FastMap::default(),
+            last_active: now,
+            window_start: now,
+            window_spent: 0,
+            size: Credits::ZERO,
+            scheduled: false,
+            next_refill: Timestamp::EPOCH,
+            shared_available: Credits::ZERO,
+        }
+    }
+
+    fn leased(&self) -> Credits {
+        self.leases
+            .iter()
+            .fold(Credits::ZERO, |s, l| s.checked_add(l.amount).unwrap_or(s))
+    }
+
+    /// Whether requests may be held against the leases at `now`: the oldest is not due to be
+    /// settled (a late maintenance run must not leave requests on a hold about to lapse).
+    fn usable(&self, now: Timestamp, config: &LeaseConfig) -> bool {
+        self.leases
+            .front()
+            .is_some_and(|l| now < l.taken_at.plus_secs(config.settle_by()))
+    }
+
+    /// What was spent moves to `spent`, or uses up `prepaid` first.
+    fn spend(&mut self, credits: Credits) {
+        let from_prepaid = credits.min(self.prepaid);
+        self.prepaid = self.prepaid.saturating_sub(from_prepaid);
+        let rest = credits.saturating_sub(from_prepaid);
+        self.spent = self.spent.checked_add(rest).unwrap_or(self.spent);
+    }
+
+    /// Where a refill is due: what is left is below half the last lease.
+    fn low(&self, config: &LeaseConfig) -> bool {
+        let size = if self.size.is_zero() {
+            config.min_lease
+        } else {
+            self.size
+        };
+        self.available.get() < size.get().div_ceil(2)
+    }
+
+    fn idle(&self, now: Timestamp, config: &LeaseConfig) -> bool {
+        now >= self.last_active.plus_secs(config.idle_secs)
+    }
+
+    /// Whether maintenance has anything to do at `now`.
+    fn due(&self, now: Timestamp, config: &LeaseConfig) -> bool {
+        let lease_due = self.leases.front().is_some_and(|l| {
+            self.spent >= l.amount || now >= l.taken_at.plus_secs(config.renew_after())
+        });
+        lease_due || (self.low(config) && now >= self.next_refill)
+    }
+
+    /// Takes the settlements due at `now` out of the local state: each lease and the
+    /// credits to charge with it.
+    fn plan(&mut self, now: Timestamp, config: &LeaseConfig, mode: Mode) -> Plan {
+        let idle = self.idle(now, config) && self.held.is_zero();
+        let returning = mode != Mode::Normal || idle;
+        let forced = mode == Mode::Shutdown;
+        let mut plan = Plan::default();
+        while let Some(lease) = self.leases.front() {
+            let amount = lease.amount;
+            let exhausted = self.spent >= amount;
+            let late = now >= lease.taken_at.plus_secs(config.settle_by());
+            let renew = now >= lease.taken_at.plus_secs(config.renew_after());
+            // Giving back `amount - spent` must not take credit that requests hold.
+            let unspent = amount.saturating_sub(self.spent.min(amount));
+            let covered = self.available >= unspent;
+            if !(exhausted || late || forced || ((renew || returning) && covered)) {
+                break;
+            }
+            // Charge what was spent, or more if requests in flight hold some of it
+            // (prepaid, refunded if not spent).
+            let charge = amount.min(self.spent.max(amount.saturating_sub(self.available)));
+            self.available = self.available.saturating_sub(amount.saturating_sub(charge));
+            let from_spent = charge.min(self.spent);
+            self.spent = self.spent.saturating_sub(from_spent);
+            self.prepaid = self
+                .prepaid
+                .checked_add(charge.saturating_sub(from_spent))
+                .unwrap_or(self.prepaid);
+            let Some(lease) = self.leases.pop_front() else {
+                break;
+            };
+            plan.settle.push((lease, charge));
+        }
+        if self.leases.is_empty() && !self.prepaid.is_zero() && (returning || forced) {
+            // No lease left: every local credit is prepaid; give back what nothing holds.
+            let refund = self.available.min(self.prepaid);
+            self.available = self.available.saturating_sub(refund);
+            self.prepaid = self.prepaid.saturating_sub(refund);
+            plan.refund = refund;
+        }
+        plan.refill = mode == Mode::Normal
+            && !returning
+            && !self.idle(now, config)
+            && now >= self.next_refill
+            && self.low(config);
+        if plan.refill {
+            let elapsed = self.window_start.secs_until(now).max(1);
+            let rate = self.window_spent / elapsed;
+            let want = rate.saturating_mul(config.renew_after().max(1));
+            plan.size = Credits::new(want.clamp(config.min_lease.get(), config.max_lease.get()));
+            self.window_start = now;
+            self.window_spent = 0;
+            // One attempt per second at most, whatever comes of it.
+            self.next_refill = now.plus_secs(1);
+        }
+        plan
+    }
+
+    fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+            && self.holds.is_empty()
+            && self.available.is_zero()
+            && self.prepaid.is_zero()
+            && self.spent.is_zero()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Refill and settle what is due.
+    Normal,
+    /// Give back every lease that nothing in flight holds (a recall).
+    Return,
+    /// Give back everything.
+    Shutdown,
+}
+
+#[derive(Default)]
+struct Plan {
+    settle: Vec<(Lease, Credits)>,
+    refund: Credits,
+    refill: bool,
+    size: Credits,
+}
+
+/// This instance's leases of one account, as [`LeasedLedger::parked`] reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Parked {
+    /// Credits held for this instance by its open leases in the shared ledger.
+    pub leased: Credits,
+    /// Of that, free for requests.
+    pub free: Credits,
+    /// Held by requests in flight.
+    pub in_flight: Credits,
+    /// Spent by requests, to be settled with the leases.
+    pub unsettled: Credits,
+    /// Open leases.
+    pub leases: usize,
+}
+
+struct Shared<L, C> {
+    inner: L,
+    clock: C,
+    config: LeaseConfig,
+    /// Unique to this instance: lease keys of different instances never collide.
+    instance: String,
+    seq: AtomicU64,
+    accounts: Mutex<FastMap<AccountId, Local>>,
+    /// One maintenance run at a time, so a shutdown waits for the one under way.
+    maintenance: tokio::sync::Mutex<()>,
+}
+
+/// A [`Ledger`] that serves requests from leases of credit held in an inner, shared ledger.
+/// See the [module docs](self). Clones share the leases.
+pub struct LeasedLedger<L, C = SystemClock> {
+    shared: Arc<Shared<L, C>>,
+}
+
+impl<L, C> Clone for LeasedLedger<L, C> {
+    fn clone(&self) -> Self {
+        LeasedLedger {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<L: fmt::Debug, C> fmt::Debug for LeasedLedger<L, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeasedLedger")
+            .field("inner", &self.shared.inner)
+            .field("config", &self.shared.config)
+            .field("instance", &self.shared.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: Ledger> LeasedLedger<L> {
+    /// Leases from `inner`, timed by the wall clock.
+    pub fn new(inner: L, config: LeaseConfig) -> Self {
+        LeasedLedger::with_clock(inner, config, SystemClock)
+    }
+}
+
+impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
+    /// Leases from `inner`, timed by `clock` (lease ages, idleness, and the time passed to
+    /// the inner ledger by background work).
+    pub fn with_clock(inner: L, config: LeaseConfig, clock: C) -> Self {
+        let instance = std::collections::hash_map::RandomState::new()
+            .hash_one((std::process::id(), Instant::now()));
+        LeasedLedger {
+            shared: Arc::new(Shared {
+                inner,
+                clock,
+                config,
+                instance: format!("{instance:016x}"),
+                seq: AtomicU64::new(0),
+                accounts: Mutex::new(FastMap::default()),
+                maintenance: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The wrapped ledger.
+    pub fn get_ref(&self) -> &L {
+        &self.shared.inner
+    }
+
+    /// This instance's leases of `account`.
+    pub fn parked(&self, account: &AccountId) -> Parked {
+        let accounts = self.shared.lock();
+        accounts.get(account).map_or(Parked::default(), |l| Parked {
+            leased: l.leased(),
+            free: l.available,
+            in_flight: l.held,
+            unsettled: l.spent,
+            leases: l.leases.len(),
+        })
+    }
+
+    /// Refills, settles and gives back what is due for every account, at the clock's now.
+    /// [`spawn_maintenance`](Self::spawn_maintenance) calls it periodically; call it directly
+    /// with [`LeaseConfig::background`] off.
+    pub async fn tick(&self) {
+        let accounts: Vec<AccountId> = self.shared.lock().keys().cloned().collect();
+        for account in accounts {
+            self.shared.maintain(&account, Mode::Normal).await;
+        }
+        let now = self.shared.clock.now();
+        let config = &self.shared.config;
+        self.shared
+            .lock()
+            .retain(|_, l| !(l.is_empty() && l.idle(now, config)));
+    }
+
+    /// Runs [`tick`](Self::tick) every `every` on the current tokio runtime, until the
+    /// returned task is aborted. Idle return and late settlement depend on it; pick well
+    /// under a second (the leases' deadlines are whole seconds).
+    pub fn spawn_maintenance(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let ledger = self.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                ledger.tick().await;
+            }
+        })
+    }
+
+    /// Settles every lease and gives back all that is not spent. Call it when the instance
+    /// stops, after the server stopped taking requests (a request still in flight is charged
+    /// its estimate).
+    pub async fn shutdown(&self) {
+        let accounts: Vec<AccountId> = self.shared.lock().keys().cloned().collect();
+        for account in accounts {
+            self.shared.maintain(&account, Mode::Shutdown).await;
+        }
+    }
+
+    /// The credit cost of `request` if a lease may pay it: no idempotency key, every charge
+    /// paid from credit (no allowance, overage allowed).
+    fn lease_cost(request: &ReserveRequest) -> Option<Credits> {
+        if request.idempotent {
+            return None;
+        }
+        credit_cost(&request.charges)
+    }
+
+    /// Holds `request` against the leases: `None` when they cannot pay it.
+    fn hold_local(&self, request: &ReserveRequest, cost: Credits) -> Option<ReserveOutcome> {
+        let shared = &self.shared;
+        let config = &shared.config;
+        let now = request.now;
+        let (outcome, schedule) = {
+            let mut accounts = shared.lock();
+            let local = accounts
+                .entry(request.account.clone())
+                .or_insert_with(|| Local::new(now));
+            local.last_active = local.last_active.max(now);
+            local.window_spent = local.window_spent.saturating_add(cost.get());
+            if local.holds.contains_key(&request.key) {
+                return Some(ReserveOutcome::Replayed(Replay::InProgress));
+            }
+            let usable = local.usable(now, config) && local.available >= cost;
+            let outcome = usable.then(|| {
+                local.available = local.available.saturating_sub(cost);
+                local.held = local.held.checked_add(cost).unwrap_or(local.held);
+                local.holds.insert(
+                    request.key.clone(),
+                    LocalHold {
+                        credits: cost,
+                        charges: request.charges.clone(),
+                    },
+                );
+                ReserveOutcome::Reserved(Reservation {
+                    id: request.id(),
+                    credits: cost,
+                    allowance_units: request.charges.iter().map(|_| 0).collect(),
+                    expires_at: now.plus_secs(request.ttl_secs),
+                    available_after: local
+                        .shared_available
+                        .checked_add(local.available)
+                        .unwrap_or(local.available),
+                    allowance_left: request.charges.iter().map(|_| None).collect(),
+                })
+            });
+            let schedule = config.background
+                && !local.scheduled
+                && (outcome.is_none() || local.due(now, config));
+            if schedule {
+                local.scheduled = true;
+            }
+            (outcome, schedule)
+        };
+        if schedule {
+            self.schedule(&request.account);
+        }
+        outcome
+    }
+
+    fn schedule(&self, account: &AccountId) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            if let Some(local) = self.shared.lock().get_mut(account) {
+                local.scheduled = false;
+            }
+            return;
+        };
+        let shared = self.shared.clone();
+        let account = account.clone();
+        runtime.spawn(async move {
+            shared.maintain(&account, Mode::Normal).await;
+        });
+    }
+
+    /// A reservation in the shared ledger. Refused for credit: first this instance's own
+    /// leases of the account are given back; then, while credit is parked elsewhere, it
+    /// waits up to the recall time for it.
+    async fn direct(&self, request: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        let shared = &self.shared;
+        let cost = credit_cost(&request.charges);
+        let deadline = Instant::now() + shared.config.recall_wait;
+        let mut request = std::borrow::Cow::Borrowed(request);
+        let mut recalled = false;
+        loop {
+            let outcome = shared.inner.reserve(&request).await?;
+            let ReserveOutcome::Denied(Denial::InsufficientCredits { .. }) = &outcome else {
+                return Ok(outcome);
+            };
+            let Some(cost) = cost else {
+                return Ok(outcome);
+            };
+            if !recalled {
+                recalled = true;
+                let had = shared
+                    .lock()
+                    .get(&request.account)
+                    .is_some_and(|l| !l.leases.is_empty() || !l.prepaid.is_zero());
+                if had {
+                    tracing::debug!(
+                        target: "tower_402::lease",
+                        account = request.account.as_str(),
+                        "shared ledger refused a direct reservation; giving this instance's \
+                         leases back and retrying"
+                    );
+                    shared.maintain(&request.account, Mode::Return).await;
+                    continue;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(outcome);
+            }
+            let now = shared.clock.now().max(request.now);
+            let balance = shared.inner.balance(&request.account, now).await?;
+            if balance.available < cost && balance.held < cost {
+                // Nothing parked that could pay it: the credit is gone.
+                return Ok(outcome);
+            }
+            if balance.available < cost {
+                tracing::debug!(
+                    target: "tower_402::lease",
+                    account = request.account.as_str(),
+                    held = balance.held.get(),
+                    "credit parked in leases or holds; waiting for it before refusing"
+                );
+                tokio::time::sleep(shared.config.recall_poll).await;
+            }
+            request.to_mut().now = shared.clock.now().max(request.now);
+        }
+    }
+
+    /// Charges `rest` credits beyond a local hold directly in the shared ledger, as far as
+    /// the account's available credit goes: what was charged.
+    async fn charge_beyond(&self, account: &AccountId, rest: Credits, now: Timestamp) -> Credits {
+        let shared = &self.shared;
+        let mut want = rest;
+        for _ in 0..2 {
+            let request = shared.lease_request(account, want, 60, now, "extra");
+            match shared.inner.reserve(&request).await {
+                Ok(ReserveOutcome::Reserved(r)) => {
+                    let usage = [Usage::new(LEASE_METER, r.credits.get())];
+                    return match shared
+                        .inner
+                        .settle(&request.id(), &usage, OverEstimate::CapAtHold, now)
+                        .await
+                    {
+                        Ok(s) => s.charged,
+                        Err(e) => {
+                            tracing::error!(target: "tower_402::lease", account = account.as_str(),
+                                error = %e, "charge beyond a lease hold not settled");
+                            Credits::ZERO
+                        }
+                    };
+                }
+                Ok(ReserveOutcome::Denied(Denial::InsufficientCredits { balance, .. }))
+                    if !balance.is_zero() && balance < want =>
+                {
+                    want = balance;
+                }
+                Ok(_) => return Credits::ZERO,
+                Err(e) => {
+                    tracing::error!(target: "tower_402::lease", account = account.as_str(),
+                        error = %e, "charge beyond a lease hold failed");
+                    return Credits::ZERO;
+                }
+            }
+        }
+        Credits::ZERO
+    }
+}
+
+impl<L: Ledger, C: Clock> Shared<L, C> {
+    fn lock(&self) -> MutexGuard<'_, FastMap<AccountId, Local>> {
+        // Every update under the lock is plain arithmetic that cannot panic halfway.
+        self.accounts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lease_request(
+        &self,
+        account: &AccountId,
+        credits: Credits,
+        ttl_secs: u64,
+        now: Timestamp,
+        kind: &str,
+    ) -> ReserveRequest {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        ReserveRequest {
+            account: account.clone(),
+            key: ReservationKey::from(format!("{kind}:{}:{n}", self.instance)),
+            fingerprint: 0,
+            charges: Arc::from([lease_charge(credits)]),
+            ttl_secs,
+            idempotent: false,
+            now,
+        }
+    }
+
+    /// One maintenance run for `account`: settle what is due, refund prepaid credit nothing
+    /// holds, take a new lease if one is needed.
+    async fn maintain(&self, account: &AccountId, mode: Mode) {
+        let _one = self.maintenance.lock().await;
+        let now = self.clock.now();
+        let plan = {
+            let mut accounts = self.lock();
+            let Some(local) = accounts.get_mut(account) else {
+                return;
+            };
+            local.scheduled = false;
+            local.plan(now, &self.config, mode)
+        };
+        for (lease, charge) in plan.settle {
+            self.settle_lease(lease, charge, now).await;
+        }
+        if !plan.refund.is_zero() {
+            let n = self.seq.fetch_add(1, Ordering::Relaxed);
+            let key = format!("lease-refund:{}:{n}", self.instance);
+            match self.inner.deposit(account, plan.refund, &key, now).await {
+                Ok(_) => tracing::info!(target: "tower_402::lease", account = account.as_str(),
+                    refunded = plan.refund.get(), "prepaid lease credit not spent; refunded"),
+                Err(e) => tracing::error!(target: "tower_402::lease", account = account.as_str(),
+                    credits = plan.refund.get(), error = %e, "refund of prepaid lease credit failed"),
+            }
+        }
+        if plan.refill {
+            self.refill(account, plan.size, now).await;
+        }
+    }
+
+    /// Settles one lease with `charge` credits spent; retried a few times on an outage (if
+    /// it never lands, the hold expires back and what was spent from it is not charged).
+    async fn settle_lease(&self, lease: Lease, charge: Credits, now: Timestamp) {
+        let usage = [Usage::new(LEASE_METER, charge.get())];
+        let mut delay = std::time::Duration::from_millis(50);
+        for attempt in 1..=4 {
+            match self
+                .inner
+                .settle(&lease.id, &usage, OverEstimate::CapAtHold, now)
+                .await
+            {
+                Ok(s) => {
+                    tracing::debug!(
+                        target: "tower_402::lease",
+                        account = lease.id.account.as_str(),
+                        leased = lease.amount.get(),
+                        charged = s.charged.get(),
+                        returned = lease.amount.saturating_sub(s.charged).get(),
+                        "lease settled"
+                    );
+                    if !s.shortfall.is_empty() {
+                        tracing::error!(
+                            target: "tower_402::lease",
+                            account = lease.id.account.as_str(),
+                            shortfall = s.shortfall.credits.get(),
+                            "lease settled after its hold lapsed; not all of it was charged"
+                        );
+                    }
+                    let mut accounts = self.lock();
+                    if let Some(local) = accounts.get_mut(&lease.id.account) {
+                        local.shared_available = s.available_after;
+                    }
+                    return;
+                }
+                Err(LedgerError::Store(e)) if attempt < 4 => {
+                    tracing::warn!(target: "tower_402::lease", account = lease.id.account.as_str(),
+                        error = %e, attempt, "lease settlement failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        target: "tower_402::lease",
+                        account = lease.id.account.as_str(),
+                        credits = charge.get(),
+                        error = %e,
+                        "lease settlement failed; its hold expires back uncharged"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes a new lease of up to `size` credits, if the account's available credit allows.
+    async fn refill(&self, account: &AccountId, size: Credits, now: Timestamp) {
+        let balance = match self.inner.balance(account, now).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(target: "tower_402::lease", account = account.as_str(),
+                    error = %e, "balance unreadable; no lease taken");
+                return;
+            }
+        };
+        self.seen(account, balance.available);
+        if balance.available < self.config.threshold {
+            tracing::debug!(
+                target: "tower_402::lease",
+                account = account.as_str(),
+                available = balance.available.get(),
+                threshold = self.config.threshold.get(),
+                "below the lease threshold; direct reservations"
+            );
+            return;
+        }
+        let share =
+            u128::from(balance.available.get()) * u128::from(self.config.share_percent) / 100;
+        let size = size.min(Credits::new(u64::try_from(share).unwrap_or(u64::MAX)));
+        if size.is_zero() {
+            return;
+        }
+        let request = self.lease_request(account, size, self.config.ttl_secs, now, "lease");
+        match self.inner.reserve(&request).await {
+            Ok(ReserveOutcome::Reserved(r)) => {
+                tracing::debug!(
+                    target: "tower_402::lease",
+                    account = account.as_str(),
+                    credits = r.credits.get(),
+                    ttl_secs = self.config.ttl_secs,
+                    "lease taken"
+                );
+                let mut accounts = self.lock();
+                let local = accounts
+                    .entry(account.clone())
+                    .or_insert_with(|| Local::new(now));
+                local.available = local
+                    .available
+                    .checked_add(r.credits)
+                    .unwrap_or(local.available);
+                local.size = r.credits;
+                local.shared_available = r.available_after;
+                local.leases.push_back(Lease {
+                    id: r.id,
+                    amount: r.credits,
+                    taken_at: now,
+                });
+            }
+            Ok(other) => tracing::debug!(target: "tower_402::lease", account = account.as_str(),
+                outcome = ?other, "lease refused; direct reservations for now"),
+            Err(e) => tracing::warn!(target: "tower_402::lease", account = account.as_str(),
+                error = %e, "lease not taken"),
+        }
+    }
+
+    fn seen(&self, account: &AccountId, available: Credits) {
+        if let Some(local) = self.lock().get_mut(account) {
+            local.shared_available = available;
+        }
+    }
+}
+
+/// A charge of `credits` on the lease meter: one unit per credit, no allowance.
+fn lease_charge(credits: Credits) -> Charge {
+    Charge {
+        meter: Meter::new(LEASE_METER),
+        units: credits.get(),
+        unit_price: Credits::new(1),
+        price_per: 1,
+        allowance: None,
+        overage: true,
+    }
+}
+
+/// The credits `charges` cost if all are paid from credit (no allowance, overage allowed).
+fn credit_cost(charges: &[Charge]) -> Option<Credits> {
+    let mut total = Credits::ZERO;
+    for c in charges {
+        if c.allowance.is_some() || !c.overage {
+            return None;
+        }
+        let split = c.split(c.units, 0).ok()?;
+        total = total
+            .checked_add(split.credits)
+            .filter(|t| *t <= Credits::MAX_EXACT)?;
+    }
+    Some(total)
+}
+
+/// The credits `usage` costs under `charges` (all paid from credit), capped at the largest
+/// exact amount as every backend counts it.
+fn usage_cost(charges: &[Charge], usage: &[Usage]) -> Credits {
+    charges.iter().fold(Credits::ZERO, |total, c| {
+        let units = usage
+            .iter()
+            .filter(|u| u.meter == c.meter)
+            .fold(0u64, |acc, u| acc.saturating_add(u.units));
+        let credits = c.split(units, 0).map_or(Credits::MAX_EXACT, |s| s.credits);
+        total
+            .checked_add(credits)
+            .filter(|t| *t <= Credits::MAX_EXACT)
+            .unwrap_or(Credits::MAX_EXACT)
+    })
+}
+
+#[async_trait]
+impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
+    async fn reserve(&self, request: &ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        request.validate()?;
+        if let Some(cost) = Self::lease_cost(request) {
+            if let Some(outcome) = self.hold_local(request, cost) {
+                return Ok(outcome);
+            }
+        }
+        self.direct(request).await
+    }
+
+    async fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        let config = &self.shared.config;
+        let local = {
+            let mut accounts = self.shared.lock();
+            accounts.get_mut(&id.account).and_then(|local| {
+                let hold = local.holds.remove(&id.key)?;
+                let cost = usage_cost(&hold.charges, usage);
+                let from_hold = cost.min(hold.credits);
+                let beyond = cost.saturating_sub(from_hold);
+                let from_local = match policy {
+                    OverEstimate::CapAtHold => Credits::ZERO,
+                    _ => beyond.min(local.available),
+                };
+                local.held = local.held.saturating_sub(hold.credits);
+                local.available = local
+                    .available
+                    .checked_add(hold.credits.saturating_sub(from_hold))
+                    .unwrap_or(local.available)
+                    .saturating_sub(from_local);
+                let charged = from_hold.checked_add(from_local).unwrap_or(from_hold);
+                local.spend(charged);
+                local.last_active = local.last_active.max(now);
+                let rest = beyond.saturating_sub(from_local);
+                let schedule = config.background && !local.scheduled && local.due(now, config);
+                if schedule {
+                    local.scheduled = true;
+                }
+                Some((
+                    hold.charges,
+                    charged,
+                    rest,
+                    local.shared_available,
+                    local.available,
+                    local.held,
+                    schedule,
+                ))
+            })
+        };
+        let Some((charges, mut charged, rest, shared_available, available, held, schedule)) = local
+        else {
+            return self.shared.inner.settle(id, usage, policy, now).await;
+        };
+        if schedule {
+            self.schedule(&id.account);
+        }
+        let mut shortfall = rest;
+        if !rest.is_zero() && policy != OverEstimate::CapAtHold {
+            let extra = self.charge_beyond(&id.account, rest, now).await;
+            charged = charged.checked_add(extra).unwrap_or(charged);
+            shortfall = rest.saturating_sub(extra);
+        }
+        let available_after = shared_available.checked_add(available).unwrap_or(available);
+        Ok(Settlement {
+            charged,
+            allowance_units: charges.iter().map(|_| 0).collect::<PerCharge<u64>>(),
+            shortfall: Shortfall {
+                credits: shortfall,
+                units: Vec::new(),
+            },
+            available_after,
+            unspent_after: available_after.checked_add(held).unwrap_or(available_after),
+            allowance_used_after: charges.iter().map(|_| None).collect(),
+        })
+    }
+
+    async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
+        let released = {
+            let mut accounts = self.shared.lock();
+            accounts.get_mut(&id.account).is_some_and(|local| {
+                let Some(hold) = local.holds.remove(&id.key) else {
+                    return false;
+                };
+                local.held = local.held.saturating_sub(hold.credits);
+                local.available = local
+                    .available
+                    .checked_add(hold.credits)
+                    .unwrap_or(local.available);
+                local.last_active = local.last_active.max(now);
+                true
+            })
+        };
+        if released {
+            return Ok(());
+        }
+        self.shared.inner.release(id, now).await
+    }
+
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Deposit, LedgerError> {
+        let deposit = self.shared.inner.deposit(account, amount, key, now).await?;
+        if let Some(local) = self.shared.lock().get_mut(account) {
+            // New credit: a lease may be worth taking again at once.
+            local.next_refill = Timestamp::EPOCH;
+            local.shared_available = deposit.balance.available;
+        }
+        Ok(deposit)
+    }
+
+    async fn balance(&self, account: &AccountId, now: Timestamp) -> Result<Balance, LedgerError> {
+        self.shared.inner.balance(account, now).await
+    }
+
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<AllowanceUsage, LedgerError> {
+        self.shared
+            .inner
+            .allowance_usage(account, meter, window_start, now)
+            .await
+    }
+
+    fn records(&self) -> Option<&dyn ResponseRecords> {
+        self.shared.inner.records()
+    }
+}

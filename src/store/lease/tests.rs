@@ -1,0 +1,501 @@
+//! Leases on a manual clock over the in-memory ledger: every refill, settlement and return
+//! happens at an explicit `tick`, so each step's balances can be asserted.
+
+use std::time::Duration;
+
+use super::*;
+use crate::store::MemoryLedger;
+use crate::ManualClock;
+
+const T0: Timestamp = Timestamp::from_unix(1_700_000_000);
+
+fn paid(units: u64) -> Charge {
+    Charge {
+        meter: Meter::new("requests"),
+        units,
+        unit_price: Credits::new(1),
+        price_per: 1,
+        allowance: None,
+        overage: true,
+    }
+}
+
+struct Fixture {
+    shared: MemoryLedger,
+    clock: ManualClock,
+    n: u64,
+}
+
+impl Fixture {
+    async fn new(credits: u64) -> Self {
+        let shared = MemoryLedger::new();
+        shared
+            .deposit(&"a".into(), Credits::new(credits), "seed", T0)
+            .await
+            .unwrap();
+        Fixture {
+            shared,
+            clock: ManualClock::new(T0),
+            n: 0,
+        }
+    }
+
+    /// Leases of exactly 10 credits (where the test is not about sizing).
+    fn fixed(&self, config: LeaseConfig) -> LeasedLedger<MemoryLedger, ManualClock> {
+        self.leased(
+            config
+                .min_lease(Credits::new(10))
+                .max_lease(Credits::new(10)),
+        )
+    }
+
+    fn leased(&self, config: LeaseConfig) -> LeasedLedger<MemoryLedger, ManualClock> {
+        LeasedLedger::with_clock(
+            self.shared.clone(),
+            config.background(false).recall_wait(Duration::ZERO),
+            self.clock.clone(),
+        )
+    }
+
+    fn request(&mut self, units: u64) -> ReserveRequest {
+        self.n += 1;
+        ReserveRequest {
+            account: "a".into(),
+            key: format!("req:{}", self.n).into(),
+            fingerprint: 0,
+            charges: vec![paid(units)].into(),
+            ttl_secs: 60,
+            idempotent: false,
+            now: self.clock.now(),
+        }
+    }
+
+    async fn balance(&self) -> Balance {
+        let b = self
+            .shared
+            .balance(&"a".into(), self.clock.now())
+            .await
+            .unwrap();
+        assert_eq!(
+            b.deposited.get(),
+            b.available.get() + b.held.get() + b.settled.get(),
+            "conservation: {b:?}"
+        );
+        b
+    }
+
+    /// Reserves and settles one request of `units` at its estimate: whether it was served.
+    async fn serve(&mut self, l: &impl Ledger, units: u64) -> bool {
+        let req = self.request(units);
+        match l.reserve(&req).await.unwrap() {
+            ReserveOutcome::Reserved(_) => {
+                let usage = [Usage::new("requests", units)];
+                l.settle(
+                    &req.id(),
+                    &usage,
+                    OverEstimate::DrawBalance,
+                    self.clock.now(),
+                )
+                .await
+                .unwrap();
+                true
+            }
+            ReserveOutcome::Denied(Denial::InsufficientCredits { .. }) => false,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_miss_goes_direct_then_requests_are_paid_from_the_lease() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new());
+    assert!(f.serve(&l, 1).await, "no lease yet: a direct reservation");
+    assert_eq!(f.balance().await.settled.get(), 1);
+    l.tick().await;
+    let p = l.parked(&"a".into());
+    assert_eq!(
+        (p.leased.get(), p.leases),
+        (10, 1),
+        "min_lease, within 10 % of 999"
+    );
+    assert_eq!(
+        f.balance().await.held.get(),
+        10,
+        "the lease is a hold in the shared ledger"
+    );
+    for _ in 0..10 {
+        assert!(f.serve(&l, 1).await);
+    }
+    // Ten requests and not one shared operation: the shared book has not moved.
+    let b = f.balance().await;
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (989, 10, 1)
+    );
+    assert_eq!(l.parked(&"a".into()).unsettled.get(), 10);
+    // The lease is used up: the next request goes direct, and the tick settles it in one batch.
+    assert!(f.serve(&l, 1).await);
+    l.tick().await;
+    let b = f.balance().await;
+    assert_eq!(b.settled.get(), 12);
+    assert_eq!(l.parked(&"a".into()).unsettled.get(), 0);
+    l.shutdown().await;
+    let b = f.balance().await;
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (988, 0, 12)
+    );
+}
+
+#[tokio::test]
+async fn a_lease_never_exceeds_its_share_and_adapts_to_the_rate() {
+    let mut f = Fixture::new(100_000).await;
+    let l = f.leased(
+        LeaseConfig::new()
+            .share_percent(5)
+            .max_lease(Credits::new(1_000)),
+    );
+    f.serve(&l, 1).await;
+    l.tick().await;
+    assert_eq!(
+        l.parked(&"a".into()).leased.get(),
+        15,
+        "1 credit/s for half the TTL"
+    );
+    // 200 credits a second for one second: the next lease covers half a TTL (15 s) of that,
+    // capped at max_lease.
+    for _ in 0..200 {
+        assert!(f.serve(&l, 1).await);
+    }
+    f.clock.advance(1);
+    l.tick().await;
+    let p = l.parked(&"a".into());
+    assert_eq!(p.leases, 1);
+    assert_eq!(
+        p.leased.get(),
+        1_000,
+        "rate × 15 s = 3,000, capped at max_lease"
+    );
+    // The share caps it when the balance is smaller.
+    let mut g = Fixture::new(2_000).await;
+    let l = g.leased(LeaseConfig::new().share_percent(5));
+    for _ in 0..100 {
+        g.serve(&l, 1).await;
+    }
+    l.tick().await;
+    let p = l.parked(&"a".into());
+    assert!(p.leased.get() <= 1_900 * 5 / 100, "{p:?}");
+    assert!(p.leased.get() >= 10, "{p:?}");
+}
+
+#[tokio::test]
+async fn below_the_threshold_every_request_is_direct_and_exact() {
+    let mut f = Fixture::new(50).await;
+    let l = f.leased(LeaseConfig::new().threshold(Credits::new(100)));
+    let mut served = 0;
+    for i in 0..60 {
+        if f.serve(&l, 1).await {
+            served += 1;
+        }
+        if i % 5 == 0 {
+            l.tick().await;
+        }
+        assert_eq!(l.parked(&"a".into()).leased.get(), 0, "no lease below 100");
+    }
+    assert_eq!(served, 50);
+    let b = f.balance().await;
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (0, 0, 50)
+    );
+}
+
+#[tokio::test]
+async fn two_instances_never_serve_more_than_the_balance() {
+    let mut f = Fixture::new(500).await;
+    let config = LeaseConfig::new()
+        .threshold(Credits::new(20))
+        .share_percent(20);
+    let (a, b) = (f.leased(config.clone()), f.leased(config));
+    let mut served = 0;
+    for i in 0..2_000u64 {
+        let l = if i % 2 == 0 { &a } else { &b };
+        if f.serve(l, 1 + i % 3).await {
+            served += 1 + i % 3;
+        }
+        if i % 7 == 0 {
+            a.tick().await;
+        }
+        if i % 11 == 0 {
+            b.tick().await;
+        }
+        let bal = f.balance().await;
+        let parked = a.parked(&"a".into()).unsettled.get() + b.parked(&"a".into()).unsettled.get();
+        assert!(
+            bal.settled.get() + parked <= 500,
+            "overspent: {bal:?} + {parked}"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    let bal = f.balance().await;
+    assert_eq!(bal.settled.get(), served, "every credit served is charged");
+    assert_eq!(bal.held.get(), 0);
+    assert!(
+        bal.available.get() < 3,
+        "only what no request could use is left: {bal:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_instances_lease_expires_back() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new().ttl_secs(8));
+    f.serve(&l, 1).await;
+    l.tick().await;
+    for _ in 0..4 {
+        assert!(f.serve(&l, 1).await);
+    }
+    assert_eq!(f.balance().await.held.get(), 10);
+    drop(l); // killed: no settlement, no shutdown
+    f.clock.advance(7);
+    assert_eq!(f.balance().await.held.get(), 10, "parked until the TTL");
+    f.clock.advance(1);
+    let b = f.balance().await;
+    // All of it back: the 4 requests it served but had not settled are not charged.
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (999, 0, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_lease_is_renewed_after_half_its_ttl() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new().ttl_secs(8).idle_secs(100));
+    f.serve(&l, 1).await;
+    l.tick().await;
+    // A long request holds 8 of the 10 leased credits.
+    let long = f.request(8);
+    assert!(matches!(
+        l.reserve(&long).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    assert!(f.serve(&l, 1).await);
+    f.clock.advance(4); // renew_after: a new lease; the old one waits, its credit is held
+    l.tick().await;
+    assert_eq!(l.parked(&"a".into()).leases, 2);
+    assert_eq!(f.balance().await.held.get(), 20);
+    f.clock.advance(1); // the new lease covers the request in flight: the old one settles
+    l.tick().await;
+    let p = l.parked(&"a".into());
+    // Settled with the 1 spent; 2 free were left, so a new lease came too.
+    assert_eq!(
+        (p.leases, p.in_flight.get(), p.unsettled.get()),
+        (2, 8, 0),
+        "{p:?}"
+    );
+    assert_eq!(f.balance().await.settled.get(), 2);
+    l.settle(
+        &long.id(),
+        &[Usage::new("requests", 8)],
+        OverEstimate::DrawBalance,
+        f.clock.now(),
+    )
+    .await
+    .unwrap();
+    l.shutdown().await;
+    let b = f.balance().await;
+    assert_eq!((b.held.get(), b.settled.get()), (0, 10));
+}
+
+#[tokio::test]
+async fn a_lease_is_settled_before_it_expires_whatever_is_in_flight() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new().ttl_secs(8).idle_secs(100));
+    f.serve(&l, 1).await;
+    l.tick().await;
+    let long = f.request(8);
+    assert!(matches!(
+        l.reserve(&long).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    assert!(f.serve(&l, 1).await);
+    // Someone else holds most of the balance: no new lease can be had.
+    let mut big = f.request(900);
+    big.idempotent = true;
+    big.key = "idem:big".into();
+    assert!(matches!(
+        f.shared.reserve(&big).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    f.clock.advance(6); // settle_by (8 - 2): settled with the 8 in flight charged ahead
+    l.tick().await;
+    let p = l.parked(&"a".into());
+    assert_eq!((p.leases, p.in_flight.get()), (0, 8), "{p:?}");
+    let b = f.balance().await;
+    assert_eq!((b.held.get(), b.settled.get()), (900, 1 + 1 + 8));
+    f.clock.advance(2); // past the lease's TTL: nothing was left to lapse
+    assert_eq!(f.balance().await.settled.get(), 10);
+    // The long request uses 3: the other 5 are refunded when the lease is given back.
+    l.settle(
+        &long.id(),
+        &[Usage::new("requests", 3)],
+        OverEstimate::DrawBalance,
+        f.clock.now(),
+    )
+    .await
+    .unwrap();
+    l.shutdown().await;
+    f.shared.release(&big.id(), f.clock.now()).await.unwrap();
+    let b = f.balance().await;
+    assert_eq!(b.held.get(), 0);
+    assert_eq!(b.deposited.get(), 1_005, "5 refunded: {b:?}");
+    assert_eq!(
+        1_000 - b.available.get(),
+        1 + 1 + 3,
+        "charged exactly what was used: {b:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_account_gives_its_lease_back() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new().idle_secs(5));
+    f.serve(&l, 1).await;
+    l.tick().await;
+    f.serve(&l, 1).await;
+    f.clock.advance(4);
+    l.tick().await;
+    assert_eq!(l.parked(&"a".into()).leases, 1);
+    f.clock.advance(1);
+    l.tick().await;
+    assert_eq!(l.parked(&"a".into()), Parked::default());
+    let b = f.balance().await;
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (998, 0, 2)
+    );
+    l.tick().await; // forgotten
+    assert!(l.shared.lock().is_empty());
+}
+
+#[tokio::test]
+async fn keyed_and_allowance_requests_go_direct() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new());
+    f.serve(&l, 1).await;
+    l.tick().await;
+    let mut keyed = f.request(2);
+    keyed.idempotent = true;
+    keyed.key = "idem:k".into();
+    assert!(matches!(
+        l.reserve(&keyed).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    assert_eq!(
+        f.balance().await.held.get(),
+        12,
+        "its own hold in the shared ledger"
+    );
+    l.settle(
+        &keyed.id(),
+        &[Usage::new("requests", 2)],
+        OverEstimate::DrawBalance,
+        f.clock.now(),
+    )
+    .await
+    .unwrap();
+    // A retry on another instance is recognized.
+    let other = f.leased(LeaseConfig::new());
+    assert!(matches!(
+        other.reserve(&keyed).await.unwrap(),
+        ReserveOutcome::Replayed(Replay::Completed(_))
+    ));
+    let mut quota = f.request(1);
+    quota.charges = vec![Charge {
+        allowance: Some(crate::plan::AllowanceWindow {
+            limit: 1,
+            start: T0,
+            resets_at: T0.plus_secs(3600),
+        }),
+        ..paid(1)
+    }]
+    .into();
+    assert!(matches!(
+        l.reserve(&quota).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    let used = f
+        .shared
+        .allowance_usage(&"a".into(), &Meter::new("requests"), T0, f.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(
+        used.held, 1,
+        "the allowance is counted in the shared ledger"
+    );
+    assert_eq!(l.parked(&"a".into()).in_flight.get(), 0);
+}
+
+#[tokio::test]
+async fn over_estimates_draw_the_lease_then_the_shared_balance() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new());
+    f.serve(&l, 1).await;
+    l.tick().await;
+    let req = f.request(1);
+    l.reserve(&req).await.unwrap();
+    let s = l
+        .settle(
+            &req.id(),
+            &[Usage::new("requests", 15)],
+            OverEstimate::DrawBalance,
+            f.clock.now(),
+        )
+        .await
+        .unwrap();
+    // 10 from the lease (1 held + 9 free), 5 directly from the shared balance.
+    assert_eq!((s.charged.get(), s.shortfall.credits.get()), (15, 0));
+    let req = f.request(1);
+    assert!(matches!(
+        l.reserve(&req).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    let s = l
+        .settle(
+            &req.id(),
+            &[Usage::new("requests", 4)],
+            OverEstimate::CapAtHold,
+            f.clock.now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((s.charged.get(), s.shortfall.credits.get()), (1, 3));
+    l.shutdown().await;
+    let b = f.balance().await;
+    assert_eq!((b.held.get(), b.settled.get()), (0, 1 + 15 + 1));
+}
+
+#[tokio::test]
+async fn a_refused_direct_request_takes_this_instances_lease_back_first() {
+    let mut f = Fixture::new(200).await;
+    let l = f.fixed(
+        LeaseConfig::new()
+            .share_percent(50)
+            .threshold(Credits::new(10)),
+    );
+    f.serve(&l, 1).await;
+    l.tick().await;
+    assert_eq!(l.parked(&"a".into()).leased.get(), 10);
+    // A keyed request for everything left: the shared ledger alone cannot pay it.
+    let mut keyed = f.request(199);
+    keyed.idempotent = true;
+    keyed.key = "idem:all".into();
+    assert!(matches!(
+        l.reserve(&keyed).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    assert_eq!(l.parked(&"a".into()).leased.get(), 0);
+}
