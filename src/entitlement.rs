@@ -120,6 +120,9 @@ pub use axum_impl::MissingEntitlement;
 ///
 /// Crate-private, and never in the request extensions: nothing outside the crate can make the
 /// metering layer skip a charge.
+// `Entitled` is what nearly every request carries: boxing it would add an allocation per
+// request on the hot path to shrink the rare variants.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Admission {
     /// A public route: no credential, nothing to meter.
     Public,

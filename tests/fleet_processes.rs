@@ -302,16 +302,16 @@ async fn served_here(ports: &[u16]) -> u64 {
     n
 }
 
-/// One fleet at a time: four servers per test are plenty for two cores.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// One fleet at a time: four servers per test are plenty for two cores. (An async mutex: the
+/// guard is held across the whole test.)
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// 2,000 concurrent requests against 500 credits on four processes.
 async fn exactly_500(backend: Backend, leases: bool) {
-    let _one = one_at_a_time();
+    let _one = one_at_a_time().await;
     deposit(&backend, 500, "seed");
     let fleet = start(&backend, leases).await;
     let counts = hammer(&fleet.ports, 2_000, None).await;
@@ -344,7 +344,7 @@ async fn exactly_500(backend: Backend, leases: bool) {
 
 /// With leases, `kill -9` one of four processes mid-run.
 async fn kill_one(backend: Backend) {
-    let _one = one_at_a_time();
+    let _one = one_at_a_time().await;
     deposit(&backend, 500, "seed");
     // The victim's direct reservations in flight are held for their own TTL: short here too.
     let mut fleet = start_with(&backend, true, &[("HOLD_TTL_SECS", "5".into())]).await;
