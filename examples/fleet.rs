@@ -27,6 +27,7 @@
 //! | `LEASES` | | `1`: serve from leased credit (`LeasedLedger`) |
 //! | `LEASE_TTL_SECS` | 30 | a lease's TTL: how long a killed instance's lease stays parked |
 //! | `LEASE_IDLE_SECS` | 5 | an idle account's lease is given back after this |
+//! | `LEASE_MIN_CREDITS` | 10 | the smallest lease |
 //! | `BILLING_TIMEOUT_SECS` | 5 | the layers' patience with the shared store |
 //! | `HOLD_TTL_SECS` | 300 | a direct reservation's TTL: how long a killed instance's requests in flight stay held |
 //! | `RUST_LOG` | `info` | `tracing` filter (`tower_402=debug` shows every lease) |
@@ -164,7 +165,8 @@ async fn serve() -> Result<(), Error> {
     let leases = if std::env::var("LEASES").is_ok_and(|v| v == "1") {
         let config = LeaseConfig::new()
             .ttl_secs(env_u64("LEASE_TTL_SECS", 30)?)
-            .idle_secs(env_u64("LEASE_IDLE_SECS", 5)?);
+            .idle_secs(env_u64("LEASE_IDLE_SECS", 5)?)
+            .min_lease(Credits::new(env_u64("LEASE_MIN_CREDITS", 10)?));
         tracing::info!(?config, "serving from leased credit");
         Some(LeasedLedger::new(shared.clone(), config))
     } else {
