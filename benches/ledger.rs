@@ -4,7 +4,7 @@
 //! `cargo bench --bench ledger --all-features`
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tower_402::ledger::{Charge, OverEstimate, ReserveRequest, Usage};
+use tower_402::ledger::{Charge, OnExpiry, OverEstimate, ReserveRequest, Usage};
 use tower_402::plan::Meter;
 use tower_402::{Credits, Ledger, MemoryLedger, Timestamp};
 
@@ -24,6 +24,7 @@ fn request(n: u64) -> ReserveRequest {
         .into(),
         ttl_secs: 300,
         idempotent: false,
+        on_expiry: OnExpiry::Charge,
         now: Timestamp::now(),
     }
 }

@@ -88,6 +88,7 @@ fn reserve_request(
         .into(),
         ttl_secs: TTL,
         idempotent: true,
+        on_expiry: OnExpiry::Release,
         now,
     }
 }

@@ -316,10 +316,12 @@ async fn a_cancelled_request_releases_its_hold() {
 }
 
 /// On the in-memory ledger only a keyed reservation (a request with an `Idempotency-Key`) has
-/// a TTL; a request without one holds without a record, which its guard gives back on every
-/// exit path but which does not expire.
+/// a TTL; a request without one holds without a record, which its guard settles on every exit
+/// path but which does not expire. A keyed hold whose stream stalls past its TTL is charged
+/// its estimate when it expires (the handler ran): the credit is not freed for other spending,
+/// and the settlement when the stream does end has the last word.
 #[tokio::test]
-async fn an_expired_hold_comes_back_without_any_sweeper() {
+async fn a_stalled_stream_is_charged_when_its_hold_expires() {
     let s = Setup::new(100).await;
     let app = s.app(|m| m.reservation_ttl(std::time::Duration::from_secs(60)));
     let res = app
@@ -336,8 +338,29 @@ async fn an_expired_hold_comes_back_without_any_sweeper() {
     assert_eq!(s.available().await, 90);
     assert_eq!(s.open(), 1);
     s.clock.advance(60);
-    assert_eq!(s.available().await, 100);
-    std::mem::forget(res);
+    let b = s
+        .ledger
+        .balance(&"acme".into(), s.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (90, 0, 10),
+        "charged at expiry, not given back"
+    );
+    // The client reads on: the stream is delivered and settled once, at its price.
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"chunk 0\nchunk 1\nchunk 2\nchunk 3\n");
+    s.drain().await;
+    let b = s
+        .ledger
+        .balance(&"acme".into(), s.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (90, 0, 10)
+    );
 }
 
 /// Credit-only billing for `acme` (a plan with overage, no allowance) at `START`, each

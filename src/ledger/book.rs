@@ -42,6 +42,26 @@ pub(crate) struct Record {
     /// Kept after it ends, for the retention time, so a retry under its key is recognized
     /// (`ReserveRequest::idempotent`). Otherwise forgotten when settled or released.
     pub(crate) retain: bool,
+    /// [`OnExpiry::Charge`]: when the hold expires it is charged, not given back; the record
+    /// is then `Expired` with its `credits` and `allowance_units` settled (provisionally: a
+    /// late settlement or release has the last word).
+    pub(crate) charge_on_expiry: bool,
+}
+
+impl Record {
+    /// What a charge at expiry settled, as a retry under the key sees it.
+    fn provisional_settlement(&self) -> Settlement {
+        let mut allowance_used_after = PerCharge::with_capacity(self.charges.len());
+        for _ in self.charges.iter() {
+            allowance_used_after.push(None);
+        }
+        Settlement {
+            charged: self.credits,
+            allowance_units: self.allowance_units.clone(),
+            allowance_used_after,
+            ..Settlement::default()
+        }
+    }
 }
 
 /// Allowance units of one meter in one window.
@@ -219,10 +239,14 @@ impl AccountBook {
             if rec.state != State::Open || rec.expires_at != at {
                 continue;
             }
-            for (charge, units) in rec.charges.iter().zip(&rec.allowance_units) {
-                if let Some(w) = charge.allowance {
-                    if let Some(c) = self.allowances.get_mut(&(charge.meter.clone(), w.start)) {
+            let charge = rec.charge_on_expiry;
+            for (c, units) in rec.charges.iter().zip(&rec.allowance_units) {
+                if let Some(w) = c.allowance {
+                    if let Some(c) = self.allowances.get_mut(&(c.meter.clone(), w.start)) {
                         c.held = c.held.saturating_sub(*units);
+                        if charge {
+                            c.used = c.used.saturating_add(*units);
+                        }
                     }
                 }
             }
@@ -231,23 +255,24 @@ impl AccountBook {
             // An expired hold is remembered even without `retain`: a late settlement must
             // still find it and charge (see `settle`).
             self.finished.push_back((rec.expires_at, key));
-            // A part of `held` comes back to `available`: neither operation can fail.
-            self.held = self.held.saturating_sub(rec.credits);
-            self.available = self
-                .available
-                .checked_add(rec.credits)
-                .unwrap_or(self.available);
-            if !rec.credits.is_zero() {
-                let (credits, at) = (rec.credits, rec.expires_at);
-                self.journal.push(
-                    at,
-                    EntryKind::Expiry,
-                    credits,
-                    None,
-                    self.available,
-                    None,
-                    None,
-                );
+            let (credits, at) = (rec.credits, rec.expires_at);
+            // A part of `held` moves to `settled` (charged) or back to `available`: neither
+            // operation can fail, both stay within `deposited`.
+            self.held = self.held.saturating_sub(credits);
+            let kind = if charge {
+                self.settled = self.settled.checked_add(credits).unwrap_or(self.settled);
+                EntryKind::Settle
+            } else {
+                self.available = self
+                    .available
+                    .checked_add(credits)
+                    .unwrap_or(self.available);
+                EntryKind::Expiry
+            };
+            if !credits.is_zero() {
+                let available = self.available;
+                self.journal
+                    .push(at, kind, credits, None, available, None, None);
             }
         }
         self.journal.expire(now);
@@ -373,6 +398,12 @@ impl AccountBook {
                     let settlement = rec.settlement.clone().unwrap_or_default();
                     return Ok(ReserveOutcome::Replayed(Replay::Completed(settlement)));
                 }
+                // The earlier attempt's work was charged when its hold expired: it ran (or
+                // may still be running), so a retry does not run it again.
+                State::Expired if rec.charge_on_expiry => {
+                    let settlement = rec.provisional_settlement();
+                    return Ok(ReserveOutcome::Replayed(Replay::Completed(settlement)));
+                }
                 // The earlier attempt was refunded: this retry is a new attempt.
                 State::Released | State::Expired => {}
             }
@@ -401,6 +432,7 @@ impl AccountBook {
                 touched_at: req.now,
                 settlement: None,
                 retain: req.idempotent,
+                charge_on_expiry: req.on_expiry == OnExpiry::Charge,
             },
         );
         Ok(ReserveOutcome::Reserved(Reservation {
@@ -537,7 +569,14 @@ impl AccountBook {
             .ok_or(LedgerError::UnknownReservation)?;
         let was_open = match rec.state {
             State::Open => true,
-            // The hold lapsed while the work ran: charge as if nothing had been held.
+            // The hold was charged when it expired: that charge becomes a hold again, and the
+            // settlement below charges the actual usage against it as if it had never lapsed.
+            State::Expired if rec.charge_on_expiry => {
+                self.uncharge(&rec, true, now);
+                true
+            }
+            // The hold lapsed and came back while the work ran: charge as if nothing had
+            // been held.
             State::Expired => false,
             State::Settled => {
                 self.reservations.insert(key, rec);
@@ -713,6 +752,45 @@ impl AccountBook {
         }
     }
 
+    /// Undoes a charge at expiry: the record's credits and allowance units leave `settled`
+    /// (and the allowance's `used`) for `held` again (`rehold`, before a late settlement) or
+    /// for `available` (a late release). Journaled as a release of the provisional charge.
+    fn uncharge(&mut self, rec: &Record, rehold: bool, now: Timestamp) {
+        for (c, units) in rec.charges.iter().zip(&rec.allowance_units) {
+            if let Some(w) = c.allowance {
+                if let Some(c) = self.allowances.get_mut(&(c.meter.clone(), w.start)) {
+                    c.used = c.used.saturating_sub(*units);
+                    if rehold {
+                        c.held = c.held.saturating_add(*units);
+                    }
+                }
+            }
+        }
+        // The credits were moved into `settled` by the expiry: moving them out stays within
+        // `deposited`.
+        self.settled = self.settled.saturating_sub(rec.credits);
+        if rehold {
+            self.held = self.held.checked_add(rec.credits).unwrap_or(self.held);
+        } else {
+            self.available = self
+                .available
+                .checked_add(rec.credits)
+                .unwrap_or(self.available);
+        }
+        if !rec.credits.is_zero() {
+            let available = self.available;
+            self.journal.push(
+                now,
+                EntryKind::Release,
+                rec.credits,
+                None,
+                available,
+                None,
+                None,
+            );
+        }
+    }
+
     /// Gives a hold back. See [`Ledger::release`](crate::Ledger::release).
     pub fn release(&mut self, key: &str, now: Timestamp) -> Result<(), LedgerError> {
         self.expire(now);
@@ -722,6 +800,14 @@ impl AccountBook {
             .ok_or(LedgerError::UnknownReservation)?;
         match rec.state {
             State::Open => {}
+            // The work never ran after all: the charge at expiry comes back.
+            State::Expired if rec.charge_on_expiry => {
+                self.uncharge(&rec, false, now);
+                rec.state = State::Released;
+                rec.touched_at = now;
+                self.finish(key, rec, now);
+                return Ok(());
+            }
             State::Released | State::Expired => {
                 self.reservations.insert(key, rec);
                 return Ok(());

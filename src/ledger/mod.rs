@@ -23,8 +23,14 @@
 //!   back. More than held: see [`OverEstimate`]; a shortfall is reported, never silent, and the
 //!   balance never goes below zero.
 //! - [`release`](Ledger::release): give the hold back (idempotent). Reservations also expire on
-//!   their own: every operation on an account first releases that account's expired holds, so
-//!   no sweeper is needed for correctness.
+//!   their own: every operation on an account first ends that account's expired holds, so no
+//!   sweeper is needed for correctness. What an expired hold becomes is the reservation's
+//!   [`OnExpiry`]: the metering layer's holds ([`OnExpiry::Charge`]) are **charged** their
+//!   estimate, because the handler ran on the reservation's reply and its settlement did not
+//!   land in time (the instance died, the store was down, a stream stalled past its hold);
+//!   a late settlement then charges the actual usage instead, and a late release (the layer
+//!   learned the handler never started) gives it back. Holds taken ahead of work, like
+//!   leases, are [`OnExpiry::Release`]: given back.
 //! - [`deposit`](Ledger::deposit): idempotent top-up.
 //!
 //! # Spend history
@@ -153,8 +159,8 @@ pub use crate::charge::Charge;
 #[cfg(feature = "postgres")]
 pub(crate) use book::{Counter, Parts, Record, State};
 pub use types::{
-    AllowanceUsage, Balance, Deposit, Hold, OverEstimate, Replay, Reservation, ReservationId,
-    ReservationKey, ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,
+    AllowanceUsage, Balance, Deposit, Hold, OnExpiry, OverEstimate, Replay, Reservation,
+    ReservationId, ReservationKey, ReserveOutcome, ReserveRequest, Settlement, Shortfall, Usage,
 };
 
 use std::sync::Arc;
@@ -184,8 +190,10 @@ pub trait Ledger: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Settlement, LedgerError>;
 
-    /// Gives the hold back. Releasing a released or expired reservation is a no-op; releasing
-    /// a settled one is [`LedgerError::AlreadySettled`].
+    /// Gives the hold back. Releasing a released reservation, or one that expired and was given
+    /// back, is a no-op; releasing one that was charged when it expired
+    /// ([`OnExpiry::Charge`]) gives that charge back; releasing a settled one is
+    /// [`LedgerError::AlreadySettled`].
     async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError>;
 
     /// Adds credit, once per key.

@@ -118,8 +118,36 @@ pub struct ReserveRequest {
     /// the key is unique to one request and can never come back: every backend forgets the
     /// reservation as soon as it is settled or released, keeping storage flat.
     pub idempotent: bool,
+    /// What happens to the hold if it is neither settled nor released before `ttl_secs`.
+    pub on_expiry: OnExpiry,
     /// The current time.
     pub now: Timestamp,
+}
+
+/// What a reservation that is neither settled nor released becomes when its hold expires.
+///
+/// The ledger cannot see the work, so whoever reserves says which kind of hold it is. The
+/// metering layer reserves right before it calls the handler, so its holds are
+/// [`Charge`](OnExpiry::Charge): if the settlement never lands (the instance died, the store
+/// was down until the hold expired, a stream stalled past its hold), the work ran and is
+/// charged its estimate. When the layer knows the handler never started (the reservation's
+/// reply was lost, the request was cancelled first) it releases the hold, and the release
+/// lands even after the expiry (it gives the provisional charge back).
+///
+/// | | settled or released in time | left to expire |
+/// |---|---|---|
+/// | `Charge` | as asked | charged the estimate (held credit and allowance units); a later `settle` charges the actual usage instead (the difference is drawn or given back), a later `release` gives it all back; a retry under its key is [`Replay::Completed`] |
+/// | `Release` | as asked | given back; a later `settle` still charges what it is given, drawing on `available`; a retry under its key reserves afresh |
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OnExpiry {
+    /// The work starts on the reservation's reply: an expired hold is charged its estimate.
+    /// What the metering layer reserves.
+    #[default]
+    Charge,
+    /// A hold taken ahead of any work (a lease, a quote): given back when it expires.
+    Release,
 }
 
 impl ReserveRequest {

@@ -501,6 +501,8 @@ fn reserve_request(
         charges: charges.to_arc(),
         ttl_secs: config.ttl_secs,
         idempotent,
+        // The handler runs on this reservation's reply.
+        on_expiry: crate::ledger::OnExpiry::Charge,
         now: start.now,
     }
 }

@@ -105,6 +105,9 @@ pub fn request(account: &str, key: &str, charges: Vec<Charge>, now: Timestamp) -
         charges: charges.into(),
         ttl_secs: 60,
         idempotent: true,
+        // The suite's older cases are about holds that come back; the ones charged at expiry
+        // set `OnExpiry::Charge` themselves.
+        on_expiry: OnExpiry::Release,
         now,
     }
 }
@@ -387,6 +390,108 @@ pub async fn expiry(l: &impl Ledger) {
         (b.available, b.held, b.settled),
         (Credits::new(26), Credits::ZERO, Credits::new(4))
     );
+}
+
+/// `OnExpiry::Charge`: a hold whose settlement never came is charged its estimate when it
+/// expires (credit and allowance units); a late settlement charges the actual usage instead,
+/// a late release gives it all back, and a retry under the key does not run the work again.
+pub async fn expiry_charges_started_work(l: &impl Ledger) {
+    let a = acct("exc");
+    l.deposit(&a, Credits::new(100), "d", at(0)).await.unwrap();
+    let start = at(0);
+    let mut with_allowance = paid("tok", 10, 1);
+    with_allowance.allowance = Some(window(start, 4));
+    let mut req = request("exc", "k1", vec![paid("req", 10, 1), with_allowance], at(0));
+    req.ttl_secs = 10;
+    req.on_expiry = OnExpiry::Charge;
+    let r = reserved(l.reserve(&req).await.unwrap());
+    // 10 credits for `req`, 4 allowance units and 6 credits for `tok`.
+    assert_eq!(r.credits, Credits::new(16));
+    let b = conserved(l, "exc", at(10)).await;
+    assert_eq!(
+        (b.available, b.held, b.settled),
+        (Credits::new(84), Credits::ZERO, Credits::new(16)),
+        "charged at expiry, not given back"
+    );
+    let tok = Meter::new("tok");
+    let u = l.allowance_usage(&a, &tok, start, at(10)).await.unwrap();
+    assert_eq!((u.used, u.held), (4, 0), "its allowance units are used");
+    // A retry under the key: the work ran (or may be running); it is not run again.
+    let mut retry = req.clone();
+    retry.now = at(11);
+    match l.reserve(&retry).await.unwrap() {
+        ReserveOutcome::Replayed(Replay::Completed(s)) => {
+            assert_eq!(s.charged, Credits::new(16));
+            assert_eq!(&s.allowance_units[..], &[0, 4]);
+        }
+        other => panic!("a retry of work charged at expiry: {other:?}"),
+    }
+    // The late settlement has the last word: 3 of `req`, 2 of `tok` (all from the allowance).
+    let s = l
+        .settle(
+            &id("exc", "k1"),
+            &[Usage::new("req", 3), Usage::new("tok", 2)],
+            OverEstimate::DrawBalance,
+            at(12),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.charged, s.available_after),
+        (Credits::new(3), Credits::new(97))
+    );
+    let u = l.allowance_usage(&a, &tok, start, at(12)).await.unwrap();
+    assert_eq!((u.used, u.held), (2, 0));
+    assert!(matches!(
+        l.settle(&id("exc", "k1"), &[], OverEstimate::DrawBalance, at(13))
+            .await,
+        Err(LedgerError::AlreadySettled)
+    ));
+    // More than the estimate, settled late: drawn from the balance like an open hold's.
+    let mut r2 = request("exc", "k2", vec![paid("req", 10, 1)], at(20));
+    (r2.ttl_secs, r2.on_expiry, r2.idempotent) = (5, OnExpiry::Charge, false);
+    reserved(l.reserve(&r2).await.unwrap());
+    assert_eq!(conserved(l, "exc", at(25)).await.settled, Credits::new(13));
+    let s = l
+        .settle(
+            &id("exc", "k2"),
+            &[Usage::new("req", 25)],
+            OverEstimate::CapAtHold,
+            at(26),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.charged, Credits::new(10), "capped at the hold it had");
+    assert_eq!(s.shortfall.credits, Credits::new(15));
+    // A late release (the work never started): the charge comes back, and a retry is new.
+    let mut r3 = request("exc", "k3", vec![paid("req", 7, 1)], at(30));
+    (r3.ttl_secs, r3.on_expiry) = (5, OnExpiry::Charge);
+    reserved(l.reserve(&r3).await.unwrap());
+    let before = conserved(l, "exc", at(35)).await;
+    l.release(&id("exc", "k3"), at(36)).await.unwrap();
+    let after = conserved(l, "exc", at(36)).await;
+    assert_eq!(
+        after.available,
+        before.available.checked_add(Credits::new(7)).unwrap()
+    );
+    assert_eq!(
+        after.settled,
+        before.settled.checked_sub(Credits::new(7)).unwrap()
+    );
+    l.release(&id("exc", "k3"), at(37)).await.unwrap();
+    assert_eq!(conserved(l, "exc", at(37)).await, after, "released once");
+    r3.now = at(38);
+    assert!(matches!(
+        l.reserve(&r3).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    l.release(&id("exc", "k3"), at(39)).await.unwrap();
+    // `OnExpiry::Release` beside it: given back at expiry.
+    let mut r4 = request("exc", "k4", vec![paid("req", 9, 1)], at(40));
+    r4.ttl_secs = 5;
+    reserved(l.reserve(&r4).await.unwrap());
+    let b = conserved(l, "exc", at(45)).await;
+    assert_eq!((b.available, b.settled), (after.available, after.settled));
 }
 
 pub async fn allowances(l: &impl Ledger) {
@@ -710,6 +815,11 @@ fn random_ops(seed: u64, n: usize, huge: bool) -> Vec<(Timestamp, Op)> {
                     ttl_secs: 1 + rng.below(30),
                     // Most keys are idempotency keys; the others are forgotten once finished.
                     idempotent: rng.below(4) != 0,
+                    on_expiry: if rng.below(2) == 0 {
+                        OnExpiry::Charge
+                    } else {
+                        OnExpiry::Release
+                    },
                     now: t,
                 })
             }
@@ -1234,6 +1344,7 @@ macro_rules! conformance_tests {
         conformance_tests!(@one $ledger, over_estimates_and_denials, over_estimates_and_denials);
         conformance_tests!(@one $ledger, idempotent_reserve, idempotent_reserve);
         conformance_tests!(@one $ledger, expiry, expiry);
+        conformance_tests!(@one $ledger, expiry_charges_started_work, expiry_charges_started_work);
         conformance_tests!(@one $ledger, allowances, allowances);
         conformance_tests!(@one $ledger, allowance_window_rollover, allowance_window_rollover);
         conformance_tests!(@one $ledger, retention, retention);

@@ -73,7 +73,7 @@
 //! let request = |key: &str| ReserveRequest {
 //!     account: "acme".into(), key: key.into(), fingerprint: 0,
 //!     charges: vec![charge.clone()].into(), ttl_secs: 60, idempotent: false,
-//!     now: Timestamp::EPOCH,
+//!     on_expiry: Default::default(), now: Timestamp::EPOCH,
 //! };
 //! // No lease yet: a direct reservation; the miss asks for a lease at the next tick.
 //! assert!(matches!(ledger.reserve(&request("r1")).await?, ReserveOutcome::Reserved(_)));
@@ -112,9 +112,9 @@ use crate::credits::Credits;
 use crate::denial::Denial;
 use crate::error::LedgerError;
 use crate::ledger::{
-    AllowanceUsage, Balance, Deposit, Ledger, OverEstimate, PerCharge, Replay, Reservation,
-    ReservationId, ReservationKey, ReserveOutcome, ReserveRequest, ResponseRecords, Settlement,
-    Shortfall, Usage,
+    AllowanceUsage, Balance, Deposit, Ledger, OnExpiry, OverEstimate, PerCharge, Replay,
+    Reservation, ReservationId, ReservationKey, ReserveOutcome, ReserveRequest, ResponseRecords,
+    Settlement, Shortfall, Usage,
 };
 use crate::plan::Meter;
 use crate::time::{Clock, SystemClock, Timestamp};
@@ -644,6 +644,13 @@ impl<L: Ledger, C: Clock> Shared<L, C> {
             charges: Arc::from([lease_charge(credits)]),
             ttl_secs,
             idempotent: false,
+            // A lease is taken ahead of work and goes back when it lapses (an instance that
+            // died leaves nothing parked); a charge beyond a lease is for work already served.
+            on_expiry: if kind == "lease" {
+                OnExpiry::Release
+            } else {
+                OnExpiry::Charge
+            },
             now,
         }
     }

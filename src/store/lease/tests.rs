@@ -66,6 +66,7 @@ impl Fixture {
             charges: vec![paid(units)].into(),
             ttl_secs: 60,
             idempotent: false,
+            on_expiry: OnExpiry::Release,
             now: self.clock.now(),
         }
     }

@@ -106,6 +106,7 @@ pub(super) fn record_from_row(row: &Row) -> Result<Record, StoreError> {
             .transpose()
             .map_err(StoreError::corrupt)?,
         retain: row.get(10),
+        charge_on_expiry: row.get(11),
     })
 }
 

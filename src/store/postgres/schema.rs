@@ -47,6 +47,16 @@ DO $$ BEGIN
     ALTER TABLE {res} ADD COLUMN retain boolean NOT NULL DEFAULT true;
   END IF;
 END $$;
+-- Whether an open reservation's hold is charged when it expires (`OnExpiry::Charge`: the work
+-- ran on its reply) or given back. Rows from before the column existed are given back, as
+-- they always were.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = '{schema}' AND table_name = '{p}reservations'
+                   AND column_name = 'charge_on_expiry') THEN
+    ALTER TABLE {res} ADD COLUMN charge_on_expiry boolean NOT NULL DEFAULT false;
+  END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS "{p}reservations_due" ON {res} (expires_at) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS "{p}reservations_done" ON {res} (touched_at) WHERE state <> 'open';
 CREATE TABLE IF NOT EXISTS {allow} (
@@ -178,7 +188,7 @@ impl LedgerSql {
         let load = format!(
             "WITH r AS ( \
                  SELECT key, state, fingerprint, credits, expires_at, touched_at, \
-                        allowance_units, charges, settlement, retain \
+                        allowance_units, charges, settlement, retain, charge_on_expiry \
                    FROM {res} \
                   WHERE account = $1 \
                     AND ((state = 'open' AND expires_at <= $2) OR key = ANY($3::text[])) \
@@ -190,24 +200,24 @@ impl LedgerSql {
                   WHERE jsonb_typeof(c -> 'allowance') = 'object' \
              ) \
              SELECT 'r', key, state, fingerprint, credits, expires_at, touched_at, \
-                    allowance_units, charges, settlement, retain FROM r \
+                    allowance_units, charges, settlement, retain, charge_on_expiry FROM r \
              UNION ALL \
              SELECT 'a', a.meter, NULL, a.window_start, a.used, a.held, a.resets_at, \
-                    NULL, NULL, NULL, NULL \
+                    NULL, NULL, NULL, NULL, NULL \
                FROM {allow} a JOIN w ON a.meter = w.meter AND a.window_start = w.window_start \
               WHERE a.account = $1 \
              UNION ALL \
-             SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL, NULL \
+             SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
                FROM {dep} WHERE account = $1 AND key = ANY($6::text[]) \
              UNION ALL \
-             SELECT 'x', key, direction, amount, at, NULL, NULL, NULL, NULL, NULL, NULL \
+             SELECT 'x', key, direction, amount, at, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
                FROM {adj} WHERE account = $1 AND key = ANY($7::text[])"
         );
         // The same plus the balance row ('b'), for a read on one snapshot without the lock.
         let peek = format!(
             "{load} UNION ALL \
              SELECT 'b', account, NULL, available, held, settled, deposited, NULL, NULL, NULL, \
-                    NULL \
+                    NULL, NULL \
                FROM {bal} WHERE account = $1"
         );
         // A little longer than the client's own timer, which normally fires first: this is
@@ -238,16 +248,18 @@ impl LedgerSql {
                      DELETE FROM {res} WHERE account = $1 AND key = ANY($7::text[]) \
                  ), reservations AS ( \
                      INSERT INTO {res} (account, key, state, fingerprint, credits, \
-                         allowance_units, charges, settlement, expires_at, touched_at, retain) \
+                         allowance_units, charges, settlement, expires_at, touched_at, retain, \
+                         charge_on_expiry) \
                      SELECT $1::text, * FROM unnest($8::text[], $9::text[], $10::bigint[], \
                          $11::bigint[], $12::jsonb[], $13::jsonb[], $14::jsonb[], \
-                         $15::bigint[], $16::bigint[], $28::boolean[]) \
+                         $15::bigint[], $16::bigint[], $28::boolean[], $34::boolean[]) \
                      ON CONFLICT (account, key) DO UPDATE SET state = EXCLUDED.state, \
                          fingerprint = EXCLUDED.fingerprint, credits = EXCLUDED.credits, \
                          allowance_units = EXCLUDED.allowance_units, \
                          charges = EXCLUDED.charges, settlement = EXCLUDED.settlement, \
                          expires_at = EXCLUDED.expires_at, touched_at = EXCLUDED.touched_at, \
-                         retain = EXCLUDED.retain \
+                         retain = EXCLUDED.retain, \
+                         charge_on_expiry = EXCLUDED.charge_on_expiry \
                  ), allowances_gone AS ( \
                      DELETE FROM {allow} WHERE account = $1 AND (meter, window_start) IN \
                          (SELECT * FROM unnest($17::text[], $18::bigint[])) \

@@ -305,6 +305,7 @@ pub(super) struct ReservationColumns<'a> {
     pub(super) expires_at: Vec<i64>,
     pub(super) touched_at: Vec<i64>,
     pub(super) retain: Vec<bool>,
+    pub(super) charge_on_expiry: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -358,6 +359,7 @@ impl<'a> Changes<'a> {
             r.expires_at.push(ts_to_sql(rec.expires_at));
             r.touched_at.push(ts_to_sql(rec.touched_at));
             r.retain.push(rec.retain);
+            r.charge_on_expiry.push(rec.charge_on_expiry);
         }
         for (meter, start) in before.allowances.keys() {
             if !after.allowances.contains_key(&(meter.clone(), *start)) {
@@ -420,7 +422,7 @@ impl<'a> Changes<'a> {
     }
 
     /// The parameters of [`LedgerSql::write`], in order.
-    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 33] {
+    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 34] {
         let (b, r, a) = (&self.balance, &self.reservations, &self.allowances);
         [
             account,
@@ -456,6 +458,7 @@ impl<'a> Changes<'a> {
             &self.adjustments.1,
             &self.adjustments.2,
             &self.adjustments.3,
+            &r.charge_on_expiry,
         ]
     }
 }

@@ -84,6 +84,31 @@ local function release_units(rec)
     end
   end
 end
+-- Moves each charge's allowance units of `rec` between its counter's held and used (dh and du
+-- are -1, 0 or 1), as AccountBook::expire and AccountBook::uncharge do.
+local function shift_units(rec, dh, du)
+  for i = 1, tonumber(rec.n) do
+    if rec['l' .. i] then
+      local c = get_counter(rec['m' .. i], rec['ws' .. i])
+      if c then
+        local u = tonumber(rec['u' .. i])
+        c.held = math.max(c.held + dh * u, 0)
+        c.used = math.max(c.used + du * u, 0)
+        redis.call('HSET', ckey(rec['m' .. i], rec['ws' .. i]), 'held', s(c.held), 'used', s(c.used))
+      end
+    end
+  end
+end
+-- Mirrors AccountBook::uncharge: a hold charged at expiry leaves `settled` again, for `held`
+-- (before a late settlement) or for `available` (a late release).
+local function uncharge(rec, rehold)
+  local cr = tonumber(rec.cr)
+  if rehold then shift_units(rec, 1, -1) else shift_units(rec, 0, -1) end
+  bal.settled = math.max(bal.settled - cr, 0)
+  if rehold then bal.held = bal.held + cr else bal.available = bal.available + cr end
+  dirty = true
+  journal(NOW, 'release', cr)
+end
 local function expire_due()
   local due = redis.call('ZRANGEBYSCORE', B .. ':open', '-inf', s(NOW))
   if #due == 0 then return end
@@ -93,12 +118,19 @@ local function expire_due()
     local rec = hgetall(rk)
     if rec and rec.st == 'o' then
       local cr = tonumber(rec.cr)
-      release_units(rec)
       redis.call('HSET', rk, 'st', 'e', 'tt', rec.ex)
       redis.call('EXPIRE', rk, s(GC))
       bal.held = math.max(bal.held - cr, 0)
-      bal.available = bal.available + cr
-      journal(tonumber(rec.ex), 'expiry', cr)
+      if rec.ce == '1' then
+        -- OnExpiry::Charge: the work ran on this hold's reply; its estimate is charged.
+        shift_units(rec, -1, 1)
+        bal.settled = bal.settled + cr
+        journal(tonumber(rec.ex), 'settle', cr)
+      else
+        release_units(rec)
+        bal.available = bal.available + cr
+        journal(tonumber(rec.ex), 'expiry', cr)
+      end
     end
   end
   dirty = true

@@ -2,6 +2,7 @@
 -- Loaded by src/store/redis/scripts.rs with include_str!; see it for KEYS and ARGV.
 local key, fp, ex, ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local keep = ARGV[9 + n * 9] or '1'
+local ce = ARGV[10 + n * 9] or '0'
 local ch = {}
 for i = 1, n do
   local b = 8 + (i - 1) * 9
@@ -15,6 +16,17 @@ if rec then
   if rec.fp ~= fp then return done({'conflict'}) end
   if rec.st == 'o' then return done({'in_progress'}) end
   if rec.st == 's' then return done(settlement_reply('completed', rec)) end
+  -- Charged at expiry: its work ran, so a retry does not run it again (the provisional
+  -- settlement, as AccountBook's Record::provisional_settlement).
+  if rec.st == 'e' and rec.ce == '1' then
+    local rn = tonumber(rec.n)
+    local r = {'completed', tonumber(rec.cr), 0, 0, rn}
+    for i = 1, rn do r[#r + 1] = tonumber(rec['u' .. i]) end
+    r[#r + 1] = 0
+    r[#r + 1] = 0
+    for _ = 1, rn do r[#r + 1] = -1 end
+    return done(r)
+  end
 end
 for i = 1, n do if ch[i].a then prune_counter(ch[i].m, ch[i].ws) end end
 local credits = 0
@@ -45,7 +57,7 @@ for i = 1, n do
   end
 end
 redis.call('DEL', rk)
-local f = {'fp', fp, 'st', 'o', 'cr', s(credits), 'ex', s(ex), 'tt', s(NOW), 'n', s(n), 'k', keep}
+local f = {'fp', fp, 'st', 'o', 'cr', s(credits), 'ex', s(ex), 'tt', s(NOW), 'n', s(n), 'k', keep, 'ce', ce}
 for i = 1, n do
   local c = ch[i]
   local j = tostring(i)

@@ -64,6 +64,13 @@ pub(super) fn reserve_args(req: &ReserveRequest) -> Result<Vec<String>, LedgerEr
         ]);
     }
     args.push(if req.idempotent { "1" } else { "0" }.to_owned());
+    args.push(
+        match req.on_expiry {
+            crate::ledger::OnExpiry::Release => "0",
+            _ => "1",
+        }
+        .to_owned(),
+    );
     Ok(args)
 }
 

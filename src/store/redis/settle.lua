@@ -9,17 +9,21 @@ if not rec then return done({'unknown'}) end
 local n = tonumber(rec.n)
 local held_credits = 0
 local held_units = {}
-if rec.st == 'o' then
+local lapsed = false
+if rec.st == 's' then return done({'already_settled'}) end
+if rec.st ~= 'o' and rec.st ~= 'e' then return done({'already_released'}) end
+for i = 1, n do if rec['l' .. i] then prune_counter(rec['m' .. i], rec['ws' .. i]) end end
+if rec.st == 'e' and rec.ce == '1' then
+  -- Charged at expiry: that charge becomes a hold again, settled below as if never lapsed.
+  uncharge(rec, true)
+end
+if rec.st == 'o' or rec.ce == '1' then
   held_credits = tonumber(rec.cr)
   for i = 1, n do held_units[i] = tonumber(rec['u' .. i]) end
-elseif rec.st == 'e' then
-  for i = 1, n do held_units[i] = 0 end
-elseif rec.st == 's' then
-  return done({'already_settled'})
 else
-  return done({'already_released'})
+  lapsed = true
+  for i = 1, n do held_units[i] = 0 end
 end
-for i = 1, n do if rec['l' .. i] then prune_counter(rec['m' .. i], rec['ws' .. i]) end end
 local cost = 0
 local f = {'st', 's', 'tt', s(NOW)}
 local short = {}
@@ -55,7 +59,7 @@ local from_hold = math.min(cost, held_credits)
 local beyond = cost - from_hold
 local from_available = 0
 -- A lapsed hold held nothing: its late settlement draws what it can, whatever the policy.
-if policy == 'draw' or rec.st == 'e' then from_available = math.min(beyond, bal.available) end
+if policy == 'draw' or lapsed then from_available = math.min(beyond, bal.available) end
 bal.held = math.max(bal.held - held_credits, 0)
 bal.available = math.max(bal.available + (held_credits - from_hold) - from_available, 0)
 local charged = from_hold + from_available
