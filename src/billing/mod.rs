@@ -213,6 +213,9 @@ impl Billing {
             failure: FailureMode::Closed,
             retry_after_secs: 5,
             timeout: Some(Duration::from_secs(5)),
+            retries: Arc::new(crate::metering::Retries::new(
+                crate::metering::DEFAULT_RETRY_CAPACITY,
+            )),
             #[cfg(feature = "usage")]
             outbox: None,
         });
@@ -366,9 +369,24 @@ impl Billing {
     }
 
     /// How long a reservation on a shared ledger lives if neither settled nor released
-    /// (default 5 minutes). Make it longer than your slowest response, streams included.
+    /// (default 5 minutes). A hold that expires unsettled is **charged its estimate**, not
+    /// given back (the handler ran; see [`OnExpiry`](crate::ledger::OnExpiry)), and the
+    /// settlement that comes later charges the actual usage instead: a response that streams
+    /// for longer than this cannot free its credit for other spending by stalling. Make it
+    /// longer than your slowest response, streams included, so the balance shows the estimate
+    /// as held (not spent) while it runs.
     pub fn reservation_ttl(mut self, ttl: Duration) -> Self {
         self.meter_mut(|m| m.ttl_secs = ttl.as_secs().max(1));
+        self
+    }
+
+    /// How many settlements and releases that did not land (the ledger was unreachable or
+    /// timed out) wait at once to be retried (default 10,000). They are retried in the
+    /// background with backoff until the ledger answers; the request never waits. Beyond
+    /// the bound the newest is dropped and logged, and its hold is charged its estimate when
+    /// it expires. See the [metering docs](crate::metering#settlements-that-fail).
+    pub fn settlement_retries(mut self, capacity: usize) -> Self {
+        self.meter_mut(|m| m.retries = Arc::new(crate::metering::Retries::new(capacity)));
         self
     }
 

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::account::AccountId;
-use crate::backend::bounded;
+use crate::backend::{bounded, is_outage};
 use crate::charge::Charge;
 use crate::credits::Credits;
 use crate::error::LedgerError;
@@ -15,6 +15,7 @@ use crate::ledger::{Hold, ReservationId, Settlement, Usage};
 use crate::metering::body::spawn_or_expire;
 use crate::metering::layer::{DisconnectPolicy, DryStreamPolicy, StreamErrorPolicy};
 use crate::metering::replay::Recorder;
+use crate::metering::retry::Pending;
 use crate::metering::{MeterConfig, UsageError, UsageScanner};
 
 /// What a settlement exports: the request's usage-event context (feature `usage`), taken
@@ -665,7 +666,7 @@ fn estimate(charges: &[Charge]) -> Vec<Usage> {
 }
 
 /// What a ledger call to finish a reservation answered.
-enum Outcome {
+pub(crate) enum Outcome {
     Released(Result<(), LedgerError>),
     Settled(Result<Settlement, LedgerError>),
 }
@@ -703,6 +704,28 @@ async fn run(
             .await,
         ),
     };
+    let failed = match &outcome {
+        Outcome::Released(Err(e)) | Outcome::Settled(Err(e)) => is_outage(e).then_some(e),
+        _ => None,
+    };
+    if let Some(e) = failed {
+        tracing::warn!(
+            target: "tower_402::metering",
+            account = id.account.as_str(),
+            error = %e,
+            "settlement did not land; queued, retried until it does"
+        );
+        let retries = config.retries.clone();
+        retries.push(Pending {
+            config,
+            id,
+            held,
+            charges,
+            usage,
+            export,
+        });
+        return;
+    }
     report(
         &config,
         &id.account,
@@ -763,7 +786,7 @@ fn run_now(
 }
 
 /// Logs and counts how a reservation ended, and reports threshold crossings.
-fn report(
+pub(crate) fn report(
     config: &MeterConfig,
     payer: &AccountId,
     held: Credits,

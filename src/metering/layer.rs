@@ -100,6 +100,9 @@ pub(crate) struct MeterConfig {
     pub(crate) failure: FailureMode,
     pub(crate) retry_after_secs: u64,
     pub(crate) timeout: Option<Duration>,
+    /// Settlements and releases that did not land, retried until they do (shared by every
+    /// clone of the configuration).
+    pub(crate) retries: Arc<crate::metering::retry::Retries>,
     /// Where usage events go.
     #[cfg(feature = "usage")]
     pub(crate) outbox: Option<crate::usage::Outbox>,

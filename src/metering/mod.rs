@@ -17,11 +17,31 @@
 //! that fails after delivering data (an HTTP body that errors mid-stream, a gRPC stream that
 //! ends with an error status after its messages): a stream is billed for what it delivered.
 //! One that fails before delivering anything is released. On a shared ledger a settlement
-//! after a drop or a failure runs on a spawned Tokio task. On an in-process ledger a request without an `Idempotency-Key` is held
-//! without a keyed record and settled in place (see [`in_process`](crate::in_process)). If
-//! nothing can run a shared ledger's settlement, the reservation expires after its TTL
-//! ([`reservation_ttl`](crate::Billing::reservation_ttl), default 5 minutes) and the hold comes
-//! back: a reservation is never leaked.
+//! after a drop or a failure runs on a spawned Tokio task. On an in-process ledger a request
+//! without an `Idempotency-Key` is held without a keyed record and settled in place (see
+//! [`in_process`](crate::in_process)).
+//!
+//! # Settlements that fail
+//!
+//! Work that was served is never free by accident, and work that never ran is never charged:
+//!
+//! - A settle or release that fails because the ledger is unreachable is **queued and
+//!   retried** in the background with backoff until it lands (a bounded queue per
+//!   [`Billing`](crate::Billing), [`settlement_retries`](crate::Billing::settlement_retries));
+//!   the response is not held up by it.
+//! - The layer's reservations are [`OnExpiry::Charge`](crate::ledger::OnExpiry): the ledger
+//!   itself charges a hold its estimate if no settlement reaches it before the hold expires
+//!   ([`reservation_ttl`](crate::Billing::reservation_ttl), default 5 minutes), because its
+//!   handler ran. That covers an instance that died, an outage longer than the hold, and a
+//!   stream that stalls past its hold: its credit is not freed for other spending. The
+//!   settlement that arrives later charges the actual usage instead (the difference drawn or
+//!   given back).
+//! - A reservation whose reply was lost (the ledger timed out or the connection dropped) is
+//!   retried once at once, on a fresh connection, under the same key. If it turns out the
+//!   first attempt went through, that hold is released (queued like any release) and the
+//!   request is refused with `503` and `Retry-After`; the handler never ran, so nothing is
+//!   charged.
+//! - A request cancelled before its handler ran releases its hold.
 //!
 //! # Estimates: pricing rules
 //!
@@ -222,6 +242,7 @@ mod llm;
 mod pricing;
 mod replay;
 mod request_body;
+mod retry;
 mod service;
 mod sse;
 mod threshold;
@@ -235,6 +256,7 @@ pub use layer::{DisconnectPolicy, DryStreamPolicy, MeteringLayer, StreamErrorPol
 pub use llm::{ModelPrice, OpenAiPricing, PriceTable};
 pub use pricing::{Pricing, PricingRequest};
 pub use request_body::RequestBody;
+pub(crate) use retry::{Retries, DEFAULT_RETRY_CAPACITY};
 pub use service::Metering;
 pub use threshold::{Crossing, Threshold, ThresholdEvent};
 pub use usage::{

@@ -324,18 +324,10 @@ where
             let key = key.clone().unwrap_or_else(unique_key);
             let request =
                 reserve_request(config, &start, key, &charges, &estimated, peeked.as_deref());
-            let outcome = match in_process {
-                Some(ledger) => ledger.reserve(&request),
-                None => {
-                    bounded(
-                        "ledger.reserve",
-                        config.timeout,
-                        config.ledger.reserve(&request),
-                    )
-                    .await
-                }
-            };
-            on_reserve(config, account, outcome, charges)
+            match in_process {
+                Some(ledger) => on_reserve(config, account, ledger.reserve(&request), charges),
+                None => reserve_shared(config, &request, charges).await,
+            }
         }
     };
     match booked {
@@ -552,6 +544,62 @@ fn outage(config: &MeterConfig, account: &AccountId, e: &LedgerError) -> Result<
     Err(Denial::Unavailable {
         retry_after_secs: config.retry_after_secs,
     })
+}
+
+/// Reserves on a shared ledger. A reservation whose reply was lost (the ledger unreachable or
+/// timed out: it may have gone through) is tried once more at once, under the same key, which
+/// also gets a fresh connection after a backend restart. If that finds the first attempt held
+/// (a key unique to this request answering "in progress"), the hold is given back, the
+/// release queued like any other if it cannot land now, and the request refused with `503`:
+/// its handler never runs, so it is never charged, and the credit is not locked for a TTL.
+async fn reserve_shared(
+    config: &Arc<MeterConfig>,
+    request: &ReserveRequest,
+    charges: Charges,
+) -> Result<Booked, Denial> {
+    let account = &request.account;
+    let call = || {
+        bounded(
+            "ledger.reserve",
+            config.timeout,
+            config.ledger.reserve(request),
+        )
+    };
+    let outcome = match call().await {
+        Err(e) if is_outage(&e) => {
+            tracing::warn!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                error = %e,
+                "reservation failed; trying once more under the same key"
+            );
+            call().await
+        }
+        outcome => return on_reserve(config, account, outcome, charges),
+    };
+    match outcome {
+        Ok(ReserveOutcome::Replayed(Replay::InProgress)) if !request.idempotent => {
+            tracing::warn!(
+                target: "tower_402::metering",
+                account = account.as_str(),
+                "the first reservation had gone through; its reply was lost. Released; the \
+                 request is refused, its handler never ran"
+            );
+            let mut guard = Guard::new(
+                config.clone(),
+                Held::Reservation(request.id()),
+                crate::credits::Credits::ZERO,
+                charges,
+            );
+            if let Some(release) = guard.release() {
+                release.await;
+            }
+            Err(Denial::Unavailable {
+                retry_after_secs: config.retry_after_secs,
+            })
+        }
+        outcome => on_reserve(config, account, outcome, charges),
+    }
 }
 
 /// What a keyed reservation answered.
