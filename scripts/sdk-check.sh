@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs the official OpenAI Python SDK (tests/sdk/openai_sdk.py) against the llm_proxy example.
-# Installs the SDK into target/sdk-venv (pinned); starts and stops the example by process id.
+# Installs the SDK into target/sdk-venv (pinned; a venv holding another version is
+# reinstalled); starts and stops the example by process id.
 # If the SDK cannot be installed (no PyPI), says SKIPPED and exits 0, unless
 # TOWER402_REQUIRE_SDK=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OPENAI_VERSION=2.8.1
 venv=target/sdk-venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+installed=$("$venv/bin/python" -c "import openai; print(openai.__version__)" 2>/dev/null || true)
+if [ "$installed" != "$OPENAI_VERSION" ]; then
   if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q "openai==$OPENAI_VERSION"; }; then
     if [ "${TOWER402_REQUIRE_SDK:-0}" = 1 ]; then
       echo "the OpenAI SDK could not be installed" >&2; exit 1
