@@ -840,6 +840,8 @@ pub(crate) fn report(
             }
             #[cfg(feature = "usage")]
             export_usage(config, payer, charges, usage, &s, export);
+            #[cfg(not(feature = "usage"))]
+            let () = export;
         }
         Outcome::Settled(Err(e)) => tracing::error!(
             target: "tower_402::metering",
