@@ -427,3 +427,156 @@ fn prices_beyond_exact_products_are_refused_the_same_way_everywhere() {
         ReserveOutcome::Denied(tower_402::Denial::InsufficientCredits { .. })
     ));
 }
+
+/// One request's part in an interleaving: it starts (reserves under its key, a retry if the
+/// key was used before), its handler's settlement lands or is lost, time passes, a lost
+/// settlement lands late, or the client retries under the same key.
+#[derive(Debug, Clone)]
+enum Step {
+    Start { key: u8 },
+    Finish { key: u8, units: u64, lands: bool },
+    LateLand { key: u8 },
+    Advance { secs: u64 },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0u8..6).prop_map(|key| Step::Start { key }),
+        (0u8..6, 0u64..10, any::<bool>()).prop_map(|(key, units, lands)| Step::Finish {
+            key,
+            units,
+            lands
+        }),
+        (0u8..6).prop_map(|key| Step::LateLand { key }),
+        (0u64..120).prop_map(|secs| Step::Advance { secs }),
+    ]
+}
+
+/// What the test knows of one key.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    /// Times its handler ran (reserved and started).
+    ran: u32,
+    running: bool,
+    /// A settlement that did not land yet: its units.
+    lost: Option<u64>,
+    /// The last word on what it costs: the units settled (or lost, to land later).
+    units: Option<u64>,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Random interleavings of requests, retries under the same key, lost settlements, late
+    /// ones and expiries on a manual clock, with the metering layer's holds
+    /// (`OnExpiry::Charge`, estimate 5 at 1 credit a unit, TTL 60 s). Every request whose
+    /// handler ran is charged exactly once (its estimate while its settlement is lost past
+    /// the hold, its usage once it lands), a retry never runs the work again, nothing is
+    /// charged for work that never ran, and the balance never goes below zero.
+    #[test]
+    fn every_run_is_charged_exactly_once(steps in proptest::collection::vec(step(), 1..60)) {
+        const ESTIMATE: u64 = 5;
+        let mut book = AccountBook::default();
+        let mut now = Timestamp::from_unix(1_000_000);
+        book.deposit(Credits::new(1_000), "seed", now).unwrap();
+        let mut runs = vec![Run::default(); 6];
+        let request = |key: u8, now: Timestamp| ReserveRequest {
+            account: AccountId::new("acme"),
+            key: format!("idem:k{key}").into(),
+            fingerprint: 1,
+            charges: vec![Charge {
+                meter: Meter::new("units"),
+                units: ESTIMATE,
+                unit_price: Credits::new(1),
+                price_per: 1,
+                allowance: None,
+                overage: true,
+            }]
+            .into(),
+            ttl_secs: 60,
+            idempotent: true,
+            on_expiry: OnExpiry::Charge,
+            now,
+        };
+        for s in &steps {
+            match *s {
+                Step::Start { key } => {
+                    let r = &mut runs[usize::from(key)];
+                    match book.reserve(&request(key, now)).unwrap() {
+                        ReserveOutcome::Reserved(_) => {
+                            prop_assert_eq!(r.ran, 0, "a retry ran the work again");
+                            r.ran += 1;
+                            r.running = true;
+                        }
+                        ReserveOutcome::Replayed(_) => prop_assert!(r.ran == 1),
+                        ReserveOutcome::Denied(d) => prop_assert!(false, "denied: {d:?}"),
+                        _ => {}
+                    }
+                }
+                Step::Finish { key, units, lands } => {
+                    let r = &mut runs[usize::from(key)];
+                    if !r.running {
+                        continue;
+                    }
+                    r.running = false;
+                    r.units = Some(units);
+                    let id = format!("idem:k{key}");
+                    if lands {
+                        let s = book
+                            .settle(&id, &[Usage::new("units", units)], OverEstimate::DrawBalance, now)
+                            .unwrap();
+                        prop_assert_eq!(s.charged, Credits::new(units));
+                    } else {
+                        r.lost = Some(units);
+                    }
+                }
+                Step::LateLand { key } => {
+                    let r = &mut runs[usize::from(key)];
+                    if let Some(units) = r.lost.take() {
+                        let id = format!("idem:k{key}");
+                        let s = book
+                            .settle(&id, &[Usage::new("units", units)], OverEstimate::DrawBalance, now)
+                            .unwrap();
+                        prop_assert_eq!(s.charged, Credits::new(units));
+                    }
+                }
+                Step::Advance { secs } => now = now.plus_secs(secs),
+            }
+            // Charged so far: the usage of every landed run, and the estimate of every run
+            // whose hold expired before its settlement landed (running or lost).
+            let b = book.balance(now);
+            prop_assert_eq!(b.deposited, b.available.checked_add(b.held).unwrap().checked_add(b.settled).unwrap());
+            let mut settled = 0;
+            let mut held = 0;
+            for r in &runs {
+                if r.ran == 0 {
+                    continue;
+                }
+                let landed = !r.running && r.lost.is_none();
+                if landed {
+                    settled += r.units.unwrap_or(0);
+                } else {
+                    // Open: held; expired: charged its estimate. Either way, no more.
+                    held += ESTIMATE;
+                }
+            }
+            prop_assert_eq!(b.settled.get() + b.held.get(), settled + held);
+            prop_assert!(b.held.get() <= held);
+        }
+        // Everything lands in the end, long after every hold expired: each run's usage, once.
+        for (key, r) in runs.iter_mut().enumerate() {
+            let units = r.lost.take().or(if r.running { Some(ESTIMATE) } else { None });
+            if let Some(units) = units {
+                let id = format!("idem:k{key}");
+                book.settle(&id, &[Usage::new("units", units)], OverEstimate::DrawBalance, now.plus_secs(3600))
+                    .unwrap();
+                r.running = false;
+                r.units = Some(units);
+            }
+        }
+        let b = book.balance(now.plus_secs(3600));
+        let expected: u64 = runs.iter().filter(|r| r.ran > 0).map(|r| r.units.unwrap_or(0)).sum();
+        prop_assert_eq!(b.settled.get(), expected);
+        prop_assert_eq!(b.held.get(), 0);
+    }
+}
