@@ -1,8 +1,8 @@
 //! Settlements that land: a ledger that stops answering between reserve and settle, on a
-//! Redis server of the test's own (started here on a free port, paused with `SIGSTOP`,
-//! never the shared one). Skipped, loudly, where `redis-server` is not installed; failing
-//! under `TOWER402_REQUIRE_BACKENDS=1`.
-#![cfg(feature = "redis")]
+//! server of the test's own (a `redis-server`, a PostgreSQL cluster made with `initdb`, each
+//! on a free port, never the shared ones), killed and started again with its data. Skipped,
+//! loudly, where the server cannot be started; failing under `TOWER402_REQUIRE_BACKENDS=1`.
+#![cfg(all(feature = "redis", feature = "postgres"))]
 
 mod common;
 
@@ -18,7 +18,7 @@ use http::{Method, StatusCode};
 use tokio::sync::{Notify, Semaphore};
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Plan, Subscription};
-use tower_402::store::{RedisConfig, RedisLedger};
+use tower_402::store::{PostgresConfig, PostgresLedger, RedisConfig, RedisLedger};
 use tower_402::*;
 
 const KEY: &str = "sk_test_settle";
@@ -63,11 +63,7 @@ impl OwnRedis {
         let child = match child {
             Ok(c) => c,
             Err(e) => {
-                assert!(
-                    std::env::var("TOWER402_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                    "redis-server could not be started: {e}"
-                );
-                eprintln!("SKIPPED: redis-server could not be started ({e})");
+                skip("redis-server", &e);
                 return None;
             }
         };
@@ -106,27 +102,33 @@ impl Drop for OwnRedis {
     }
 }
 
-/// 20 requests are served while Redis is paused between their reservations and their
-/// settlements; then it is killed (the settlements it had not read are lost with it) and
-/// started again with its data. Every settlement timed out and was queued, and each lands
-/// once Redis answers again: served-and-uncharged = 0, conservation holds, and each handler
-/// ran once. Without the queue the holds would sit until they expire.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settlements_that_time_out_land_after_the_ledger_recovers() {
-    let Some(redis) = OwnRedis::start() else {
-        return;
-    };
-    let config = RedisConfig::new(&format!("redis://127.0.0.1:{}", redis.port))
-        .unwrap()
-        .prefix("settle:")
-        .response_timeout(Duration::from_millis(200));
-    let ledger = RedisLedger::new(&config);
+/// Says loudly that a test did not run, or fails it where the backends are required.
+fn skip(what: &str, why: &dyn std::fmt::Display) {
+    assert!(
+        std::env::var("TOWER402_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+        "{what} could not be started: {why}"
+    );
+    eprintln!("SKIPPED: {what} could not be started ({why})");
+}
+
+/// Serves `N` requests of 1 credit against `ledger` (100 credits deposited), breaks the
+/// ledger with `crash` once every handler is running, and lets them finish: every response
+/// is served, each handler ran once. Then `restart` brings the ledger back, and every
+/// settlement (which failed and was queued) must land: `N` charged once, nothing held,
+/// conservation.
+async fn served_through_an_outage<L, T>(
+    ledger: L,
+    crash: impl FnOnce() -> T,
+    restart: impl FnOnce(T) -> T,
+) -> T
+where
+    L: Ledger + Clone,
+{
     let acme: AccountId = "acme".into();
     ledger
         .deposit(&acme, Credits::new(100), "seed", Timestamp::now())
         .await
         .unwrap();
-
     const N: usize = 20;
     let ran = Arc::new(AtomicUsize::new(0));
     let entered = Arc::new(Semaphore::new(0));
@@ -152,7 +154,6 @@ async fn settlements_that_time_out_land_after_the_ledger_recovers() {
     let app = Router::new()
         .route("/work", get(handler))
         .layer(billing.layer());
-
     let mut calls = Vec::new();
     for _ in 0..N {
         let app = app.clone();
@@ -164,12 +165,11 @@ async fn settlements_that_time_out_land_after_the_ledger_recovers() {
             .await
         }));
     }
-    // Every request holds its reservation and is inside its handler: now the ledger stops.
-    let all = entered.acquire_many(N as u32).await.unwrap();
-    all.forget();
+    // Every request holds its reservation and is inside its handler: now the ledger breaks.
+    entered.acquire_many(N as u32).await.unwrap().forget();
     let b = ledger.balance(&acme, Timestamp::now()).await.unwrap();
     assert_eq!((b.available.get(), b.held.get()), (80, 20));
-    redis.signal("-STOP");
+    let server = crash();
     go.notify_waiters();
     for call in calls {
         let answer = call.await.unwrap();
@@ -180,13 +180,12 @@ async fn settlements_that_time_out_land_after_the_ledger_recovers() {
         );
     }
     assert_eq!(ran.load(Ordering::SeqCst), N, "each handler ran once");
-    let redis = redis.crash_and_restart();
+    let server = restart(server);
     let b = ledger.balance(&acme, Timestamp::now()).await;
     assert!(
         b.as_ref().map_or(true, |b| b.settled.get() < N as u64),
-        "the settlements were lost with the server: {b:?}"
+        "the settlements did not fail: {b:?}"
     );
-
     // The queue lands every settlement (polled with a deadline: the retries back off).
     let deadline = Instant::now() + Duration::from_secs(30);
     let b = loop {
@@ -205,5 +204,143 @@ async fn settlements_that_time_out_land_after_the_ledger_recovers() {
         b.deposited.get(),
         b.available.get() + b.held.get() + b.settled.get()
     );
+    server
+}
+
+/// 20 requests are served while Redis is paused between their reservations and their
+/// settlements; then it is killed (the settlements it had not read are lost with it) and
+/// started again with its data. Every settlement timed out and was queued, and each lands
+/// once Redis answers again: served-and-uncharged = 0, conservation holds, and each handler
+/// ran once. Without the queue the holds would sit until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_settlements_land_after_a_crash() {
+    let Some(redis) = OwnRedis::start() else {
+        return;
+    };
+    let config = RedisConfig::new(&format!("redis://127.0.0.1:{}", redis.port))
+        .unwrap()
+        .prefix("settle:")
+        .response_timeout(Duration::from_millis(200));
+    let ledger = RedisLedger::new(&config);
+    let crash = move || {
+        redis.signal("-STOP");
+        redis
+    };
+    let redis = served_through_an_outage(ledger, crash, OwnRedis::crash_and_restart).await;
     drop(redis);
+}
+
+/// A PostgreSQL cluster of this test's own (`initdb` in a temporary directory, run as the
+/// `postgres` user when the test runs as root), stopped when dropped.
+struct OwnPostgres {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    fn bin(name: &str) -> std::path::PathBuf {
+        let found = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path().join("bin").join(name))
+                .find(|p| p.exists())
+        });
+        found.unwrap_or_else(|| name.into())
+    }
+
+    /// Runs a server program, as `postgres` when this process is root (initdb refuses root).
+    fn run(name: &str, args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
+        let bin = OwnPostgres::bin(name);
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        let mut cmd = if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin);
+            c
+        } else {
+            Command::new(bin)
+        };
+        cmd.args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+    }
+
+    fn start() -> Option<OwnPostgres> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("tower402-settle-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).ok()?;
+        let _ = Command::new("chown").arg("postgres").arg(&dir).status();
+        let d = dir.to_str()?.to_owned();
+        match OwnPostgres::run("initdb", &["-D", &d, "-A", "trust", "-U", "postgres"]) {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                skip("initdb", &s);
+                return None;
+            }
+            Err(e) => {
+                skip("initdb", &e);
+                return None;
+            }
+        }
+        let pg = OwnPostgres { dir, port };
+        pg.up();
+        Some(pg)
+    }
+
+    fn up(&self) {
+        let d = self.dir.to_str().unwrap();
+        let opts = format!("-p {} -k {d} -c listen_addresses=127.0.0.1", self.port);
+        let ok =
+            OwnPostgres::run("pg_ctl", &["-D", d, "-o", &opts, "-w", "start"]).expect("pg_ctl");
+        assert!(ok.success(), "pg_ctl start");
+    }
+
+    /// Stops at once, as a crash does (no shutdown checkpoint; recovery replays the WAL).
+    fn crash(self) -> OwnPostgres {
+        let d = self.dir.to_str().unwrap();
+        let ok = OwnPostgres::run("pg_ctl", &["-D", d, "-m", "immediate", "-w", "stop"])
+            .expect("pg_ctl");
+        assert!(ok.success(), "pg_ctl stop");
+        self
+    }
+
+    fn restart(self) -> OwnPostgres {
+        self.up();
+        self
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let d = self.dir.to_string_lossy().into_owned();
+        let _ = OwnPostgres::run("pg_ctl", &["-D", &d, "-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The same on PostgreSQL: the cluster is stopped as by a crash while 20 served requests
+/// settle, then started again (it recovers their reservations from its WAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_settlements_land_after_a_crash() {
+    let Some(pg) = OwnPostgres::start() else {
+        return;
+    };
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let config = PostgresConfig::new(&url)
+        .unwrap()
+        .connect_timeout(Duration::from_millis(500))
+        .op_timeout(Duration::from_millis(500));
+    let ledger = PostgresLedger::new(config.pool().unwrap(), config);
+    ledger.migrate().await.unwrap();
+    let pg = served_through_an_outage(ledger, move || pg.crash(), OwnPostgres::restart).await;
+    drop(pg);
 }
