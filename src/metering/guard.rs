@@ -813,7 +813,7 @@ pub(crate) fn report(
             target: "tower_402::metering",
             account,
             error = %e,
-            "release failed; the hold comes back when the reservation expires"
+            "release refused by the ledger; a hold still open is charged its estimate when it expires"
         ),
         Outcome::Settled(Ok(s)) => {
             if s.shortfall.is_empty() {
@@ -847,7 +847,7 @@ pub(crate) fn report(
             target: "tower_402::metering",
             account,
             error = %e,
-            "settlement failed; the hold comes back when the reservation expires"
+            "settlement refused by the ledger; a hold still open is charged its estimate when it expires"
         ),
     }
 }

@@ -86,7 +86,7 @@
 //! | gRPC error before any message (trailers-only, or trailers right after the head) | release | charge as a success ([`bill_grpc_errors`](crate::Billing::bill_grpc_errors)) |
 //! | a stream's usage passes the hold and the balance cannot pay for more | stream on; the settlement draws the balance and logs any shortfall ([`DryStreamPolicy::StreamOn`]) | end the stream with a provider-shaped `INSUFFICIENT_CREDITS` error event, charge what was delivered ([`DryStreamPolicy::Cut`]) |
 //! | request cancelled before its response | release | |
-//! | reservation neither settled nor released | expires after the TTL, the hold comes back | |
+//! | reservation neither settled nor released | expires after the TTL and is charged its estimate; a late settlement corrects it | [`OnExpiry`](crate::ledger::OnExpiry) on your own reservations |
 //! | a response streams longer than the TTL | the hold lapses mid-stream; the late settlement draws what is available, the rest is a logged shortfall | set [`reservation_ttl`](crate::Billing::reservation_ttl) above your longest stream |
 //!
 //! The balance never goes below zero.
