@@ -17,9 +17,7 @@ const VAR: &str = "TOWER402_REDIS_CLUSTER_URLS";
 /// The cluster's node URLs, or `None` (after saying so) when the variable is unset.
 fn urls() -> Option<Vec<String>> {
     match std::env::var(VAR) {
-        Ok(v) if !v.trim().is_empty() => {
-            Some(v.split(',').map(|u| u.trim().to_owned()).collect())
-        }
+        Ok(v) if !v.trim().is_empty() => Some(v.split(',').map(|u| u.trim().to_owned()).collect()),
         _ => {
             conformance::skip(
                 "Redis Cluster",
@@ -35,7 +33,9 @@ fn urls() -> Option<Vec<String>> {
 async fn config() -> Option<RedisConfig> {
     let urls = urls()?;
     static CLEANED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    CLEANED.get_or_init(|| delete_stale_keys(urls.clone())).await;
+    CLEANED
+        .get_or_init(|| delete_stale_keys(urls.clone()))
+        .await;
     let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
     let config = match RedisConfig::cluster(&nodes) {
         Ok(c) => c.prefix(format!("tower402test:{}:", conformance::unique("rc"))),
@@ -70,7 +70,10 @@ async fn nodes(urls: &[String]) -> Vec<redis::aio::MultiplexedConnection> {
 }
 
 /// Every key on every node that matches `pattern`.
-async fn scan_all(urls: &[String], pattern: &str) -> Vec<(redis::aio::MultiplexedConnection, String)> {
+async fn scan_all(
+    urls: &[String],
+    pattern: &str,
+) -> Vec<(redis::aio::MultiplexedConnection, String)> {
     let mut found = Vec::new();
     for mut conn in nodes(urls).await {
         let mut cursor = 0u64;
@@ -204,5 +207,9 @@ async fn accounts_spread_over_the_nodes() {
             holding += 1;
         }
     }
-    assert!(holding >= 2, "32 accounts all on one node of {}", urls.len());
+    assert!(
+        holding >= 2,
+        "32 accounts all on one node of {}",
+        urls.len()
+    );
 }
