@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load test: the same route served bare, behind tower-402's three layers (in-memory, Redis,
-# PostgreSQL; in memory also `observed`: metrics recorded and a usage event exported per
+# PostgreSQL, and on both through leases: `redis-leased`, `postgres-leased`; in memory also `observed`: metrics recorded and a usage event exported per
 # request, against `layers` with neither), behind tower_governor, behind a hand-written minimal paid-API check (the
 # "floor": what any implementation must at least do), and behind an nginx reverse proxy, each
 # under the same wrk load on loopback, in alternating rounds. Prints medians of requests/s and p99 latency
@@ -40,7 +40,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-modes=(bare layers layers-once observed governor floor redis redis-once postgres postgres-once)
+modes=(bare layers layers-once observed governor floor redis redis-once redis-leased postgres postgres-once
+       postgres-leased)
 declare -A port pid_of
 i=0
 for m in "${modes[@]}"; do
@@ -120,7 +121,7 @@ print()
 print(f"| server | req/s (median) | p99 µs (median) | ratio to bare | non-2xx |")
 print(f"|---|---:|---:|---:|---:|")
 for m in ["bare", "layers", "layers-once", "observed", "governor", "floor", "nginx", "redis", "redis-once",
-          "postgres", "postgres-once"]:
+          "redis-leased", "postgres", "postgres-once", "postgres-leased"]:
     if m not in rows: continue
     rps = statistics.median(r for r, _, _ in rows[m])
     p99 = statistics.median(p for _, p, _ in rows[m])

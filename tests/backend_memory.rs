@@ -41,48 +41,9 @@ async fn fleet_of_four_shares_one_balance() {
 /// all with `max_entries: 0`.
 #[tokio::test]
 async fn the_journal_is_bounded_by_its_entry_count() {
-    use tower_402::ledger::{JournalLimits, JournalQuery};
-    use tower_402::{Credits, Ledger};
-    let limits = JournalLimits {
-        retention_secs: 3600,
-        max_entries: 3,
-    };
-    let ledger = MemoryLedger::new().with_journal(limits);
-    let acme = "acme".into();
-    for i in 0..5u64 {
-        let key = format!("top-{i}");
-        let at = Timestamp::from_unix(i);
-        ledger
-            .deposit(&acme, Credits::new(i + 1), &key, at)
-            .await
-            .unwrap();
-    }
-    let q = JournalQuery::default();
-    let journal = ledger.journal().unwrap();
-    let now = Timestamp::from_unix(10);
-    let kept: Vec<_> = journal.entries(&acme, &q, now).await.unwrap();
-    let refs: Vec<_> = kept
-        .iter()
-        .map(|e| e.reference.as_deref().unwrap())
-        .collect();
-    assert_eq!(refs, ["top-4", "top-3", "top-2"]);
-    assert_eq!(
-        ledger.balance(&acme, now).await.unwrap().available,
-        Credits::new(15)
-    );
-
-    let off = MemoryLedger::new().with_journal(JournalLimits {
-        max_entries: 0,
-        ..limits
-    });
-    off.deposit(&acme, Credits::new(1), "top", now)
-        .await
-        .unwrap();
-    assert!(off
-        .journal()
-        .unwrap()
-        .entries(&acme, &q, now)
-        .await
-        .unwrap()
-        .is_empty());
+    conformance::journal_bound(
+        &MemoryLedger::new().with_journal(conformance::BOUNDED),
+        &MemoryLedger::new().with_journal(conformance::OFF),
+    )
+    .await;
 }

@@ -503,3 +503,19 @@ fn a_transaction_task_that_never_ran_leaves_no_queue() {
         assert_eq!(b.held, Credits::new(1));
     });
 }
+
+/// The journal keeps at most `max_entries` per account (trimmed in the transaction that
+/// writes it), and none at all with `max_entries: 0`.
+#[tokio::test]
+async fn the_journal_is_bounded_by_its_entry_count() {
+    let (Some(bounded), Some(off)) = (config().await, config().await) else {
+        return;
+    };
+    let bounded = bounded.journal(conformance::BOUNDED);
+    let off = off.journal(conformance::OFF);
+    conformance::journal_bound(
+        &PostgresLedger::new(bounded.pool().unwrap(), bounded),
+        &PostgresLedger::new(off.pool().unwrap(), off),
+    )
+    .await;
+}

@@ -296,3 +296,17 @@ async fn records_from_before_the_keep_flag_are_kept() {
     })
     .await;
 }
+
+/// The journal keeps at most `max_entries` per account (the list is trimmed by the scripts
+/// that write it), and none at all with `max_entries: 0`.
+#[tokio::test]
+async fn the_journal_is_bounded_by_its_entry_count() {
+    let (Some(bounded), Some(off)) = (config().await, config().await) else {
+        return;
+    };
+    conformance::journal_bound(
+        &RedisLedger::new(&bounded.journal(conformance::BOUNDED)),
+        &RedisLedger::new(&off.journal(conformance::OFF)),
+    )
+    .await;
+}

@@ -213,3 +213,16 @@ async fn accounts_spread_over_the_nodes() {
         urls.len()
     );
 }
+
+/// The journal's entry bound holds on the cluster as on one node.
+#[tokio::test]
+async fn the_journal_is_bounded_by_its_entry_count() {
+    let (Some(bounded), Some(off)) = (config().await, config().await) else {
+        return;
+    };
+    conformance::journal_bound(
+        &RedisLedger::new(&bounded.journal(conformance::BOUNDED)),
+        &RedisLedger::new(&off.journal(conformance::OFF)),
+    )
+    .await;
+}

@@ -126,10 +126,7 @@ impl Retries {
 }
 
 fn counted(result: &'static str) {
-    #[cfg(feature = "metrics")]
-    metrics::counter!("tower402_settlement_retries_total", "result" => result).increment(1);
-    #[cfg(not(feature = "metrics"))]
-    let _ = result;
+    crate::observe::settlement_retry(result);
 }
 
 /// The worker: one operation at a time, in the order they failed (an outage holds them all

@@ -145,6 +145,20 @@ mod imp {
         }
     }
 
+    pub(crate) fn leased(taken: Credits, closed: Credits) {
+        // Exact: credits are at most 2^53 - 1.
+        if !taken.is_zero() {
+            gauge!("tower402_credits_leased").increment(taken.get() as f64);
+        }
+        if !closed.is_zero() {
+            gauge!("tower402_credits_leased").decrement(closed.get() as f64);
+        }
+    }
+
+    pub(crate) fn settlement_retry(result: &'static str) {
+        counter!("tower402_settlement_retries_total", "result" => result).increment(1);
+    }
+
     pub(crate) fn store_call(call: &'static str, elapsed: Duration, outage: bool) {
         histogram!("tower402_store_call_seconds", "call" => call).record(elapsed.as_secs_f64());
         if outage {
@@ -197,6 +211,14 @@ mod imp {
             "tower402_credits_held",
             "Credits held by this instance's requests in flight"
         );
+        describe_gauge!(
+            "tower402_credits_leased",
+            "Credits held for this instance by its open leases (LeasedLedger)"
+        );
+        describe_counter!(
+            "tower402_settlement_retries_total",
+            "Settlements and releases queued for retry after an outage, by result"
+        );
         describe_histogram!(
             "tower402_store_call_seconds",
             Unit::Seconds,
@@ -246,6 +268,10 @@ mod imp {
     #[inline(always)]
     pub(crate) fn settled(_: Credits, _: Option<&Settlement>, _: Option<&AccountId>) {}
     #[inline(always)]
+    pub(crate) fn leased(_: Credits, _: Credits) {}
+    #[inline(always)]
+    pub(crate) fn settlement_retry(_: &'static str) {}
+    #[inline(always)]
     pub(crate) fn store_call(_: &'static str, _: Duration, _: bool) {}
     #[inline(always)]
     pub(crate) fn threshold(_: &'static str) {}
@@ -256,7 +282,8 @@ mod imp {
 }
 
 pub(crate) use imp::{
-    decision, held_released, held_reserved, settled, store_call, threshold, usage_events,
+    decision, held_released, held_reserved, leased, settled, settlement_retry, store_call,
+    threshold, usage_events,
 };
 
 /// Gives every tower-402 metric its help text and unit in the installed recorder. Call it

@@ -16,9 +16,11 @@
 //! | `tower402_shortfalls_total` | counter | | settlements that could not charge everything used |
 //! | `tower402_shortfall_credits_total` | counter | | credits owed beyond what could be charged |
 //! | `tower402_credits_held` | gauge | | credits held by this instance's requests in flight |
+//! | `tower402_credits_leased` | gauge | | credits held for this instance by its open leases ([`LeasedLedger`](crate::store::LeasedLedger)): parked, spent from or not |
 //! | `tower402_store_call_seconds` | histogram | `call` (`ledger.reserve`, `plans.subscription`, ...) | latency of each call to a remote store |
 //! | `tower402_store_outages_total` | counter | `call` | store calls that failed because the store was unreachable or timed out |
 //! | `tower402_settlement_failures_total` | counter | | settlements or releases a ledger refused or could not take |
+//! | `tower402_settlement_retries_total` | counter | `result` | settlements and releases queued after an outage ([retried](crate::metering#settlements-that-fail)): `queued`, `landed`, `failed` (refused for good), `dropped` (queue full, or no runtime) |
 //! | `tower402_usage_events_dropped_total`, `..._delivered_total`, `..._rejected_total` | counter | | usage events ([`usage`](crate::usage)) the outbox dropped (full), delivered, or saw refused |
 //! | `tower402_usage_sink_retries_total` | counter | | usage batches retried while the sink was down |
 //! | `tower402_threshold_events_total` | counter | `kind` (`balance`, `allowance`) | soft-limit crossings reported to [`on_threshold`](crate::Billing::on_threshold) |
@@ -44,9 +46,10 @@ mod trace;
 pub use self::metrics::{describe, label_accounts};
 pub use self::trace::gen_ai;
 
-#[cfg_attr(not(feature = "metrics"), allow(unused_imports))]
+#[cfg(feature = "usage")]
+pub(crate) use self::metrics::usage_events;
 pub(crate) use self::metrics::{
-    held_released, held_reserved, settled, store_call, threshold, usage_events, Outcome,
+    held_released, held_reserved, leased, settled, settlement_retry, store_call, threshold, Outcome,
 };
 pub(crate) use self::trace::{record_model, record_settlement, request_span, tracing_request};
 

@@ -903,6 +903,63 @@ pub async fn matches_the_book(l: &impl Ledger, seed: u64, huge: bool) {
     }
 }
 
+/// The journal keeps at most `max_entries` per account, the oldest going first; with
+/// `max_entries: 0` it keeps none, and the credit is still counted. `bounded` is a fresh
+/// ledger built with [`BOUNDED`], `off` one built with [`OFF`].
+pub async fn journal_bound(bounded: &impl Ledger, off: &impl Ledger) {
+    let acme = acct("jrn-bound");
+    for i in 0..5u64 {
+        let key = format!("top-{i}");
+        bounded
+            .deposit(&acme, Credits::new(i + 1), &key, at(i))
+            .await
+            .unwrap();
+    }
+    let q = JournalQuery::default();
+    let now = at(10);
+    let kept = bounded
+        .journal()
+        .expect("this backend keeps a journal")
+        .entries(&acme, &q, now)
+        .await
+        .unwrap();
+    let refs: Vec<_> = kept
+        .iter()
+        .map(|e| e.reference.as_deref().unwrap())
+        .collect();
+    assert_eq!(refs, ["top-4", "top-3", "top-2"]);
+    assert_eq!(
+        bounded.balance(&acme, now).await.unwrap().available,
+        Credits::new(15)
+    );
+    off.deposit(&acme, Credits::new(1), "top", now)
+        .await
+        .unwrap();
+    assert!(off
+        .journal()
+        .expect("this backend keeps a journal")
+        .entries(&acme, &q, now)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        off.balance(&acme, now).await.unwrap().available,
+        Credits::new(1)
+    );
+}
+
+/// The bound [`journal_bound`] checks: three entries per account.
+pub const BOUNDED: JournalLimits = JournalLimits {
+    retention_secs: 3600,
+    max_entries: 3,
+};
+
+/// No journal at all.
+pub const OFF: JournalLimits = JournalLimits {
+    retention_secs: 3600,
+    max_entries: 0,
+};
+
 /// The spend history (issue 16): one entry per deposit, settlement, release, expiry,
 /// shortfall and adjustment, newest first, per account and time range; adjustments once per
 /// key, never below zero; entries past the retention time are gone.

@@ -7,7 +7,10 @@
 //!                                  and for ablation (one layer or two alone, in memory):
 //!                                  problem-only | gate-only | no-problem | once-no-problem,
 //!                                  observed (layers with a Prometheus recorder installed
-//!                                  and a usage event per request through the outbox)
+//!                                  and a usage event per request through the outbox),
+//!                                  redis-leased | postgres-leased (redis | postgres through
+//!                                  a `LeasedLedger`: requests paid from leases held in this
+//!                                  process, refilled and settled in the background)
 //! loadtest redis-prepare <file>    seeds the Redis bench account, writes the ledger's reserve
 //!                                  script (its `.lua` files) to <file>, prints its KEYS[1] and
 //!                                  ARGV for redis-benchmark
@@ -33,7 +36,9 @@ use axum::Router;
 use tower::ServiceBuilder;
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Plan, PlanStore, Subscription};
-use tower_402::store::{PostgresConfig, PostgresLedger, RedisConfig, RedisLedger};
+use tower_402::store::{
+    LeaseConfig, LeasedLedger, PostgresConfig, PostgresLedger, RedisConfig, RedisLedger,
+};
 use tower_402::*;
 
 const ACCOUNT: &str = "bench";
@@ -329,6 +334,15 @@ fn redis_ledger() -> RedisLedger {
     )
 }
 
+/// `inner` behind leases with the default configuration (30 s leases, at most 10 % of the
+/// balance each, up to 100,000 credits), maintained every 100 ms as a service would.
+fn leased<L: Ledger + Clone>(inner: L) -> LeasedLedger<L> {
+    let ledger = LeasedLedger::new(inner, LeaseConfig::new());
+    // The task lives as long as the server: it is never aborted.
+    drop(ledger.spawn_maintenance(std::time::Duration::from_millis(100)));
+    ledger
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -351,6 +365,8 @@ async fn main() {
                 "redis-once" => layered(redis_ledger(), Stack::Full).await,
                 "postgres" => layered(postgres_ledger().await, Stack::Full).await,
                 "postgres-once" => layered(postgres_ledger().await, Stack::Full).await,
+                "redis-leased" => layered(leased(redis_ledger()), Stack::Full).await,
+                "postgres-leased" => layered(leased(postgres_ledger().await), Stack::Full).await,
                 other => panic!("unknown mode {other}"),
             };
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

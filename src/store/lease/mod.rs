@@ -262,6 +262,7 @@ impl Local {
             let Some(lease) = self.leases.pop_front() else {
                 break;
             };
+            crate::observe::leased(Credits::ZERO, lease.amount);
             plan.settle.push((lease, charge));
         }
         if self.leases.is_empty() && !self.prepaid.is_zero() && (returning || forced) {
@@ -787,6 +788,7 @@ impl<L: Ledger, C: Clock> Shared<L, C> {
                     .unwrap_or(local.available);
                 local.size = r.credits;
                 local.shared_available = r.available_after;
+                crate::observe::leased(r.credits, Credits::ZERO);
                 local.leases.push_back(Lease {
                     id: r.id,
                     amount: r.credits,
