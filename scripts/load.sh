@@ -8,6 +8,7 @@
 # redis-benchmark (the ledger's own reserve script) and pgbench (the same conditional debit).
 #
 #   bash scripts/load.sh                 # ROUNDS=3 DURATION=10 CONNECTIONS=64 THREADS=1
+#   MODES="layers redis-leased" bash scripts/load.sh   # only these (and bare), no nginx
 #
 # Installs wrk and nginx with apt-get if missing, starts Redis and PostgreSQL if stopped,
 # builds the servers (scripts/loadtest) in release mode, and stops everything it started by
@@ -42,6 +43,10 @@ trap cleanup EXIT
 
 modes=(bare layers layers-once observed governor floor redis redis-once redis-leased postgres postgres-once
        postgres-leased)
+# MODES="bare layers redis-leased" runs only those (bare is always run: the ratios need it).
+if [[ -n ${MODES:-} ]]; then
+  read -r -a modes <<<"bare ${MODES//bare/}"
+fi
 declare -A port pid_of
 i=0
 for m in "${modes[@]}"; do
@@ -69,9 +74,11 @@ http {
   }
 }
 CONF
-nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
-pids+=($!)
-modes+=(nginx)
+if [[ -z ${MODES:-} ]]; then
+  nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
+  pids+=($!)
+  modes+=(nginx)
+fi
 
 for m in "${modes[@]}"; do
   for _ in $(seq 1 100); do

@@ -284,8 +284,9 @@ impl Local {
             plan.size = Credits::new(want.clamp(config.min_lease.get(), config.max_lease.get()));
             self.window_start = now;
             self.window_spent = 0;
-            // One attempt per second at most, whatever comes of it.
-            self.next_refill = now.plus_secs(1);
+            // A refill that fails or is refused holds the next off for a second
+            // (`Shared::hold_off`); one that lands may be followed at once by the next, so a
+            // busy account is not left on direct reservations between whole seconds.
         }
         plan
     }
@@ -741,14 +742,24 @@ impl<L: Ledger, C: Clock> Shared<L, C> {
         }
     }
 
-    /// Takes a new lease of up to `size` credits, if the account's available credit allows.
+    /// Takes a new lease of up to `size` credits, if the account's available credit allows;
+    /// if not, no refill is tried again for a second.
     async fn refill(&self, account: &AccountId, size: Credits, now: Timestamp) {
+        if !self.try_refill(account, size, now).await {
+            if let Some(local) = self.lock().get_mut(account) {
+                local.next_refill = local.next_refill.max(now.plus_secs(1));
+            }
+        }
+    }
+
+    /// [`refill`](Self::refill): whether a lease was taken.
+    async fn try_refill(&self, account: &AccountId, size: Credits, now: Timestamp) -> bool {
         let balance = match self.inner.balance(account, now).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(target: "tower_402::lease", account = account.as_str(),
                     error = %e, "balance unreadable; no lease taken");
-                return;
+                return false;
             }
         };
         self.seen(account, balance.available);
@@ -760,13 +771,13 @@ impl<L: Ledger, C: Clock> Shared<L, C> {
                 threshold = self.config.threshold.get(),
                 "below the lease threshold; direct reservations"
             );
-            return;
+            return false;
         }
         let share =
             u128::from(balance.available.get()) * u128::from(self.config.share_percent) / 100;
         let size = size.min(Credits::new(u64::try_from(share).unwrap_or(u64::MAX)));
         if size.is_zero() {
-            return;
+            return false;
         }
         let request = self.lease_request(account, size, self.config.ttl_secs, now, "lease");
         match self.inner.reserve(&request).await {
@@ -794,11 +805,18 @@ impl<L: Ledger, C: Clock> Shared<L, C> {
                     amount: r.credits,
                     taken_at: now,
                 });
+                true
             }
-            Ok(other) => tracing::debug!(target: "tower_402::lease", account = account.as_str(),
-                outcome = ?other, "lease refused; direct reservations for now"),
-            Err(e) => tracing::warn!(target: "tower_402::lease", account = account.as_str(),
-                error = %e, "lease not taken"),
+            Ok(other) => {
+                tracing::debug!(target: "tower_402::lease", account = account.as_str(),
+                    outcome = ?other, "lease refused; direct reservations for now");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(target: "tower_402::lease", account = account.as_str(),
+                    error = %e, "lease not taken");
+                false
+            }
         }
     }
 
