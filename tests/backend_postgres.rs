@@ -519,3 +519,40 @@ async fn the_journal_is_bounded_by_its_entry_count() {
     )
     .await;
 }
+
+/// A balances table from before the overdraft (no `overdrawn` column, the old conservation
+/// check) is brought up to date by `migrate`: the column added, the old check replaced by
+/// the one that counts what is owed, so an overdraft can be written.
+#[tokio::test]
+async fn migrate_adds_the_overdraft_to_old_tables() {
+    let Some(config) = config().await else { return };
+    let table = format!("\"{}\".tower402_balances", schema_of(&config));
+    let old = format!(
+        "ALTER TABLE {table} DROP CONSTRAINT tower402_balances_conserved; \
+         ALTER TABLE {table} DROP COLUMN overdrawn; \
+         ALTER TABLE {table} ADD CHECK (deposited = available + held + settled)"
+    );
+    admin().await.batch_execute(&old).await.unwrap();
+    let ledger = PostgresLedger::new(config.pool().unwrap(), config.clone());
+    ledger.migrate().await.unwrap();
+    ledger.migrate().await.unwrap(); // idempotent
+    let checks: Vec<String> = admin()
+        .await
+        .query(
+            &format!(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint \
+                  WHERE conrelid = '{table}'::regclass AND contype = 'c'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !checks.iter().any(|c| c.contains("deposited = ((available")),
+        "the old check is gone: {checks:?}"
+    );
+    conformance::overdraft(&ledger).await;
+}

@@ -22,7 +22,8 @@ enum Op {
     Settle {
         key: u8,
         units: u64,
-        cap: bool,
+        /// 0: draw the balance, 1: cap at the hold, 2: draw, then the overdraft.
+        policy: u8,
     },
     Release {
         key: u8,
@@ -44,10 +45,10 @@ fn op() -> impl Strategy<Value = Op> {
                 allowance
             }
         ),
-        (0u8..8, 0u64..20, any::<bool>()).prop_map(|(key, units, cap)| Op::Settle {
+        (0u8..8, 0u64..20, 0u8..3).prop_map(|(key, units, policy)| Op::Settle {
             key,
             units,
-            cap
+            policy
         }),
         (0u8..8).prop_map(|key| Op::Release { key }),
         (0u64..200).prop_map(|secs| Op::Advance { secs }),
@@ -93,12 +94,25 @@ fn reserve_request(
     }
 }
 
+/// The overdraft the property test's `Overdraft` settlements allow.
+const OVERDRAFT: u64 = 25;
+
 fn check(book: &mut AccountBook, now: Timestamp, deposited: u64) {
     let b = book.balance(now);
     let sum = b.available.get() + b.held.get() + b.settled.get();
-    assert_eq!(b.deposited.get(), sum, "conservation: {b:?}");
+    assert_eq!(
+        b.deposited.get() + b.overdrawn.get(),
+        sum,
+        "conservation: {b:?}"
+    );
     assert_eq!(b.deposited.get(), deposited, "deposits counted once: {b:?}");
-    assert!(b.settled.get() <= deposited, "overspend: {b:?}");
+    // The balance, signed, never goes below minus the overdraft.
+    assert!(b.overdrawn.get() <= OVERDRAFT, "past the overdraft: {b:?}");
+    assert!(
+        b.overdrawn.is_zero() || b.available.is_zero(),
+        "spendable credit while overdrawn: {b:?}"
+    );
+    assert!(b.settled.get() <= deposited + OVERDRAFT, "overspend: {b:?}");
 }
 
 proptest! {
@@ -146,8 +160,12 @@ proptest! {
                         prop_assert_eq!(before, after, "a refusal changes nothing");
                     }
                 }
-                Op::Settle { key, units, cap } => {
-                    let policy = if cap { OverEstimate::CapAtHold } else { OverEstimate::DrawBalance };
+                Op::Settle { key, units, policy } => {
+                    let policy = match policy {
+                        0 => OverEstimate::DrawBalance,
+                        1 => OverEstimate::CapAtHold,
+                        _ => OverEstimate::Overdraft(Credits::new(OVERDRAFT)),
+                    };
                     let before = book.balance(now);
                     match book.settle(&format!("r{key}"), &[Usage::new("units", units)], policy, now) {
                         Ok(s) => {
@@ -545,7 +563,7 @@ proptest! {
             // Charged so far: the usage of every landed run, and the estimate of every run
             // whose hold expired before its settlement landed (running or lost).
             let b = book.balance(now);
-            prop_assert_eq!(b.deposited, b.available.checked_add(b.held).unwrap().checked_add(b.settled).unwrap());
+            prop_assert_eq!(b.deposited.checked_add(b.overdrawn).unwrap(), b.available.checked_add(b.held).unwrap().checked_add(b.settled).unwrap());
             let mut settled = 0;
             let mut held = 0;
             for r in &runs {

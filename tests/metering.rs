@@ -29,6 +29,8 @@ struct Setup {
     clock: ManualClock,
     release_handler: Arc<Notify>,
     entered_handler: Arc<Notify>,
+    /// How many times `/report/{n}` ran.
+    reports: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Setup {
@@ -43,11 +45,18 @@ impl Setup {
             clock: ManualClock::new(START),
             release_handler: Arc::new(Notify::new()),
             entered_handler: Arc::new(Notify::new()),
+            reports: Arc::default(),
         }
     }
 
     fn app(&self, metering: impl FnOnce(Billing) -> Billing) -> Router {
-        let catalog = Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true));
+        self.app_on(Plan::new("basic", "Basic", 1).overage(true), metering)
+    }
+
+    /// [`app`](Self::app) with `acme` on `plan` (its id must be `basic`).
+    fn app_on(&self, plan: Plan, metering: impl FnOnce(Billing) -> Billing) -> Router {
+        let catalog = Catalog::new().with_plan(plan);
+        let reports = self.reports.clone();
         let plans = MemoryPlanStore::new().with(Subscription::active("acme", "basic"));
         let keys = StaticKeys::new().with_key("sk_live_SECRET123", "acme");
         let entered = self.entered_handler.clone();
@@ -65,7 +74,8 @@ impl Setup {
             )
             .route(
                 "/report/{n}",
-                get(|Path(n): Path<u64>| async move {
+                get(move |Path(n): Path<u64>| async move {
+                    reports.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     (Extension(ReportedUsage::units("units", n)), "reported")
                 }),
             )
@@ -198,6 +208,56 @@ async fn reported_usage_is_settled_instead_of_the_estimate() {
     assert_eq!(s.available().await, 70, "capped at the 10 credits held");
     call(&app, "/report/0", &[]).await;
     assert_eq!(s.available().await, 70);
+}
+
+/// A plan's overdraft: a request that used more than its hold is charged into a negative
+/// balance down to the plan's limit instead of leaving the rest unpaid; while the account owes,
+/// the next request is refused before its handler runs; a deposit repays the debt first.
+#[tokio::test]
+async fn a_plans_overdraft_charges_past_zero_down_to_its_limit() {
+    let runs = |s: &Setup| s.reports.load(std::sync::atomic::Ordering::SeqCst);
+    // Without one: 10 held, 4 more available, 10 of the 24 used go unpaid.
+    let s = Setup::new(14).await;
+    let a = call(&s.app(|m| m), "/report/12", &[]).await;
+    assert_eq!(a.status, 200);
+    let b = s.ledger.balance(&"acme".into(), START).await.unwrap();
+    assert_eq!(
+        (b.available.get(), b.settled.get(), b.overdrawn.get()),
+        (0, 14, 0)
+    );
+
+    let s = Setup::new(14).await;
+    let plan = Plan::new("basic", "Basic", 1)
+        .overage(true)
+        .overdraft(Credits::new(10));
+    let app = s.app_on(plan, |m| m);
+    let a = call(&app, "/report/12", &[]).await;
+    assert_eq!((a.status.as_u16(), &a.body[..]), (200, &b"reported"[..]));
+    let b = s.ledger.balance(&"acme".into(), START).await.unwrap();
+    assert_eq!(
+        (b.available.get(), b.settled.get(), b.overdrawn.get()),
+        (0, 24, 10),
+        "all 24 charged: 10 held, 4 available, 10 owed"
+    );
+    assert_eq!(runs(&s), 1);
+    // In debt: refused, the handler not run.
+    let a = call(&app, "/report/1", &[]).await;
+    a.problem(402, "INSUFFICIENT_CREDITS");
+    assert_eq!(runs(&s), 1);
+    // A deposit pays the debt first; what is left is spendable.
+    let d = s
+        .ledger
+        .deposit(&"acme".into(), Credits::new(25), "top-up", START)
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.balance.available.get(), d.balance.overdrawn.get()),
+        (15, 0)
+    );
+    let a = call(&app, "/report/1", &[]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(runs(&s), 2);
+    assert_eq!(s.available().await, 13);
 }
 
 #[tokio::test]

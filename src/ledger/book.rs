@@ -101,6 +101,9 @@ pub struct AccountBook {
     held: Credits,
     settled: Credits,
     deposited: Credits,
+    /// Charged beyond the balance under [`OverEstimate::Overdraft`]: owed, repaid first by
+    /// any credit that comes back (see [`Balance::overdrawn`]).
+    overdrawn: Credits,
     allowances: FastMap<(Meter, Timestamp), Counter>,
     reservations: FastMap<ReservationKey, Record>,
     deposits: FastMap<String, (Credits, Timestamp)>,
@@ -131,6 +134,7 @@ impl AccountBook {
             held: Credits::ZERO,
             settled: Credits::ZERO,
             deposited: Credits::ZERO,
+            overdrawn: Credits::ZERO,
             allowances: FastMap::default(),
             reservations: FastMap::default(),
             deposits: FastMap::default(),
@@ -189,6 +193,7 @@ impl AccountBook {
             held: parts.balance.held,
             settled: parts.balance.settled,
             deposited: parts.balance.deposited,
+            overdrawn: parts.balance.overdrawn,
             allowances: parts.allowances,
             reservations: parts.reservations,
             deposits: parts.deposits,
@@ -215,6 +220,7 @@ impl AccountBook {
                 held: self.held,
                 settled: self.settled,
                 deposited: self.deposited,
+                overdrawn: self.overdrawn,
             },
             reservations: self.reservations,
             allowances: self.allowances,
@@ -263,10 +269,7 @@ impl AccountBook {
                 self.settled = self.settled.checked_add(credits).unwrap_or(self.settled);
                 EntryKind::Settle
             } else {
-                self.available = self
-                    .available
-                    .checked_add(credits)
-                    .unwrap_or(self.available);
+                self.credit(credits);
                 EntryKind::Expiry
             };
             if !credits.is_zero() {
@@ -349,7 +352,20 @@ impl AccountBook {
             held: self.held,
             settled: self.settled,
             deposited: self.deposited,
+            overdrawn: self.overdrawn,
         }
+    }
+
+    /// Puts `credits` back where requests can spend them, repaying what is overdrawn first:
+    /// an overdrawn account has nothing available until its debt is paid.
+    fn credit(&mut self, credits: Credits) {
+        let repaid = credits.min(self.overdrawn);
+        self.overdrawn = self.overdrawn.saturating_sub(repaid);
+        // Within `deposited + overdrawn`, which is bounded: cannot overflow.
+        self.available = self
+            .available
+            .checked_add(credits.saturating_sub(repaid))
+            .unwrap_or(self.available);
     }
 
     /// Allowance units of `meter` taken in the window starting at `window_start`.
@@ -673,23 +689,41 @@ impl AccountBook {
         }
         let from_hold = cost.min(held_credits);
         let beyond = cost.saturating_sub(from_hold);
+        // held -= hold; available += hold - from_hold (repaying any overdraft first), then
+        // available -= from_available, overdrawn += from_overdraft; settled += charged.
+        // Every step stays within `deposited + overdrawn`, so none can overflow.
+        self.held = self.held.saturating_sub(held_credits);
+        self.credit(held_credits.saturating_sub(from_hold));
         // A lapsed hold held nothing: capping at it would make the work free, so a late
         // settlement draws what it can whatever the policy.
         let from_available = match policy {
             OverEstimate::CapAtHold if was_open => Credits::ZERO,
             _ => beyond.min(self.available),
         };
-        // held -= hold; available += hold - from_hold - from_available; settled += charged.
-        // Every step stays within `deposited`, so none can overflow.
-        self.held = self.held.saturating_sub(held_credits);
-        self.available = self
-            .available
-            .checked_add(held_credits.saturating_sub(from_hold))
-            .unwrap_or(self.available)
-            .saturating_sub(from_available);
-        let charged = from_hold.checked_add(from_available).unwrap_or(from_hold);
+        self.available = self.available.saturating_sub(from_available);
+        let rest = beyond.saturating_sub(from_available);
+        // Owed up to the limit, and never so much that `deposited + overdrawn` (what the
+        // buckets add up to) passes the largest exact amount.
+        let from_overdraft = match policy {
+            OverEstimate::Overdraft(limit) => {
+                let total = self.deposited.checked_add(self.overdrawn);
+                let headroom =
+                    total.map_or(Credits::ZERO, |t| Credits::MAX_EXACT.saturating_sub(t));
+                rest.min(limit.min(Credits::MAX_EXACT).saturating_sub(self.overdrawn))
+                    .min(headroom)
+            }
+            _ => Credits::ZERO,
+        };
+        self.overdrawn = self
+            .overdrawn
+            .checked_add(from_overdraft)
+            .unwrap_or(self.overdrawn);
+        let charged = from_hold
+            .checked_add(from_available)
+            .and_then(|c| c.checked_add(from_overdraft))
+            .unwrap_or(from_hold);
         self.settled = self.settled.checked_add(charged).unwrap_or(self.settled);
-        let short = beyond.saturating_sub(from_available);
+        let short = rest.saturating_sub(from_overdraft);
         let available = self.available;
         if !charged.is_zero() {
             let j = &mut self.journal;
@@ -733,10 +767,7 @@ impl AccountBook {
             }
         }
         self.held = self.held.saturating_sub(credits);
-        self.available = self
-            .available
-            .checked_add(credits)
-            .unwrap_or(self.available);
+        self.credit(credits);
         if !credits.is_zero() {
             let available = self.available;
             let j = &mut self.journal;
@@ -772,10 +803,7 @@ impl AccountBook {
         if rehold {
             self.held = self.held.checked_add(rec.credits).unwrap_or(self.held);
         } else {
-            self.available = self
-                .available
-                .checked_add(rec.credits)
-                .unwrap_or(self.available);
+            self.credit(rec.credits);
         }
         if !rec.credits.is_zero() {
             let available = self.available;
@@ -850,10 +878,7 @@ impl AccountBook {
             .filter(|d| *d <= Credits::MAX_EXACT)
             .ok_or(LedgerError::AmountOutOfRange)?;
         self.deposited = deposited;
-        self.available = self
-            .available
-            .checked_add(amount)
-            .ok_or(LedgerError::AmountOutOfRange)?;
+        self.credit(amount);
         self.deposits.insert(key.to_owned(), (amount, now));
         self.deposited_at.push_back((now, key.to_owned()));
         let available = self.available;
@@ -899,13 +924,14 @@ impl AccountBook {
                 available_after: self.available,
             });
         }
-        // `deposited` is what was put in net of adjustments: conservation still holds.
+        // `deposited` is what was put in net of adjustments: conservation still holds. A
+        // credit repays an overdraft first, as a deposit does.
         let (deposited, available) = match direction {
             Direction::Credit => (
                 self.deposited
                     .checked_add(amount)
                     .filter(|d| *d <= Credits::MAX_EXACT),
-                self.available.checked_add(amount),
+                Some(self.available),
             ),
             Direction::Debit => (
                 self.deposited.checked_sub(amount),
@@ -917,6 +943,10 @@ impl AccountBook {
         };
         self.deposited = deposited;
         self.available = available;
+        if direction == Direction::Credit {
+            self.credit(amount);
+        }
+        let available = self.available;
         self.adjustments
             .insert(key.clone(), (direction, amount, now));
         self.adjusted_at.push_back((now, key.clone()));

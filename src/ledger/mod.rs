@@ -6,9 +6,15 @@
 //!
 //! - `available`: can be reserved;
 //! - `held`: the sum of open reservations;
-//! - `settled`: spent.
+//! - `settled`: spent;
+//! - `overdrawn`: owed, charged beyond the balance under [`OverEstimate::Overdraft`] (zero
+//!   unless a settlement allowed an overdraft).
 //!
-//! and the invariant `deposited = available + held + settled` holds after every operation.
+//! and the invariant `deposited + overdrawn = available + held + settled` holds after every
+//! operation. While anything is owed nothing is available: credit that comes back (a deposit,
+//! a credit adjustment, a released or expired hold, the unused part of a settled one) repays
+//! the overdraft first. So the balance, signed, is `available - overdrawn`, never below minus
+//! the largest overdraft allowed.
 //! Allowance usage per meter and period is tracked the same way (`used` and `held` units).
 //!
 //! # Operations
@@ -21,7 +27,8 @@
 //!   fingerprint is [`LedgerError::KeyConflict`].
 //! - [`settle`](Ledger::settle) what was actually used, once. Less than held: the rest goes
 //!   back. More than held: see [`OverEstimate`]; a shortfall is reported, never silent, and the
-//!   balance never goes below zero.
+//!   balance never goes below zero, or below minus the limit of an
+//!   [`Overdraft`](OverEstimate::Overdraft).
 //! - [`release`](Ledger::release): give the hold back (idempotent). Reservations also expire on
 //!   their own: every operation on an account first ends that account's expired holds, so no
 //!   sweeper is needed for correctness. What an expired hold becomes is the reservation's

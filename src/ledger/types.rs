@@ -261,6 +261,12 @@ pub enum OverEstimate {
     /// hold lapsed before it was settled held nothing; it is settled as under `DrawBalance`,
     /// or the work would be free.)
     CapAtHold,
+    /// As `DrawBalance`, then charge what `available` cannot pay into a bounded overdraft:
+    /// the account may owe up to this many credits in all ([`Balance::overdrawn`]); only
+    /// the rest is a shortfall. Credit that comes back later (a deposit, a credit
+    /// adjustment, a released hold) repays the overdraft before it can be spent.
+    /// `Overdraft(Credits::ZERO)` is `DrawBalance`.
+    Overdraft(Credits),
 }
 
 /// What could not be charged.
@@ -317,8 +323,15 @@ pub struct Balance {
     pub held: Credits,
     /// Spent.
     pub settled: Credits,
-    /// Everything ever deposited: always `available + held + settled`.
+    /// Everything ever deposited (net of adjustments): always
+    /// `deposited + overdrawn = available + held + settled`.
     pub deposited: Credits,
+    /// Owed: charged beyond the balance under [`OverEstimate::Overdraft`], not yet repaid.
+    /// Never above the overdraft limit the settlement allowed; while it is above zero,
+    /// `available` is zero (credit that comes back repays it first). The balance, signed, is
+    /// `available - overdrawn`.
+    #[serde(default)]
+    pub overdrawn: Credits,
 }
 
 /// Allowance units of one meter in one window.

@@ -11,7 +11,7 @@ use crate::credits::Credits;
 use crate::error::LedgerError;
 use crate::in_process::InProcessLedger;
 use crate::ledger::PerCharge;
-use crate::ledger::{Hold, ReservationId, Settlement, Usage};
+use crate::ledger::{Hold, OverEstimate, ReservationId, Settlement, Usage};
 use crate::metering::body::spawn_or_expire;
 use crate::metering::layer::{DisconnectPolicy, DryStreamPolicy, StreamErrorPolicy};
 use crate::metering::replay::Recorder;
@@ -103,6 +103,9 @@ pub(crate) struct Guard {
     /// Watching for a stream that runs dry ([`DryStreamPolicy::Cut`]).
     dry: Option<Box<DryWatch>>,
     export: Export,
+    /// The payer's plan's overdraft: a cost beyond the hold may be charged into a debt of
+    /// this much where the layer's policy draws the balance (zero: none).
+    overdraft: Credits,
     /// The request's span (the current one when the hold was made): settlement is recorded
     /// on it, and logged inside it.
     span: tracing::Span,
@@ -208,6 +211,7 @@ impl Guard {
     ) -> Self {
         crate::observe::held_reserved(held_credits, Some(held.account()));
         Guard {
+            overdraft: Credits::ZERO,
             config,
             held,
             held_credits,
@@ -223,6 +227,23 @@ impl Guard {
             dry: None,
             export: Export::default(),
             span: tracing::Span::current(),
+        }
+    }
+
+    /// Lets a cost beyond the hold be charged into an overdraft of up to `limit` credits
+    /// (the payer's plan's, [`Plan::overdraft`](crate::plan::Plan::overdraft)), where the
+    /// layer's policy draws the balance.
+    pub(crate) fn overdraft(&mut self, limit: Credits) {
+        self.overdraft = limit;
+    }
+
+    /// How a cost beyond the hold is charged: the layer's policy, or the plan's overdraft.
+    fn policy(&self) -> OverEstimate {
+        match self.config.over_estimate {
+            OverEstimate::DrawBalance if !self.overdraft.is_zero() => {
+                OverEstimate::Overdraft(self.overdraft)
+            }
+            policy => policy,
         }
     }
 
@@ -599,6 +620,7 @@ impl Guard {
                 self.held_credits,
                 self.charges.as_slice(),
                 action,
+                self.policy(),
                 export,
             );
             return None;
@@ -615,7 +637,15 @@ impl Guard {
         let config = self.config.clone();
         // Reference counts, not copies.
         let (id, charges) = (id.clone(), self.charges.to_arc());
-        let run = run(config, id, self.held_credits, charges, action, export);
+        let run = run(
+            config,
+            id,
+            self.held_credits,
+            charges,
+            action,
+            self.policy(),
+            export,
+        );
         Some(Box::pin(tracing::Instrument::instrument(
             run,
             self.span.clone(),
@@ -677,6 +707,7 @@ async fn run(
     held: Credits,
     charges: Arc<[Charge]>,
     action: Action,
+    policy: OverEstimate,
     export: Export,
 ) {
     let now = config.clock.now();
@@ -699,7 +730,7 @@ async fn run(
             bounded::<_, LedgerError>(
                 "ledger.settle",
                 config.timeout,
-                config.ledger.settle(&id, usage, config.over_estimate, now),
+                config.ledger.settle(&id, usage, policy, now),
             )
             .await,
         ),
@@ -722,6 +753,7 @@ async fn run(
             held,
             charges,
             usage,
+            policy,
             export,
         });
         return;
@@ -738,6 +770,7 @@ async fn run(
 }
 
 /// The same as [`run`] on a ledger that answers without I/O, for a record or a hold.
+#[allow(clippy::too_many_arguments)] // the guard's fields, borrowed apart
 fn run_now(
     ledger: &dyn InProcessLedger,
     config: &MeterConfig,
@@ -745,10 +778,10 @@ fn run_now(
     held_credits: Credits,
     charges: &[Charge],
     action: Action,
+    policy: OverEstimate,
     export: Export,
 ) {
     let now = config.clock.now();
-    let policy = config.over_estimate;
     let release = || match held {
         Held::Reservation(id) => ledger.release(id, now),
         Held::Hold(account, hold) => ledger.release_hold(account, hold, charges, now),

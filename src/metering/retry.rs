@@ -47,6 +47,8 @@ pub(crate) struct Pending {
     pub(crate) held: Credits,
     pub(crate) charges: Arc<[Charge]>,
     pub(crate) usage: Option<Vec<Usage>>,
+    /// The settlement's policy, as the first attempt had it.
+    pub(crate) policy: crate::ledger::OverEstimate,
     pub(crate) export: Export,
 }
 
@@ -164,9 +166,7 @@ async fn attempt(p: &Pending) -> Option<Outcome> {
             bounded::<_, LedgerError>(
                 "ledger.settle",
                 config.timeout,
-                config
-                    .ledger
-                    .settle(&p.id, usage, config.over_estimate, now),
+                config.ledger.settle(&p.id, usage, p.policy, now),
             )
             .await,
         ),

@@ -683,7 +683,10 @@ fn admitted<B>(
     let ticket = match booked {
         // A replay never gets here (see `replay`).
         None | Some(Booked::Unmetered) | Some(Booked::Replayed) => None,
-        Some(Booked::Held(ticket)) => {
+        Some(Booked::Held(mut ticket)) => {
+            if let Some(limit) = entitlement.plan.as_ref().and_then(|p| p.overdraft) {
+                ticket.guard.overdraft(limit);
+            }
             entitlement.available = Some(ticket.available_after);
             if let Some(w) = crate::metering::headers::soft_limit(config, &ticket) {
                 entitlement.warnings.push(w);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::credits::Credits;
 use crate::time::Timestamp;
 
 macro_rules! string_id {
@@ -154,6 +155,11 @@ pub struct Plan {
     /// default grace period.
     #[serde(default)]
     pub grace_period_secs: Option<u64>,
+    /// How far a request's cost beyond its hold may take the balance below zero (see
+    /// [`OverEstimate::Overdraft`](crate::ledger::OverEstimate::Overdraft)). `None` (the
+    /// default): not at all; what the balance cannot pay is a shortfall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overdraft: Option<Credits>,
 }
 
 impl Plan {
@@ -167,6 +173,7 @@ impl Plan {
             allowances: Vec::new(),
             overage: false,
             grace_period_secs: None,
+            overdraft: None,
         }
     }
 
@@ -195,6 +202,17 @@ impl Plan {
     /// Sets this plan's grace period for past-due subscriptions.
     pub fn grace_period_secs(mut self, secs: u64) -> Self {
         self.grace_period_secs = Some(secs);
+        self
+    }
+
+    /// Lets a request's cost beyond its hold (a usage-priced route that used more than its
+    /// estimate) be charged into a negative balance down to `-limit` credits, instead of
+    /// going unpaid as a shortfall. The debt ([`Balance::overdrawn`](crate::ledger::Balance::overdrawn))
+    /// is repaid first by any credit that comes back, so nothing is served from it: the next
+    /// request is refused until it is paid. Applies under the layer's default
+    /// [`OverEstimate::DrawBalance`](crate::ledger::OverEstimate::DrawBalance).
+    pub fn overdraft(mut self, limit: Credits) -> Self {
+        self.overdraft = (!limit.is_zero()).then_some(limit);
         self
     }
 

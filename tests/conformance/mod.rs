@@ -133,8 +133,116 @@ pub async fn conserved(l: &impl Ledger, account: &str, now: Timestamp) -> Balanc
         .checked_add(b.held)
         .and_then(|s| s.checked_add(b.settled))
         .expect("no overflow");
-    assert_eq!(b.deposited, sum, "conservation broken: {b:?}");
+    let owed = b.deposited.checked_add(b.overdrawn).expect("no overflow");
+    assert_eq!(owed, sum, "conservation broken: {b:?}");
+    assert!(
+        b.overdrawn.is_zero() || b.available.is_zero(),
+        "spendable credit while overdrawn: {b:?}"
+    );
     b
+}
+
+/// A bounded overdraft: a cost beyond the hold is charged from the balance, then into the
+/// overdraft up to its limit, the rest a shortfall; credit that comes back (a released hold,
+/// a deposit) repays it before anything can be spent; conservation counts what is owed.
+pub async fn overdraft(l: &impl Ledger) {
+    let a = acct("ovd");
+    l.deposit(&a, Credits::new(10), "top-1", at(1))
+        .await
+        .unwrap();
+    reserved(
+        l.reserve(&request("ovd", "a", vec![paid("calls", 2, 1)], at(1)))
+            .await
+            .unwrap(),
+    );
+    reserved(
+        l.reserve(&request("ovd", "b", vec![paid("calls", 3, 1)], at(1)))
+            .await
+            .unwrap(),
+    );
+    // 20 used against a hold of 3: 3 from the hold, the 5 available, 6 owed, 6 short.
+    let s = l
+        .settle(
+            &id("ovd", "b"),
+            &[Usage::new("calls", 20)],
+            OverEstimate::Overdraft(Credits::new(6)),
+            at(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.charged, Credits::new(14));
+    assert_eq!(s.shortfall.credits, Credits::new(6));
+    assert_eq!(s.available_after, Credits::ZERO);
+    let b = conserved(l, "ovd", at(2)).await;
+    assert_eq!(
+        (
+            b.available.get(),
+            b.held.get(),
+            b.settled.get(),
+            b.overdrawn.get()
+        ),
+        (0, 2, 14, 6)
+    );
+    // At the limit: nothing more is owed, all of it is short.
+    reserved(
+        l.reserve(&request("ovd", "c", vec![paid("calls", 0, 1)], at(2)))
+            .await
+            .unwrap(),
+    );
+    let s = l
+        .settle(
+            &id("ovd", "c"),
+            &[Usage::new("calls", 3)],
+            OverEstimate::Overdraft(Credits::new(6)),
+            at(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!((s.charged.get(), s.shortfall.credits.get()), (0, 3));
+    // A released hold repays the debt first.
+    l.release(&id("ovd", "a"), at(3)).await.unwrap();
+    let b = conserved(l, "ovd", at(3)).await;
+    assert_eq!((b.available.get(), b.overdrawn.get()), (0, 4));
+    // Nothing to spend while in debt.
+    let refused = l
+        .reserve(&request("ovd", "d", vec![paid("calls", 1, 1)], at(3)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            refused,
+            ReserveOutcome::Denied(Denial::InsufficientCredits { .. })
+        ),
+        "{refused:?}"
+    );
+    // A deposit repays the rest, then is spendable.
+    let d = l
+        .deposit(&a, Credits::new(5), "top-2", at(4))
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.balance.available.get(), d.balance.overdrawn.get()),
+        (1, 0)
+    );
+    let b = conserved(l, "ovd", at(4)).await;
+    assert_eq!((b.deposited.get(), b.settled.get()), (15, 14));
+    // A plain draw never owes.
+    reserved(
+        l.reserve(&request("ovd", "e", vec![paid("calls", 0, 1)], at(4)))
+            .await
+            .unwrap(),
+    );
+    let s = l
+        .settle(
+            &id("ovd", "e"),
+            &[Usage::new("calls", 9)],
+            OverEstimate::DrawBalance,
+            at(4),
+        )
+        .await
+        .unwrap();
+    assert_eq!((s.charged.get(), s.shortfall.credits.get()), (1, 8));
+    assert_eq!(conserved(l, "ovd", at(4)).await.overdrawn, Credits::ZERO);
 }
 
 pub async fn deposits(l: &impl Ledger) {
@@ -824,10 +932,12 @@ fn random_ops(seed: u64, n: usize, huge: bool) -> Vec<(Timestamp, Op)> {
                 })
             }
             5 | 6 => {
-                let policy = if rng.below(2) == 0 {
-                    OverEstimate::DrawBalance
-                } else {
-                    OverEstimate::CapAtHold
+                let policy = match rng.below(3) {
+                    0 => OverEstimate::DrawBalance,
+                    1 => OverEstimate::CapAtHold,
+                    // Near the largest amounts too: the limit is clamped as every backend
+                    // clamps it.
+                    _ => OverEstimate::Overdraft(Credits::new(amount(&mut rng, 7))),
                 };
                 let usage = vec![
                     Usage::new("req", rng.below(10)),
@@ -1409,6 +1519,7 @@ macro_rules! conformance_tests {
         conformance_tests!(@one $ledger, recorded_responses, recorded_responses);
         conformance_tests!(@one $ledger, recorded_responses_are_bounded, recorded_responses_are_bounded);
         conformance_tests!(@one $ledger, journal, journal);
+        conformance_tests!(@one $ledger, overdraft, overdraft);
 
         #[tokio::test]
         async fn matches_the_book_on_random_sequences() {

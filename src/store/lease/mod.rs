@@ -50,7 +50,7 @@
 //!
 //! [`balance`](Ledger::balance) is the shared ledger's: credit parked in leases (this
 //! instance's and every other's) is in `held`, not `available`, and credit spent from a lease
-//! moves to `settled` when the lease is settled. `deposited = available + held + settled`
+//! moves to `settled` when the lease is settled. `deposited + overdrawn = available + held + settled`
 //! holds throughout. [`parked`](LeasedLedger::parked) shows this instance's share.
 //!
 //! # Example
@@ -585,42 +585,49 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
     }
 
     /// Charges `rest` credits beyond a local hold directly in the shared ledger, as far as
-    /// the account's available credit goes: what was charged.
-    async fn charge_beyond(&self, account: &AccountId, rest: Credits, now: Timestamp) -> Credits {
+    /// the account's available credit (and, under [`OverEstimate::Overdraft`], its overdraft)
+    /// goes: what was charged. A reservation of nothing, settled with `rest` under `policy`,
+    /// so the shared ledger draws what it can in one atomic step.
+    async fn charge_beyond(
+        &self,
+        account: &AccountId,
+        rest: Credits,
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Credits {
         let shared = &self.shared;
-        let mut want = rest;
-        for _ in 0..2 {
-            let request = shared.lease_request(account, want, 60, now, "extra");
-            match shared.inner.reserve(&request).await {
-                Ok(ReserveOutcome::Reserved(r)) => {
-                    let usage = [Usage::new(LEASE_METER, r.credits.get())];
-                    return match shared
-                        .inner
-                        .settle(&request.id(), &usage, OverEstimate::CapAtHold, now)
-                        .await
-                    {
-                        Ok(s) => s.charged,
-                        Err(e) => {
-                            tracing::error!(target: "tower_402::lease", account = account.as_str(),
-                                error = %e, "charge beyond a lease hold not settled");
-                            Credits::ZERO
-                        }
-                    };
-                }
-                Ok(ReserveOutcome::Denied(Denial::InsufficientCredits { balance, .. }))
-                    if !balance.is_zero() && balance < want =>
+        let request = shared.lease_request(account, Credits::ZERO, 60, now, "extra");
+        let policy = match policy {
+            OverEstimate::Overdraft(limit) => OverEstimate::Overdraft(limit),
+            _ => OverEstimate::DrawBalance,
+        };
+        match shared.inner.reserve(&request).await {
+            Ok(ReserveOutcome::Reserved(_)) => {
+                let usage = [Usage::new(LEASE_METER, rest.get())];
+                match shared
+                    .inner
+                    .settle(&request.id(), &usage, policy, now)
+                    .await
                 {
-                    want = balance;
-                }
-                Ok(_) => return Credits::ZERO,
-                Err(e) => {
-                    tracing::error!(target: "tower_402::lease", account = account.as_str(),
-                        error = %e, "charge beyond a lease hold failed");
-                    return Credits::ZERO;
+                    Ok(s) => s.charged,
+                    Err(e) => {
+                        tracing::error!(target: "tower_402::lease", account = account.as_str(),
+                            error = %e, "charge beyond a lease hold not settled");
+                        Credits::ZERO
+                    }
                 }
             }
+            Ok(other) => {
+                tracing::error!(target: "tower_402::lease", account = account.as_str(),
+                    outcome = ?other, "charge beyond a lease hold refused");
+                Credits::ZERO
+            }
+            Err(e) => {
+                tracing::error!(target: "tower_402::lease", account = account.as_str(),
+                    error = %e, "charge beyond a lease hold failed");
+                Credits::ZERO
+            }
         }
-        Credits::ZERO
     }
 }
 
@@ -935,7 +942,7 @@ impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
         }
         let mut shortfall = rest;
         if !rest.is_zero() && policy != OverEstimate::CapAtHold {
-            let extra = self.charge_beyond(&id.account, rest, now).await;
+            let extra = self.charge_beyond(&id.account, rest, policy, now).await;
             charged = charged.checked_add(extra).unwrap_or(charged);
             shortfall = rest.saturating_sub(extra);
         }

@@ -15,7 +15,7 @@
 //! [`AccountBook`] state machine as the in-memory ledger on them, writes back what changed
 //! and commits. Two operations on one account are therefore serialized by the row lock under
 //! any isolation level, and nothing can overspend: the balances table also carries
-//! `CHECK (deposited = available + held + settled)` and non-negativity checks, so a bug would
+//! `CHECK (deposited + overdrawn = available + held + settled)` and non-negativity checks, so a bug would
 //! abort the transaction rather than store a wrong balance.
 //!
 //! A transaction takes two round trips: `BEGIN`, the lock and the load are pipelined on the

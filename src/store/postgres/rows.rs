@@ -35,12 +35,19 @@ pub(super) fn state_from(s: &str) -> Result<State, StoreError> {
     })
 }
 
-pub(super) fn balance_from_row(row: &Row, first: usize) -> Result<Balance, StoreError> {
+/// The balance in columns `first..first + 4` (available, held, settled, deposited), and
+/// `overdrawn` as `overdrawn`.
+pub(super) fn balance_from_row(
+    row: &Row,
+    first: usize,
+    overdrawn: i64,
+) -> Result<Balance, StoreError> {
     Ok(Balance {
         available: Credits::new(from_sql(row.get(first))?),
         held: Credits::new(from_sql(row.get(first + 1))?),
         settled: Credits::new(from_sql(row.get(first + 2))?),
         deposited: Credits::new(from_sql(row.get(first + 3))?),
+        overdrawn: Credits::new(from_sql(overdrawn)?),
     })
 }
 
@@ -65,7 +72,14 @@ pub(super) fn add_rows(parts: &mut Parts, rows: &[Row]) -> Result<(), StoreError
                     },
                 );
             }
-            "b" => parts.balance = balance_from_row(row, 3)?,
+            // `overdrawn` rides in the key column, as text: the union has no integer column
+            // left for it.
+            "b" => {
+                let overdrawn = key
+                    .parse()
+                    .map_err(|_| corrupt("overdrawn is not an integer"))?;
+                parts.balance = balance_from_row(row, 3, overdrawn)?
+            }
             "d" => {
                 let amount = Credits::new(from_sql(row.get(3))?);
                 let at = Timestamp::from_unix(from_sql(row.get(4))?);

@@ -21,8 +21,29 @@ CREATE TABLE IF NOT EXISTS {bal} (
     held      bigint NOT NULL DEFAULT 0 CHECK (held >= 0),
     settled   bigint NOT NULL DEFAULT 0 CHECK (settled >= 0),
     deposited bigint NOT NULL DEFAULT 0 CHECK (deposited >= 0),
-    CHECK (deposited = available + held + settled)
+    overdrawn bigint NOT NULL DEFAULT 0 CHECK (overdrawn >= 0),
+    CONSTRAINT "{p}balances_conserved" CHECK (deposited + overdrawn = available + held + settled)
 );
+-- Tables from before the overdraft: add the column, and swap the conservation check for the
+-- one that counts it. Altered only when missing, as below.
+DO $$
+DECLARE old_check text;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = '{schema}' AND table_name = '{p}balances'
+                   AND column_name = 'overdrawn') THEN
+    ALTER TABLE {bal} ADD COLUMN overdrawn bigint NOT NULL DEFAULT 0 CHECK (overdrawn >= 0);
+    FOR old_check IN
+      SELECT conname FROM pg_constraint
+       WHERE conrelid = '{bal}'::regclass AND contype = 'c'
+         AND pg_get_constraintdef(oid) LIKE '%deposited = ((available + held) + settled)%'
+    LOOP
+      EXECUTE format('ALTER TABLE {bal} DROP CONSTRAINT %I', old_check);
+    END LOOP;
+    ALTER TABLE {bal} ADD CONSTRAINT "{p}balances_conserved"
+      CHECK (deposited + overdrawn = available + held + settled);
+  END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS {res} (
     account         text   NOT NULL,
     key             text   NOT NULL,
@@ -216,8 +237,8 @@ impl LedgerSql {
         // The same plus the balance row ('b'), for a read on one snapshot without the lock.
         let peek = format!(
             "{load} UNION ALL \
-             SELECT 'b', account, NULL, available, held, settled, deposited, NULL, NULL, NULL, \
-                    NULL, NULL \
+             SELECT 'b', overdrawn::text, NULL, available, held, settled, deposited, NULL, NULL, \
+                    NULL, NULL, NULL \
                FROM {bal} WHERE account = $1"
         );
         // A little longer than the client's own timer, which normally fires first: this is
@@ -233,7 +254,7 @@ impl LedgerSql {
             lock: format!(
                 "INSERT INTO {bal} (account) VALUES ($1) \
                  ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account \
-                 RETURNING available, held, settled, deposited"
+                 RETURNING available, held, settled, deposited, overdrawn"
             ),
             // Every write of an operation in one statement, each table's rows passed as
             // column arrays (empty when nothing changed there). Rows deleted and rows
@@ -242,7 +263,8 @@ impl LedgerSql {
             // upsert replaces it. The account's row lock makes all of this exclusive.
             write: format!(
                 "WITH balance AS ( \
-                     UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5 \
+                     UPDATE {bal} SET available = $2, held = $3, settled = $4, deposited = $5, \
+                            overdrawn = $35 \
                       WHERE account = $1 AND $6::boolean \
                  ), reservations_gone AS ( \
                      DELETE FROM {res} WHERE account = $1 AND key = ANY($7::text[]) \

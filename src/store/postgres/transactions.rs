@@ -187,7 +187,7 @@ impl PostgresLedger {
         .await
         .map_err(pg_error)?;
         let mut loaded = Parts {
-            balance: balance_from_row(&balance, 0)?,
+            balance: balance_from_row(&balance, 0, balance.get(4))?,
             ..Parts::default()
         };
         add_rows(&mut loaded, &rows)?;
@@ -282,7 +282,7 @@ impl Drop for OpenTx {
 #[derive(Default)]
 pub(super) struct Changes<'a> {
     pub(super) balance_changed: bool,
-    pub(super) balance: [i64; 4],
+    pub(super) balance: [i64; 5],
     pub(super) reservations_gone: Vec<&'a str>,
     pub(super) reservations: ReservationColumns<'a>,
     pub(super) allowances_gone: (Vec<&'a str>, Vec<i64>),
@@ -328,6 +328,7 @@ impl<'a> Changes<'a> {
                 u64_to_sql(b.held.get())?,
                 u64_to_sql(b.settled.get())?,
                 u64_to_sql(b.deposited.get())?,
+                u64_to_sql(b.overdrawn.get())?,
             ];
         }
         for key in before.reservations.keys() {
@@ -422,7 +423,7 @@ impl<'a> Changes<'a> {
     }
 
     /// The parameters of [`LedgerSql::write`], in order.
-    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 34] {
+    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 35] {
         let (b, r, a) = (&self.balance, &self.reservations, &self.allowances);
         [
             account,
@@ -459,6 +460,7 @@ impl<'a> Changes<'a> {
             &self.adjustments.2,
             &self.adjustments.3,
             &r.charge_on_expiry,
+            &b[4],
         ]
     }
 }

@@ -15,7 +15,7 @@ end
 if dir == 'credit' then
   if bal.deposited + amount > MAX then return done({'range'}) end
   bal.deposited = bal.deposited + amount
-  bal.available = bal.available + amount
+  credit(amount)
 else
   if amount > bal.available or amount > bal.deposited then return done({'range'}) end
   bal.deposited = bal.deposited - amount

@@ -14,7 +14,7 @@ if d then
 end
 if bal.deposited + amount > MAX then return done({'range'}) end
 bal.deposited = bal.deposited + amount
-bal.available = bal.available + amount
+credit(amount)
 dirty = true
 redis.call('HSET', dk, 'amount', s(amount), 'at', s(NOW))
 redis.call('EXPIRE', dk, s(GC))

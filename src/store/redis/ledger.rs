@@ -164,14 +164,11 @@ impl Ledger for RedisLedger {
             *e = e.saturating_add(u.units).min(MAX_EXACT);
         }
         let policy = match policy {
-            OverEstimate::CapAtHold => "cap",
-            _ => "draw",
+            OverEstimate::CapAtHold => "cap".to_owned(),
+            OverEstimate::Overdraft(limit) => format!("od:{}", limit.min(Credits::MAX_EXACT)),
+            _ => "draw".to_owned(),
         };
-        let mut args = vec![
-            id.key.to_string(),
-            policy.to_owned(),
-            per_meter.len().to_string(),
-        ];
+        let mut args = vec![id.key.to_string(), policy, per_meter.len().to_string()];
         for (m, u) in per_meter {
             args.push(m.to_owned());
             args.push(u.to_string());

@@ -16,19 +16,20 @@ local function hgetall(key)
   for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
   return t
 end
-local bal = {available = 0, held = 0, settled = 0, deposited = 0}
+local bal = {available = 0, held = 0, settled = 0, deposited = 0, overdrawn = 0}
 do
   local t = hgetall(B .. ':bal')
   if t then
     bal.available = tonumber(t.available); bal.held = tonumber(t.held)
     bal.settled = tonumber(t.settled); bal.deposited = tonumber(t.deposited)
+    bal.overdrawn = tonumber(t.overdrawn or '0')
   end
 end
 local dirty = false
 local function done(reply)
   if dirty then
     redis.call('HSET', B .. ':bal', 'available', s(bal.available), 'held', s(bal.held),
-      'settled', s(bal.settled), 'deposited', s(bal.deposited))
+      'settled', s(bal.settled), 'deposited', s(bal.deposited), 'overdrawn', s(bal.overdrawn))
   end
   return reply
 end
@@ -50,6 +51,12 @@ local function journal(at, kind, credits, dir, ref, reason)
   end
   redis.call('EXPIRE', jk, s(math.max(JRET, GC)))
   redis.call('EXPIRE', B .. ':jseq', s(math.max(JRET, GC)))
+end
+-- Mirrors AccountBook::credit: credit coming back repays the overdraft first.
+local function credit(x)
+  local repaid = math.min(x, bal.overdrawn)
+  bal.overdrawn = bal.overdrawn - repaid
+  bal.available = bal.available + x - repaid
 end
 local function ckey(meter, start) return B .. ':a:' .. string.len(meter) .. ':' .. meter .. ':' .. start end
 local function get_counter(meter, start)
@@ -105,7 +112,7 @@ local function uncharge(rec, rehold)
   local cr = tonumber(rec.cr)
   if rehold then shift_units(rec, 1, -1) else shift_units(rec, 0, -1) end
   bal.settled = math.max(bal.settled - cr, 0)
-  if rehold then bal.held = bal.held + cr else bal.available = bal.available + cr end
+  if rehold then bal.held = bal.held + cr else credit(cr) end
   dirty = true
   journal(NOW, 'release', cr)
 end
@@ -128,7 +135,7 @@ local function expire_due()
         journal(tonumber(rec.ex), 'settle', cr)
       else
         release_units(rec)
-        bal.available = bal.available + cr
+        credit(cr)
         journal(tonumber(rec.ex), 'expiry', cr)
       end
     end
@@ -194,5 +201,5 @@ local function settlement_reply(tag, rec)
   return r
 end
 local function bal_reply(tag)
-  return {tag, bal.available, bal.held, bal.settled, bal.deposited}
+  return {tag, bal.available, bal.held, bal.settled, bal.deposited, bal.overdrawn}
 end

@@ -28,7 +28,7 @@ end
 redis.call('ZREM', B .. ':open', key)
 local cr = tonumber(rec.cr)
 bal.held = math.max(bal.held - cr, 0)
-bal.available = bal.available + cr
+credit(cr)
 dirty = true
 journal(NOW, 'release', cr)
 return done({'ok'})

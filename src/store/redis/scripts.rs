@@ -153,6 +153,7 @@ impl Reply {
             held: self.credits()?,
             settled: self.credits()?,
             deposited: self.credits()?,
+            overdrawn: self.credits()?,
         })
     }
 

@@ -58,16 +58,27 @@ end
 local from_hold = math.min(cost, held_credits)
 local beyond = cost - from_hold
 local from_available = 0
--- A lapsed hold held nothing: its late settlement draws what it can, whatever the policy.
-if policy == 'draw' or lapsed then from_available = math.min(beyond, bal.available) end
+-- 'draw', 'cap' or 'od:<limit>' (OverEstimate::Overdraft: the most the account may owe).
+local od = tonumber(string.match(policy, '^od:(%d+)$') or '-1')
 bal.held = math.max(bal.held - held_credits, 0)
-bal.available = math.max(bal.available + (held_credits - from_hold) - from_available, 0)
-local charged = from_hold + from_available
+credit(held_credits - from_hold)
+-- A lapsed hold held nothing: its late settlement draws what it can, whatever the policy.
+if policy ~= 'cap' or lapsed then from_available = math.min(beyond, bal.available) end
+bal.available = bal.available - from_available
+local rest = beyond - from_available
+local from_overdraft = 0
+if od > 0 then
+  -- Up to the limit, and never past MAX in all (AccountBook::charge_usage).
+  local headroom = math.max(MAX - bal.deposited - bal.overdrawn, 0)
+  from_overdraft = math.max(math.min(rest, math.min(od, MAX) - bal.overdrawn, headroom), 0)
+end
+bal.overdrawn = bal.overdrawn + from_overdraft
+local charged = from_hold + from_available + from_overdraft
 bal.settled = bal.settled + charged
 dirty = true
 journal(NOW, 'settle', charged)
-journal(NOW, 'shortfall', beyond - from_available)
-for _, v in ipairs({'sc', s(charged), 'saa', s(bal.available), 'sun', s(bal.available + bal.held), 'ssc', s(beyond - from_available), 'sk', s(#short)}) do
+journal(NOW, 'shortfall', rest - from_overdraft)
+for _, v in ipairs({'sc', s(charged), 'saa', s(bal.available), 'sun', s(bal.available + bal.held), 'ssc', s(rest - from_overdraft), 'sk', s(#short)}) do
   f[#f + 1] = v
 end
 for j, p in ipairs(short) do
