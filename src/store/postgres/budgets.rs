@@ -443,7 +443,8 @@ CREATE INDEX IF NOT EXISTS "{p}budget_hold_lines_counter"
         for (i, l) in lines.iter().enumerate() {
             let c = &counters[&CounterKey::of(l)];
             let taken = c.used.saturating_add(c.held);
-            if !taken.checked_add(l.amount).is_some_and(|t| t <= l.limit) {
+            let fits = taken.checked_add(l.amount).is_some_and(|t| t <= l.limit);
+            if !fits {
                 // Nothing held on any line (and no row created).
                 Self::end(tx, false).await?;
                 return Ok(HoldOutcome::NoRoom {
