@@ -50,7 +50,9 @@ const USAGE: &str = include_str!("budget_usage.lua");
 ///
 /// # Examples
 ///
-/// ```no_run
+/// Nothing connects until the first operation:
+///
+/// ```
 /// use tower_402::budget::{Budget, BudgetNode, Budgets, BudgetedLedger};
 /// use tower_402::plan::Period;
 /// use tower_402::store::{RedisBudgetStore, RedisConfig, RedisLedger};
