@@ -62,8 +62,12 @@
 //!
 //! # Backends
 //!
-//! [`MemoryBudgetStore`] keeps the counters in this process. A fleet needs a shared
-//! [`BudgetStore`]; [`BudgetBook`] is the reference semantics such a store must keep.
+//! [`MemoryBudgetStore`] keeps the counters in this process. A fleet shares them in the
+//! ledger's backend: `tower_402::store::RedisBudgetStore` (feature `redis`: one Lua script per
+//! operation, on one Redis or a Redis Cluster) or `tower_402::store::PostgresBudgetStore`
+//! (feature `postgres`: one transaction per operation, with a `migrate()` of its own).
+//! [`BudgetBook`] is the reference semantics every [`BudgetStore`] keeps; `tests/budgets.rs`
+//! checks each store against it on random sequences of calls.
 //! [`BudgetedLedger`] has no [in-process fast path](crate::in_process): every reservation on
 //! it goes through the async methods.
 

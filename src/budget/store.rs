@@ -65,8 +65,8 @@ pub enum HoldOutcome {
     },
 }
 
-/// Budget counters shared by every instance: implemented by [`MemoryBudgetStore`] (and,
-/// for fleets, stores on the ledger's backend). Every method is atomic across all the lines
+/// Budget counters shared by every instance: implemented by [`MemoryBudgetStore`] and, for
+/// fleets, by `RedisBudgetStore` and `PostgresBudgetStore` in `tower_402::store`. Every method is atomic across all the lines
 /// it touches: concurrent holds can never take a level past its budget.
 ///
 /// [`BudgetBook`] is the reference: a store must answer every sequence of calls as it does.

@@ -7,6 +7,7 @@
 //! | `PostgresLedger`, `PostgresPlanStore` | `postgres` | several instances; durable; row lock + the shared state machine in one transaction; an idempotent `migrate()`; see the `postgres` module |
 //! | [`CachingPlanStore`] | always | a read-through cache with a TTL in front of any plan store |
 //! | [`MemoryKeyStore`](crate::keys::MemoryKeyStore), `RedisKeyStore`, `PostgresKeyStore` | always, `redis`, `postgres` | API key digests for [`Keys`](crate::keys::Keys): many keys per account, rotated and revoked at run time |
+//! | [`MemoryBudgetStore`](crate::budget::MemoryBudgetStore), `RedisBudgetStore`, `PostgresBudgetStore` | always, `redis`, `postgres` | budget counters for [`BudgetedLedger`](crate::budget::BudgetedLedger): holds on every level of a chain at once, shared by a fleet |
 //! | [`LeasedLedger`] | always | leased credit in front of any shared ledger: requests paid in memory, zero overspend; see the [`lease`] module |
 //!
 //! Every backend keeps the semantics documented on [`Ledger`](crate::Ledger) exactly; one
@@ -26,7 +27,8 @@ pub use lease::{LeaseConfig, LeasedLedger, Parked};
 pub use memory::{MemoryLedger, MemoryPlanStore};
 #[cfg(feature = "postgres")]
 pub use postgres::{
-    PostgresConfig, PostgresKeyStore, PostgresLedger, PostgresPlanStore, TransactionCounts,
+    PostgresBudgetStore, PostgresConfig, PostgresKeyStore, PostgresLedger, PostgresPlanStore,
+    TransactionCounts,
 };
 #[cfg(feature = "redis")]
-pub use redis::{RedisConfig, RedisKeyStore, RedisLedger, RedisPlanStore};
+pub use redis::{RedisBudgetStore, RedisConfig, RedisKeyStore, RedisLedger, RedisPlanStore};

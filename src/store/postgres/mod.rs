@@ -3,7 +3,10 @@
 //! [`PostgresLedger`] and [`PostgresPlanStore`] run on a [`deadpool_postgres`] pool, so any
 //! number of app instances can share one database. The pool replaces broken connections on
 //! its own: after a restart of the server (or a terminated backend) the next operations get a
-//! fresh connection, with no restart of the app.
+//! fresh connection, with no restart of the app. [`PostgresKeyStore`] keeps API key digests
+//! and [`PostgresBudgetStore`] the budget counters of
+//! [`BudgetedLedger`](crate::budget::BudgetedLedger), each with tables and a `migrate()` of
+//! its own.
 //!
 //! # How the ledger keeps its promises
 //!
@@ -106,6 +109,7 @@
 //! ```
 
 mod batching;
+mod budgets;
 mod config;
 mod keys;
 mod ledger;
@@ -149,6 +153,7 @@ use self::batching::*;
 use self::rows::*;
 use self::schema::*;
 
+pub use self::budgets::PostgresBudgetStore;
 pub use self::config::{InvalidIdentifier, PostgresConfig};
 pub use self::keys::PostgresKeyStore;
 pub use self::ledger::{PostgresLedger, TransactionCounts};

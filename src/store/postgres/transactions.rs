@@ -256,6 +256,11 @@ impl PostgresLedger {
 pub(super) struct OpenTx(Option<Object>);
 
 impl OpenTx {
+    /// `client`, about to begin a transaction.
+    pub(super) fn new(client: Object) -> Self {
+        OpenTx(Some(client))
+    }
+
     pub(super) fn client(&self) -> &Object {
         self.0
             .as_ref()

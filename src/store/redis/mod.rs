@@ -1,6 +1,8 @@
 //! The Redis backend (feature `redis`).
 //!
-//! [`RedisLedger`] and [`RedisPlanStore`] let any number of app instances share one Redis.
+//! [`RedisLedger`] and [`RedisPlanStore`] let any number of app instances share one Redis;
+//! [`RedisKeyStore`] keeps API key digests and [`RedisBudgetStore`] the budget counters of
+//! [`BudgetedLedger`](crate::budget::BudgetedLedger) beside them.
 //!
 //! # How the ledger keeps its promises
 //!
@@ -73,6 +75,7 @@
 //! # }
 //! ```
 
+mod budgets;
 mod config;
 mod keys;
 mod ledger;
@@ -83,6 +86,7 @@ mod scripts;
 use self::config::Conn;
 use self::scripts::*;
 
+pub use self::budgets::RedisBudgetStore;
 pub use self::config::RedisConfig;
 pub use self::keys::RedisKeyStore;
 pub use self::ledger::RedisLedger;
