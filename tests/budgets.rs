@@ -726,3 +726,202 @@ mod postgres_store {
         drop_schema(&config).await;
     }
 }
+
+/// Two budgets of one node whose windows start together (a month and a year, in January)
+/// share one counter: each request counts once against it, the tighter cap refuses, and the
+/// refusal names that budget and its own reset.
+#[tokio::test]
+async fn a_month_and_a_year_starting_together_count_each_request_once() {
+    use tower_402::ledger::{Charge, ReserveOutcome, ReserveRequest};
+    let jan = Timestamp::from_utc(2027, 1, 10, 12, 0, 0).unwrap();
+    let chart = Budgets::new()
+        .node(
+            BudgetNode::new("research", tower_402::budget::TEAM)
+                .budget(Budget::credits(3, Period::CalendarMonth))
+                .budget(Budget::credits(100, Period::Year)),
+        )
+        .member("acct", "research");
+    let inner = MemoryLedger::new();
+    inner
+        .deposit(&"acct".into(), Credits::new(50), "seed", jan)
+        .await
+        .unwrap();
+    let ledger = BudgetedLedger::new(inner.clone(), MemoryBudgetStore::new(), chart).unwrap();
+    let request = |n: u32| ReserveRequest {
+        account: "acct".into(),
+        key: format!("r{n}").into(),
+        fingerprint: 0,
+        charges: vec![Charge {
+            meter: Meter::new("requests"),
+            units: 1,
+            unit_price: Credits::new(1),
+            price_per: 1,
+            allowance: None,
+            overage: true,
+        }]
+        .into(),
+        ttl_secs: 60,
+        idempotent: false,
+        on_expiry: Default::default(),
+        now: jan,
+    };
+    for n in 0..3 {
+        let r = ledger.reserve(&request(n)).await.unwrap();
+        assert!(
+            matches!(r, ReserveOutcome::Reserved(_)),
+            "request {n}: {r:?}"
+        );
+        ledger
+            .settle(
+                &request(n).id(),
+                &[Usage::new("requests", 1)],
+                Default::default(),
+                jan,
+            )
+            .await
+            .unwrap();
+    }
+    let refused = ledger.reserve(&request(3)).await.unwrap();
+    let ReserveOutcome::Denied(tower_402::Denial::BudgetExhausted(b)) = refused else {
+        panic!("the month's cap refuses the fourth: {refused:?}");
+    };
+    assert_eq!((b.budget, b.used, b.period), (3, 3, Period::CalendarMonth));
+    assert_eq!(
+        b.resets_at,
+        Timestamp::from_utc(2027, 2, 1, 0, 0, 0).unwrap()
+    );
+    let year = ledger
+        .usage("research", &Budget::credits(100, Period::Year), jan)
+        .await
+        .unwrap();
+    assert_eq!(year.used, 3, "each request counted once for the year too");
+    assert_eq!(
+        inner
+            .balance(&"acct".into(), jan)
+            .await
+            .unwrap()
+            .settled
+            .get(),
+        3
+    );
+}
+
+/// The memory store, with its first `fail` settlements failing as an outage would.
+struct Flaky {
+    store: MemoryBudgetStore,
+    fail: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl BudgetStore for Flaky {
+    async fn hold(
+        &self,
+        key: &ReservationId,
+        lines: &[BudgetLine],
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<tower_402::budget::HoldOutcome, tower_402::StoreError> {
+        self.store.hold(key, lines, expires_at, now).await
+    }
+    async fn settle(
+        &self,
+        key: &ReservationId,
+        charged: u64,
+        usage: &[Usage],
+        now: Timestamp,
+    ) -> Result<bool, tower_402::StoreError> {
+        if self
+            .fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(tower_402::StoreError::unavailable("budget store down"));
+        }
+        self.store.settle(key, charged, usage, now).await
+    }
+    async fn release(
+        &self,
+        key: &ReservationId,
+        now: Timestamp,
+    ) -> Result<bool, tower_402::StoreError> {
+        self.store.release(key, now).await
+    }
+    async fn usage(
+        &self,
+        owner: &str,
+        meter: Option<&Meter>,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<tower_402::budget::CounterUsage, tower_402::StoreError> {
+        self.store.usage(owner, meter, window_start, now).await
+    }
+}
+
+/// A budget settlement that fails is retried until it lands: the charge is counted against
+/// the budget, not only logged.
+#[tokio::test(start_paused = true)]
+async fn a_failed_budget_settlement_is_retried_until_it_counts() {
+    use tower_402::ledger::{Charge, ReserveOutcome, ReserveRequest};
+    let now = Timestamp::from_utc(2027, 1, 10, 12, 0, 0).unwrap();
+    let chart = Budgets::new()
+        .node(
+            BudgetNode::new("research", tower_402::budget::TEAM)
+                .budget(Budget::credits(10, Period::CalendarMonth)),
+        )
+        .member("acct", "research");
+    let inner = MemoryLedger::new();
+    inner
+        .deposit(&"acct".into(), Credits::new(50), "seed", now)
+        .await
+        .unwrap();
+    let store = Arc::new(Flaky {
+        store: MemoryBudgetStore::new(),
+        fail: AtomicUsize::new(3),
+    });
+    let ledger = BudgetedLedger::new(inner, store.clone(), chart).unwrap();
+    let request = ReserveRequest {
+        account: "acct".into(),
+        key: "r1".into(),
+        fingerprint: 0,
+        charges: vec![Charge {
+            meter: Meter::new("requests"),
+            units: 4,
+            unit_price: Credits::new(1),
+            price_per: 1,
+            allowance: None,
+            overage: true,
+        }]
+        .into(),
+        ttl_secs: 60,
+        idempotent: false,
+        on_expiry: Default::default(),
+        now,
+    };
+    assert!(matches!(
+        ledger.reserve(&request).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    ledger
+        .settle(
+            &request.id(),
+            &[Usage::new("requests", 4)],
+            Default::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    let month = Budget::credits(10, Period::CalendarMonth);
+    let before = ledger.usage("research", &month, now).await.unwrap();
+    assert_eq!(
+        (before.used, before.held),
+        (0, 4),
+        "not counted yet: still held"
+    );
+    // The retries run on the paused clock: 50 + 100 + 200 ms.
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let after = ledger.usage("research", &month, now).await.unwrap();
+    assert_eq!((after.used, after.held), (4, 0), "counted once it landed");
+    assert_eq!(store.fail.load(Ordering::SeqCst), 0);
+}

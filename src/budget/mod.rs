@@ -283,6 +283,17 @@ impl Budgets {
         self.nodes.get(id)
     }
 
+    /// Whether `account` is in the chart (has a node or reports to one): what
+    /// [`chain`](Self::chain) would find, without building it.
+    pub fn has_chain(&self, account: &AccountId) -> bool {
+        let a = account.as_str();
+        self.nodes.contains_key(a)
+            || self
+                .members
+                .get(a)
+                .is_some_and(|n| self.nodes.contains_key(n))
+    }
+
     /// The nodes from `account` up to its root: its own node if it has one, then each parent.
     pub fn chain(&self, account: &AccountId) -> Vec<&BudgetNode> {
         let first = self
@@ -401,6 +412,20 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
                         .filter(|c| &c.meter == m)
                         .fold(0u64, |acc, c| acc.saturating_add(c.units)),
                 };
+                // Two budgets of one node on one meter whose windows start together (a month
+                // and a year, each January) count the same usage on one counter: hold it once,
+                // against the tighter cap, and keep the counter until the later reset.
+                if let Some(i) = lines.iter().position(|l: &BudgetLine| {
+                    l.owner == node.id && l.meter == budget.meter && l.window_start == window_start
+                }) {
+                    let line = &mut lines[i];
+                    line.resets_at = line.resets_at.max(resets_at);
+                    if budget.limit < line.limit {
+                        line.limit = budget.limit;
+                        of[i] = LineOf { node, budget };
+                    }
+                    continue;
+                }
                 lines.push(BudgetLine {
                     owner: node.id.clone(),
                     meter: budget.meter.clone(),
@@ -422,7 +447,9 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
             }
             Ok(HoldOutcome::NoRoom { line, used }) => {
                 self.inner.release(&reservation.id, req.now).await?;
-                let (LineOf { node, budget }, l) = (&of[line], &lines[line]);
+                let LineOf { node, budget } = &of[line];
+                // The refused budget's own reset (a merged line keeps the later one).
+                let (_, resets_at) = budget.period.window_in(req.now, &self.budgets.calendar);
                 tracing::info!(
                     target: "tower_402::budget",
                     account = req.account.as_str(),
@@ -440,7 +467,7 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
                         budget: budget.limit,
                         used: used.min(budget.limit),
                         period: budget.period,
-                        resets_at: l.resets_at,
+                        resets_at,
                         manager: node.manager.clone(),
                         manage_url: node.manage_url.clone(),
                     },
@@ -470,21 +497,24 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
         now: Timestamp,
     ) -> Result<Settlement, LedgerError> {
         let settlement = self.inner.settle(id, usage, policy, now).await?;
-        if !self.budgets.chain(&id.account).is_empty() {
-            if let Err(e) = self
-                .store
-                .settle(id, settlement.charged.get(), usage, now)
-                .await
-            {
-                // The charge landed; the budgets did not count it. Said loudly: a level can
-                // overshoot by what this request was charged.
-                tracing::error!(
+        if self.budgets.has_chain(&id.account) {
+            let charged = settlement.charged.get();
+            if let Err(e) = self.store.settle(id, charged, usage, now).await {
+                // The charge landed; the budgets have not counted it yet. Retried in the
+                // background until the store answers (a settlement after the hold lapsed
+                // still counts, within `BUDGET_RETENTION_SECS`).
+                tracing::warn!(
                     target: "tower_402::budget",
                     account = id.account.as_str(),
-                    charged = settlement.charged.get(),
+                    charged,
                     error = %e,
-                    "budget settlement failed: the charge is not counted against the budgets"
+                    "budget settlement failed; retrying in the background"
                 );
+                let (store, id, usage) = (self.store.clone(), id.clone(), usage.to_vec());
+                retry_in_background(id.account.clone(), "settlement", move || {
+                    let (store, id, usage) = (store.clone(), id.clone(), usage.clone());
+                    async move { store.settle(&id, charged, &usage, now).await.map(|_| ()) }
+                });
             }
         }
         Ok(settlement)
@@ -492,15 +522,21 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
 
     async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
         self.inner.release(id, now).await?;
-        if !self.budgets.chain(&id.account).is_empty() {
+        if self.budgets.has_chain(&id.account) {
             if let Err(e) = self.store.release(id, now).await {
-                // The hold lapses with the reservation's expiry.
+                // Until it lands, the hold counts against the budgets (at the latest until
+                // the reservation's expiry): retried in the background.
                 tracing::warn!(
                     target: "tower_402::budget",
                     account = id.account.as_str(),
                     error = %e,
-                    "budget release failed; the budget hold lapses at the reservation's expiry"
+                    "budget release failed; retrying in the background"
                 );
+                let (store, id) = (self.store.clone(), id.clone());
+                retry_in_background(id.account.clone(), "release", move || {
+                    let (store, id) = (store.clone(), id.clone());
+                    async move { store.release(&id, now).await.map(|_| ()) }
+                });
             }
         }
         Ok(())
@@ -570,4 +606,49 @@ mod node_list {
         }
         Ok(nodes)
     }
+}
+
+/// Retries a budget store operation that failed, on a Tokio task, with backoff (50 ms
+/// doubling to 5 s) until it answers, for up to half of [`BUDGET_RETENTION_SECS`] (the
+/// store keeps what a late settlement needs for all of it). Without a runtime it is logged
+/// as lost.
+fn retry_in_background<F, Fut>(account: AccountId, what: &'static str, mut attempt: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), crate::error::StoreError>> + Send + 'static,
+{
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        tracing::error!(
+            target: "tower_402::budget",
+            account = account.as_str(),
+            what,
+            "no Tokio runtime to retry a budget operation on; it is not counted"
+        );
+        return;
+    };
+    handle.spawn(async move {
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(BUDGET_RETENTION_SECS / 2);
+        let mut wait = std::time::Duration::from_millis(50);
+        loop {
+            tokio::time::sleep(wait).await;
+            match attempt().await {
+                Ok(()) => {
+                    tracing::info!(target: "tower_402::budget", account = account.as_str(),
+                        what, "budget operation landed after a retry");
+                    return;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(target: "tower_402::budget", account = account.as_str(),
+                        what, error = %e, "budget operation still failing; retrying");
+                    wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(target: "tower_402::budget", account = account.as_str(),
+                        what, error = %e, "budget operation never landed; given up");
+                    return;
+                }
+            }
+        }
+    });
 }

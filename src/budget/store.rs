@@ -261,8 +261,9 @@ impl BudgetBook {
                     usage: CounterUsage::default(),
                     resets_at: line.resets_at,
                 });
-            // Checked above: used + held + amount ≤ limit.
-            c.usage.held += line.amount;
+            // Checked above: used + held + amount ≤ limit, for each line alone (two lines on
+            // one counter are checked apart: `BudgetedLedger` never makes them).
+            c.usage.held = c.usage.held.saturating_add(line.amount);
         }
         self.seq += 1;
         let slot = (expires_at, self.seq);
