@@ -25,6 +25,7 @@ fn request(n: u64) -> ReserveRequest {
         ttl_secs: 300,
         idempotent: false,
         on_expiry: OnExpiry::Charge,
+        attempt: 0,
         now: Timestamp::now(),
     }
 }

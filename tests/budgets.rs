@@ -763,6 +763,7 @@ async fn a_month_and_a_year_starting_together_count_each_request_once() {
         ttl_secs: 60,
         idempotent: false,
         on_expiry: Default::default(),
+        attempt: 0,
         now: jan,
     };
     for n in 0..3 {
@@ -895,6 +896,7 @@ async fn a_failed_budget_settlement_is_retried_until_it_counts() {
         ttl_secs: 60,
         idempotent: false,
         on_expiry: Default::default(),
+        attempt: 0,
         now,
     };
     assert!(matches!(

@@ -26,9 +26,11 @@ const START: Timestamp = Timestamp::from_unix(1_790_000_000);
 const KEY: &str = "sk_live_SECRET123";
 
 /// The in-memory ledger without its in-process fast path: the layers take the path of a
-/// shared ledger (Redis, PostgreSQL), with futures for reserve, settle and records.
+/// shared ledger (Redis, PostgreSQL), with futures for reserve, settle and records. While
+/// the counter is above zero, a reservation is made and its reply lost (an outage error),
+/// as when a connection drops after the server ran the script.
 #[derive(Clone)]
-struct Shared(MemoryLedger);
+struct Shared(MemoryLedger, Arc<AtomicU64>);
 
 #[async_trait::async_trait]
 impl Ledger for Shared {
@@ -36,7 +38,15 @@ impl Ledger for Shared {
         &self,
         r: &ledger::ReserveRequest,
     ) -> Result<ledger::ReserveOutcome, LedgerError> {
-        self.0.reserve(r).await
+        let outcome = self.0.reserve(r).await;
+        let lose = self
+            .1
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if lose {
+            return Err(LedgerError::Store(StoreError::unavailable("reply lost")));
+        }
+        outcome
     }
     async fn settle(
         &self,
@@ -89,6 +99,8 @@ struct Setup {
     clock: ManualClock,
     /// How many times a handler ran.
     runs: Arc<AtomicU64>,
+    /// Reservation replies still to lose (with `shared`).
+    lose_replies: Arc<AtomicU64>,
     entered: Arc<Notify>,
     release: Arc<Notify>,
 }
@@ -105,6 +117,7 @@ impl Setup {
             ledger,
             clock: ManualClock::new(START),
             runs: Arc::new(AtomicU64::new(0)),
+            lose_replies: Arc::new(AtomicU64::new(0)),
             entered: Arc::new(Notify::new()),
             release: Arc::new(Notify::new()),
         }
@@ -166,7 +179,12 @@ impl Setup {
             .layer(
                 billing(
                     if self.shared {
-                        Billing::new(keys, plans, Shared(self.ledger.clone()), catalog)
+                        Billing::new(
+                            keys,
+                            plans,
+                            Shared(self.ledger.clone(), self.lose_replies.clone()),
+                            catalog,
+                        )
                     } else {
                         Billing::new(keys, plans, self.ledger.clone(), catalog)
                     }
@@ -417,4 +435,32 @@ async fn on_a_shared_ledger_replays_conflicts_and_settlements_hold_too() {
         .unwrap();
     assert_eq!(b.held, Credits::ZERO, "every hold settled");
     assert_eq!(s.ledger.open_reservations(&"acme".into(), s.clock.now()), 0);
+}
+
+/// A reservation made under a client's `Idempotency-Key` whose reply is lost is recovered by
+/// the retry of the same attempt: the handler runs once, the request is charged once, and
+/// the key is not left locked (a retry by the client replays the response).
+#[tokio::test]
+async fn a_lost_reservation_reply_under_a_client_key_is_recovered() {
+    let mut s = Setup::new(100).await;
+    s.shared = true;
+    s.lose_replies.store(1, Ordering::SeqCst);
+    let app = s.app(|b| b);
+    let a = post_with(&app, "/echo", "order-7", "hello").await;
+    assert_eq!(a.status, 200, "{:?}", String::from_utf8_lossy(&a.body));
+    assert_eq!(
+        s.lose_replies.load(Ordering::SeqCst),
+        0,
+        "the reply was lost"
+    );
+    assert_eq!(s.runs(), 1);
+    assert_eq!(s.available().await, 90);
+    let again = post_with(&app, "/echo", "order-7", "hello").await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, a.body);
+    assert_eq!(s.runs(), 1, "never run again");
+    assert_eq!(s.available().await, 90, "charged once");
+    let b = s.ledger.balance(&"acme".into(), START).await.unwrap();
+    assert_eq!(b.held, Credits::ZERO);
 }

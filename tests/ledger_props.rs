@@ -90,6 +90,7 @@ fn reserve_request(
         ttl_secs: TTL,
         idempotent: true,
         on_expiry: OnExpiry::Release,
+        attempt: 0,
         now,
     }
 }
@@ -514,6 +515,7 @@ proptest! {
             ttl_secs: 60,
             idempotent: true,
             on_expiry: OnExpiry::Charge,
+            attempt: 0,
             now,
         };
         for s in &steps {

@@ -33,6 +33,7 @@ fn request(key: &str, charge: &Charge) -> ReserveRequest {
         ttl_secs: 60,
         idempotent: false,
         on_expiry: Default::default(),
+        attempt: 0,
         now: Timestamp::EPOCH,
     }
 }

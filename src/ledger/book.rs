@@ -46,6 +46,8 @@ pub(crate) struct Record {
     /// is then `Expired` with its `credits` and `allowance_units` settled (provisionally: a
     /// late settlement or release has the last word).
     pub(crate) charge_on_expiry: bool,
+    /// The attempt that made it ([`ReserveRequest::attempt`]; `0`: none).
+    pub(crate) attempt: u64,
 }
 
 impl Record {
@@ -409,6 +411,11 @@ impl AccountBook {
                 return Err(LedgerError::KeyConflict);
             }
             match rec.state {
+                // The same attempt again: its reply was lost. It gets its reservation back.
+                State::Open if req.attempt != 0 && rec.attempt == req.attempt => {
+                    let rec = rec.clone();
+                    return Ok(ReserveOutcome::Reserved(self.reservation_of(req, &rec)));
+                }
                 State::Open => return Ok(ReserveOutcome::Replayed(Replay::InProgress)),
                 State::Settled => {
                     let settlement = rec.settlement.clone().unwrap_or_default();
@@ -449,6 +456,7 @@ impl AccountBook {
                 settlement: None,
                 retain: req.idempotent,
                 charge_on_expiry: req.on_expiry == OnExpiry::Charge,
+                attempt: req.attempt,
             },
         );
         Ok(ReserveOutcome::Reserved(Reservation {
@@ -459,6 +467,29 @@ impl AccountBook {
             available_after,
             allowance_left,
         }))
+    }
+
+    /// An open record as the reservation its attempt made, for a retry of that attempt.
+    fn reservation_of(&self, req: &ReserveRequest, rec: &Record) -> Reservation {
+        let mut allowance_left = PerCharge::with_capacity(rec.charges.len());
+        for charge in rec.charges.iter() {
+            allowance_left.push(charge.allowance.map(|w| {
+                let c = self
+                    .allowances
+                    .get(&(charge.meter.clone(), w.start))
+                    .copied()
+                    .unwrap_or_default();
+                w.limit.saturating_sub(c.used.saturating_add(c.held))
+            }));
+        }
+        Reservation {
+            id: req.id(),
+            credits: rec.credits,
+            allowance_units: rec.allowance_units.clone(),
+            expires_at: rec.expires_at,
+            available_after: self.available,
+            allowance_left,
+        }
     }
 
     /// Moves what `charges` need from `available` (and the allowances) into `held`, or says

@@ -120,6 +120,12 @@ pub struct ReserveRequest {
     pub idempotent: bool,
     /// What happens to the hold if it is neither settled nor released before `ttl_secs`.
     pub on_expiry: OnExpiry,
+    /// A number unique to this attempt (`0`: none). A reserve that finds an open
+    /// reservation under its key made by the same attempt (its reply was lost and the call is
+    /// tried again) gets that reservation back as [`ReserveOutcome::Reserved`], instead of
+    /// [`Replay::InProgress`], which it answers to any other attempt: so a lost reply can be
+    /// recovered under a client's idempotency key, never mistaken for a concurrent duplicate.
+    pub attempt: u64,
     /// The current time.
     pub now: Timestamp,
 }

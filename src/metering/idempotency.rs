@@ -104,6 +104,16 @@ pub(crate) fn idempotent_key(key: &str) -> ReservationKey {
 
 /// A key unique to this request, for requests without an `Idempotency-Key`: a random
 /// per-process prefix (instances of a fleet share one ledger) and a counter.
+/// A number unique to one reservation attempt ([`ReserveRequest::attempt`](crate::ledger::ReserveRequest::attempt)):
+/// a random per-process base plus a counter, never `0`.
+pub(crate) fn attempt_id() -> u64 {
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| RandomState::new().hash_one((std::process::id(), "attempt")));
+    base.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed))
+        .max(1)
+}
+
 pub(crate) fn unique_key() -> ReservationKey {
     static PREFIX: OnceLock<String> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -495,6 +495,8 @@ fn reserve_request(
         idempotent,
         // The handler runs on this reservation's reply.
         on_expiry: crate::ledger::OnExpiry::Charge,
+        // A retry of this call after a lost reply gets this reservation back.
+        attempt: crate::metering::idempotency::attempt_id(),
         now: start.now,
     }
 }
@@ -577,13 +579,19 @@ async fn reserve_shared(
         }
         outcome => return on_reserve(config, account, outcome, charges),
     };
+    // The retry carries the same attempt number: a ledger that keeps it (every backend of
+    // this crate) gives back the reservation whose reply was lost, and the request goes on.
+    // One that does not answers "in progress": on a key unique to this request that can only
+    // be the lost one, so it is released and the request refused; under a client's key it
+    // may be a concurrent duplicate, so it is left alone (409, and charged at its expiry).
     match outcome {
         Ok(ReserveOutcome::Replayed(Replay::InProgress)) if !request.idempotent => {
             tracing::warn!(
                 target: "tower_402::metering",
                 account = account.as_str(),
-                "the first reservation had gone through; its reply was lost. Released; the \
-                 request is refused, its handler never ran"
+                "the first reservation had gone through; its reply was lost and this ledger \
+                 does not keep attempts. Released; the request is refused, its handler never \
+                 ran"
             );
             let mut guard = Guard::new(
                 config.clone(),

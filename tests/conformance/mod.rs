@@ -108,6 +108,7 @@ pub fn request(account: &str, key: &str, charges: Vec<Charge>, now: Timestamp) -
         // The suite's older cases are about holds that come back; the ones charged at expiry
         // set `OnExpiry::Charge` themselves.
         on_expiry: OnExpiry::Release,
+        attempt: 0,
         now,
     }
 }
@@ -928,6 +929,9 @@ fn random_ops(seed: u64, n: usize, huge: bool) -> Vec<(Timestamp, Op)> {
                     } else {
                         OnExpiry::Release
                     },
+                    // None, or one of two attempts: the same attempt again gets its open
+                    // reservation back, another is told it is in progress.
+                    attempt: rng.below(3),
                     now: t,
                 })
             }
@@ -1011,6 +1015,47 @@ pub async fn matches_the_book(l: &impl Ledger, seed: u64, huge: bool) {
         let b = conserved(l, ACCOUNTS[a], now).await;
         assert_eq!(b, books.entry(a).or_default().balance(now), "op #{i}");
     }
+}
+
+/// A reserve retried by the same attempt (its reply was lost) gets its open reservation back;
+/// another attempt under the key is told it is in progress; nothing is held twice.
+pub async fn a_lost_reply_is_recovered_by_its_attempt(l: &impl Ledger) {
+    let a = acct("att");
+    l.deposit(&a, Credits::new(10), "top", at(1)).await.unwrap();
+    let mut req = request("att", "client-key", vec![paid("calls", 3, 1)], at(1));
+    req.attempt = 7;
+    let first = reserved(l.reserve(&req).await.unwrap());
+    let again = reserved(l.reserve(&req).await.unwrap());
+    assert_eq!(again.credits, first.credits);
+    assert_eq!(again.expires_at, first.expires_at);
+    assert_eq!(again.available_after, Credits::new(7));
+    let b = conserved(l, "att", at(1)).await;
+    assert_eq!((b.available.get(), b.held.get()), (7, 3), "held once");
+    let mut other = req.clone();
+    other.attempt = 8;
+    assert_eq!(
+        l.reserve(&other).await.unwrap(),
+        ReserveOutcome::Replayed(Replay::InProgress)
+    );
+    other.attempt = 0;
+    assert_eq!(
+        l.reserve(&other).await.unwrap(),
+        ReserveOutcome::Replayed(Replay::InProgress)
+    );
+    l.settle(
+        &id("att", "client-key"),
+        &[Usage::new("calls", 3)],
+        OverEstimate::DrawBalance,
+        at(2),
+    )
+    .await
+    .unwrap();
+    // Settled: the same attempt is a completed replay like any other.
+    assert!(matches!(
+        l.reserve(&req).await.unwrap(),
+        ReserveOutcome::Replayed(Replay::Completed(_))
+    ));
+    assert_eq!(conserved(l, "att", at(2)).await.settled, Credits::new(3));
 }
 
 /// The journal keeps at most `max_entries` per account, the oldest going first; with
@@ -1520,6 +1565,7 @@ macro_rules! conformance_tests {
         conformance_tests!(@one $ledger, recorded_responses_are_bounded, recorded_responses_are_bounded);
         conformance_tests!(@one $ledger, journal, journal);
         conformance_tests!(@one $ledger, overdraft, overdraft);
+        conformance_tests!(@one $ledger, a_lost_reply_is_recovered_by_its_attempt, a_lost_reply_is_recovered_by_its_attempt);
 
         #[tokio::test]
         async fn matches_the_book_on_random_sequences() {

@@ -386,7 +386,7 @@ async fn main() {
             // ledger passes for one 1-credit charge under a key `redis-benchmark` randomizes
             // (the order is documented in src/store/redis.rs: now, retention, gc, then the
             // reservation's key, fingerprint, expiry, ttl, charge count, each charge's nine
-            // fields, and whether the key is kept).
+            // fields, whether the key is kept, whether the hold is charged at expiry, the attempt).
             let file = args.get(2).expect("script file");
             redis_ledger()
                 .deposit(
@@ -423,6 +423,9 @@ async fn main() {
                 "0".into(),
                 "0".into(),
                 "0".into(),
+                "0".into(),
+                // Charged at expiry (the metering layer's holds), no attempt number.
+                "1".into(),
                 "0".into(),
                 // The journal's bounds, which every script takes last.
                 tower_402::ledger::DEFAULT_JOURNAL_RETENTION_SECS.to_string(),

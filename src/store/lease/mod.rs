@@ -73,7 +73,7 @@
 //! let request = |key: &str| ReserveRequest {
 //!     account: "acme".into(), key: key.into(), fingerprint: 0,
 //!     charges: vec![charge.clone()].into(), ttl_secs: 60, idempotent: false,
-//!     on_expiry: Default::default(), now: Timestamp::EPOCH,
+//!     on_expiry: Default::default(), attempt: 0, now: Timestamp::EPOCH,
 //! };
 //! // No lease yet: a direct reservation; the miss asks for a lease at the next tick.
 //! assert!(matches!(ledger.reserve(&request("r1")).await?, ReserveOutcome::Reserved(_)));
@@ -660,6 +660,7 @@ impl<L: Ledger, C: Clock> Shared<L, C> {
             } else {
                 OnExpiry::Charge
             },
+            attempt: 0,
             now,
         }
     }

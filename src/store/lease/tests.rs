@@ -67,6 +67,7 @@ impl Fixture {
             ttl_secs: 60,
             idempotent: false,
             on_expiry: OnExpiry::Release,
+            attempt: 0,
             now: self.clock.now(),
         }
     }

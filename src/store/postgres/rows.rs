@@ -121,6 +121,7 @@ pub(super) fn record_from_row(row: &Row) -> Result<Record, StoreError> {
             .map_err(StoreError::corrupt)?,
         retain: row.get(10),
         charge_on_expiry: row.get(11),
+        attempt: u64::from_be_bytes(row.get::<_, i64>(12).to_be_bytes()),
     })
 }
 

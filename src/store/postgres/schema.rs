@@ -78,6 +78,15 @@ DO $$ BEGIN
     ALTER TABLE {res} ADD COLUMN charge_on_expiry boolean NOT NULL DEFAULT false;
   END IF;
 END $$;
+-- The attempt that made an open reservation (`ReserveRequest::attempt`): a retry of it after
+-- a lost reply gets the reservation back. 0 (none) for rows from before the column.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = '{schema}' AND table_name = '{p}reservations'
+                   AND column_name = 'attempt') THEN
+    ALTER TABLE {res} ADD COLUMN attempt bigint NOT NULL DEFAULT 0;
+  END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS "{p}reservations_due" ON {res} (expires_at) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS "{p}reservations_done" ON {res} (touched_at) WHERE state <> 'open';
 CREATE TABLE IF NOT EXISTS {allow} (
@@ -209,7 +218,8 @@ impl LedgerSql {
         let load = format!(
             "WITH r AS ( \
                  SELECT key, state, fingerprint, credits, expires_at, touched_at, \
-                        allowance_units, charges, settlement, retain, charge_on_expiry \
+                        allowance_units, charges, settlement, retain, charge_on_expiry, \
+                        attempt \
                    FROM {res} \
                   WHERE account = $1 \
                     AND ((state = 'open' AND expires_at <= $2) OR key = ANY($3::text[])) \
@@ -221,24 +231,27 @@ impl LedgerSql {
                   WHERE jsonb_typeof(c -> 'allowance') = 'object' \
              ) \
              SELECT 'r', key, state, fingerprint, credits, expires_at, touched_at, \
-                    allowance_units, charges, settlement, retain, charge_on_expiry FROM r \
+                    allowance_units, charges, settlement, retain, charge_on_expiry, attempt \
+               FROM r \
              UNION ALL \
              SELECT 'a', a.meter, NULL, a.window_start, a.used, a.held, a.resets_at, \
-                    NULL, NULL, NULL, NULL, NULL \
+                    NULL, NULL, NULL, NULL, NULL, NULL \
                FROM {allow} a JOIN w ON a.meter = w.meter AND a.window_start = w.window_start \
               WHERE a.account = $1 \
              UNION ALL \
-             SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+             SELECT 'd', key, NULL, amount, at, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                    NULL \
                FROM {dep} WHERE account = $1 AND key = ANY($6::text[]) \
              UNION ALL \
-             SELECT 'x', key, direction, amount, at, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+             SELECT 'x', key, direction, amount, at, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                    NULL \
                FROM {adj} WHERE account = $1 AND key = ANY($7::text[])"
         );
         // The same plus the balance row ('b'), for a read on one snapshot without the lock.
         let peek = format!(
             "{load} UNION ALL \
              SELECT 'b', overdrawn::text, NULL, available, held, settled, deposited, NULL, NULL, \
-                    NULL, NULL, NULL \
+                    NULL, NULL, NULL, NULL \
                FROM {bal} WHERE account = $1"
         );
         // A little longer than the client's own timer, which normally fires first: this is
@@ -271,17 +284,19 @@ impl LedgerSql {
                  ), reservations AS ( \
                      INSERT INTO {res} (account, key, state, fingerprint, credits, \
                          allowance_units, charges, settlement, expires_at, touched_at, retain, \
-                         charge_on_expiry) \
+                         charge_on_expiry, attempt) \
                      SELECT $1::text, * FROM unnest($8::text[], $9::text[], $10::bigint[], \
                          $11::bigint[], $12::jsonb[], $13::jsonb[], $14::jsonb[], \
-                         $15::bigint[], $16::bigint[], $28::boolean[], $34::boolean[]) \
+                         $15::bigint[], $16::bigint[], $28::boolean[], $34::boolean[], \
+                         $36::bigint[]) \
                      ON CONFLICT (account, key) DO UPDATE SET state = EXCLUDED.state, \
                          fingerprint = EXCLUDED.fingerprint, credits = EXCLUDED.credits, \
                          allowance_units = EXCLUDED.allowance_units, \
                          charges = EXCLUDED.charges, settlement = EXCLUDED.settlement, \
                          expires_at = EXCLUDED.expires_at, touched_at = EXCLUDED.touched_at, \
                          retain = EXCLUDED.retain, \
-                         charge_on_expiry = EXCLUDED.charge_on_expiry \
+                         charge_on_expiry = EXCLUDED.charge_on_expiry, \
+                         attempt = EXCLUDED.attempt \
                  ), allowances_gone AS ( \
                      DELETE FROM {allow} WHERE account = $1 AND (meter, window_start) IN \
                          (SELECT * FROM unnest($17::text[], $18::bigint[])) \

@@ -311,6 +311,7 @@ pub(super) struct ReservationColumns<'a> {
     pub(super) touched_at: Vec<i64>,
     pub(super) retain: Vec<bool>,
     pub(super) charge_on_expiry: Vec<bool>,
+    pub(super) attempt: Vec<i64>,
 }
 
 #[derive(Default)]
@@ -366,6 +367,8 @@ impl<'a> Changes<'a> {
             r.touched_at.push(ts_to_sql(rec.touched_at));
             r.retain.push(rec.retain);
             r.charge_on_expiry.push(rec.charge_on_expiry);
+            r.attempt
+                .push(i64::from_be_bytes(rec.attempt.to_be_bytes()));
         }
         for (meter, start) in before.allowances.keys() {
             if !after.allowances.contains_key(&(meter.clone(), *start)) {
@@ -428,7 +431,7 @@ impl<'a> Changes<'a> {
     }
 
     /// The parameters of [`LedgerSql::write`], in order.
-    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 35] {
+    pub(super) fn params<'p>(&'p self, account: &'p &'p str) -> [&'p (dyn ToSql + Sync); 36] {
         let (b, r, a) = (&self.balance, &self.reservations, &self.allowances);
         [
             account,
@@ -466,6 +469,7 @@ impl<'a> Changes<'a> {
             &self.adjustments.3,
             &r.charge_on_expiry,
             &b[4],
+            &r.attempt,
         ]
     }
 }

@@ -3,6 +3,7 @@
 local key, fp, ex, ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local keep = ARGV[9 + n * 9] or '1'
 local ce = ARGV[10 + n * 9] or '0'
+local att = ARGV[11 + n * 9] or '0'
 local ch = {}
 for i = 1, n do
   local b = 8 + (i - 1) * 9
@@ -14,7 +15,25 @@ expire_due()
 local rec, rk = load_rec(key)
 if rec then
   if rec.fp ~= fp then return done({'conflict'}) end
-  if rec.st == 'o' then return done({'in_progress'}) end
+  if rec.st == 'o' then
+    -- The same attempt again (its reply was lost): its reservation back, as
+    -- AccountBook::reservation_of builds it.
+    if att ~= '0' and rec.at == att then
+      local rn = tonumber(rec.n)
+      local r = {'reserved', tonumber(rec.cr), tonumber(rec.ex), bal.available, rn}
+      for i = 1, rn do r[#r + 1] = tonumber(rec['u' .. i]) end
+      for i = 1, rn do
+        if rec['l' .. i] then
+          local t = get_counter(rec['m' .. i], rec['ws' .. i]) or {used = 0, held = 0}
+          r[#r + 1] = math.max(tonumber(rec['l' .. i]) - (t.used + t.held), 0)
+        else
+          r[#r + 1] = -1
+        end
+      end
+      return done(r)
+    end
+    return done({'in_progress'})
+  end
   if rec.st == 's' then return done(settlement_reply('completed', rec)) end
   -- Charged at expiry: its work ran, so a retry does not run it again (the provisional
   -- settlement, as AccountBook's Record::provisional_settlement).
@@ -57,7 +76,7 @@ for i = 1, n do
   end
 end
 redis.call('DEL', rk)
-local f = {'fp', fp, 'st', 'o', 'cr', s(credits), 'ex', s(ex), 'tt', s(NOW), 'n', s(n), 'k', keep, 'ce', ce}
+local f = {'fp', fp, 'st', 'o', 'cr', s(credits), 'ex', s(ex), 'tt', s(NOW), 'n', s(n), 'k', keep, 'ce', ce, 'at', att}
 for i = 1, n do
   local c = ch[i]
   local j = tostring(i)

@@ -9,10 +9,12 @@ pub(super) const PRELUDE: &str = include_str!("prelude.lua");
 /// ARGV: 4 key, 5 fingerprint, 6 expires_at, 7 ttl, 8 n, then 9 per charge: meter, units,
 /// price, price per, overage, has allowance, limit, window start, resets at; then whether
 /// the key is an idempotency key (`1`: keep the record for the retention time once finished;
-/// `0`: a key unique to one request, forgotten when settled or released).
+/// `0`: a key unique to one request, forgotten when settled or released); whether the hold
+/// is charged at expiry (`1`) or given back (`0`); the attempt (`ReserveRequest::attempt`,
+/// `0`: none).
 pub(super) const RESERVE: &str = include_str!("reserve.lua");
 
-/// ARGV: 4 key, 5 policy (`draw` or `cap`), 6 m, then m pairs of meter, units.
+/// ARGV: 4 key, 5 policy (`draw`, `cap` or `od:<limit>`), 6 m, then m pairs of meter, units.
 pub(super) const SETTLE: &str = include_str!("settle.lua");
 
 /// ARGV: 4 key.
@@ -71,6 +73,7 @@ pub(super) fn reserve_args(req: &ReserveRequest) -> Result<Vec<String>, LedgerEr
         }
         .to_owned(),
     );
+    args.push(req.attempt.to_string());
     Ok(args)
 }
 
