@@ -281,9 +281,11 @@ mod imp {
     pub(crate) fn describe() {}
 }
 
+#[cfg(feature = "usage")]
+pub(crate) use imp::usage_events;
 pub(crate) use imp::{
     decision, held_released, held_reserved, leased, settled, settlement_retry, store_call,
-    threshold, usage_events,
+    threshold,
 };
 
 /// Gives every tower-402 metric its help text and unit in the installed recorder. Call it
