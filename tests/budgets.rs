@@ -927,3 +927,134 @@ async fn a_failed_budget_settlement_is_retried_until_it_counts() {
     assert_eq!((after.used, after.held), (4, 0), "counted once it landed");
     assert_eq!(store.fail.load(Ordering::SeqCst), 0);
 }
+
+/// The memory ledger, with its first `fail` releases failing as an outage would.
+#[derive(Clone)]
+struct FlakyRelease(MemoryLedger, Arc<AtomicUsize>);
+
+#[async_trait::async_trait]
+impl Ledger for FlakyRelease {
+    async fn reserve(
+        &self,
+        r: &tower_402::ledger::ReserveRequest,
+    ) -> Result<tower_402::ledger::ReserveOutcome, tower_402::LedgerError> {
+        self.0.reserve(r).await
+    }
+    async fn settle(
+        &self,
+        id: &ReservationId,
+        usage: &[Usage],
+        policy: tower_402::ledger::OverEstimate,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Settlement, tower_402::LedgerError> {
+        self.0.settle(id, usage, policy, now).await
+    }
+    async fn release(
+        &self,
+        id: &ReservationId,
+        now: Timestamp,
+    ) -> Result<(), tower_402::LedgerError> {
+        if self
+            .1
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(tower_402::LedgerError::Store(
+                tower_402::StoreError::unavailable("ledger down"),
+            ));
+        }
+        self.0.release(id, now).await
+    }
+    async fn deposit(
+        &self,
+        account: &tower_402::AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Deposit, tower_402::LedgerError> {
+        self.0.deposit(account, amount, key, now).await
+    }
+    async fn balance(
+        &self,
+        account: &tower_402::AccountId,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Balance, tower_402::LedgerError> {
+        self.0.balance(account, now).await
+    }
+    async fn allowance_usage(
+        &self,
+        account: &tower_402::AccountId,
+        meter: &Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::AllowanceUsage, tower_402::LedgerError> {
+        self.0
+            .allowance_usage(account, meter, window_start, now)
+            .await
+    }
+}
+
+/// A request refused for its budget has its reservation released even when the ledger is
+/// down at that moment (retried until it lands): left to expire, the metering layer's hold
+/// would be charged for work that never ran.
+#[tokio::test(start_paused = true)]
+async fn a_budget_refusal_gives_the_hold_back_even_through_an_outage() {
+    use tower_402::ledger::{Charge, OnExpiry, ReserveOutcome, ReserveRequest};
+    let now = Timestamp::from_utc(2027, 1, 10, 12, 0, 0).unwrap();
+    let chart = Budgets::new()
+        .node(
+            BudgetNode::new("research", tower_402::budget::TEAM)
+                .budget(Budget::credits(2, Period::CalendarMonth)),
+        )
+        .member("acct", "research");
+    let memory = MemoryLedger::new();
+    memory
+        .deposit(&"acct".into(), Credits::new(50), "seed", now)
+        .await
+        .unwrap();
+    let failing = Arc::new(AtomicUsize::new(2));
+    let inner = FlakyRelease(memory.clone(), failing.clone());
+    let ledger = BudgetedLedger::new(inner, MemoryBudgetStore::new(), chart).unwrap();
+    let request = ReserveRequest {
+        account: "acct".into(),
+        key: "r1".into(),
+        fingerprint: 0,
+        charges: vec![Charge {
+            meter: Meter::new("requests"),
+            units: 5,
+            unit_price: Credits::new(1),
+            price_per: 1,
+            allowance: None,
+            overage: true,
+        }]
+        .into(),
+        ttl_secs: 60,
+        idempotent: false,
+        on_expiry: OnExpiry::Charge,
+        attempt: 0,
+        now,
+    };
+    let refused = ledger.reserve(&request).await.unwrap();
+    assert!(
+        matches!(
+            refused,
+            ReserveOutcome::Denied(tower_402::Denial::BudgetExhausted(_))
+        ),
+        "{refused:?}"
+    );
+    let b = memory.balance(&"acct".into(), now).await.unwrap();
+    assert_eq!(b.held.get(), 5, "the release failed: still held");
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(failing.load(Ordering::SeqCst), 0);
+    // Long after the hold's expiry: given back, never charged.
+    let b = memory
+        .balance(&"acct".into(), now.plus_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.settled.get()),
+        (50, 0, 0)
+    );
+}

@@ -315,12 +315,12 @@ impl Budgets {
 /// A [`Ledger`] whose reservations also hold against every budget on the account's chain.
 /// Clones share the ledger, the store and the chart. See the [module docs](self).
 pub struct BudgetedLedger<L, S = MemoryBudgetStore> {
-    inner: L,
+    inner: Arc<L>,
     store: Arc<S>,
     budgets: Arc<Budgets>,
 }
 
-impl<L: Clone, S> Clone for BudgetedLedger<L, S> {
+impl<L, S> Clone for BudgetedLedger<L, S> {
     fn clone(&self) -> Self {
         BudgetedLedger {
             inner: self.inner.clone(),
@@ -351,7 +351,7 @@ impl<L: Ledger, S: BudgetStore> BudgetedLedger<L, S> {
     pub fn new(inner: L, store: S, budgets: Budgets) -> Result<Self, BudgetError> {
         budgets.validate()?;
         Ok(BudgetedLedger {
-            inner,
+            inner: Arc::new(inner),
             store: Arc::new(store),
             budgets: Arc::new(budgets),
         })
@@ -383,6 +383,35 @@ impl<L: Ledger, S: BudgetStore> BudgetedLedger<L, S> {
         self.store
             .usage(owner, budget.meter.as_ref(), start, now)
             .await
+    }
+}
+
+impl<L: Ledger, S> BudgetedLedger<L, S> {
+    /// Releases the inner reservation of a request refused before its handler ran. If the
+    /// release fails it is retried in the background until it lands: left to expire, the
+    /// hold would be charged (the metering layer's holds are `OnExpiry::Charge`) for work
+    /// that never ran.
+    async fn give_back(&self, id: &ReservationId, now: Timestamp) {
+        let landed = |r: Result<(), LedgerError>| match r {
+            Ok(())
+            | Err(LedgerError::UnknownReservation)
+            | Err(LedgerError::AlreadyReleased)
+            | Err(LedgerError::AlreadySettled) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = landed(self.inner.release(id, now).await) {
+            tracing::warn!(
+                target: "tower_402::budget",
+                account = id.account.as_str(),
+                error = %e,
+                "release of a reservation refused for its budget failed; retrying in the background"
+            );
+            let (inner, id) = (self.inner.clone(), id.clone());
+            retry_in_background(id.account.clone(), "reservation release", move || {
+                let (inner, id) = (inner.clone(), id.clone());
+                async move { landed(inner.release(&id, now).await) }
+            });
+        }
     }
 }
 
@@ -446,7 +475,7 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
                 Ok(ReserveOutcome::Reserved(reservation))
             }
             Ok(HoldOutcome::NoRoom { line, used }) => {
-                self.inner.release(&reservation.id, req.now).await?;
+                self.give_back(&reservation.id, req.now).await;
                 let LineOf { node, budget } = &of[line];
                 // The refused budget's own reset (a merged line keeps the later one).
                 let (_, resets_at) = budget.period.window_in(req.now, &self.budgets.calendar);
@@ -476,14 +505,7 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
             Err(e) => {
                 // Unknown whether the hold landed: give the credit back and fail the
                 // request; a hold that did land lapses with the reservation's expiry.
-                if let Err(release) = self.inner.release(&reservation.id, req.now).await {
-                    tracing::error!(
-                        target: "tower_402::budget",
-                        account = req.account.as_str(),
-                        error = %release,
-                        "budget store failed and the reservation could not be released; it expires"
-                    );
-                }
+                self.give_back(&reservation.id, req.now).await;
                 Err(LedgerError::Store(e))
             }
         }
@@ -612,10 +634,11 @@ mod node_list {
 /// doubling to 5 s) until it answers, for up to half of [`BUDGET_RETENTION_SECS`] (the
 /// store keeps what a late settlement needs for all of it). Without a runtime it is logged
 /// as lost.
-fn retry_in_background<F, Fut>(account: AccountId, what: &'static str, mut attempt: F)
+fn retry_in_background<F, Fut, E>(account: AccountId, what: &'static str, mut attempt: F)
 where
     F: FnMut() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<(), crate::error::StoreError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: fmt::Display,
 {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::error!(
