@@ -147,6 +147,7 @@ async fn balance(
         "held": b.held.get(),
         "settled": b.settled.get(),
         "deposited": b.deposited.get(),
+        "overdrawn": b.overdrawn.get(),
         "served_here": state.served.load(Ordering::SeqCst),
         "leased_here": parked.map(|p| p.leased.get()),
         "unsettled_here": parked.map(|p| p.unsettled.get()),

@@ -83,7 +83,7 @@ pub async fn balance<C: Clock>(
         "account": account,
         "plan": entitlement.plan.as_ref().map(|p| p.id.clone()),
         "status": entitlement.subscription.as_ref().map(|s| s.status.as_str()),
-        "balance": balance.available,
+        "balance": signed(&balance),
         "held": balance.held,
         "allowances": allowances,
     })))
@@ -146,7 +146,7 @@ pub async fn top_up<C: Clock>(
             Ok(Json(json!({
                 "account": entitlement.account,
                 "applied": deposit.applied,
-                "balance": deposit.balance.available,
+                "balance": signed(&deposit.balance),
             })))
         }
         Err(LedgerError::KeyConflict) => {
@@ -196,6 +196,13 @@ pub async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
         })
         .await
         .expect("server");
+}
+
+/// The balance as a caller reads it: what is available, or minus what is owed (an
+/// overdraft, [`Balance::overdrawn`](tower_402::ledger::Balance::overdrawn)).
+pub fn signed(b: &tower_402::ledger::Balance) -> i64 {
+    // Both are at most 2^53 - 1, and one of them is zero.
+    b.available.get() as i64 - b.overdrawn.get() as i64
 }
 
 /// The largest `limit` of `GET /v1/history`.

@@ -53,6 +53,11 @@
 //! moves to `settled` when the lease is settled. `deposited + overdrawn = available + held + settled`
 //! holds throughout. [`parked`](LeasedLedger::parked) shows this instance's share.
 //!
+//! An account that goes into debt ([`OverEstimate::Overdraft`]) while an instance holds a
+//! lease of it is still served from that lease's free credit: it was held, so paid for,
+//! before the debt arose. What the lease does not spend comes back when it is settled and
+//! repays the debt first; nothing new is leased while nothing is available.
+//!
 //! # Example
 //!
 //! ```
@@ -586,15 +591,16 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
 
     /// Charges `rest` credits beyond a local hold directly in the shared ledger, as far as
     /// the account's available credit (and, under [`OverEstimate::Overdraft`], its overdraft)
-    /// goes: what was charged. A reservation of nothing, settled with `rest` under `policy`,
-    /// so the shared ledger draws what it can in one atomic step.
+    /// goes: its settlement (`None`, after a log line, if it failed). A reservation of
+    /// nothing, settled with `rest` under `policy`, so the shared ledger draws what it can in
+    /// one atomic step.
     async fn charge_beyond(
         &self,
         account: &AccountId,
         rest: Credits,
         policy: OverEstimate,
         now: Timestamp,
-    ) -> Credits {
+    ) -> Option<Settlement> {
         let shared = &self.shared;
         let request = shared.lease_request(account, Credits::ZERO, 60, now, "extra");
         let policy = match policy {
@@ -609,23 +615,23 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
                     .settle(&request.id(), &usage, policy, now)
                     .await
                 {
-                    Ok(s) => s.charged,
+                    Ok(s) => Some(s),
                     Err(e) => {
                         tracing::error!(target: "tower_402::lease", account = account.as_str(),
                             error = %e, "charge beyond a lease hold not settled");
-                        Credits::ZERO
+                        None
                     }
                 }
             }
             Ok(other) => {
                 tracing::error!(target: "tower_402::lease", account = account.as_str(),
                     outcome = ?other, "charge beyond a lease hold refused");
-                Credits::ZERO
+                None
             }
             Err(e) => {
                 tracing::error!(target: "tower_402::lease", account = account.as_str(),
                     error = %e, "charge beyond a lease hold failed");
-                Credits::ZERO
+                None
             }
         }
     }
@@ -934,7 +940,8 @@ impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
                 ))
             })
         };
-        let Some((charges, mut charged, rest, shared_available, available, held, schedule)) = local
+        let Some((charges, mut charged, rest, mut shared_available, available, held, schedule)) =
+            local
         else {
             return self.shared.inner.settle(id, usage, policy, now).await;
         };
@@ -943,9 +950,15 @@ impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
         }
         let mut shortfall = rest;
         if !rest.is_zero() && policy != OverEstimate::CapAtHold {
-            let extra = self.charge_beyond(&id.account, rest, policy, now).await;
-            charged = charged.checked_add(extra).unwrap_or(charged);
-            shortfall = rest.saturating_sub(extra);
+            if let Some(s) = self.charge_beyond(&id.account, rest, policy, now).await {
+                charged = charged.checked_add(s.charged).unwrap_or(charged);
+                shortfall = rest.saturating_sub(s.charged);
+                // What the shared ledger has left now (nothing, if it drew into an overdraft).
+                shared_available = s.available_after;
+                if let Some(local) = self.shared.lock().get_mut(&id.account) {
+                    local.shared_available = s.available_after;
+                }
+            }
         }
         let available_after = shared_available.checked_add(available).unwrap_or(available);
         Ok(Settlement {

@@ -79,7 +79,7 @@ impl Fixture {
             .await
             .unwrap();
         assert_eq!(
-            b.deposited.get(),
+            b.deposited.get() + b.overdrawn.get(),
             b.available.get() + b.held.get() + b.settled.get(),
             "conservation: {b:?}"
         );
@@ -500,4 +500,52 @@ async fn a_refused_direct_request_takes_this_instances_lease_back_first() {
         ReserveOutcome::Reserved(_)
     ));
     assert_eq!(l.parked(&"a".into()).leased.get(), 0);
+}
+
+/// A cost beyond a local hold under an overdraft is charged in the shared ledger from what is
+/// available and then into the debt, and the settlement reports what the shared ledger has
+/// left (nothing), not the balance last seen.
+#[tokio::test]
+async fn beyond_a_lease_hold_an_overdraft_is_charged_and_reported() {
+    let mut f = Fixture::new(120).await;
+    let l = f.fixed(LeaseConfig::new().threshold(Credits::new(10)));
+    assert!(f.serve(&l, 1).await);
+    l.tick().await;
+    assert_eq!(l.parked(&"a".into()).leased.get(), 10);
+    let req = f.request(1);
+    assert!(matches!(
+        l.reserve(&req).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    let s = l
+        .settle(
+            &req.id(),
+            &[Usage::new("requests", 200)],
+            OverEstimate::Overdraft(Credits::new(50)),
+            f.clock.now(),
+        )
+        .await
+        .unwrap();
+    // 1 from the local hold and the lease's 9 free credits, then in the shared ledger the
+    // 109 available and 50 owed; 31 short.
+    assert_eq!((s.charged.get(), s.shortfall.credits.get()), (169, 31));
+    let b = f.balance().await;
+    assert_eq!(
+        (b.available.get(), b.held.get(), b.overdrawn.get()),
+        (0, 10, 50)
+    );
+    assert_eq!(s.available_after.get(), 0, "nothing left, here or shared");
+    assert_eq!(s.unspent_after.get(), 0);
+    // The lease is spent: settled whole, the debt stays.
+    l.shutdown().await;
+    let b = f.balance().await;
+    assert_eq!(
+        (
+            b.available.get(),
+            b.held.get(),
+            b.settled.get(),
+            b.overdrawn.get()
+        ),
+        (0, 0, 1 + 10 + 159, 50)
+    );
 }
