@@ -127,7 +127,7 @@ bare = statistics.median(r for r, _, _ in rows["bare"])
 print()
 print(f"| server | req/s (median) | p99 µs (median) | ratio to bare | non-2xx |")
 print(f"|---|---:|---:|---:|---:|")
-for m in ["bare", "layers", "layers-once", "observed", "governor", "floor", "nginx", "redis", "redis-once",
+for m in ["bare", "layers", "layers-once", "observed", "metrics", "governor", "floor", "nginx", "redis", "redis-once",
           "redis-leased", "postgres", "postgres-once", "postgres-leased"]:
     if m not in rows: continue
     rps = statistics.median(r for r, _, _ in rows[m])

@@ -8,6 +8,7 @@
 //!                                  problem-only | gate-only | no-problem | once-no-problem,
 //!                                  observed (layers with a Prometheus recorder installed
 //!                                  and a usage event per request through the outbox),
+//!                                  metrics (the recorder alone, no usage events),
 //!                                  redis-leased | postgres-leased (redis | postgres through
 //!                                  a `LeasedLedger`: requests paid from leases held in this
 //!                                  process, refilled and settled in the background)
@@ -74,6 +75,8 @@ enum Stack {
     /// `Full`, observed: a Prometheus recorder installed (every metric recorded), and a usage
     /// event per request through the outbox to a channel a task drains.
     Observed,
+    /// `Full` with the Prometheus recorder only (no usage events): the split of `Observed`.
+    Metrics,
 }
 
 /// tower-402's layers on `ledger`, as `stack` says.
@@ -111,6 +114,21 @@ async fn layered(ledger: impl Ledger + Clone, stack: Stack) -> Router {
             tokio::spawn(async move { while events.recv().await.is_some() {} });
             let outbox = tower_402::usage::Outbox::start(sink, Default::default());
             let billing = billing.usage_outbox(outbox);
+            bare()
+                .route(
+                    "/metrics",
+                    get(move || {
+                        let p = prometheus.clone();
+                        async move { p.render() }
+                    }),
+                )
+                .layer(billing.layer())
+        }
+        Stack::Metrics => {
+            let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("one recorder");
+            tower_402::observe::describe();
             bare()
                 .route(
                     "/metrics",
@@ -355,6 +373,7 @@ async fn main() {
                 "layers" => layered(MemoryLedger::new(), Stack::Full).await,
                 "layers-once" => layered(MemoryLedger::new(), Stack::Full).await,
                 "observed" => layered(MemoryLedger::new(), Stack::Observed).await,
+                "metrics" => layered(MemoryLedger::new(), Stack::Metrics).await,
                 "problem-only" => layered(MemoryLedger::new(), Stack::ProblemOnly).await,
                 "gate-only" => layered(MemoryLedger::new(), Stack::GateOnly).await,
                 "no-problem" => layered(MemoryLedger::new(), Stack::NoProblem).await,
