@@ -387,11 +387,14 @@ impl<L: Ledger, S: BudgetStore> BudgetedLedger<L, S> {
 }
 
 impl<L: Ledger, S> BudgetedLedger<L, S> {
-    /// Releases the inner reservation of a request refused before its handler ran. If the
-    /// release fails it is retried in the background until it lands: left to expire, the
-    /// hold would be charged (the metering layer's holds are `OnExpiry::Charge`) for work
-    /// that never ran.
-    async fn give_back(&self, id: &ReservationId, now: Timestamp) {
+    /// Releases the inner reservation of a request refused before its handler ran. With
+    /// `retry`, a release that fails is retried in the background until it lands: left to
+    /// expire, the hold would be charged (the metering layer's holds are `OnExpiry::Charge`)
+    /// for work that never ran. Without it (the request failed on an error, which the caller
+    /// may retry under the same attempt, getting this very reservation back) a background
+    /// release could land under a request that is running by then, and make its work free:
+    /// a release that fails is left to the hold's expiry.
+    async fn give_back(&self, id: &ReservationId, now: Timestamp, retry: bool) {
         let landed = |r: Result<(), LedgerError>| match r {
             Ok(())
             | Err(LedgerError::UnknownReservation)
@@ -399,19 +402,29 @@ impl<L: Ledger, S> BudgetedLedger<L, S> {
             | Err(LedgerError::AlreadySettled) => Ok(()),
             Err(e) => Err(e),
         };
-        if let Err(e) = landed(self.inner.release(id, now).await) {
-            tracing::warn!(
+        let Err(e) = landed(self.inner.release(id, now).await) else {
+            return;
+        };
+        if !retry {
+            tracing::error!(
                 target: "tower_402::budget",
                 account = id.account.as_str(),
                 error = %e,
-                "release of a reservation refused for its budget failed; retrying in the background"
+                "budget store failed and the reservation could not be released; it expires"
             );
-            let (inner, id) = (self.inner.clone(), id.clone());
-            retry_in_background(id.account.clone(), "reservation release", move || {
-                let (inner, id) = (inner.clone(), id.clone());
-                async move { landed(inner.release(&id, now).await) }
-            });
+            return;
         }
+        tracing::warn!(
+            target: "tower_402::budget",
+            account = id.account.as_str(),
+            error = %e,
+            "release of a reservation refused for its budget failed; retrying in the background"
+        );
+        let (inner, id) = (self.inner.clone(), id.clone());
+        retry_in_background(id.account.clone(), "reservation release", move || {
+            let (inner, id) = (inner.clone(), id.clone());
+            async move { landed(inner.release(&id, now).await) }
+        });
     }
 }
 
@@ -475,7 +488,8 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
                 Ok(ReserveOutcome::Reserved(reservation))
             }
             Ok(HoldOutcome::NoRoom { line, used }) => {
-                self.give_back(&reservation.id, req.now).await;
+                // A refusal: no retry of this attempt comes back for the reservation.
+                self.give_back(&reservation.id, req.now, true).await;
                 let LineOf { node, budget } = &of[line];
                 // The refused budget's own reset (a merged line keeps the later one).
                 let (_, resets_at) = budget.period.window_in(req.now, &self.budgets.calendar);
@@ -505,7 +519,7 @@ impl<L: Ledger, S: BudgetStore> Ledger for BudgetedLedger<L, S> {
             Err(e) => {
                 // Unknown whether the hold landed: give the credit back and fail the
                 // request; a hold that did land lapses with the reservation's expiry.
-                self.give_back(&reservation.id, req.now).await;
+                self.give_back(&reservation.id, req.now, false).await;
                 Err(LedgerError::Store(e))
             }
         }
@@ -630,10 +644,18 @@ mod node_list {
     }
 }
 
+/// The most budget operations retried in the background at once, in this process: beyond
+/// it (a long outage under load) a failed operation is logged as lost, as the metering
+/// layer's bounded settlement queue drops its newest.
+const MAX_RETRYING: usize = 10_000;
+
+/// Budget operations being retried in the background.
+static RETRYING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Retries a budget store operation that failed, on a Tokio task, with backoff (50 ms
 /// doubling to 5 s) until it answers, for up to half of [`BUDGET_RETENTION_SECS`] (the
-/// store keeps what a late settlement needs for all of it). Without a runtime it is logged
-/// as lost.
+/// store keeps what a late settlement needs for all of it); at most [`MAX_RETRYING`] at
+/// once. Without a runtime it is logged as lost.
 fn retry_in_background<F, Fut, E>(account: AccountId, what: &'static str, mut attempt: F)
 where
     F: FnMut() -> Fut + Send + 'static,
@@ -649,7 +671,31 @@ where
         );
         return;
     };
+    use std::sync::atomic::Ordering;
+    if RETRYING
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_RETRYING).then_some(n + 1)
+        })
+        .is_err()
+    {
+        tracing::error!(
+            target: "tower_402::budget",
+            account = account.as_str(),
+            what,
+            retrying = MAX_RETRYING,
+            "too many budget operations retrying already; this one is lost"
+        );
+        return;
+    }
+    /// Counts the task out however it ends.
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            RETRYING.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
     handle.spawn(async move {
+        let _slot = Slot;
         let deadline =
             std::time::Instant::now() + std::time::Duration::from_secs(BUDGET_RETENTION_SECS / 2);
         let mut wait = std::time::Duration::from_millis(50);
