@@ -727,33 +727,25 @@ mod postgres_store {
     }
 }
 
-/// Two budgets of one node whose windows start together (a month and a year, in January)
-/// share one counter: each request counts once against it, the tighter cap refuses, and the
-/// refusal names that budget and its own reset.
-#[tokio::test]
-async fn a_month_and_a_year_starting_together_count_each_request_once() {
-    use tower_402::ledger::{Charge, ReserveOutcome, ReserveRequest};
-    let jan = Timestamp::from_utc(2027, 1, 10, 12, 0, 0).unwrap();
-    let chart = Budgets::new()
-        .node(
-            BudgetNode::new("research", tower_402::budget::TEAM)
-                .budget(Budget::credits(3, Period::CalendarMonth))
-                .budget(Budget::credits(100, Period::Year)),
-        )
-        .member("acct", "research");
-    let inner = MemoryLedger::new();
-    inner
-        .deposit(&"acct".into(), Credits::new(50), "seed", jan)
-        .await
-        .unwrap();
-    let ledger = BudgetedLedger::new(inner.clone(), MemoryBudgetStore::new(), chart).unwrap();
-    let request = |n: u32| ReserveRequest {
+/// A chart of one team, `research`, with `budgets`, and account `acct` in it.
+fn research_team(budgets: &[Budget]) -> Budgets {
+    let team = budgets.iter().cloned().fold(
+        BudgetNode::new("research", tower_402::budget::TEAM),
+        BudgetNode::budget,
+    );
+    Budgets::new().node(team).member("acct", "research")
+}
+
+/// A request of `acct` under `key` for `units` credits (a charge on `requests`), as the
+/// metering layer makes it (charged at expiry).
+fn acct_request(key: &str, units: u64, now: Timestamp) -> tower_402::ledger::ReserveRequest {
+    tower_402::ledger::ReserveRequest {
         account: "acct".into(),
-        key: format!("r{n}").into(),
+        key: key.into(),
         fingerprint: 0,
-        charges: vec![Charge {
+        charges: vec![tower_402::ledger::Charge {
             meter: Meter::new("requests"),
-            units: 1,
+            units,
             unit_price: Credits::new(1),
             price_per: 1,
             allowance: None,
@@ -762,10 +754,30 @@ async fn a_month_and_a_year_starting_together_count_each_request_once() {
         .into(),
         ttl_secs: 60,
         idempotent: false,
-        on_expiry: Default::default(),
+        on_expiry: tower_402::ledger::OnExpiry::Charge,
         attempt: 0,
-        now: jan,
-    };
+        now,
+    }
+}
+
+/// Two budgets of one node whose windows start together (a month and a year, in January)
+/// share one counter: each request counts once against it, the tighter cap refuses, and the
+/// refusal names that budget and its own reset.
+#[tokio::test]
+async fn a_month_and_a_year_starting_together_count_each_request_once() {
+    use tower_402::ledger::ReserveOutcome;
+    let jan = Timestamp::from_utc(2027, 1, 10, 12, 0, 0).unwrap();
+    let chart = research_team(&[
+        Budget::credits(3, Period::CalendarMonth),
+        Budget::credits(100, Period::Year),
+    ]);
+    let inner = MemoryLedger::new();
+    inner
+        .deposit(&"acct".into(), Credits::new(50), "seed", jan)
+        .await
+        .unwrap();
+    let ledger = BudgetedLedger::new(inner.clone(), MemoryBudgetStore::new(), chart).unwrap();
+    let request = |n: u32| acct_request(&format!("r{n}"), 1, jan);
     for n in 0..3 {
         let r = ledger.reserve(&request(n)).await.unwrap();
         assert!(
@@ -862,14 +874,9 @@ impl BudgetStore for Flaky {
 /// the budget, not only logged.
 #[tokio::test(start_paused = true)]
 async fn a_failed_budget_settlement_is_retried_until_it_counts() {
-    use tower_402::ledger::{Charge, ReserveOutcome, ReserveRequest};
+    use tower_402::ledger::ReserveOutcome;
     let now = Timestamp::from_utc(2027, 1, 10, 12, 0, 0).unwrap();
-    let chart = Budgets::new()
-        .node(
-            BudgetNode::new("research", tower_402::budget::TEAM)
-                .budget(Budget::credits(10, Period::CalendarMonth)),
-        )
-        .member("acct", "research");
+    let chart = research_team(&[Budget::credits(10, Period::CalendarMonth)]);
     let inner = MemoryLedger::new();
     inner
         .deposit(&"acct".into(), Credits::new(50), "seed", now)
@@ -880,25 +887,7 @@ async fn a_failed_budget_settlement_is_retried_until_it_counts() {
         fail: AtomicUsize::new(3),
     });
     let ledger = BudgetedLedger::new(inner, store.clone(), chart).unwrap();
-    let request = ReserveRequest {
-        account: "acct".into(),
-        key: "r1".into(),
-        fingerprint: 0,
-        charges: vec![Charge {
-            meter: Meter::new("requests"),
-            units: 4,
-            unit_price: Credits::new(1),
-            price_per: 1,
-            allowance: None,
-            overage: true,
-        }]
-        .into(),
-        ttl_secs: 60,
-        idempotent: false,
-        on_expiry: Default::default(),
-        attempt: 0,
-        now,
-    };
+    let request = acct_request("r1", 4, now);
     assert!(matches!(
         ledger.reserve(&request).await.unwrap(),
         ReserveOutcome::Reserved(_)
@@ -999,14 +988,9 @@ impl Ledger for FlakyRelease {
 /// would be charged for work that never ran.
 #[tokio::test(start_paused = true)]
 async fn a_budget_refusal_gives_the_hold_back_even_through_an_outage() {
-    use tower_402::ledger::{Charge, OnExpiry, ReserveOutcome, ReserveRequest};
+    use tower_402::ledger::ReserveOutcome;
     let now = Timestamp::from_utc(2027, 1, 10, 12, 0, 0).unwrap();
-    let chart = Budgets::new()
-        .node(
-            BudgetNode::new("research", tower_402::budget::TEAM)
-                .budget(Budget::credits(2, Period::CalendarMonth)),
-        )
-        .member("acct", "research");
+    let chart = research_team(&[Budget::credits(2, Period::CalendarMonth)]);
     let memory = MemoryLedger::new();
     memory
         .deposit(&"acct".into(), Credits::new(50), "seed", now)
@@ -1015,25 +999,7 @@ async fn a_budget_refusal_gives_the_hold_back_even_through_an_outage() {
     let failing = Arc::new(AtomicUsize::new(2));
     let inner = FlakyRelease(memory.clone(), failing.clone());
     let ledger = BudgetedLedger::new(inner, MemoryBudgetStore::new(), chart).unwrap();
-    let request = ReserveRequest {
-        account: "acct".into(),
-        key: "r1".into(),
-        fingerprint: 0,
-        charges: vec![Charge {
-            meter: Meter::new("requests"),
-            units: 5,
-            unit_price: Credits::new(1),
-            price_per: 1,
-            allowance: None,
-            overage: true,
-        }]
-        .into(),
-        ttl_secs: 60,
-        idempotent: false,
-        on_expiry: OnExpiry::Charge,
-        attempt: 0,
-        now,
-    };
+    let request = acct_request("r1", 5, now);
     let refused = ledger.reserve(&request).await.unwrap();
     assert!(
         matches!(
