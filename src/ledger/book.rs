@@ -152,7 +152,7 @@ impl AccountBook {
 
     /// The same book with another journal bound ([`JournalLimits`]).
     pub fn with_journal(mut self, limits: JournalLimits) -> Self {
-        self.journal.limits = limits;
+        self.journal.set_limits(limits);
         self
     }
 
