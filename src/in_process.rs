@@ -26,6 +26,20 @@
 //! exactly once on every exit path (end of body, error, client gone, cancellation). A request
 //! with an `Idempotency-Key`, and every request on a shared ledger, reserves a keyed record as
 //! before.
+//!
+//! # Sometimes in process: local holds
+//!
+//! A shared ledger may still answer some requests without I/O: a
+//! [`LeasedLedger`](crate::store::LeasedLedger) holds a request against credit it already
+//! leased from the shared ledger, in this process. Such a ledger returns [`LocalHolds`] from
+//! [`Ledger::local_holds`](crate::Ledger::local_holds). For a request without an
+//! `Idempotency-Key` and without a body to read, the metering layer first asks
+//! [`LocalHolds::try_hold`]; a hold it gets is settled the same way, inline when
+//! [`LocalHolds::try_settle_hold`] can and through the async
+//! [`LocalHolds::settle_hold`] when it cannot. A `None` from `try_hold` (no lease, not enough
+//! leased, an allowance to count) sends the request down the async path, a keyed reservation,
+//! exactly as without the trait (as [`InProcessPlanStore::lookup`] answers `None` on a cache
+//! miss).
 
 use std::sync::Arc;
 
@@ -93,6 +107,47 @@ pub trait InProcessLedger: Send + Sync {
         charges: &[Charge],
         now: Timestamp,
     ) -> Result<(), LedgerError>;
+}
+
+/// Holds a shared ledger can make and settle in this process (see the
+/// [module docs](self#sometimes-in-process-local-holds)).
+///
+/// Each hold [`try_hold`](Self::try_hold) makes is ended exactly once, by
+/// [`try_settle_hold`](Self::try_settle_hold) answering `Some`, by
+/// [`settle_hold`](Self::settle_hold), or by [`release_hold`](Self::release_hold), always with
+/// the same account and charges it was made with.
+#[async_trait::async_trait]
+pub trait LocalHolds: Send + Sync {
+    /// Holds `charges` for one request without I/O and without a keyed record, if this
+    /// ledger can; `None` when the request must be reserved through
+    /// [`Ledger::reserve`](crate::Ledger::reserve) instead. Never refuses: a request it cannot
+    /// pay here is for the async path to pay or refuse.
+    fn try_hold(&self, account: &AccountId, charges: &[Charge], now: Timestamp) -> Option<Hold>;
+    /// Charges `usage` against `hold` and ends it, without I/O, if that needs none; `None`
+    /// (nothing done) when it takes the shared ledger: then call
+    /// [`settle_hold`](Self::settle_hold).
+    fn try_settle_hold(
+        &self,
+        account: &AccountId,
+        hold: &Hold,
+        charges: &[Charge],
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Option<Settlement>;
+    /// Charges `usage` against `hold` and ends it, with the shared ledger where the hold does
+    /// not cover it.
+    async fn settle_hold(
+        &self,
+        account: &AccountId,
+        hold: &Hold,
+        charges: &[Charge],
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Settlement;
+    /// Gives `hold` back, without I/O.
+    fn release_hold(&self, account: &AccountId, hold: &Hold, now: Timestamp);
 }
 
 /// The synchronous twin of a [`PlanStore`](crate::plan::PlanStore) that needs no I/O. See the

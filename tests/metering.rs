@@ -736,3 +736,189 @@ async fn a_grpc_stream_that_fails_before_any_message_is_released() {
     let ran = scripted(&[Out::GrpcStatus("0")], true, four_credits(), |b| b).await;
     assert_eq!((ran.grpc_status.as_deref(), ran.charged), (Some("0"), 4));
 }
+
+/// On a leased ledger ([`LeasedLedger`](tower_402::store::LeasedLedger)) a request without an
+/// `Idempotency-Key` is held against the lease in this process and settled there; a failed
+/// response gives its hold back; usage beyond the hold and the lease is charged in the shared
+/// ledger. Every handler that ran is charged exactly once, once the leases are settled.
+#[tokio::test]
+async fn leased_requests_are_held_and_settled_in_process_and_charged_exactly() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use tower_402::store::{LeaseConfig, LeasedLedger};
+    let shared = MemoryLedger::new();
+    let acme: AccountId = "acme".into();
+    shared
+        .deposit(&acme, Credits::new(1_000), "seed", START)
+        .await
+        .unwrap();
+    let clock = ManualClock::new(START);
+    let leased = LeasedLedger::with_clock(
+        shared.clone(),
+        LeaseConfig::new()
+            .background(false)
+            .min_lease(Credits::new(10))
+            .max_lease(Credits::new(10)),
+        clock.clone(),
+    );
+    let reserves = Arc::new(AtomicU64::new(0));
+    let counted = CountingReserves {
+        inner: leased.clone(),
+        reserves: reserves.clone(),
+    };
+    // What ran, in credits at 1 per unit: `/ok` 1, `/report/{n}` n, `/fail` 0 (released).
+    let ran = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let (ok_ran, report_ran, fail_ran) = (ran.clone(), ran.clone(), failed.clone());
+    let app = Router::new()
+        .route(
+            "/ok",
+            get(move || async move {
+                ok_ran.fetch_add(1, SeqCst);
+                "ok"
+            }),
+        )
+        .route(
+            "/report/{n}",
+            get(move |Path(n): Path<u64>| async move {
+                report_ran.fetch_add(n, SeqCst);
+                (Extension(ReportedUsage::units("units", n)), "reported")
+            }),
+        )
+        .route(
+            "/fail",
+            get(move || async move {
+                fail_ran.fetch_add(1, SeqCst);
+                (StatusCode::INTERNAL_SERVER_ERROR, "failed")
+            }),
+        )
+        .layer(
+            Billing::new(
+                StaticKeys::new().with_key(KEY, "acme"),
+                MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
+                counted,
+                Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
+            )
+            .clock(clock.clone())
+            .default_requirement(Requirement::new().cost(Cost::new("units", 1, Credits::new(1))))
+            .layer(),
+        );
+    // No lease yet: a keyed reservation in the shared ledger.
+    assert_eq!(call(&app, "/ok", &[]).await.status, 200);
+    assert_eq!(reserves.load(SeqCst), 1);
+    leased.tick().await;
+    assert_eq!(leased.parked(&acme).leased.get(), 10, "a lease was taken");
+    let shared_balance = || async { shared.balance(&acme, START).await.unwrap() };
+    let before = shared_balance().await;
+    // Paid from the lease: the shared ledger sees none of these.
+    for _ in 0..4 {
+        assert_eq!(call(&app, "/ok", &[]).await.status, 200);
+    }
+    assert_eq!(call(&app, "/fail", &[]).await.status, 500);
+    assert_eq!(call(&app, "/report/3", &[]).await.status, 200);
+    assert_eq!(
+        shared_balance().await,
+        before,
+        "held and settled in this process"
+    );
+    assert_eq!(
+        reserves.load(SeqCst),
+        1,
+        "no keyed reservation, not even a local one: held without a record or a future"
+    );
+    // With an `Idempotency-Key` a request is a keyed reservation in the shared ledger
+    // (recognized on any instance), charged there.
+    let keyed = call(&app, "/ok", &[("idempotency-key", "order-1")]).await;
+    assert_eq!(keyed.status, 200);
+    assert_eq!(reserves.load(SeqCst), 2);
+    let parked = leased.parked(&acme);
+    assert_eq!(
+        (parked.in_flight.get(), parked.unsettled.get()),
+        (0, 4 + 3),
+        "the failed request gave its hold back: {parked:?}"
+    );
+    // 1 held + the lease's 2 free credits here; 9 from the shared balance (after the keyed
+    // request's 1).
+    assert_eq!(call(&app, "/report/12", &[]).await.status, 200);
+    assert_eq!(
+        shared_balance().await.available.get(),
+        before.available.get() - 1 - 9
+    );
+    leased.shutdown().await;
+    let b = shared_balance().await;
+    assert_eq!(b.held.get(), 0);
+    assert_eq!(failed.load(SeqCst), 1, "the failed handler ran");
+    assert_eq!(
+        b.settled.get(),
+        ran.load(SeqCst),
+        "every credit of work that ran is charged, once: {b:?}"
+    );
+    assert_eq!(b.available.get() + b.settled.get(), 1_000);
+}
+
+/// A ledger that counts the keyed reservations asked of it and forwards everything, its
+/// local holds included, to `inner`.
+struct CountingReserves<L> {
+    inner: L,
+    reserves: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl<L: Ledger> Ledger for CountingReserves<L> {
+    async fn reserve(
+        &self,
+        request: &tower_402::ledger::ReserveRequest,
+    ) -> Result<tower_402::ledger::ReserveOutcome, LedgerError> {
+        self.reserves
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.reserve(request).await
+    }
+    async fn settle(
+        &self,
+        id: &tower_402::ledger::ReservationId,
+        usage: &[tower_402::ledger::Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Settlement, LedgerError> {
+        self.inner.settle(id, usage, policy, now).await
+    }
+    async fn release(
+        &self,
+        id: &tower_402::ledger::ReservationId,
+        now: Timestamp,
+    ) -> Result<(), LedgerError> {
+        self.inner.release(id, now).await
+    }
+    async fn deposit(
+        &self,
+        account: &AccountId,
+        amount: Credits,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Deposit, LedgerError> {
+        self.inner.deposit(account, amount, key, now).await
+    }
+    async fn balance(
+        &self,
+        account: &AccountId,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::Balance, LedgerError> {
+        self.inner.balance(account, now).await
+    }
+    async fn allowance_usage(
+        &self,
+        account: &AccountId,
+        meter: &tower_402::plan::Meter,
+        window_start: Timestamp,
+        now: Timestamp,
+    ) -> Result<tower_402::ledger::AllowanceUsage, LedgerError> {
+        self.inner
+            .allowance_usage(account, meter, window_start, now)
+            .await
+    }
+    fn local_holds(&self) -> Option<&dyn tower_402::in_process::LocalHolds> {
+        self.inner.local_holds()
+    }
+    fn records(&self) -> Option<&dyn tower_402::ledger::ResponseRecords> {
+        self.inner.records()
+    }
+}

@@ -177,7 +177,7 @@ use async_trait::async_trait;
 use crate::account::AccountId;
 use crate::credits::Credits;
 use crate::error::LedgerError;
-use crate::in_process::InProcessLedger;
+use crate::in_process::{InProcessLedger, LocalHolds};
 use crate::plan::Meter;
 use crate::time::Timestamp;
 
@@ -227,6 +227,13 @@ pub trait Ledger: Send + Sync + 'static {
     /// The ledger's [in-process fast path](crate::in_process), if it needs no I/O (the
     /// in-memory one): `None` (the default) has the layers call the async methods.
     fn in_process(&self) -> Option<&dyn InProcessLedger> {
+        None
+    }
+
+    /// The holds this ledger can make [in this process](crate::in_process#sometimes-in-process-local-holds)
+    /// although it is shared (a [`LeasedLedger`](crate::store::LeasedLedger)'s leases):
+    /// `None` (the default) has every request reserved through [`reserve`](Self::reserve).
+    fn local_holds(&self) -> Option<&dyn LocalHolds> {
         None
     }
 
@@ -287,6 +294,9 @@ impl<T: Ledger + ?Sized> Ledger for Arc<T> {
     }
     fn in_process(&self) -> Option<&dyn InProcessLedger> {
         (**self).in_process()
+    }
+    fn local_holds(&self) -> Option<&dyn LocalHolds> {
+        (**self).local_holds()
     }
     fn records(&self) -> Option<&dyn ResponseRecords> {
         (**self).records()

@@ -48,6 +48,8 @@ impl Drop for Unfinished {
     }
 }
 
+// The guard inline: boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Finish {
     Open(Guard),
     Running {

@@ -59,13 +59,16 @@ pub(crate) enum Held {
     Reservation(ReservationId),
     /// An in-process hold without a record, owned by this guard alone.
     Hold(AccountId, Hold),
+    /// A hold a shared ledger made in this process ([`LocalHolds`]), owned by this guard
+    /// alone.
+    Local(AccountId, Hold),
 }
 
 impl Held {
     fn account(&self) -> &AccountId {
         match self {
             Held::Reservation(id) => &id.account,
-            Held::Hold(account, _) => account,
+            Held::Hold(account, _) | Held::Local(account, _) => account,
         }
     }
 }
@@ -280,7 +283,7 @@ impl Guard {
     pub(crate) fn reservation_key(&self) -> Option<&str> {
         match &self.held {
             Held::Reservation(id) => Some(id.key.as_str()),
-            Held::Hold(..) => None,
+            Held::Hold(..) | Held::Local(..) => None,
         }
     }
 
@@ -612,6 +615,19 @@ impl Guard {
         self.done = true;
         let export = std::mem::take(&mut self.export);
         let _entered = self.span.enter();
+        if let Held::Local(account, hold) = &self.held {
+            return finish_local(
+                &self.config,
+                account,
+                hold,
+                self.held_credits,
+                self.charges.as_slice(),
+                action,
+                self.policy(),
+                export,
+                &self.span,
+            );
+        }
         if let Some(ledger) = self.config.ledger.in_process() {
             run_now(
                 ledger,
@@ -785,10 +801,15 @@ fn run_now(
     let release = || match held {
         Held::Reservation(id) => ledger.release(id, now),
         Held::Hold(account, hold) => ledger.release_hold(account, hold, charges, now),
+        // Made only by a ledger with local holds, which is not in process.
+        // Ended by `finish_local`, never here.
+        Held::Local(..) => Err(LedgerError::UnknownReservation),
     };
     let settle = |usage: &[Usage]| match held {
         Held::Reservation(id) => ledger.settle(id, usage, policy, now),
         Held::Hold(account, hold) => ledger.settle_hold(account, hold, charges, usage, policy, now),
+        // Ended by `finish_local`, never here.
+        Held::Local(..) => Err(LedgerError::UnknownReservation),
     };
     let outcome = match &action {
         Action::Release => Outcome::Released(release()),
@@ -816,6 +837,100 @@ fn run_now(
         usage,
         export,
     );
+}
+
+/// Ends a [`Held::Local`] hold: given back, or settled in this process when the ledger's
+/// [`LocalHolds::try_settle_hold`] can; else the future that settles it with the shared
+/// ledger.
+#[allow(clippy::too_many_arguments)] // the guard's fields, borrowed apart
+fn finish_local(
+    config: &Arc<MeterConfig>,
+    account: &AccountId,
+    hold: &Hold,
+    held_credits: Credits,
+    charges: &[Charge],
+    action: Action,
+    policy: OverEstimate,
+    export: Export,
+    span: &tracing::Span,
+) -> Option<BoxFuture> {
+    let Some(holds) = config.ledger.local_holds() else {
+        tracing::error!(
+            target: "tower_402::metering",
+            account = account.as_str(),
+            "a local hold on a ledger without local holds; not settled"
+        );
+        return None;
+    };
+    let now = config.clock.now();
+    let settled = match &action {
+        Action::Release => {
+            holds.release_hold(account, hold, now);
+            let outcome = Outcome::Released(Ok(()));
+            report(
+                config,
+                account,
+                held_credits,
+                charges,
+                outcome,
+                None,
+                export,
+            );
+            return None;
+        }
+        Action::Settle(usage) => holds.try_settle_hold(account, hold, charges, usage, policy, now),
+        // The common one or two charges settle from the stack.
+        Action::SettleEstimate => match charges {
+            [a] => holds.try_settle_hold(account, hold, charges, &[reserved(a)], policy, now),
+            [a, b] => {
+                let usage = [reserved(a), reserved(b)];
+                holds.try_settle_hold(account, hold, charges, &usage, policy, now)
+            }
+            _ => holds.try_settle_hold(account, hold, charges, &estimate(charges), policy, now),
+        },
+    };
+    let usage = match action {
+        Action::Settle(usage) => Some(usage),
+        _ => None,
+    };
+    if let Some(s) = settled {
+        let outcome = Outcome::Settled(Ok(s));
+        report(
+            config,
+            account,
+            held_credits,
+            charges,
+            outcome,
+            usage.as_deref(),
+            export,
+        );
+        return None;
+    }
+    let (config, account, hold) = (config.clone(), account.clone(), hold.clone());
+    let charges: Arc<[Charge]> = Arc::from(charges);
+    let settle = async move {
+        let Some(holds) = config.ledger.local_holds() else {
+            return;
+        };
+        let units = usage.clone().unwrap_or_else(|| estimate(&charges));
+        let s = holds
+            .settle_hold(&account, &hold, &charges, &units, policy, now)
+            .await;
+        let outcome = Outcome::Settled(Ok(s));
+        report(
+            &config,
+            &account,
+            held_credits,
+            &charges,
+            outcome,
+            usage.as_deref(),
+            export,
+        );
+    };
+    Some(Box::pin(tracing::Instrument::instrument(
+        settle,
+        span.clone(),
+    )))
 }
 
 /// Logs and counts how a reservation ended, and reports threshold crossings.

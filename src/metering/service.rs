@@ -146,6 +146,21 @@ impl<S> Metering<S> {
             let prepared = prepare_now(config, ledger, start, RequestBody::passthrough(body));
             return ResponseFuture::prepared(prepared, inner, config, now, grpc);
         }
+        // A shared ledger that may hold this request in this process (a lease): tried first,
+        // the way that may wait if it cannot.
+        let (start, body) = match config
+            .ledger
+            .local_holds()
+            .filter(|_| !needs_body && start.idem.is_none())
+        {
+            Some(holds) => match prepare_local(config, holds, start, body) {
+                Ok(prepared) => {
+                    return ResponseFuture::prepared(prepared, inner, config, now, grpc)
+                }
+                Err(back) => back,
+            },
+            None => (start, body),
+        };
         // Keep the service that was driven to readiness; leave a fresh clone in its place.
         let clone = inner.clone();
         let inner = std::mem::replace(inner, clone);
@@ -224,6 +239,69 @@ fn prepare_now<B>(
         Ok(booked) => admitted(config, start, body, Some(booked)),
         Err(denial) => refuse(denial, account),
     }
+}
+
+/// [`prepare_now`] for a shared ledger's [local holds](crate::in_process::LocalHolds): priced
+/// from the route's cost and held in this process, or given back (`Err`) for
+/// [`prepare_later`] when the ledger cannot hold it here (no lease, not enough leased, an
+/// allowance to count). Nothing is held or refused on the way back.
+// The request travels back by value (a miss is answered on the async path); boxing it would
+// cost an allocation per request.
+#[allow(clippy::result_large_err)]
+fn prepare_local<B>(
+    config: &Arc<MeterConfig>,
+    holds: &dyn crate::in_process::LocalHolds,
+    mut start: Start,
+    body: B,
+) -> Result<Prepared<B>, (Start, B)> {
+    let priced = match price(
+        config,
+        &start.parts,
+        None,
+        &start.entitlement,
+        start.gate_charge.as_ref(),
+        start.now,
+    ) {
+        Ok(c) => c,
+        Err(denial) => return Ok(refuse(denial, &start.entitlement.account)),
+    };
+    let Some(priced) = priced else {
+        return Ok(admitted(
+            config,
+            start,
+            RequestBody::passthrough(body),
+            None,
+        ));
+    };
+    // An allowance is counted by the shared ledger.
+    if priced.to_lower().next().is_some() {
+        return Err((start, body));
+    }
+    let charges = priced.charges;
+    let account = &start.entitlement.account;
+    let Some(hold) = holds.try_hold(account, charges.as_slice(), start.now) else {
+        return Err((start, body));
+    };
+    start.entitlement.lowered = Vec::new();
+    let credits = hold.credits;
+    let ticket = Ticket {
+        available_after: hold.available_after,
+        allowance_units: hold.allowance_units.clone(),
+        allowance_left: hold.allowance_left.clone(),
+        guard: Guard::new(
+            config.clone(),
+            Held::Local(account.clone(), hold),
+            credits,
+            charges,
+        ),
+    };
+    let booked = Some(Booked::Held(ticket));
+    Ok(admitted(
+        config,
+        start,
+        RequestBody::passthrough(body),
+        booked,
+    ))
 }
 
 /// Everything before the inner call, when it may wait: read the body if the pricing needs it,

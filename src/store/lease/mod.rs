@@ -5,7 +5,11 @@
 //! ordinary reservation in the shared ledger, under a key of its own (`lease:<instance>:<n>`,
 //! on the meter `tower402.lease`). A request without an `Idempotency-Key` whose charges are
 //! paid from credit is held against the lease in this process, with no network round trip,
-//! and settled there. In the background the lease is refilled ahead of need (a new one taken
+//! and settled there. Through the metering layer such a request is held as the in-memory
+//! ledger holds one: by [`LocalHolds`], with no keyed record and no future, settled inline
+//! unless its usage goes beyond what the hold and the lease pay (then the rest is charged in
+//! the shared ledger). A keyed [`reserve`](Ledger::reserve) of the same request, as your
+//! own code may make, is held against the lease under its key. In the background the lease is refilled ahead of need (a new one taken
 //! when what is left falls below half the last one), settled back in batches (a lease is
 //! settled with what was spent from it when it is used up, after half its TTL, when the
 //! account is idle, and on [`shutdown`](LeasedLedger::shutdown)), and returned when idle.
@@ -116,6 +120,8 @@ use crate::charge::Charge;
 use crate::credits::Credits;
 use crate::denial::Denial;
 use crate::error::LedgerError;
+use crate::in_process::LocalHolds;
+use crate::ledger::Hold;
 use crate::ledger::{
     AllowanceUsage, Balance, Deposit, Ledger, OnExpiry, OverEstimate, PerCharge, Replay,
     Reservation, ReservationId, ReservationKey, ReserveOutcome, ReserveRequest, ResponseRecords,
@@ -140,6 +146,52 @@ struct Lease {
 struct LocalHold {
     credits: Credits,
     charges: Arc<[Charge]>,
+}
+
+/// What [`LeasedLedger::take_local`] came to.
+enum Taken {
+    /// Held; what the account has left, leased here or shared.
+    Held { available_after: Credits },
+    /// The leases cannot pay it.
+    Short,
+    /// A keyed hold under this key is in flight.
+    InUse,
+}
+
+/// What settling a hold in this process came to (see `LeasedLedger::settle_in`).
+struct LocalSettled {
+    /// How many charges the request had.
+    meters: usize,
+    charged: Credits,
+    /// Not paid by the hold nor the lease.
+    rest: Credits,
+    shared_available: Credits,
+    available: Credits,
+    held: Credits,
+    /// A maintenance run is to be scheduled.
+    schedule: bool,
+}
+
+impl LocalSettled {
+    fn settlement(&self, shortfall: Credits) -> Settlement {
+        let available_after = self
+            .shared_available
+            .checked_add(self.available)
+            .unwrap_or(self.available);
+        Settlement {
+            charged: self.charged,
+            allowance_units: (0..self.meters).map(|_| 0).collect::<PerCharge<u64>>(),
+            shortfall: Shortfall {
+                credits: shortfall,
+                units: Vec::new(),
+            },
+            available_after,
+            unspent_after: available_after
+                .checked_add(self.held)
+                .unwrap_or(available_after),
+            allowance_used_after: (0..self.meters).map(|_| None).collect(),
+        }
+    }
 }
 
 /// One account's leases in this process.
@@ -204,6 +256,16 @@ impl Local {
         self.leases
             .front()
             .is_some_and(|l| now < l.taken_at.plus_secs(config.settle_by()))
+    }
+
+    /// A request's hold of `credits`, given back unspent.
+    fn give_back(&mut self, credits: Credits, now: Timestamp) {
+        self.held = self.held.saturating_sub(credits);
+        self.available = self
+            .available
+            .checked_add(credits)
+            .unwrap_or(self.available);
+        self.last_active = self.last_active.max(now);
     }
 
     /// What was spent moves to `spent`, or uses up `prepaid` first.
@@ -299,6 +361,7 @@ impl Local {
     fn is_empty(&self) -> bool {
         self.leases.is_empty()
             && self.holds.is_empty()
+            && self.held.is_zero()
             && self.available.is_zero()
             && self.prepaid.is_zero()
             && self.spent.is_zero()
@@ -469,54 +532,162 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
 
     /// Holds `request` against the leases: `None` when they cannot pay it.
     fn hold_local(&self, request: &ReserveRequest, cost: Credits) -> Option<ReserveOutcome> {
+        let taken = self.take_local(
+            &request.account,
+            cost,
+            request.now,
+            Some((&request.key, &request.charges)),
+        );
+        match taken {
+            Taken::InUse => Some(ReserveOutcome::Replayed(Replay::InProgress)),
+            Taken::Short => None,
+            Taken::Held { available_after } => Some(ReserveOutcome::Reserved(Reservation {
+                id: request.id(),
+                credits: cost,
+                allowance_units: request.charges.iter().map(|_| 0).collect(),
+                expires_at: request.now.plus_secs(request.ttl_secs),
+                available_after,
+                allowance_left: request.charges.iter().map(|_| None).collect(),
+            })),
+        }
+    }
+
+    /// Takes `cost` from the account's leased credit, if it can pay it; a keyed hold (`key`)
+    /// is recorded under its key, and answers `InUse` if one is in flight under it. Counts the
+    /// cost toward the account's rate either way, and schedules maintenance on a miss or
+    /// when a lease is due.
+    fn take_local(
+        &self,
+        account: &AccountId,
+        cost: Credits,
+        now: Timestamp,
+        key: Option<(&ReservationKey, &Arc<[Charge]>)>,
+    ) -> Taken {
         let shared = &self.shared;
         let config = &shared.config;
-        let now = request.now;
-        let (outcome, schedule) = {
+        let (taken, schedule) = {
             let mut accounts = shared.lock();
-            let local = accounts
-                .entry(request.account.clone())
-                .or_insert_with(|| Local::new(now));
+            // Looked up before inserting: the common case clones no account id.
+            let local = match accounts.get_mut(account) {
+                Some(local) => local,
+                None => accounts
+                    .entry(account.clone())
+                    .or_insert_with(|| Local::new(now)),
+            };
             local.last_active = local.last_active.max(now);
             local.window_spent = local.window_spent.saturating_add(cost.get());
-            if local.holds.contains_key(&request.key) {
-                return Some(ReserveOutcome::Replayed(Replay::InProgress));
+            if key.is_some_and(|(key, _)| local.holds.contains_key(key)) {
+                return Taken::InUse;
             }
             let usable = local.usable(now, config) && local.available >= cost;
-            let outcome = usable.then(|| {
+            let taken = if !usable {
+                Taken::Short
+            } else {
+                if let Some((key, charges)) = key {
+                    local.holds.insert(
+                        key.clone(),
+                        LocalHold {
+                            credits: cost,
+                            charges: charges.clone(),
+                        },
+                    );
+                }
                 local.available = local.available.saturating_sub(cost);
                 local.held = local.held.checked_add(cost).unwrap_or(local.held);
-                local.holds.insert(
-                    request.key.clone(),
-                    LocalHold {
-                        credits: cost,
-                        charges: request.charges.clone(),
-                    },
-                );
-                ReserveOutcome::Reserved(Reservation {
-                    id: request.id(),
-                    credits: cost,
-                    allowance_units: request.charges.iter().map(|_| 0).collect(),
-                    expires_at: now.plus_secs(request.ttl_secs),
+                Taken::Held {
                     available_after: local
                         .shared_available
                         .checked_add(local.available)
                         .unwrap_or(local.available),
-                    allowance_left: request.charges.iter().map(|_| None).collect(),
-                })
-            });
+                }
+            };
             let schedule = config.background
                 && !local.scheduled
-                && (outcome.is_none() || local.due(now, config));
+                && (matches!(taken, Taken::Short) || local.due(now, config));
             if schedule {
                 local.scheduled = true;
             }
-            (outcome, schedule)
+            (taken, schedule)
         };
         if schedule {
-            self.schedule(&request.account);
+            self.schedule(account);
         }
-        outcome
+        taken
+    }
+
+    /// The local part of settling a hold of `credits` for `charges` with `usage`: what the
+    /// hold and the lease's free credit pay. What they cannot pay is `rest`, for
+    /// [`settle_rest`](Self::settle_rest).
+    fn settle_in(
+        &self,
+        local: &mut Local,
+        credits: Credits,
+        charges: &[Charge],
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> LocalSettled {
+        let config = &self.shared.config;
+        let cost = usage_cost(charges, usage);
+        let from_hold = cost.min(credits);
+        let beyond = cost.saturating_sub(from_hold);
+        let from_local = match policy {
+            OverEstimate::CapAtHold => Credits::ZERO,
+            _ => beyond.min(local.available),
+        };
+        local.held = local.held.saturating_sub(credits);
+        local.available = local
+            .available
+            .checked_add(credits.saturating_sub(from_hold))
+            .unwrap_or(local.available)
+            .saturating_sub(from_local);
+        let charged = from_hold.checked_add(from_local).unwrap_or(from_hold);
+        local.spend(charged);
+        local.last_active = local.last_active.max(now);
+        let schedule = config.background && !local.scheduled && local.due(now, config);
+        if schedule {
+            local.scheduled = true;
+        }
+        LocalSettled {
+            meters: charges.len(),
+            charged,
+            rest: beyond.saturating_sub(from_local),
+            shared_available: local.shared_available,
+            available: local.available,
+            held: local.held,
+            schedule,
+        }
+    }
+
+    /// What `settle_in` could not pay (`rest`), charged beyond the lease in the shared
+    /// ledger unless the policy caps the charge at the hold; and the settlement.
+    async fn settle_rest(
+        &self,
+        account: &AccountId,
+        mut settled: LocalSettled,
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Settlement {
+        if settled.schedule {
+            self.schedule(account);
+        }
+        let rest = settled.rest;
+        let mut shortfall = rest;
+        if !rest.is_zero() && policy != OverEstimate::CapAtHold {
+            if let Some(s) = self.charge_beyond(account, rest, policy, now).await {
+                settled.charged = settled
+                    .charged
+                    .checked_add(s.charged)
+                    .unwrap_or(settled.charged);
+                shortfall = rest.saturating_sub(s.charged);
+                // What the shared ledger has left now (nothing, if it drew into an overdraft).
+                settled.shared_available = s.available_after;
+                if let Some(local) = self.shared.lock().get_mut(account) {
+                    local.shared_available = s.available_after;
+                }
+            }
+        }
+        settled.settlement(shortfall)
     }
 
     fn schedule(&self, account: &AccountId) {
@@ -903,75 +1074,19 @@ impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
         policy: OverEstimate,
         now: Timestamp,
     ) -> Result<Settlement, LedgerError> {
-        let config = &self.shared.config;
         let local = {
             let mut accounts = self.shared.lock();
             accounts.get_mut(&id.account).and_then(|local| {
                 let hold = local.holds.remove(&id.key)?;
-                let cost = usage_cost(&hold.charges, usage);
-                let from_hold = cost.min(hold.credits);
-                let beyond = cost.saturating_sub(from_hold);
-                let from_local = match policy {
-                    OverEstimate::CapAtHold => Credits::ZERO,
-                    _ => beyond.min(local.available),
-                };
-                local.held = local.held.saturating_sub(hold.credits);
-                local.available = local
-                    .available
-                    .checked_add(hold.credits.saturating_sub(from_hold))
-                    .unwrap_or(local.available)
-                    .saturating_sub(from_local);
-                let charged = from_hold.checked_add(from_local).unwrap_or(from_hold);
-                local.spend(charged);
-                local.last_active = local.last_active.max(now);
-                let rest = beyond.saturating_sub(from_local);
-                let schedule = config.background && !local.scheduled && local.due(now, config);
-                if schedule {
-                    local.scheduled = true;
-                }
-                Some((
-                    hold.charges,
-                    charged,
-                    rest,
-                    local.shared_available,
-                    local.available,
-                    local.held,
-                    schedule,
-                ))
+                let settled =
+                    self.settle_in(local, hold.credits, &hold.charges, usage, policy, now);
+                Some(settled)
             })
         };
-        let Some((charges, mut charged, rest, mut shared_available, available, held, schedule)) =
-            local
-        else {
+        let Some(settled) = local else {
             return self.shared.inner.settle(id, usage, policy, now).await;
         };
-        if schedule {
-            self.schedule(&id.account);
-        }
-        let mut shortfall = rest;
-        if !rest.is_zero() && policy != OverEstimate::CapAtHold {
-            if let Some(s) = self.charge_beyond(&id.account, rest, policy, now).await {
-                charged = charged.checked_add(s.charged).unwrap_or(charged);
-                shortfall = rest.saturating_sub(s.charged);
-                // What the shared ledger has left now (nothing, if it drew into an overdraft).
-                shared_available = s.available_after;
-                if let Some(local) = self.shared.lock().get_mut(&id.account) {
-                    local.shared_available = s.available_after;
-                }
-            }
-        }
-        let available_after = shared_available.checked_add(available).unwrap_or(available);
-        Ok(Settlement {
-            charged,
-            allowance_units: charges.iter().map(|_| 0).collect::<PerCharge<u64>>(),
-            shortfall: Shortfall {
-                credits: shortfall,
-                units: Vec::new(),
-            },
-            available_after,
-            unspent_after: available_after.checked_add(held).unwrap_or(available_after),
-            allowance_used_after: charges.iter().map(|_| None).collect(),
-        })
+        Ok(self.settle_rest(&id.account, settled, policy, now).await)
     }
 
     async fn release(&self, id: &ReservationId, now: Timestamp) -> Result<(), LedgerError> {
@@ -981,12 +1096,7 @@ impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
                 let Some(hold) = local.holds.remove(&id.key) else {
                     return false;
                 };
-                local.held = local.held.saturating_sub(hold.credits);
-                local.available = local
-                    .available
-                    .checked_add(hold.credits)
-                    .unwrap_or(local.available);
-                local.last_active = local.last_active.max(now);
+                local.give_back(hold.credits, now);
                 true
             })
         };
@@ -1029,7 +1139,93 @@ impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
             .await
     }
 
+    fn local_holds(&self) -> Option<&dyn LocalHolds> {
+        Some(self)
+    }
+
     fn records(&self) -> Option<&dyn ResponseRecords> {
         self.shared.inner.records()
+    }
+}
+
+/// A request without an `Idempotency-Key` held against the leases with no keyed record (see
+/// [`LocalHolds`]): the same arithmetic as a keyed [`reserve`](Ledger::reserve) paid from a
+/// lease, without its key in the map and without a future.
+#[async_trait]
+impl<L: Ledger, C: Clock> LocalHolds for LeasedLedger<L, C> {
+    fn try_hold(&self, account: &AccountId, charges: &[Charge], now: Timestamp) -> Option<Hold> {
+        let cost = credit_cost(charges)?;
+        match self.take_local(account, cost, now, None) {
+            Taken::Held { available_after } => Some(Hold {
+                credits: cost,
+                allowance_units: charges.iter().map(|_| 0).collect(),
+                available_after,
+                allowance_left: charges.iter().map(|_| None).collect(),
+            }),
+            Taken::Short | Taken::InUse => None,
+        }
+    }
+
+    fn try_settle_hold(
+        &self,
+        account: &AccountId,
+        hold: &Hold,
+        charges: &[Charge],
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Option<Settlement> {
+        let settled = {
+            let mut accounts = self.shared.lock();
+            let local = accounts.get_mut(account)?;
+            // A cost the hold and the lease cannot pay takes the shared ledger: leave it all
+            // to `settle_hold`.
+            let cost = usage_cost(charges, usage);
+            let beyond = cost.saturating_sub(hold.credits);
+            if policy != OverEstimate::CapAtHold && beyond > local.available {
+                return None;
+            }
+            self.settle_in(local, hold.credits, charges, usage, policy, now)
+        };
+        if settled.schedule {
+            self.schedule(account);
+        }
+        Some(settled.settlement(settled.rest))
+    }
+
+    async fn settle_hold(
+        &self,
+        account: &AccountId,
+        hold: &Hold,
+        charges: &[Charge],
+        usage: &[Usage],
+        policy: OverEstimate,
+        now: Timestamp,
+    ) -> Settlement {
+        let settled = {
+            let mut accounts = self.shared.lock();
+            match accounts.get_mut(account) {
+                Some(local) => self.settle_in(local, hold.credits, charges, usage, policy, now),
+                // Nothing held here any more (a hold of nothing outlived its account's
+                // leases): all of the cost is beyond the hold.
+                None => LocalSettled {
+                    meters: charges.len(),
+                    charged: Credits::ZERO,
+                    rest: usage_cost(charges, usage),
+                    shared_available: Credits::ZERO,
+                    available: Credits::ZERO,
+                    held: Credits::ZERO,
+                    schedule: false,
+                },
+            }
+        };
+        self.settle_rest(account, settled, policy, now).await
+    }
+
+    fn release_hold(&self, account: &AccountId, hold: &Hold, now: Timestamp) {
+        let mut accounts = self.shared.lock();
+        if let Some(local) = accounts.get_mut(account) {
+            local.give_back(hold.credits, now);
+        }
     }
 }

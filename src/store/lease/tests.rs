@@ -549,3 +549,94 @@ async fn beyond_a_lease_hold_an_overdraft_is_charged_and_reported() {
         (0, 0, 1 + 10 + 159, 50)
     );
 }
+
+/// Keyless holds ([`LocalHolds`]), as the metering layer makes them for requests without an
+/// `Idempotency-Key`: the same arithmetic as keyed holds paid from a lease, inline while the
+/// hold and the lease pay, through the shared ledger beyond them.
+#[tokio::test]
+async fn local_holds_are_paid_from_the_lease_and_beyond_it_by_the_shared_ledger() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new());
+    let a: AccountId = "a".into();
+    let charges = [paid(1)];
+    let now = f.clock.now();
+    // No lease yet: not held here (the layer reserves through `reserve`).
+    assert_eq!(l.try_hold(&a, &charges, now), None);
+    f.serve(&l, 1).await;
+    l.tick().await;
+    assert_eq!(l.parked(&a).leased.get(), 10);
+
+    // Held and settled at the estimate in this process.
+    let hold = l.try_hold(&a, &charges, now).expect("the lease pays it");
+    assert_eq!(hold.credits.get(), 1);
+    assert_eq!(l.parked(&a).in_flight.get(), 1);
+    let usage = [Usage::new("requests", 1)];
+    let s = l
+        .try_settle_hold(&a, &hold, &charges, &usage, OverEstimate::DrawBalance, now)
+        .expect("inline");
+    assert_eq!((s.charged.get(), s.shortfall.credits.get()), (1, 0));
+    assert_eq!(l.parked(&a).in_flight.get(), 0);
+
+    // Given back: nothing spent.
+    let hold = l.try_hold(&a, &charges, now).unwrap();
+    l.release_hold(&a, &hold, now);
+    assert_eq!(l.parked(&a).in_flight.get(), 0);
+
+    // Beyond what the hold and the lease's 9 free credits pay: not inline, nothing moved.
+    let hold = l.try_hold(&a, &charges, now).unwrap();
+    let big = [Usage::new("requests", 15)];
+    let before = l.parked(&a);
+    assert_eq!(
+        l.try_settle_hold(&a, &hold, &charges, &big, OverEstimate::DrawBalance, now),
+        None
+    );
+    assert_eq!(
+        l.parked(&a),
+        before,
+        "a refused inline settlement moves nothing"
+    );
+    // Through the shared ledger: 1 held + 8 free here, 6 from the shared balance.
+    let s = l
+        .settle_hold(&a, &hold, &charges, &big, OverEstimate::DrawBalance, now)
+        .await;
+    assert_eq!((s.charged.get(), s.shortfall.credits.get()), (15, 0));
+    // Capped at the hold, it is inline whatever it costs.
+    let hold = l.try_hold(&a, &charges, now);
+    assert_eq!(hold, None, "the lease is spent");
+    l.tick().await;
+    let hold = l.try_hold(&a, &charges, now).expect("refilled");
+    let s = l
+        .try_settle_hold(&a, &hold, &charges, &big, OverEstimate::CapAtHold, now)
+        .expect("capped: inline");
+    assert_eq!((s.charged.get(), s.shortfall.credits.get()), (1, 14));
+
+    l.shutdown().await;
+    let b = f.balance().await;
+    assert_eq!(
+        (b.held.get(), b.settled.get()),
+        (0, 1 + 1 + 15 + 1),
+        "charged exactly what was settled: {b:?}"
+    );
+}
+
+/// A charge with an allowance (counted by the shared ledger) or without overage is never
+/// held here.
+#[tokio::test]
+async fn local_holds_leave_allowances_to_the_shared_ledger() {
+    let mut f = Fixture::new(1_000).await;
+    let l = f.fixed(LeaseConfig::new());
+    f.serve(&l, 1).await;
+    l.tick().await;
+    let a: AccountId = "a".into();
+    let mut metered = paid(1);
+    metered.allowance = Some(crate::plan::AllowanceWindow {
+        limit: 10,
+        start: T0,
+        resets_at: T0.plus_secs(3600),
+    });
+    assert_eq!(l.try_hold(&a, &[metered], f.clock.now()), None);
+    let mut no_overage = paid(1);
+    no_overage.overage = false;
+    assert_eq!(l.try_hold(&a, &[no_overage], f.clock.now()), None);
+    assert!(l.try_hold(&a, &[paid(1)], f.clock.now()).is_some());
+}
