@@ -173,6 +173,9 @@ pub(crate) struct Entries {
     /// which is cold in the cache on a busy account (measured: the single largest cost of the
     /// in-memory ledger under load, before this field).
     forget_at: Option<Timestamp>,
+    /// Each entry's `at`, in the same order: the next oldest's time is read from here when
+    /// the oldest goes (eight to a cache line, where an entry takes 88 bytes).
+    times: VecDeque<Timestamp>,
 }
 
 impl Entries {
@@ -182,6 +185,7 @@ impl Entries {
             entries: VecDeque::new(),
             next_seq: 0,
             forget_at: None,
+            times: VecDeque::new(),
         }
     }
 
@@ -202,7 +206,7 @@ impl Entries {
         }
         let full = self.entries.len() >= self.limits.max_entries;
         while self.entries.len() >= self.limits.max_entries {
-            self.entries.pop_front();
+            self.pop_oldest();
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -216,6 +220,7 @@ impl Entries {
             reference: reference.map(str::to_owned),
             reason: reason.map(str::to_owned),
         });
+        self.times.push_back(at);
         if full || self.forget_at.is_none() {
             self.forget_at = self.oldest_forgotten_at();
         }
@@ -229,7 +234,12 @@ impl Entries {
 
     fn oldest_forgotten_at(&self) -> Option<Timestamp> {
         let retention = self.limits.retention_secs;
-        self.entries.front().map(|e| e.at.plus_secs(retention))
+        self.times.front().map(|at| at.plus_secs(retention))
+    }
+
+    fn pop_oldest(&mut self) {
+        self.entries.pop_front();
+        self.times.pop_front();
     }
 
     /// Forgets entries past the retention time.
@@ -239,11 +249,11 @@ impl Entries {
         }
         let retention = self.limits.retention_secs;
         while self
-            .entries
+            .times
             .front()
-            .is_some_and(|e| e.at.plus_secs(retention) <= now)
+            .is_some_and(|at| at.plus_secs(retention) <= now)
         {
-            self.entries.pop_front();
+            self.pop_oldest();
         }
         self.forget_at = self.oldest_forgotten_at();
     }
@@ -313,6 +323,8 @@ mod tests {
             }
             let seqs: Vec<u64> = entries.entries.iter().map(|e| e.seq).collect();
             prop_assert_eq!(seqs, model(limits, &ops));
+            let times: Vec<Timestamp> = entries.entries.iter().map(|e| e.at).collect();
+            prop_assert_eq!(Vec::from(entries.times.clone()), times);
         }
     }
 }
