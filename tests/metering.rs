@@ -922,3 +922,78 @@ impl<L: Ledger> Ledger for CountingReserves<L> {
         self.inner.records()
     }
 }
+
+/// A pricing rule that prices one meter twice is refused before its handler runs, on the
+/// in-memory ledger and on a leased one (both hold such requests without a keyed record):
+/// settling it would charge each charge all of the meter's usage.
+#[tokio::test]
+async fn two_costs_on_one_meter_are_refused_not_charged_twice() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use tower_402::store::{LeaseConfig, LeasedLedger};
+    let shared = MemoryLedger::new();
+    let acme: AccountId = "acme".into();
+    shared
+        .deposit(&acme, Credits::new(1_000), "seed", START)
+        .await
+        .unwrap();
+    let clock = ManualClock::new(START);
+    let leased = LeasedLedger::with_clock(
+        shared.clone(),
+        LeaseConfig::new().background(false),
+        clock.clone(),
+    );
+    let ran = Arc::new(AtomicU64::new(0));
+    let app = |ledger: Arc<dyn Ledger>| {
+        let ran = ran.clone();
+        let twice = |_: &tower_402::metering::PricingRequest<'_>| {
+            Ok(vec![
+                Cost::new("rows", 5, Credits::new(1)),
+                Cost::new("rows", 5, Credits::new(1)),
+            ])
+        };
+        Router::new()
+            .route(
+                "/ok",
+                get(move || async move {
+                    ran.fetch_add(1, SeqCst);
+                    "ok"
+                }),
+            )
+            .layer(
+                Billing::new(
+                    StaticKeys::new().with_key(KEY, "acme"),
+                    MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
+                    ledger,
+                    Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
+                )
+                .clock(clock.clone())
+                .pricing(twice)
+                .layer(),
+            )
+    };
+    let in_memory = app(Arc::new(shared.clone()));
+    assert_eq!(call(&in_memory, "/ok", &[]).await.status, 503);
+    // A lease taken first (a miss, then a tick), so the request could be held from it.
+    let single = [tower_402::ledger::Charge {
+        meter: tower_402::plan::Meter::new("rows"),
+        units: 1,
+        unit_price: Credits::new(1),
+        price_per: 1,
+        allowance: None,
+        overage: true,
+    }];
+    use tower_402::in_process::LocalHolds;
+    assert!(leased.try_hold(&acme, &single, START).is_none());
+    leased.tick().await;
+    assert!(leased.parked(&acme).leased.get() > 0, "a lease was taken");
+    let on_lease = app(Arc::new(leased.clone()));
+    assert_eq!(call(&on_lease, "/ok", &[]).await.status, 503);
+    assert_eq!(ran.load(SeqCst), 0, "no handler ran");
+    leased.shutdown().await;
+    let b = shared.balance(&acme, START).await.unwrap();
+    assert_eq!(
+        (b.available.get(), b.held.get()),
+        (1_000, 0),
+        "nothing charged: {b:?}"
+    );
+}

@@ -570,6 +570,8 @@ impl AccountBook {
         charges: &[Charge],
         now: Timestamp,
     ) -> Result<Result<Hold, Denial>, LedgerError> {
+        // As `reserve` refuses: two charges on one meter would both be charged its usage.
+        super::types::one_charge_per_meter(charges)?;
         self.expire(now);
         self.take(charges, now)
     }

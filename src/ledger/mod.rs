@@ -151,6 +151,7 @@ mod journal;
 mod per_charge;
 mod records;
 mod types;
+pub(crate) use types::one_charge_per_meter;
 
 pub use book::{AccountBook, DEFAULT_RETENTION_SECS};
 pub use journal::{

@@ -156,16 +156,21 @@ pub enum OnExpiry {
     Release,
 }
 
+/// [`ReserveRequest::validate`] for any list of charges (a hold's, too).
+pub(crate) fn one_charge_per_meter(charges: &[Charge]) -> Result<(), LedgerError> {
+    for (i, c) in charges.iter().enumerate() {
+        if charges[..i].iter().any(|d| d.meter == c.meter) {
+            return Err(LedgerError::DuplicateMeter(c.meter.clone()));
+        }
+    }
+    Ok(())
+}
+
 impl ReserveRequest {
     /// Checks what every backend relies on: each meter appears in one charge only (usage is
     /// reported per meter, so two charges on one meter would both be charged all of it).
     pub fn validate(&self) -> Result<(), LedgerError> {
-        for (i, c) in self.charges.iter().enumerate() {
-            if self.charges[..i].iter().any(|d| d.meter == c.meter) {
-                return Err(LedgerError::DuplicateMeter(c.meter.clone()));
-            }
-        }
-        Ok(())
+        one_charge_per_meter(&self.charges)
     }
 
     /// The id the reservation will have.

@@ -913,10 +913,17 @@ fn finish_local(
             return;
         };
         let units = usage.clone().unwrap_or_else(|| estimate(&charges));
-        let s = holds
-            .settle_hold(&account, &hold, &charges, &units, policy, now)
-            .await;
-        let outcome = Outcome::Settled(Ok(s));
+        // Bounded like any settlement: the body's last frame waits for it. The hold's own
+        // part is settled in this process before the shared ledger is asked for the rest; a
+        // timeout leaves the rest uncharged (logged), never charged twice.
+        let settle = async {
+            Ok::<_, LedgerError>(
+                holds
+                    .settle_hold(&account, &hold, &charges, &units, policy, now)
+                    .await,
+            )
+        };
+        let outcome = Outcome::Settled(bounded("ledger.settle", config.timeout, settle).await);
         report(
             &config,
             &account,

@@ -537,6 +537,7 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
             cost,
             request.now,
             Some((&request.key, &request.charges)),
+            true,
         );
         match taken {
             Taken::InUse => Some(ReserveOutcome::Replayed(Replay::InProgress)),
@@ -554,14 +555,16 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
 
     /// Takes `cost` from the account's leased credit, if it can pay it; a keyed hold (`key`)
     /// is recorded under its key, and answers `InUse` if one is in flight under it. Counts the
-    /// cost toward the account's rate either way, and schedules maintenance on a miss or
-    /// when a lease is due.
+    /// cost toward the account's rate when held, and on a miss too with `count_miss` (a miss
+    /// asks for credit a lease may pay); schedules maintenance on a miss or when a lease is
+    /// due.
     fn take_local(
         &self,
         account: &AccountId,
         cost: Credits,
         now: Timestamp,
         key: Option<(&ReservationKey, &Arc<[Charge]>)>,
+        count_miss: bool,
     ) -> Taken {
         let shared = &self.shared;
         let config = &shared.config;
@@ -575,7 +578,9 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
                     .or_insert_with(|| Local::new(now)),
             };
             local.last_active = local.last_active.max(now);
-            local.window_spent = local.window_spent.saturating_add(cost.get());
+            if count_miss {
+                local.window_spent = local.window_spent.saturating_add(cost.get());
+            }
             if key.is_some_and(|(key, _)| local.holds.contains_key(key)) {
                 return Taken::InUse;
             }
@@ -591,6 +596,9 @@ impl<L: Ledger, C: Clock> LeasedLedger<L, C> {
                             charges: charges.clone(),
                         },
                     );
+                }
+                if !count_miss {
+                    local.window_spent = local.window_spent.saturating_add(cost.get());
                 }
                 local.available = local.available.saturating_sub(cost);
                 local.held = local.held.checked_add(cost).unwrap_or(local.held);
@@ -1154,8 +1162,11 @@ impl<L: Ledger, C: Clock> Ledger for LeasedLedger<L, C> {
 #[async_trait]
 impl<L: Ledger, C: Clock> LocalHolds for LeasedLedger<L, C> {
     fn try_hold(&self, account: &AccountId, charges: &[Charge], now: Timestamp) -> Option<Hold> {
+        // Two charges on one meter: `reserve` refuses them (`DuplicateMeter`).
+        crate::ledger::one_charge_per_meter(charges).ok()?;
         let cost = credit_cost(charges)?;
-        match self.take_local(account, cost, now, None) {
+        // A miss is counted toward the rate by the `reserve` that follows it, not here.
+        match self.take_local(account, cost, now, None, false) {
             Taken::Held { available_after } => Some(Hold {
                 credits: cost,
                 allowance_units: charges.iter().map(|_| 0).collect(),

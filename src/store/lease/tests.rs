@@ -640,3 +640,40 @@ async fn local_holds_leave_allowances_to_the_shared_ledger() {
     assert_eq!(l.try_hold(&a, &[no_overage], f.clock.now()), None);
     assert!(l.try_hold(&a, &[paid(1)], f.clock.now()).is_some());
 }
+
+/// A request the lease cannot hold is counted once toward the account's rate, by the
+/// reservation that follows the miss; a keyed hold under a key in flight is `InProgress`.
+#[tokio::test]
+async fn a_local_miss_counts_once_and_a_key_in_flight_is_in_progress() {
+    let mut f = Fixture::new(1_000_000).await;
+    let l = f.leased(
+        LeaseConfig::new()
+            .min_lease(Credits::new(1))
+            .max_lease(Credits::new(100_000))
+            .share_percent(50),
+    );
+    let a: AccountId = "a".into();
+    // Ten misses of 100 credits in one second: each tried here, then reserved directly.
+    for _ in 0..10 {
+        assert_eq!(l.try_hold(&a, &[paid(100)], f.clock.now()), None);
+        assert!(f.serve(&l, 100).await);
+    }
+    f.clock.advance(1);
+    l.tick().await;
+    // The rate is 1,000 credits a second (not 2,000), times half the 30 s TTL.
+    assert_eq!(l.parked(&a).leased.get(), 1_000 * 15);
+
+    let req = f.request(1);
+    assert!(matches!(
+        l.reserve(&req).await.unwrap(),
+        ReserveOutcome::Reserved(_)
+    ));
+    assert_eq!(
+        l.reserve(&req).await.unwrap(),
+        ReserveOutcome::Replayed(Replay::InProgress)
+    );
+    l.release(&req.id(), f.clock.now()).await.unwrap();
+    l.shutdown().await;
+    let b = f.balance().await;
+    assert_eq!((b.held.get(), b.settled.get()), (0, 1_000));
+}
