@@ -79,8 +79,8 @@ enum Stack {
     Metrics,
 }
 
-/// tower-402's layers on `ledger`, as `stack` says.
-async fn layered(ledger: impl Ledger + Clone, stack: Stack) -> Router {
+/// The `Billing` every layered mode uses, over `ledger` (seeded), with in-memory plans.
+async fn billing_on(ledger: impl Ledger + Clone) -> Billing {
     ledger
         .deposit(
             &ACCOUNT.into(),
@@ -96,13 +96,18 @@ async fn layered(ledger: impl Ledger + Clone, stack: Stack) -> Router {
         .await
         .expect("memory store");
     let catalog = Catalog::new().with_plan(Plan::new("pro", "Pro", 2).overage(true));
-    let billing = Billing::new(
+    Billing::new(
         StaticKeys::new().with_key("k", ACCOUNT),
         plans,
         ledger,
         catalog,
     )
-    .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
+    .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))))
+}
+
+/// tower-402's layers on `ledger`, as `stack` says.
+async fn layered(ledger: impl Ledger + Clone, stack: Stack) -> Router {
+    let billing = billing_on(ledger).await;
     match stack {
         Stack::Full => bare().layer(billing.layer()),
         Stack::Observed => {
@@ -368,6 +373,27 @@ async fn main() {
         Some("serve") => {
             let mode = args.get(2).expect("mode");
             let port: u16 = args.get(3).and_then(|p| p.parse().ok()).expect("port");
+            if mode == "layers-around" {
+                // The same three layers around the whole router (one service, served as it
+                // is) instead of on its routes (`Router::layer`, which boxes the layered
+                // route, its future and its response body again per request).
+                let billing = billing_on(MemoryLedger::new()).await;
+                let app = ServiceBuilder::new()
+                    .map_response(axum::response::IntoResponse::into_response)
+                    .layer(billing.layer())
+                    .service(bare());
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .expect("bind");
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                println!("ready {mode} {port}");
+                axum::serve(listener, tower::make::Shared::new(app))
+                    .await
+                    .expect("serve");
+                return;
+            }
             let app = match mode.as_str() {
                 "bare" => bare(),
                 "layers" => layered(MemoryLedger::new(), Stack::Full).await,
