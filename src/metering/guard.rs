@@ -801,7 +801,6 @@ fn run_now(
     let release = || match held {
         Held::Reservation(id) => ledger.release(id, now),
         Held::Hold(account, hold) => ledger.release_hold(account, hold, charges, now),
-        // Made only by a ledger with local holds, which is not in process.
         // Ended by `finish_local`, never here.
         Held::Local(..) => Err(LedgerError::UnknownReservation),
     };
@@ -855,11 +854,7 @@ fn finish_local(
     span: &tracing::Span,
 ) -> Option<BoxFuture> {
     let Some(holds) = config.ledger.local_holds() else {
-        tracing::error!(
-            target: "tower_402::metering",
-            account = account.as_str(),
-            "a local hold on a ledger without local holds; not settled"
-        );
+        no_local_holds(account);
         return None;
     };
     let now = config.clock.now();
@@ -910,6 +905,7 @@ fn finish_local(
     let charges: Arc<[Charge]> = Arc::from(charges);
     let settle = async move {
         let Some(holds) = config.ledger.local_holds() else {
+            no_local_holds(&account);
             return;
         };
         let units = usage.clone().unwrap_or_else(|| estimate(&charges));
@@ -938,6 +934,16 @@ fn finish_local(
         settle,
         span.clone(),
     )))
+}
+
+/// A [`Held::Local`] hold on a ledger that has no local holds: not reached (the hold was
+/// made by this ledger's `local_holds`), logged if it ever is.
+fn no_local_holds(account: &AccountId) {
+    tracing::error!(
+        target: "tower_402::metering",
+        account = account.as_str(),
+        "a local hold on a ledger without local holds; not settled"
+    );
 }
 
 /// Logs and counts how a reservation ended, and reports threshold crossings.
