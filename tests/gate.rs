@@ -136,82 +136,11 @@ async fn custom_denials_render_like_built_in_ones() {
     assert_eq!(doc["budget_resets_at"], "2027-01-01T00:00:00Z");
 }
 
-/// A ledger that counts the gate's reads (balance and allowance usage) and otherwise is the
-/// in-memory ledger, without its synchronous fast path (so every call goes through here).
-#[derive(Clone)]
-struct CountingLedger {
-    inner: MemoryLedger,
-    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl CountingLedger {
-    fn reads(&self) -> usize {
-        self.reads.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-#[async_trait]
-impl Ledger for CountingLedger {
-    async fn reserve(
-        &self,
-        req: &tower_402::ledger::ReserveRequest,
-    ) -> Result<tower_402::ledger::ReserveOutcome, LedgerError> {
-        self.inner.reserve(req).await
-    }
-    async fn settle(
-        &self,
-        id: &tower_402::ledger::ReservationId,
-        usage: &[tower_402::ledger::Usage],
-        policy: tower_402::ledger::OverEstimate,
-        now: Timestamp,
-    ) -> Result<tower_402::ledger::Settlement, LedgerError> {
-        self.inner.settle(id, usage, policy, now).await
-    }
-    async fn release(
-        &self,
-        id: &tower_402::ledger::ReservationId,
-        now: Timestamp,
-    ) -> Result<(), LedgerError> {
-        self.inner.release(id, now).await
-    }
-    async fn deposit(
-        &self,
-        account: &AccountId,
-        amount: Credits,
-        key: &str,
-        now: Timestamp,
-    ) -> Result<tower_402::ledger::Deposit, LedgerError> {
-        self.inner.deposit(account, amount, key, now).await
-    }
-    async fn balance(
-        &self,
-        account: &AccountId,
-        now: Timestamp,
-    ) -> Result<tower_402::ledger::Balance, LedgerError> {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.balance(account, now).await
-    }
-    async fn allowance_usage(
-        &self,
-        account: &AccountId,
-        meter: &tower_402::plan::Meter,
-        window_start: Timestamp,
-        now: Timestamp,
-    ) -> Result<tower_402::ledger::AllowanceUsage, LedgerError> {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner
-            .allowance_usage(account, meter, window_start, now)
-            .await
-    }
-}
-
 #[tokio::test]
 async fn credit_is_checked_once_at_the_reservation() {
     use tower_402::decision::Cost;
-    let ledger = CountingLedger {
-        inner: MemoryLedger::new(),
-        reads: Default::default(),
-    };
+    // Every read of the ledger goes through this counter (no synchronous fast path).
+    let ledger = common::CountingLedger::new(MemoryLedger::new());
     let now = Timestamp::now();
     ledger
         .deposit(&"acme".into(), Credits::new(2), "seed", now)

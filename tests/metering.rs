@@ -737,6 +737,40 @@ async fn a_grpc_stream_that_fails_before_any_message_is_released() {
     assert_eq!((ran.grpc_status.as_deref(), ran.charged), (Some("0"), 4));
 }
 
+/// `acme` (key [`KEY`]) on a `basic` plan with overage, billed on `ledger`.
+fn acme_basic(ledger: impl Ledger + 'static, clock: &ManualClock) -> Billing {
+    Billing::new(
+        StaticKeys::new().with_key(KEY, "acme"),
+        MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
+        ledger,
+        Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
+    )
+    .clock(clock.clone())
+}
+
+/// A shared in-memory ledger with 1,000 credits for `acme`, and a `LeasedLedger` over it on
+/// a manual clock, maintained only when the test ticks it.
+async fn seeded_lease(
+    config: tower_402::store::LeaseConfig,
+) -> (
+    MemoryLedger,
+    ManualClock,
+    tower_402::store::LeasedLedger<MemoryLedger, ManualClock>,
+) {
+    let shared = MemoryLedger::new();
+    shared
+        .deposit(&"acme".into(), Credits::new(1_000), "seed", START)
+        .await
+        .unwrap();
+    let clock = ManualClock::new(START);
+    let leased = tower_402::store::LeasedLedger::with_clock(
+        shared.clone(),
+        config.background(false),
+        clock.clone(),
+    );
+    (shared, clock, leased)
+}
+
 /// On a leased ledger ([`LeasedLedger`](tower_402::store::LeasedLedger)) a request without an
 /// `Idempotency-Key` is held against the lease in this process and settled there; a failed
 /// response gives its hold back; usage beyond the hold and the lease is charged in the shared
@@ -744,27 +778,16 @@ async fn a_grpc_stream_that_fails_before_any_message_is_released() {
 #[tokio::test]
 async fn leased_requests_are_held_and_settled_in_process_and_charged_exactly() {
     use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-    use tower_402::store::{LeaseConfig, LeasedLedger};
-    let shared = MemoryLedger::new();
-    let acme: AccountId = "acme".into();
-    shared
-        .deposit(&acme, Credits::new(1_000), "seed", START)
-        .await
-        .unwrap();
-    let clock = ManualClock::new(START);
-    let leased = LeasedLedger::with_clock(
-        shared.clone(),
+    use tower_402::store::LeaseConfig;
+    let (shared, clock, leased) = seeded_lease(
         LeaseConfig::new()
-            .background(false)
             .min_lease(Credits::new(10))
             .max_lease(Credits::new(10)),
-        clock.clone(),
-    );
-    let reserves = Arc::new(AtomicU64::new(0));
-    let counted = CountingReserves {
-        inner: leased.clone(),
-        reserves: reserves.clone(),
-    };
+    )
+    .await;
+    let acme: AccountId = "acme".into();
+    // Counts keyed reservations; forwards the lease's local holds.
+    let counted = common::CountingLedger::new(leased.clone());
     // What ran, in credits at 1 per unit: `/ok` 1, `/report/{n}` n, `/fail` 0 (released).
     let ran = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -792,19 +815,17 @@ async fn leased_requests_are_held_and_settled_in_process_and_charged_exactly() {
             }),
         )
         .layer(
-            Billing::new(
-                StaticKeys::new().with_key(KEY, "acme"),
-                MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
-                counted,
-                Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
-            )
-            .clock(clock.clone())
-            .default_requirement(Requirement::new().cost(Cost::new("units", 1, Credits::new(1))))
-            .layer(),
+            acme_basic(counted.clone(), &clock)
+                .default_requirement(Requirement::new().cost(Cost::new(
+                    "units",
+                    1,
+                    Credits::new(1),
+                )))
+                .layer(),
         );
     // No lease yet: a keyed reservation in the shared ledger.
     assert_eq!(call(&app, "/ok", &[]).await.status, 200);
-    assert_eq!(reserves.load(SeqCst), 1);
+    assert_eq!(counted.reserves(), 1);
     leased.tick().await;
     assert_eq!(leased.parked(&acme).leased.get(), 10, "a lease was taken");
     let shared_balance = || async { shared.balance(&acme, START).await.unwrap() };
@@ -821,7 +842,7 @@ async fn leased_requests_are_held_and_settled_in_process_and_charged_exactly() {
         "held and settled in this process"
     );
     assert_eq!(
-        reserves.load(SeqCst),
+        counted.reserves(),
         1,
         "no keyed reservation, not even a local one: held without a record or a future"
     );
@@ -829,7 +850,7 @@ async fn leased_requests_are_held_and_settled_in_process_and_charged_exactly() {
     // (recognized on any instance), charged there.
     let keyed = call(&app, "/ok", &[("idempotency-key", "order-1")]).await;
     assert_eq!(keyed.status, 200);
-    assert_eq!(reserves.load(SeqCst), 2);
+    assert_eq!(counted.reserves(), 2);
     let parked = leased.parked(&acme);
     assert_eq!(
         (parked.in_flight.get(), parked.unsettled.get()),
@@ -855,93 +876,15 @@ async fn leased_requests_are_held_and_settled_in_process_and_charged_exactly() {
     assert_eq!(b.available.get() + b.settled.get(), 1_000);
 }
 
-/// A ledger that counts the keyed reservations asked of it and forwards everything, its
-/// local holds included, to `inner`.
-struct CountingReserves<L> {
-    inner: L,
-    reserves: Arc<std::sync::atomic::AtomicU64>,
-}
-
-#[async_trait::async_trait]
-impl<L: Ledger> Ledger for CountingReserves<L> {
-    async fn reserve(
-        &self,
-        request: &tower_402::ledger::ReserveRequest,
-    ) -> Result<tower_402::ledger::ReserveOutcome, LedgerError> {
-        self.reserves
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.reserve(request).await
-    }
-    async fn settle(
-        &self,
-        id: &tower_402::ledger::ReservationId,
-        usage: &[tower_402::ledger::Usage],
-        policy: OverEstimate,
-        now: Timestamp,
-    ) -> Result<tower_402::ledger::Settlement, LedgerError> {
-        self.inner.settle(id, usage, policy, now).await
-    }
-    async fn release(
-        &self,
-        id: &tower_402::ledger::ReservationId,
-        now: Timestamp,
-    ) -> Result<(), LedgerError> {
-        self.inner.release(id, now).await
-    }
-    async fn deposit(
-        &self,
-        account: &AccountId,
-        amount: Credits,
-        key: &str,
-        now: Timestamp,
-    ) -> Result<tower_402::ledger::Deposit, LedgerError> {
-        self.inner.deposit(account, amount, key, now).await
-    }
-    async fn balance(
-        &self,
-        account: &AccountId,
-        now: Timestamp,
-    ) -> Result<tower_402::ledger::Balance, LedgerError> {
-        self.inner.balance(account, now).await
-    }
-    async fn allowance_usage(
-        &self,
-        account: &AccountId,
-        meter: &tower_402::plan::Meter,
-        window_start: Timestamp,
-        now: Timestamp,
-    ) -> Result<tower_402::ledger::AllowanceUsage, LedgerError> {
-        self.inner
-            .allowance_usage(account, meter, window_start, now)
-            .await
-    }
-    fn local_holds(&self) -> Option<&dyn tower_402::in_process::LocalHolds> {
-        self.inner.local_holds()
-    }
-    fn records(&self) -> Option<&dyn tower_402::ledger::ResponseRecords> {
-        self.inner.records()
-    }
-}
-
 /// A pricing rule that prices one meter twice is refused before its handler runs, on the
 /// in-memory ledger and on a leased one (both hold such requests without a keyed record):
 /// settling it would charge each charge all of the meter's usage.
 #[tokio::test]
 async fn two_costs_on_one_meter_are_refused_not_charged_twice() {
     use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-    use tower_402::store::{LeaseConfig, LeasedLedger};
-    let shared = MemoryLedger::new();
+    use tower_402::store::LeaseConfig;
+    let (shared, clock, leased) = seeded_lease(LeaseConfig::new()).await;
     let acme: AccountId = "acme".into();
-    shared
-        .deposit(&acme, Credits::new(1_000), "seed", START)
-        .await
-        .unwrap();
-    let clock = ManualClock::new(START);
-    let leased = LeasedLedger::with_clock(
-        shared.clone(),
-        LeaseConfig::new().background(false),
-        clock.clone(),
-    );
     let ran = Arc::new(AtomicU64::new(0));
     let app = |ledger: Arc<dyn Ledger>| {
         let ran = ran.clone();
@@ -959,17 +902,7 @@ async fn two_costs_on_one_meter_are_refused_not_charged_twice() {
                     "ok"
                 }),
             )
-            .layer(
-                Billing::new(
-                    StaticKeys::new().with_key(KEY, "acme"),
-                    MemoryPlanStore::new().with(Subscription::active("acme", "basic")),
-                    ledger,
-                    Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
-                )
-                .clock(clock.clone())
-                .pricing(twice)
-                .layer(),
-            )
+            .layer(acme_basic(ledger, &clock).pricing(twice).layer())
     };
     let in_memory = app(Arc::new(shared.clone()));
     assert_eq!(call(&in_memory, "/ok", &[]).await.status, 503);

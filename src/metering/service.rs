@@ -193,6 +193,22 @@ enum Booked {
     Unmetered,
 }
 
+/// The charges of a request whose body is not read: the gate's route cost, or the pricing
+/// rule's estimate from its head.
+fn price_route(
+    config: &MeterConfig,
+    start: &Start,
+) -> Result<Option<crate::metering::pricing::Priced>, Denial> {
+    price(
+        config,
+        &start.parts,
+        None,
+        &start.entitlement,
+        start.gate_charge.as_ref(),
+        start.now,
+    )
+}
+
 /// Everything before the inner call, without I/O: price from the route's cost, hold in the
 /// in-process ledger.
 fn prepare_now<B>(
@@ -201,14 +217,7 @@ fn prepare_now<B>(
     mut start: Start,
     body: RequestBody<B>,
 ) -> Prepared<B> {
-    let priced = match price(
-        config,
-        &start.parts,
-        None,
-        &start.entitlement,
-        start.gate_charge.as_ref(),
-        start.now,
-    ) {
+    let priced = match price_route(config, &start) {
         Ok(c) => c,
         Err(denial) => return refuse(denial, &start.entitlement.account),
     };
@@ -254,14 +263,7 @@ fn prepare_local<B>(
     mut start: Start,
     body: B,
 ) -> Result<Prepared<B>, (Start, B)> {
-    let priced = match price(
-        config,
-        &start.parts,
-        None,
-        &start.entitlement,
-        start.gate_charge.as_ref(),
-        start.now,
-    ) {
+    let priced = match price_route(config, &start) {
         Ok(c) => c,
         Err(denial) => return Ok(refuse(denial, &start.entitlement.account)),
     };

@@ -75,3 +75,97 @@ pub async fn send(app: &Router, req: Request<Body>) -> Answer {
 pub async fn get(app: &Router, uri: &str, key: &str) -> Answer {
     send(app, request(Method::GET, uri, &[("x-api-key", key)], "")).await
 }
+
+/// A ledger that forwards every call to `inner` and counts some of them: keyed reservations
+/// (`reserve`) and reads (`balance`, `allowance_usage`). It forwards `inner`'s local holds and
+/// recorded responses but not its synchronous fast path (`in_process`), so on the in-memory
+/// ledger every call goes through here.
+#[derive(Clone)]
+pub struct CountingLedger<L> {
+    pub inner: L,
+    reserves: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<L> CountingLedger<L> {
+    pub fn new(inner: L) -> Self {
+        CountingLedger {
+            inner,
+            reserves: Default::default(),
+            reads: Default::default(),
+        }
+    }
+
+    /// `reserve` calls so far.
+    pub fn reserves(&self) -> usize {
+        self.reserves.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `balance` and `allowance_usage` calls so far.
+    pub fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl<L: tower_402::Ledger> tower_402::Ledger for CountingLedger<L> {
+    async fn reserve(
+        &self,
+        req: &tower_402::ledger::ReserveRequest,
+    ) -> Result<tower_402::ledger::ReserveOutcome, tower_402::LedgerError> {
+        self.reserves
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.reserve(req).await
+    }
+    async fn settle(
+        &self,
+        id: &tower_402::ledger::ReservationId,
+        usage: &[tower_402::ledger::Usage],
+        policy: tower_402::ledger::OverEstimate,
+        now: tower_402::Timestamp,
+    ) -> Result<tower_402::ledger::Settlement, tower_402::LedgerError> {
+        self.inner.settle(id, usage, policy, now).await
+    }
+    async fn release(
+        &self,
+        id: &tower_402::ledger::ReservationId,
+        now: tower_402::Timestamp,
+    ) -> Result<(), tower_402::LedgerError> {
+        self.inner.release(id, now).await
+    }
+    async fn deposit(
+        &self,
+        account: &tower_402::AccountId,
+        amount: tower_402::Credits,
+        key: &str,
+        now: tower_402::Timestamp,
+    ) -> Result<tower_402::ledger::Deposit, tower_402::LedgerError> {
+        self.inner.deposit(account, amount, key, now).await
+    }
+    async fn balance(
+        &self,
+        account: &tower_402::AccountId,
+        now: tower_402::Timestamp,
+    ) -> Result<tower_402::ledger::Balance, tower_402::LedgerError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.balance(account, now).await
+    }
+    async fn allowance_usage(
+        &self,
+        account: &tower_402::AccountId,
+        meter: &tower_402::plan::Meter,
+        window_start: tower_402::Timestamp,
+        now: tower_402::Timestamp,
+    ) -> Result<tower_402::ledger::AllowanceUsage, tower_402::LedgerError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .allowance_usage(account, meter, window_start, now)
+            .await
+    }
+    fn local_holds(&self) -> Option<&dyn tower_402::in_process::LocalHolds> {
+        self.inner.local_holds()
+    }
+    fn records(&self) -> Option<&dyn tower_402::ledger::ResponseRecords> {
+        self.inner.records()
+    }
+}
