@@ -9,6 +9,11 @@
 #
 #   bash scripts/load.sh                 # ROUNDS=3 DURATION=10 CONNECTIONS=64 THREADS=1
 #   MODES="layers redis-leased" bash scripts/load.sh   # only these (and bare), no nginx
+#   PIN=1 MODES="layers floor" bash scripts/load.sh    # servers on core 0, wrk on core 1
+#
+# With PIN=1 each server runs on one core and wrk on another, so the server's core is the
+# bottleneck and 1 / (requests/s) is its CPU time per request: the table adds that column
+# (µs/request), and the difference between two lines is what one stack costs over the other.
 #
 # Installs wrk and nginx with apt-get if missing, starts Redis and PostgreSQL if stopped,
 # builds the servers (scripts/loadtest) in release mode, and stops everything it started by
@@ -48,10 +53,12 @@ if [[ -n ${MODES:-} ]]; then
   read -r -a modes <<<"bare ${MODES//bare/}"
 fi
 declare -A port pid_of
+server_cpu="" load_cpu=""
+if [[ -n ${PIN:-} ]]; then server_cpu="taskset -c 0" load_cpu="taskset -c 1"; fi
 i=0
 for m in "${modes[@]}"; do
   i=$((i + 1)); port[$m]=$((BASE_PORT + i))
-  "$bin" serve "$m" "${port[$m]}" >"$work/$m.log" 2>&1 &
+  $server_cpu "$bin" serve "$m" "${port[$m]}" >"$work/$m.log" 2>&1 &
   pids+=($!); pid_of[$m]=$!
 done
 port[nginx]=$((BASE_PORT + i + 1))
@@ -108,7 +115,7 @@ for r in $(seq 1 "$ROUNDS"); do
                    -c "VACUUM loadtest.tower402_reservations, loadtest.tower402_balances" \
                    >/dev/null 2>&1 || true ;;
     esac
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+    $load_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency \
       -H 'x-api-key: k' "http://127.0.0.1:${port[$m]}/v1/forecast" >"$out"
     rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
     non2xx=$(awk '/Non-2xx/ { print $NF }' "$out")
@@ -117,23 +124,27 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-python3 - "$work/results" <<'PY'
+python3 - "$work/results" "${PIN:-}" <<'PY'
 import statistics, sys
+pinned = bool(sys.argv[2])
 rows = {}
 for line in open(sys.argv[1]):
     m, rps, p99, bad = line.split()
     rows.setdefault(m, []).append((float(rps), float(p99), int(bad)))
 bare = statistics.median(r for r, _, _ in rows["bare"])
 print()
-print(f"| server | req/s (median) | p99 µs (median) | ratio to bare | non-2xx |")
-print(f"|---|---:|---:|---:|---:|")
-for m in ["bare", "layers", "layers-once", "observed", "metrics", "governor", "floor", "nginx", "redis", "redis-once",
+cpu = " µs/request (one core) |" if pinned else ""
+print(f"| server | req/s (median) | p99 µs (median) | ratio to bare | non-2xx |{cpu}")
+print(f"|---|---:|---:|---:|---:|{'---:|' if pinned else ''}")
+for m in ["bare", "layers", "layers-once", "layers-around", "observed", "metrics", "problem-only",
+          "gate-only", "no-problem", "governor", "floor", "nginx", "redis", "redis-once",
           "redis-leased", "postgres", "postgres-once", "postgres-leased"]:
     if m not in rows: continue
     rps = statistics.median(r for r, _, _ in rows[m])
     p99 = statistics.median(p for _, p, _ in rows[m])
     bad = sum(b for _, _, b in rows[m])
-    print(f"| {m} | {rps:,.0f} | {p99:,.0f} | {rps / bare:.3f} | {bad} |")
+    per = f" {1e6 / rps:.2f} |" if pinned else ""
+    print(f"| {m} | {rps:,.0f} | {p99:,.0f} | {rps / bare:.3f} | {bad} |{per}")
 PY
 
 echo
