@@ -33,7 +33,7 @@ std::thread_local! {
 /// per request. Values cut from a shared block of [`VALUE_BLOCK`] bytes cost two allocations
 /// per block instead (the block and its reference count), a few hundred responses apart. A
 /// block is freed when the last value cut from it is dropped, so a value kept beyond its
-/// response (a cache of response headers) keeps its block, at most 2 KiB, alive.
+/// response (a cache of response headers) keeps the block it was cut from alive.
 fn text_value(text: &str) -> Option<HeaderValue> {
     let shared = VALUES.try_with(|block| {
         let mut block = block.try_borrow_mut().ok()?;
