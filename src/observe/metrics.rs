@@ -43,14 +43,19 @@ mod imp {
         account.map(|a| Label::new("account", a.as_str().to_owned()))
     }
 
-    fn add(name: &'static str, value: u64, account: Option<&AccountId>) {
-        if value == 0 {
-            return;
-        }
-        match account_label(account) {
-            None => counter!(name).increment(value),
-            Some(l) => counter!(name, vec![l]).increment(value),
-        }
+    /// Adds `value` to the counter `name`, a literal: without an account label its `Key` is
+    /// a `static` built at compile time (a name passed as a value would be hashed on every
+    /// call, recorder or not).
+    macro_rules! add {
+        ($name:literal, $value:expr, $account:expr $(,)?) => {{
+            let value: u64 = $value;
+            if value != 0 {
+                match account_label($account) {
+                    None => counter!($name).increment(value),
+                    Some(l) => counter!($name, vec![l]).increment(value),
+                }
+            }
+        }};
     }
 
     pub(crate) fn decision(outcome: Outcome, denial: Option<&Denial>, account: Option<&AccountId>) {
@@ -64,18 +69,19 @@ mod imp {
                 Outcome::Replayed => "replayed",
             };
             if account.is_none() {
-                // Static labels, one per outcome: no allocation on the served path.
+                // A literal name and static labels, one set per outcome: the key is a
+                // `static` built at compile time, so nothing is allocated or hashed here.
                 match outcome {
                     "allowed" => {
-                        counter!(NAME, "outcome" => "allowed", "code" => "OK", "rule" => "none")
+                        counter!("tower402_decisions_total", "outcome" => "allowed", "code" => "OK", "rule" => "none")
                             .increment(1)
                     }
                     "replayed" => {
-                        counter!(NAME, "outcome" => "replayed", "code" => "OK", "rule" => "none")
+                        counter!("tower402_decisions_total", "outcome" => "replayed", "code" => "OK", "rule" => "none")
                             .increment(1)
                     }
                     _ => {
-                        counter!(NAME, "outcome" => "failed_open", "code" => "OK", "rule" => "none")
+                        counter!("tower402_decisions_total", "outcome" => "failed_open", "code" => "OK", "rule" => "none")
                             .increment(1)
                     }
                 }
@@ -103,7 +109,7 @@ mod imp {
     }
 
     pub(crate) fn held_reserved(credits: Credits, account: Option<&AccountId>) {
-        add("tower402_credits_reserved_total", credits.get(), account);
+        add!("tower402_credits_reserved_total", credits.get(), account);
         if !credits.is_zero() {
             // Exact: credits are at most 2^53 - 1.
             gauge!("tower402_credits_held").increment(credits.get() as f64);
@@ -111,7 +117,7 @@ mod imp {
     }
 
     pub(crate) fn held_released(held: Credits, account: Option<&AccountId>) {
-        add("tower402_credits_released_total", held.get(), account);
+        add!("tower402_credits_released_total", held.get(), account);
         if !held.is_zero() {
             gauge!("tower402_credits_held").decrement(held.get() as f64);
         }
@@ -126,8 +132,8 @@ mod imp {
             }
             return;
         };
-        add("tower402_credits_settled_total", s.charged.get(), account);
-        add(
+        add!("tower402_credits_settled_total", s.charged.get(), account);
+        add!(
             "tower402_credits_released_total",
             held.saturating_sub(s.charged).get(),
             account,
@@ -137,7 +143,7 @@ mod imp {
         }
         if !s.shortfall.is_empty() {
             counter!("tower402_shortfalls_total").increment(1);
-            add(
+            add!(
                 "tower402_shortfall_credits_total",
                 s.shortfall.credits.get(),
                 account,
@@ -292,4 +298,53 @@ pub(crate) use imp::{
 /// once, after installing the recorder. Does nothing without the `metrics` feature.
 pub fn describe() {
     imp::describe();
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::*;
+
+    /// The counters on the served path keep their names and labels (their keys are statics
+    /// now), and the account label is still added when it is turned on.
+    #[test]
+    fn served_path_counters_keep_their_names_and_labels() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let acme = AccountId::from("acme");
+        metrics::with_local_recorder(&recorder, || {
+            decision(Outcome::Allowed, None, Some(&acme));
+            decision(Outcome::Replayed, None, None);
+            held_reserved(Credits::new(5), Some(&acme));
+            held_reserved(Credits::ZERO, Some(&acme));
+            held_released(Credits::new(2), None);
+            label_accounts(true);
+            held_reserved(Credits::new(7), Some(&acme));
+            label_accounts(false);
+        });
+        let text = handle.render();
+        let line = |series: &str| {
+            text.lines()
+                .find(|l| l.starts_with(series))
+                .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            line(r#"tower402_decisions_total{outcome="allowed",code="OK",rule="none"}"#),
+            "1"
+        );
+        assert_eq!(
+            line(r#"tower402_decisions_total{outcome="replayed",code="OK",rule="none"}"#),
+            "1"
+        );
+        assert_eq!(line("tower402_credits_reserved_total "), "5");
+        assert_eq!(
+            line(r#"tower402_credits_reserved_total{account="acme"}"#),
+            "7"
+        );
+        assert_eq!(line("tower402_credits_released_total "), "2");
+        assert_eq!(line("tower402_credits_held "), "10");
+    }
 }
