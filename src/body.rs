@@ -21,7 +21,9 @@ pin_project! {
     enum Kind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes> },
-        Recorded { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
+        // Trailers boxed: only a replayed gRPC response has them, and every response moves
+        // this enum whole.
+        Recorded { data: Option<Bytes>, trailers: Option<Box<http::HeaderMap>> },
     }
 }
 
@@ -38,7 +40,7 @@ impl<B> ResponseBody<B> {
         ResponseBody {
             kind: Kind::Recorded {
                 data: (!data.is_empty()).then_some(data),
-                trailers,
+                trailers: trailers.map(Box::new),
             },
         }
     }
@@ -86,7 +88,7 @@ where
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Recorded { data, trailers } => Poll::Ready(match data.take() {
                 Some(d) => Some(Ok(Frame::data(d))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
             }),
         }
     }

@@ -71,8 +71,9 @@ pin_project! {
         #[pin]
         body: ResponseBody<B>,
         finish: Finish,
-        // A trailers frame waiting behind the held-back end of the last event.
-        stash: Option<Frame<Bytes>>,
+        // A trailers frame waiting behind the held-back end of the last event. Boxed: it is
+        // rare, and this body is moved whole on every response.
+        stash: Option<Box<Frame<Bytes>>>,
     }
 }
 
@@ -126,7 +127,7 @@ where
                 }
                 Finish::Open(guard) => {
                     let frame = match this.stash.take() {
-                        Some(stashed) => Some(Ok(stashed)),
+                        Some(stashed) => Some(Ok(*stashed)),
                         None => ready!(this.body.as_mut().poll_frame(cx)),
                     };
                     match frame {
@@ -182,7 +183,7 @@ where
                                 if let Some(rest) = guard.flush() {
                                     // What was held back goes out before the trailers (which
                                     // come back through the stash).
-                                    *this.stash = Some(frame);
+                                    *this.stash = Some(Box::new(frame));
                                     return Poll::Ready(Some(Ok(Frame::data(rest))));
                                 }
                                 if let Some(trailers) = frame.trailers_ref() {
