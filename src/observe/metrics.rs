@@ -71,19 +71,16 @@ mod imp {
             if account.is_none() {
                 // A literal name and static labels, one set per outcome: the key is a
                 // `static` built at compile time, so nothing is allocated or hashed here.
+                macro_rules! served {
+                    ($outcome:literal) => {
+                        counter!("tower402_decisions_total", "outcome" => $outcome, "code" => "OK", "rule" => "none")
+                            .increment(1)
+                    };
+                }
                 match outcome {
-                    "allowed" => {
-                        counter!("tower402_decisions_total", "outcome" => "allowed", "code" => "OK", "rule" => "none")
-                            .increment(1)
-                    }
-                    "replayed" => {
-                        counter!("tower402_decisions_total", "outcome" => "replayed", "code" => "OK", "rule" => "none")
-                            .increment(1)
-                    }
-                    _ => {
-                        counter!("tower402_decisions_total", "outcome" => "failed_open", "code" => "OK", "rule" => "none")
-                            .increment(1)
-                    }
+                    "allowed" => served!("allowed"),
+                    "replayed" => served!("replayed"),
+                    _ => served!("failed_open"),
                 }
                 return;
             }
