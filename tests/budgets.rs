@@ -301,7 +301,8 @@ fn secrets() -> [String; 4] {
     std::array::from_fn(|i| format!("sk_live_{run}_{i}"))
 }
 
-async fn race<L, S>(ledger: L, store: S, secrets: &[String; 4])
+/// Runs the race and checks every level; returns how many requests each key had served.
+async fn race<L, S>(ledger: L, store: S, secrets: &[String; 4]) -> [u64; 4]
 where
     L: Ledger + Clone,
     S: BudgetStore,
@@ -418,6 +419,7 @@ where
         assert_eq!(b.held, Credits::ZERO, "key {i}");
         assert_eq!(b.deposited, Credits::new(BALANCE), "key {i}");
     }
+    served
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -700,10 +702,9 @@ mod postgres_store {
         ledger.migrate().await.expect("ledger tables");
         let store = PostgresBudgetStore::new(config.pool().expect("pool"), config.clone());
         let secrets = secrets();
-        race(ledger, store, &secrets).await;
+        let served = race(ledger, store, &secrets).await;
         // The budget tables hold no raw API key (the store never sees one).
         let client = admin().await;
-        let mut rows = 0;
         for table in ["budget_counters", "budget_holds", "budget_hold_lines"] {
             let dump: Vec<String> = client
                 .query(
@@ -719,10 +720,29 @@ mod postgres_store {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            rows += dump.len();
             assert_no_secret(&dump.join("\n"), &secrets, table);
         }
-        assert!(rows >= 7, "the scan found the counters ({rows} rows)");
+        // The scan saw the counters: one per level that held something. A key refused
+        // every time (k0 can lose all its tries to k1 on team A's 50) never gets a row, as
+        // a refused hold creates none.
+        let owners: std::collections::BTreeSet<String> = client
+            .query(
+                &format!(
+                    "SELECT owner FROM \"{}\".\"{}budget_counters\"",
+                    config.schema_name(),
+                    config.table_prefix_name()
+                ),
+                &[],
+            )
+            .await
+            .expect("owners")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut expected: std::collections::BTreeSet<String> =
+            ["org", "team-a", "team-b"].map(String::from).into();
+        expected.extend((0..4).filter(|&i| served[i] > 0).map(account));
+        assert_eq!(owners, expected, "the counters, served per key {served:?}");
         drop_schema(&config).await;
     }
 }
