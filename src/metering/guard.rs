@@ -22,9 +22,10 @@ use crate::metering::{MeterConfig, UsageError, UsageScanner};
 /// once when the reservation is finished.
 #[cfg(feature = "usage")]
 pub(crate) type Export = Option<Box<crate::usage::UsageContext>>;
-/// Nothing to export without the `usage` feature.
+/// Nothing to export without the `usage` feature: always `None` and zero-sized (a type,
+/// not `()`, so passing it along is not a unit argument).
 #[cfg(not(feature = "usage"))]
-pub(crate) type Export = ();
+pub(crate) type Export = Option<std::convert::Infallible>;
 
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -1002,7 +1003,7 @@ pub(crate) fn report(
             #[cfg(feature = "usage")]
             export_usage(config, payer, charges, usage, &s, export);
             #[cfg(not(feature = "usage"))]
-            let () = export;
+            let _ = export;
         }
         Outcome::Settled(Err(e)) => tracing::error!(
             target: "tower_402::metering",
