@@ -5,8 +5,9 @@
 #![cfg(all(feature = "redis", feature = "postgres"))]
 
 mod common;
+mod own_servers;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use common::{request, send};
 use http::{Method, StatusCode};
+use own_servers::{skip, OwnRedis};
 use tokio::sync::{Notify, Semaphore};
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Plan, Subscription};
@@ -22,94 +24,6 @@ use tower_402::store::{PostgresConfig, PostgresLedger, RedisConfig, RedisLedger}
 use tower_402::*;
 
 const KEY: &str = "sk_test_settle";
-
-/// A `redis-server` of this test's own, writing every command to its append-only file in a
-/// directory of its own (so it can be killed and started again with its data), killed when
-/// dropped.
-struct OwnRedis {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    fn start() -> Option<OwnRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("tower402-settle-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        OwnRedis::spawn(port, dir)
-    }
-
-    fn spawn(port: u16, dir: std::path::PathBuf) -> Option<OwnRedis> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-            ])
-            .args(["--appendfsync", "always", "--dir"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                skip("redis-server", &e);
-                return None;
-            }
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::yield_now();
-        }
-        Some(OwnRedis { child, port, dir })
-    }
-
-    /// `kill -9`, then the server again on the same port with what it had written.
-    fn crash_and_restart(mut self) -> OwnRedis {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let (port, dir) = (self.port, self.dir.clone());
-        std::mem::forget(self);
-        OwnRedis::spawn(port, dir).expect("redis-server restarts")
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.signal("-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Says loudly that a test did not run, or fails it where the backends are required.
-fn skip(what: &str, why: &dyn std::fmt::Display) {
-    assert!(
-        std::env::var("TOWER402_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-        "{what} could not be started: {why}"
-    );
-    eprintln!("SKIPPED: {what} could not be started ({why})");
-}
 
 /// Serves `N` requests of 1 credit against `ledger` (100 credits deposited), breaks the
 /// ledger with `crash` once every handler is running, and lets them finish: every response
@@ -149,30 +63,40 @@ where
         ledger.clone(),
         Catalog::new().with_plan(Plan::new("basic", "Basic", 1).overage(true)),
     )
-    .timeout(Some(Duration::from_millis(300)))
+    // Long enough for a commit behind a busy disk (the reservations must land), short
+    // enough that the settlements against a stopped server fail soon.
+    .timeout(Some(Duration::from_secs(2)))
     .default_requirement(Requirement::new().cost(Cost::new("requests", 1, Credits::new(1))));
     let app = Router::new()
         .route("/work", get(handler))
         .layer(billing.layer());
-    let mut calls = Vec::new();
+    let mut calls = tokio::task::JoinSet::new();
     for _ in 0..N {
         let app = app.clone();
-        calls.push(tokio::spawn(async move {
+        calls.spawn(async move {
             send(
                 &app,
                 request(Method::GET, "/work", &[("x-api-key", KEY)], ""),
             )
             .await
-        }));
+        });
     }
     // Every request holds its reservation and is inside its handler: now the ledger breaks.
-    entered.acquire_many(N as u32).await.unwrap().forget();
+    // No handler returns before `go`, so a call that ends first was answered without its
+    // handler: a failure to report, not a wait that never ends.
+    tokio::select! {
+        all_in = entered.acquire_many(N as u32) => all_in.unwrap().forget(),
+        early = calls.join_next() => panic!(
+            "a request was answered before every handler ran: {:?}",
+            early.map(|done| done.map(|answer| (answer.status, answer.body)))
+        ),
+    }
     let b = ledger.balance(&acme, Timestamp::now()).await.unwrap();
     assert_eq!((b.available.get(), b.held.get()), (80, 20));
     let server = crash();
     go.notify_waiters();
-    for call in calls {
-        let answer = call.await.unwrap();
+    while let Some(answer) = calls.join_next().await {
+        let answer = answer.unwrap();
         assert_eq!(
             answer.status,
             StatusCode::OK,
@@ -220,7 +144,7 @@ async fn redis_settlements_land_after_a_crash() {
     let config = RedisConfig::new(&format!("redis://127.0.0.1:{}", redis.port))
         .unwrap()
         .prefix("settle:")
-        .response_timeout(Duration::from_millis(200));
+        .response_timeout(Duration::from_secs(1));
     let ledger = RedisLedger::new(&config);
     let crash = move || {
         redis.signal("-STOP");
@@ -337,8 +261,8 @@ async fn postgres_settlements_land_after_a_crash() {
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
     let config = PostgresConfig::new(&url)
         .unwrap()
-        .connect_timeout(Duration::from_millis(500))
-        .op_timeout(Duration::from_millis(500));
+        .connect_timeout(Duration::from_secs(1))
+        .op_timeout(Duration::from_secs(1));
     let ledger = PostgresLedger::new(config.pool().unwrap(), config);
     ledger.migrate().await.unwrap();
     let pg = served_through_an_outage(ledger, move || pg.crash(), OwnPostgres::restart).await;
