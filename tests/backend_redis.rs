@@ -2,10 +2,11 @@
 //!
 //! `TOWER402_REDIS_URL` (default `redis://127.0.0.1:6379`). Unreachable: skipped loudly, or a
 //! failure with `TOWER402_REQUIRE_BACKENDS=1`. Every test uses its own key prefix
-//! (`tower402test:<pid>_<n>_…:`).
+//! (`tower402test:<pid>_<n>_…:`); the test that stops a server starts one of its own.
 #![cfg(feature = "redis")]
 
 mod conformance;
+mod own_servers;
 
 use std::time::Duration;
 
@@ -233,23 +234,27 @@ async fn a_killed_connection_recovers_without_double_applying() {
     );
 }
 
+/// On a `redis-server` of the test's own (stopping the shared one would stall every other
+/// test): stopped (`SIGSTOP`) with the deposit's script unread in its socket, so the call
+/// times out; started again (`SIGCONT`), it runs that script, and the retry under the same
+/// key must not add the credits a second time.
 #[tokio::test]
 async fn a_paused_server_times_out_and_a_retry_applies_once() {
-    let Some(config) = config().await else { return };
-    let ledger = RedisLedger::new(&config.response_timeout(Duration::from_millis(50)));
+    let Some(redis) = own_servers::OwnRedis::start() else {
+        return;
+    };
+    let config = RedisConfig::new(&format!("redis://127.0.0.1:{}", redis.port))
+        .expect("url")
+        .prefix("paused:")
+        .response_timeout(Duration::from_millis(500));
+    let ledger = RedisLedger::new(&config);
     let a = "paused".into();
     let now = Timestamp::now();
     ledger
         .deposit(&a, Credits::new(10), "d1", now)
         .await
         .unwrap();
-    let mut admin = admin().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(300)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    redis.signal("-STOP");
     let err = ledger
         .deposit(&a, Credits::new(7), "d2", now)
         .await
@@ -258,7 +263,8 @@ async fn a_paused_server_times_out_and_a_retry_applies_once() {
         matches!(err, LedgerError::Store(StoreError::Timeout)),
         "{err:?}"
     );
-    // The timed-out script may still run once the pause ends; retrying with the same key
+    redis.signal("-CONT");
+    // The timed-out script runs now that the server is back; retrying with the same key
     // (each attempt bounded by the response timeout) must add the 7 credits exactly once.
     let mut attempts = 0;
     loop {
