@@ -146,6 +146,8 @@ async fn admin() -> redis::aio::MultiplexedConnection {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fleet_of_four_shares_one_balance() {
     let Some(config) = config().await else { return };
+    // Exact counts, not latency: 2,000 scripts queue on a few connections.
+    let config = config.response_timeout(Duration::from_secs(30));
     // Four instances: each its own connections.
     let instances = (0..4)
         .map(|_| (RedisLedger::new(&config), RedisPlanStore::new(&config)))

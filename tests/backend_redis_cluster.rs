@@ -9,6 +9,8 @@
 
 mod conformance;
 
+use std::time::Duration;
+
 use tower_402::store::{RedisConfig, RedisKeyStore, RedisLedger, RedisPlanStore};
 use tower_402::{Ledger, Timestamp};
 
@@ -166,6 +168,8 @@ conformance_tests!(ledger().await, plans().await, keys().await, stored_keys);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fleet_of_four_shares_one_balance() {
     let Some(config) = config().await else { return };
+    // Exact counts, not latency: 2,000 scripts queue on a few connections.
+    let config = config.response_timeout(Duration::from_secs(30));
     // Four instances: each its own cluster connections.
     let instances = (0..4)
         .map(|_| (RedisLedger::new(&config), RedisPlanStore::new(&config)))

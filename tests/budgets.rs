@@ -588,6 +588,8 @@ mod redis_stores {
         let Some((config, urls)) = config(cluster).await else {
             return;
         };
+        // Exact counts, not latency: a thousand scripts queue on a few connections.
+        let config = config.response_timeout(Duration::from_secs(30));
         let secrets = secrets();
         race(
             RedisLedger::new(&config),
