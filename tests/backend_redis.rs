@@ -238,8 +238,8 @@ async fn a_killed_connection_recovers_without_double_applying() {
 
 /// On a `redis-server` of the test's own (stopping the shared one would stall every other
 /// test): stopped (`SIGSTOP`) with the deposit's script unread in its socket, so the call
-/// times out; started again (`SIGCONT`), it runs that script, and the retry under the same
-/// key must not add the credits a second time.
+/// times out; started again (`SIGCONT`), it may still run that script, and the retry under
+/// the same key must add the credits exactly once.
 #[tokio::test]
 async fn a_paused_server_times_out_and_a_retry_applies_once() {
     let Some(redis) = own_servers::OwnRedis::start() else {
@@ -266,7 +266,7 @@ async fn a_paused_server_times_out_and_a_retry_applies_once() {
         "{err:?}"
     );
     redis.signal("-CONT");
-    // The timed-out script runs now that the server is back; retrying with the same key
+    // The timed-out script may run now that the server is back; retrying with the same key
     // (each attempt bounded by the response timeout) must add the 7 credits exactly once.
     let mut attempts = 0;
     loop {
