@@ -707,39 +707,29 @@ mod postgres_store {
         let served = race(ledger, store, &secrets).await;
         // The budget tables hold no raw API key (the store never sees one).
         let client = admin().await;
+        // `expr` (text) of every row `t` of one of the budget tables.
+        let column = |expr: &'static str, table: &'static str| {
+            let sql = format!(
+                "SELECT {expr} FROM \"{}\".\"{}{table}\" t",
+                config.schema_name(),
+                config.table_prefix_name()
+            );
+            let client = &client;
+            async move {
+                let rows = client.query(&sql, &[]).await.expect(table);
+                rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
+            }
+        };
         for table in ["budget_counters", "budget_holds", "budget_hold_lines"] {
-            let dump: Vec<String> = client
-                .query(
-                    &format!(
-                        "SELECT t::text FROM \"{}\".\"{}{table}\" t",
-                        config.schema_name(),
-                        config.table_prefix_name()
-                    ),
-                    &[],
-                )
-                .await
-                .expect("dump")
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let dump = column("t::text", table).await;
             assert_no_secret(&dump.join("\n"), &secrets, table);
         }
         // The scan saw the counters: one per level that held something. A key refused
         // every time (k0 can lose all its tries to k1 on team A's 50) never gets a row, as
         // a refused hold creates none.
-        let owners: std::collections::BTreeSet<String> = client
-            .query(
-                &format!(
-                    "SELECT owner FROM \"{}\".\"{}budget_counters\"",
-                    config.schema_name(),
-                    config.table_prefix_name()
-                ),
-                &[],
-            )
+        let owners: std::collections::BTreeSet<String> = column("owner", "budget_counters")
             .await
-            .expect("owners")
-            .iter()
-            .map(|r| r.get(0))
+            .into_iter()
             .collect();
         let mut expected: std::collections::BTreeSet<String> =
             ["org", "team-a", "team-b"].map(String::from).into();

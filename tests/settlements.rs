@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use common::{request, send};
 use http::{Method, StatusCode};
-use own_servers::{skip, OwnRedis};
+use own_servers::{free_port_and_dir, skip, OwnRedis};
 use tokio::sync::{Notify, Semaphore};
 use tower_402::decision::{Cost, Requirement};
 use tower_402::plan::{Catalog, Plan, Subscription};
@@ -193,15 +193,7 @@ impl OwnPostgres {
     }
 
     fn start() -> Option<OwnPostgres> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("tower402-settle-pg-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).ok()?;
+        let (port, dir) = free_port_and_dir("pg")?;
         let _ = Command::new("chown").arg("postgres").arg(&dir).status();
         let d = dir.to_str()?.to_owned();
         match OwnPostgres::run("initdb", &["-D", &d, "-A", "trust", "-U", "postgres"]) {

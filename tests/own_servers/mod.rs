@@ -5,6 +5,21 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A free port on 127.0.0.1 and an empty directory of this process's for a server `name`
+/// to listen on and write to.
+pub fn free_port_and_dir(name: &str) -> Option<(u16, std::path::PathBuf)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let dir =
+        std::env::temp_dir().join(format!("tower402-own-{name}-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).ok()?;
+    Some((port, dir))
+}
+
 /// A `redis-server` of this test's own, writing every command to its append-only file in a
 /// directory of its own (so it can be killed and started again with its data), killed when
 /// dropped.
@@ -18,14 +33,7 @@ pub struct OwnRedis {
 impl OwnRedis {
     /// Starts one on a free port, or `None` (after [`skip`]) where it cannot be started.
     pub fn start() -> Option<OwnRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("tower402-own-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
+        let (port, dir) = free_port_and_dir("redis")?;
         OwnRedis::spawn(port, dir)
     }
 
